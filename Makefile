@@ -1,0 +1,56 @@
+# aimesh developer entry points. On a fresh Debian/Ubuntu machine with a Rust toolchain:
+#   make run    start the dev servers, then the whole mesh in the foreground
+#   make test   start the dev servers, then every test of the workspace
+#   make stop   stop the dev servers
+#   make check  formatting and clippy
+#   make deps   only start the dev servers (and install what they need)
+#
+# The dev servers are described in scripts/deps.sh; it writes their addresses to .dev/env,
+# which each recipe below loads itself, so no shell state is needed.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+# Loads the addresses scripts/deps.sh wrote; a recipe line starts with it.
+LOAD_ENV := set -a && . ./.dev/env && set +a
+
+.PHONY: run test stop check deps status
+
+deps:
+	scripts/deps.sh up
+
+status:
+	scripts/deps.sh status
+
+stop:
+	scripts/deps.sh stop
+
+run: deps
+	$(LOAD_ENV) && $(CARGO) build -p aimesh
+	@$(LOAD_ENV) && \
+	  echo "aimesh: identity gRPC on $${AIMESH_IDENTITY__LISTEN:-127.0.0.1:7101}," \
+	       "metrics on http://$${AIMESH_METRICS__LISTEN:-127.0.0.1:7190}/metrics (Ctrl-C stops the mesh)"
+	$(LOAD_ENV) && exec $(CARGO) run -q -p aimesh -- all
+
+# cargo-nextest when present (installed if possible), else cargo test. Doc tests are not run.
+test: deps
+	@if ! $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  echo "make: cargo-nextest is missing; installing it (cargo install --locked cargo-nextest)"; \
+	  $(CARGO) install --locked cargo-nextest || echo "make: could not install cargo-nextest; using cargo test"; \
+	fi
+	$(LOAD_ENV) && \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+	  $(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+# Building the proto crate needs protoc and its well-known types: deps.sh installs both.
+check:
+	@if ! command -v protoc >/dev/null || ! [ -e /usr/include/google/protobuf/timestamp.proto ]; then \
+	  scripts/deps.sh up; \
+	fi
+	@if ! $(CARGO) fmt --version >/dev/null 2>&1 || ! $(CARGO) clippy --version >/dev/null 2>&1; then \
+	  rustup component add rustfmt clippy; \
+	fi
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

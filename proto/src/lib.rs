@@ -1,0 +1,14 @@
+//! Protobuf messages and gRPC stubs of every aimesh service; the module tree mirrors the
+//! protobuf packages (`aimesh.identity.v1` is [`identity::v1`]).
+
+/// The encoded `FileDescriptorSet` of every aimesh proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/aimesh_descriptor.bin"));
+
+/// The identity service: users, login sessions, projects, API keys, settings.
+pub mod identity {
+    /// Version 1 of the identity API.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("aimesh.identity.v1");
+    }
+}

@@ -1,0 +1,105 @@
+//! The mesh as one program: its configuration, and starting one service or all of them. The
+//! binary (`main.rs`) and the end-to-end tests both start services through here.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use aimesh_identity::IdentityConfig;
+use aimesh_kit::config::CommonConfig;
+
+/// Everything `aimesh` reads: the settings every service shares at the top level, then one
+/// table per service (`[identity]`, `AIMESH_IDENTITY__LISTEN`, ...).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MeshConfig {
+    #[serde(flatten)]
+    pub common: CommonConfig,
+    pub identity: IdentityConfig,
+}
+
+/// A service of the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceName {
+    Identity,
+}
+
+impl ServiceName {
+    /// Every service, in start order.
+    pub const ALL: [ServiceName; 1] = [ServiceName::Identity];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Identity => "identity",
+        }
+    }
+
+    /// Where it listens according to `config`.
+    pub fn listen(self, config: &MeshConfig) -> SocketAddr {
+        match self {
+            Self::Identity => config.identity.listen,
+        }
+    }
+}
+
+/// Binds every listener first, so a port that is taken fails the start before anything runs.
+pub async fn bind(services: &[ServiceName], config: &MeshConfig) -> anyhow::Result<Vec<(ServiceName, TcpListener)>> {
+    let mut listeners = Vec::with_capacity(services.len());
+    for &service in services {
+        let address = service.listen(config);
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("{}: cannot listen on {address}", service.as_str()))?;
+        listeners.push((service, listener));
+    }
+    Ok(listeners)
+}
+
+/// Runs the given services on their listeners, each on its own port and talking to the others
+/// over gRPC like separate processes would, until `shutdown`. If one fails, the others are
+/// stopped and its error is returned.
+pub async fn run(
+    listeners: Vec<(ServiceName, TcpListener)>,
+    config: MeshConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tasks = JoinSet::new();
+    for (service, listener) in listeners {
+        let config = config.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let result = match service {
+                ServiceName::Identity => aimesh_identity::run(listener, config.common, config.identity, shutdown).await,
+            };
+            result.with_context(|| format!("{} stopped", service.as_str()))
+        });
+    }
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.context("a service task panicked").and_then(|r| r);
+        if let Err(error) = result {
+            tracing::error!(error = format!("{error:#}"), "service failed; stopping the others");
+            shutdown.cancel();
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Applies every service's migrations to its own database (creating the database if missing).
+pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
+    for service in ServiceName::ALL {
+        match service {
+            ServiceName::Identity => {
+                let pool = aimesh_identity::connect_database(&config.common, &config.identity).await?;
+                pool.close().await;
+            }
+        }
+        tracing::info!(service = service.as_str(), "migrations applied");
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! `aimesh`: runs one service, the whole mesh in one process, or the migrations.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use aimesh::{MeshConfig, ServiceName};
+use aimesh_kit::server::shutdown_on_signal;
+use aimesh_kit::telemetry::{self, Telemetry};
+
+/// The aimesh backend. Configuration: built-in defaults, then the file given with --config,
+/// then AIMESH_ environment variables (`__` nests: AIMESH_IDENTITY__LISTEN), then these flags.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// A TOML configuration file.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// PostgreSQL server URL; each service uses its own database on it.
+    #[arg(long, global = true)]
+    postgres_url: Option<String>,
+    /// Redis nodes, comma separated; several make a Redis Cluster.
+    #[arg(long, global = true)]
+    redis_urls: Option<String>,
+    /// Where /metrics is served.
+    #[arg(long, global = true)]
+    metrics_listen: Option<SocketAddr>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the identity service.
+    Identity {
+        /// Where its gRPC server listens.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Runs every service in this one process, each on its own port.
+    All,
+    /// Applies every service's database migrations, then exits.
+    Migrate,
+    /// Makes an existing account a system admin (the way to get the first one), then exits.
+    GrantAdmin {
+        /// The account's email.
+        #[arg(long)]
+        email: String,
+    },
+}
+
+impl Cli {
+    /// The flags that were given, shaped like [`MeshConfig`], for the loader's last layer.
+    fn overrides(&self) -> serde_json::Value {
+        let mut root = serde_json::Map::new();
+        if let Some(url) = &self.postgres_url {
+            root.insert("postgres_url".into(), url.clone().into());
+        }
+        if let Some(urls) = &self.redis_urls {
+            root.insert("redis_urls".into(), urls.clone().into());
+        }
+        if let Some(listen) = self.metrics_listen {
+            root.insert("metrics".into(), serde_json::json!({ "listen": listen.to_string() }));
+        }
+        if let Command::Identity { listen: Some(listen) } = &self.command {
+            root.insert("identity".into(), serde_json::json!({ "listen": listen.to_string() }));
+        }
+        serde_json::Value::Object(root)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config: MeshConfig = aimesh_kit::config::load(cli.config.as_deref(), cli.overrides())?;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli, config))
+}
+
+async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
+    let (name, services) = match cli.command {
+        Command::Identity { .. } => ("identity", vec![ServiceName::Identity]),
+        Command::All => ("aimesh", ServiceName::ALL.to_vec()),
+        Command::Migrate | Command::GrantAdmin { .. } => ("aimesh-admin", Vec::new()),
+    };
+    let telemetry = Telemetry::init(name, &config.common.log, &config.common.telemetry)?;
+    let result = async {
+        match &cli.command {
+            Command::Migrate => return aimesh::migrate(&config).await,
+            Command::GrantAdmin { email } => {
+                let pool = aimesh_identity::connect_database(&config.common, &config.identity).await?;
+                let user_id = aimesh_identity::grant_admin(&pool, email).await?;
+                tracing::info!(%user_id, email, "granted the system admin role");
+                pool.close().await;
+                return Ok(());
+            }
+            Command::Identity { .. } | Command::All => {}
+        }
+        let listeners = aimesh::bind(&services, &config).await?;
+        for (service, listener) in &listeners {
+            tracing::info!(service = service.as_str(), address = %listener.local_addr()?, "gRPC listening");
+        }
+        if let Some(address) = telemetry::serve_metrics(&config.common.metrics).await? {
+            tracing::info!(%address, "metrics at http://{address}/metrics");
+        }
+        aimesh::run(listeners, config, shutdown_on_signal()).await
+    }
+    .await;
+    if let Err(error) = &result {
+        tracing::error!(error = format!("{error:#}"), "aimesh failed");
+    }
+    telemetry.shutdown();
+    result
+}

@@ -1,0 +1,140 @@
+//! `ApiKeyService`: project-scoped keys for programs.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use tonic::{Request, Response, Status};
+
+use aimesh_kit::auth::Principal;
+use aimesh_kit::pagination::{self, Cursor};
+use aimesh_kit::proto_json;
+use aimesh_proto::identity::v1 as pb;
+
+use super::{Identity, actor, caller, respond};
+use crate::domain::{ApiKeySecret, ProjectRole, parse_id, validate_scopes, validate_text};
+use crate::error::{IdentityError, Result};
+use crate::store::{Actor, ApiKeyRow, NewApiKey};
+
+pub(super) struct ApiKeyApi(pub(super) Arc<Identity>);
+
+impl From<ApiKeyRow> for pb::ApiKey {
+    fn from(row: ApiKeyRow) -> Self {
+        pb::ApiKey {
+            id: row.id.to_string(),
+            project_id: row.project_id.to_string(),
+            name: row.name,
+            display_prefix: row.display_prefix,
+            scopes: row.scopes,
+            created_by: row.created_by.to_string(),
+            create_time: Some(proto_json::timestamp(row.created_at)),
+            expire_time: proto_json::opt_timestamp(row.expires_at),
+            last_use_time: proto_json::opt_timestamp(row.last_used_at),
+            revoke_time: proto_json::opt_timestamp(row.revoked_at),
+        }
+    }
+}
+
+impl Identity {
+    async fn create_api_key(
+        &self,
+        principal: &Principal,
+        request: pb::CreateApiKeyRequest,
+        actor: Actor,
+    ) -> Result<pb::CreateApiKeyResponse> {
+        let project_id = parse_id("project_id", &request.project_id)?;
+        let name = validate_text("name", &request.name, 100, true)?;
+        let scopes = validate_scopes(&request.scopes)?;
+        let expires_at = match &request.expire_time {
+            None => None,
+            Some(ts) => {
+                let at = proto_json::from_timestamp(ts)
+                    .ok_or_else(|| IdentityError::invalid("expire_time", "is out of range"))?;
+                if at <= Utc::now() {
+                    return Err(IdentityError::invalid("expire_time", "must be in the future"));
+                }
+                Some(at)
+            }
+        };
+        principal.require_session()?;
+        self.require_role(principal, project_id, ProjectRole::Admin).await?;
+        let secret = ApiKeySecret::generate();
+        let new = NewApiKey {
+            project_id,
+            name: &name,
+            display_prefix: &secret.display_prefix,
+            hash: &secret.hash,
+            scopes: &scopes,
+            created_by: principal.user_id,
+            expires_at,
+        };
+        let row = self.store.create_api_key(new, &actor).await?;
+        Ok(pb::CreateApiKeyResponse { api_key: Some(row.into()), secret: secret.secret })
+    }
+
+    async fn list_api_keys(
+        &self,
+        principal: &Principal,
+        request: pb::ListApiKeysRequest,
+    ) -> Result<pb::ListApiKeysResponse> {
+        let project_id = parse_id("project_id", &request.project_id)?;
+        let limit = pagination::page_size(request.page_size)?;
+        let after = Cursor::decode(&request.page_token)?;
+        self.require_role(principal, project_id, ProjectRole::Viewer).await?;
+        let rows = self.store.list_api_keys(project_id, request.include_revoked, after, limit).await?;
+        let (rows, next_page_token) = pagination::paginate(rows, limit, |k| Cursor { time: k.created_at, id: k.id });
+        Ok(pb::ListApiKeysResponse { api_keys: rows.into_iter().map(Into::into).collect(), next_page_token })
+    }
+
+    async fn get_api_key(&self, principal: &Principal, request: pb::GetApiKeyRequest) -> Result<pb::ApiKey> {
+        let project_id = parse_id("project_id", &request.project_id)?;
+        let id = parse_id("api_key_id", &request.api_key_id)?;
+        self.require_role(principal, project_id, ProjectRole::Viewer).await?;
+        Ok(self.store.api_key(project_id, id).await?.ok_or(IdentityError::NotFound("api key"))?.into())
+    }
+
+    async fn revoke_api_key(
+        &self,
+        principal: &Principal,
+        request: pb::RevokeApiKeyRequest,
+        actor: Actor,
+    ) -> Result<pb::ApiKey> {
+        let project_id = parse_id("project_id", &request.project_id)?;
+        let id = parse_id("api_key_id", &request.api_key_id)?;
+        principal.require_session()?;
+        self.require_role(principal, project_id, ProjectRole::Admin).await?;
+        let (row, hash) = self.store.revoke_api_key(project_id, id, &actor).await?;
+        self.forget_credentials(&[hash]).await;
+        Ok(row.into())
+    }
+}
+
+#[tonic::async_trait]
+impl pb::api_key_service_server::ApiKeyService for ApiKeyApi {
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let principal = caller(&request)?;
+        let actor = actor(&request, Some(principal.user_id));
+        respond(self.0.create_api_key(&principal, request.into_inner(), actor).await)
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let principal = caller(&request)?;
+        respond(self.0.list_api_keys(&principal, request.into_inner()).await)
+    }
+
+    async fn get_api_key(&self, request: Request<pb::GetApiKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
+        let principal = caller(&request)?;
+        respond(self.0.get_api_key(&principal, request.into_inner()).await)
+    }
+
+    async fn revoke_api_key(&self, request: Request<pb::RevokeApiKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
+        let principal = caller(&request)?;
+        let actor = actor(&request, Some(principal.user_id));
+        respond(self.0.revoke_api_key(&principal, request.into_inner(), actor).await)
+    }
+}

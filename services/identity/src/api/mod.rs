@@ -1,0 +1,149 @@
+//! The gRPC edge of identity: each submodule implements one protobuf service. A handler decodes
+//! and validates, authorizes, calls the store, and encodes; this module holds what they share.
+
+mod api_keys;
+mod auth;
+mod projects;
+mod sessions;
+mod settings;
+mod users;
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use aimesh_kit::auth::{CredentialRef, CredentialVerifier, Principal};
+use aimesh_proto::identity::v1 as pb;
+
+use crate::config::IdentityConfig;
+use crate::domain::{ProjectRole, SettingsCipher};
+use crate::error::{IdentityError, Result};
+use crate::store::{Actor, Store};
+
+/// The scope an API key needs to read identity data of its project. Keys never change identity
+/// data: that needs a person's login session.
+const IDENTITY_READ: &str = "identity:read";
+
+/// What every handler of identity works with.
+#[derive(Debug)]
+pub struct Identity {
+    store: Store,
+    verifier: CredentialVerifier,
+    config: IdentityConfig,
+    cipher: Option<SettingsCipher>,
+}
+
+impl Identity {
+    pub fn new(store: Store, verifier: CredentialVerifier, config: IdentityConfig) -> anyhow::Result<Arc<Self>> {
+        let cipher = config.settings_key.as_deref().map(SettingsCipher::from_base64).transpose()?;
+        Ok(Arc::new(Self { store, verifier, config, cipher }))
+    }
+
+    /// Every gRPC service of identity, ready for the server.
+    pub fn routes(self: &Arc<Self>) -> tonic::service::Routes {
+        tonic::service::Routes::new(pb::user_service_server::UserServiceServer::new(users::UserApi(Arc::clone(self))))
+            .add_service(pb::session_service_server::SessionServiceServer::new(sessions::SessionApi(Arc::clone(self))))
+            .add_service(pb::project_service_server::ProjectServiceServer::new(projects::ProjectApi(Arc::clone(self))))
+            .add_service(pb::api_key_service_server::ApiKeyServiceServer::new(api_keys::ApiKeyApi(Arc::clone(self))))
+            .add_service(pb::settings_service_server::SettingsServiceServer::new(settings::SettingsApi(Arc::clone(
+                self,
+            ))))
+            .add_service(pb::auth_service_server::AuthServiceServer::new(auth::AuthApi(Arc::clone(self))))
+    }
+
+    /// The fully qualified names of those services, for grpc.health.v1.
+    pub const GRPC_SERVICES: [&'static str; 6] = [
+        "aimesh.identity.v1.UserService",
+        "aimesh.identity.v1.SessionService",
+        "aimesh.identity.v1.ProjectService",
+        "aimesh.identity.v1.ApiKeyService",
+        "aimesh.identity.v1.SettingsService",
+        "aimesh.identity.v1.AuthService",
+    ];
+
+    /// The caller's role in `project_id`, refused unless it is at least `needed`. A system admin
+    /// counts as an owner everywhere; an API key of the project reads (with `identity:read`) and
+    /// does nothing else. Whether the project does not exist or the caller is not in it, the
+    /// answer is the same PERMISSION_DENIED, so ids cannot be probed.
+    async fn require_role(&self, principal: &Principal, project_id: Uuid, needed: ProjectRole) -> Result<ProjectRole> {
+        if let CredentialRef::ApiKey { .. } = principal.credential {
+            principal.require_key_access(project_id, IDENTITY_READ)?;
+            if needed > ProjectRole::Viewer {
+                return Err(IdentityError::forbidden(
+                    "API keys may only read identity data; this needs a login session",
+                ));
+            }
+            return Ok(ProjectRole::Viewer);
+        }
+        if principal.system_admin {
+            return match self.store.project(project_id).await? {
+                Some(_) => Ok(ProjectRole::Owner),
+                None => Err(IdentityError::NotFound("project")),
+            };
+        }
+        let role = self
+            .store
+            .member_role(project_id, principal.user_id)
+            .await?
+            .ok_or_else(|| IdentityError::forbidden("you are not a member of this project"))?;
+        if role < needed {
+            return Err(IdentityError::forbidden(format!("this needs the {} role in the project", needed.as_str())));
+        }
+        Ok(role)
+    }
+
+    /// Forgets cached verifications of credentials that just stopped working, on every replica.
+    async fn forget_credentials(&self, hashes: &[String]) {
+        for hash in hashes {
+            self.verifier.invalidate(hash).await;
+        }
+    }
+}
+
+/// The verified caller, or UNAUTHENTICATED.
+fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
+    aimesh_kit::auth::principal(request).cloned().map_err(Status::from)
+}
+
+/// Who is acting and from where, for audit events. The address is the first hop of
+/// `x-forwarded-for` when the gateway set one, else the peer's.
+fn actor<T>(request: &Request<T>, user_id: Option<Uuid>) -> Actor {
+    let metadata = request.metadata();
+    let text = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or_default();
+    let forwarded = text("x-forwarded-for").split(',').next().map(str::trim).unwrap_or_default().to_owned();
+    let ip = if forwarded.is_empty() {
+        request.remote_addr().map(|addr| addr.ip().to_string()).unwrap_or_default()
+    } else {
+        forwarded
+    };
+    let user_agent: String = text("user-agent").chars().take(512).collect();
+    Actor { user_id, ip, user_agent }
+}
+
+/// A handler's answer as gRPC.
+fn respond<T>(result: Result<T>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+/// The user a request names: an id, or `me` for the caller.
+fn target_user(principal: &Principal, field: &'static str, value: &str) -> Result<Uuid> {
+    if value == "me" { Ok(principal.user_id) } else { crate::domain::parse_id(field, value) }
+}
+
+/// The paths of an update mask, each checked against `allowed`; an empty mask is refused.
+fn mask_paths(mask: Option<&prost_types::FieldMask>, allowed: &[&str]) -> Result<Vec<String>> {
+    let paths = mask.map(|m| m.paths.clone()).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(IdentityError::invalid("update_mask", format!("name at least one of: {}", allowed.join(", "))));
+    }
+    for path in &paths {
+        if !allowed.contains(&path.as_str()) {
+            return Err(IdentityError::invalid(
+                "update_mask",
+                format!("unknown path {path:?}; allowed: {}", allowed.join(", ")),
+            ));
+        }
+    }
+    Ok(paths)
+}

@@ -1,0 +1,95 @@
+//! Starting and stopping the identity service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use aimesh_kit::auth::{AuthLayer, CredentialVerifier};
+use aimesh_kit::cache::InvalidationBus;
+use aimesh_kit::config::CommonConfig;
+use aimesh_kit::db;
+use aimesh_kit::redis::Redis;
+use aimesh_kit::server::{self, Dependency, ServiceSpec};
+
+use crate::api::Identity;
+use crate::config::IdentityConfig;
+use crate::credentials::{StoreCredentialSource, run_last_use_drain};
+use crate::domain::validate_email;
+use crate::error::IdentityError;
+use crate::store::{Actor, Store, UserPatch};
+
+/// How often each process writes the last-use times it collected to Redis.
+const LAST_USE_RECORD_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Connects to identity's own database, creating it if missing, and applies the migrations.
+pub async fn connect_database(common: &CommonConfig, config: &IdentityConfig) -> anyhow::Result<PgPool> {
+    let url = config.database_url.clone().unwrap_or_else(|| db::database_url(&common.postgres_url, "aimesh_identity"));
+    db::ensure_database(&url).await.context("creating the identity database")?;
+    let pool = db::connect(&url, &common.database).await.context("connecting to the identity database")?;
+    db::migrate(&pool, &crate::MIGRATOR).await.context("migrating the identity database")?;
+    Ok(pool)
+}
+
+/// Serves identity on `listener` until `shutdown` is cancelled, then stops gracefully: the
+/// server drains, then the last-use times still in memory go to Redis and from there to PostgreSQL.
+pub async fn run(
+    listener: TcpListener,
+    common: CommonConfig,
+    config: IdentityConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let pool = connect_database(&common, &config).await?;
+    db::spawn_pool_metrics(pool.clone(), "identity");
+    let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
+    redis.log_errors();
+    let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
+    let store = Store::new(pool.clone());
+    let source = Arc::new(StoreCredentialSource::new(store.clone()));
+    let verifier = CredentialVerifier::new(redis.clone(), &bus, &common.auth, source);
+    let identity = Identity::new(store.clone(), verifier.clone(), config.clone()).context("identity.settings_key")?;
+
+    let stop_recorder = CancellationToken::new();
+    let recorder = tokio::spawn(verifier.last_use().clone().run(LAST_USE_RECORD_INTERVAL, stop_recorder.clone()));
+    let stop_drain = CancellationToken::new();
+    let drain = tokio::spawn(run_last_use_drain(
+        store,
+        redis.clone(),
+        Duration::from_secs(config.last_use_flush_secs.max(1)),
+        stop_drain.clone(),
+    ));
+
+    let spec = ServiceSpec {
+        name: "identity",
+        routes: identity.routes(),
+        grpc_services: Identity::GRPC_SERVICES.to_vec(),
+        dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
+    };
+    let served = server::serve(listener, spec, AuthLayer::new(verifier), common.server.clone(), shutdown).await;
+
+    // In this order, so the times recorded by the last requests reach PostgreSQL.
+    stop_recorder.cancel();
+    let _ = recorder.await;
+    stop_drain.cancel();
+    let _ = drain.await;
+    redis.quit().await;
+    pool.close().await;
+    served
+}
+
+/// Makes the account with `email` a system admin: the operator's way to get the first admin
+/// (`aimesh grant-admin`), since no RPC may grant a role its caller does not already hold.
+/// Returns the account's id. The change is audited like any other; live sessions of the account
+/// pick up the role when their cached verification expires (`auth.local_ttl_secs`).
+pub async fn grant_admin(pool: &PgPool, email: &str) -> anyhow::Result<uuid::Uuid> {
+    let email = validate_email(email).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = Store::new(pool.clone());
+    let user = store.user_by_login(&email).await?.ok_or(IdentityError::NotFound("user"))?;
+    let patch = UserPatch { role: Some("admin"), ..UserPatch::default() };
+    let actor = Actor { user_id: None, ip: String::new(), user_agent: "aimesh grant-admin".into() };
+    store.update_user(user.id, patch, &actor).await?;
+    Ok(user.id)
+}

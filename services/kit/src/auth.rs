@@ -1,0 +1,487 @@
+//! Authentication shared by every service: a bearer credential (a login session's access token
+//! or an API key) becomes a [`Principal`] in the request.
+//!
+//! Verification is cached in two levels (in-process, then Redis) through the kit cache, so a
+//! repeated credential costs no network round trip. Revocation: identity invalidates the cached
+//! verification (Redis DEL plus a broadcast that drops every replica's in-process copy). A revoked
+//! credential therefore stops working at once in normal operation; if the broadcast is lost it
+//! stops within `auth.local_ttl_secs`, and if Redis was unreachable at revocation time within
+//! `1.1 × auth.shared_ttl_secs + auth.local_ttl_secs` (shared lifetimes are jittered by ±10%).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use aimesh_proto::identity::v1 as pb;
+
+use crate::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
+use crate::config::AuthConfig;
+use crate::error::ServiceError;
+use crate::proto_json;
+use crate::redis::Redis;
+
+/// Prefix of login-session access tokens.
+pub const ACCESS_TOKEN_PREFIX: &str = "ams_";
+/// Prefix of login-session refresh tokens (only `RefreshSession` accepts them).
+pub const REFRESH_TOKEN_PREFIX: &str = "amr_";
+/// Prefix of API keys.
+pub const API_KEY_PREFIX: &str = "amk_";
+/// No credential aimesh issues is longer; longer input is refused before hashing.
+const MAX_CREDENTIAL_LEN: usize = 128;
+
+/// The scopes an API key may carry. A session has them all; a key only those it was given.
+pub const SCOPES: &[&str] = &[
+    "identity:read",
+    "chat:read",
+    "chat:write",
+    "usage:read",
+    "usage:write",
+    "files:read",
+    "files:write",
+    "analytics:read",
+];
+
+/// Who is calling, as verified from the credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    pub user_id: Uuid,
+    pub credential: CredentialRef,
+    /// True for system administrators; never for API keys.
+    pub system_admin: bool,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// The credential a principal presented.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CredentialRef {
+    Session { session_id: Uuid },
+    ApiKey { api_key_id: Uuid, project_id: Uuid, scopes: Vec<String> },
+}
+
+impl Principal {
+    /// The login session, when the caller used one.
+    pub fn session_id(&self) -> Option<Uuid> {
+        match &self.credential {
+            CredentialRef::Session { session_id } => Some(*session_id),
+            CredentialRef::ApiKey { .. } => None,
+        }
+    }
+
+    /// Whether the credential allows `scope` at all (sessions allow every scope).
+    pub fn has_scope(&self, scope: &str) -> bool {
+        match &self.credential {
+            CredentialRef::Session { .. } => true,
+            CredentialRef::ApiKey { scopes, .. } => scopes.iter().any(|s| s == scope),
+        }
+    }
+
+    /// Refuses API keys: for actions only a person logged in may take.
+    pub fn require_session(&self) -> Result<Uuid, ServiceError> {
+        self.session_id()
+            .ok_or_else(|| ServiceError::permission_denied("this call needs a login session, not an API key"))
+    }
+
+    /// Refuses an API key of another project, or one without `scope`. Sessions pass; their
+    /// project role is the owning service's to check.
+    pub fn require_key_access(&self, project_id: Uuid, scope: &str) -> Result<(), ServiceError> {
+        match &self.credential {
+            CredentialRef::Session { .. } => Ok(()),
+            CredentialRef::ApiKey { project_id: own, .. } if *own != project_id => {
+                Err(ServiceError::permission_denied("the API key belongs to another project"))
+            }
+            CredentialRef::ApiKey { .. } if !self.has_scope(scope) => {
+                Err(ServiceError::permission_denied(format!("the API key lacks the scope {scope}")))
+            }
+            CredentialRef::ApiKey { .. } => Ok(()),
+        }
+    }
+}
+
+impl From<&Principal> for pb::Principal {
+    fn from(p: &Principal) -> Self {
+        let mut out = pb::Principal {
+            user_id: p.user_id.to_string(),
+            system_admin: p.system_admin,
+            expire_time: proto_json::opt_timestamp(p.expires_at),
+            ..Default::default()
+        };
+        match &p.credential {
+            CredentialRef::Session { session_id } => {
+                out.kind = pb::CredentialKind::Session.into();
+                out.session_id = session_id.to_string();
+            }
+            CredentialRef::ApiKey { api_key_id, project_id, scopes } => {
+                out.kind = pb::CredentialKind::ApiKey.into();
+                out.api_key_id = api_key_id.to_string();
+                out.project_id = project_id.to_string();
+                out.scopes = scopes.clone();
+            }
+        }
+        out
+    }
+}
+
+impl TryFrom<pb::Principal> for Principal {
+    type Error = ServiceError;
+
+    fn try_from(p: pb::Principal) -> Result<Self, ServiceError> {
+        let uuid = |s: &str| Uuid::parse_str(s).map_err(|e| ServiceError::internal(format!("bad principal: {e}")));
+        let credential = match p.kind() {
+            pb::CredentialKind::Session => CredentialRef::Session { session_id: uuid(&p.session_id)? },
+            pb::CredentialKind::ApiKey => CredentialRef::ApiKey {
+                api_key_id: uuid(&p.api_key_id)?,
+                project_id: uuid(&p.project_id)?,
+                scopes: p.scopes,
+            },
+            pb::CredentialKind::Unspecified => return Err(ServiceError::internal("principal without a kind")),
+        };
+        Ok(Self {
+            user_id: uuid(&p.user_id)?,
+            credential,
+            system_admin: p.system_admin,
+            expires_at: p.expire_time.as_ref().and_then(proto_json::from_timestamp),
+        })
+    }
+}
+
+/// The SHA-256 (hex) of a credential: what is stored and what caches are keyed by, never the
+/// credential itself. Credentials are 256-bit random, so a fast hash is enough.
+pub fn credential_hash(credential: &str) -> String {
+    hex_encode(&Sha256::digest(credential.as_bytes()))
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+/// Checks the outward shape of a credential before anything is looked up.
+pub fn check_credential_shape(credential: &str, prefixes: &[&str]) -> Result<(), ServiceError> {
+    let malformed = || ServiceError::unauthenticated("the credential is malformed");
+    if credential.len() > MAX_CREDENTIAL_LEN || !prefixes.iter().any(|p| credential.starts_with(p)) {
+        return Err(malformed());
+    }
+    if !credential.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(malformed());
+    }
+    Ok(())
+}
+
+/// Where verifications come from when no cache has them: identity's own store in the identity
+/// service, identity's `Authenticate` RPC everywhere else. `Ok(None)`: unknown, revoked or expired.
+pub trait CredentialSource: Send + Sync + 'static {
+    fn authenticate<'a>(&'a self, credential: &'a str) -> BoxFuture<'a, Result<Option<Principal>, ServiceError>>;
+}
+
+/// Asks the identity service over gRPC.
+#[derive(Debug, Clone)]
+pub struct RemoteCredentialSource {
+    client: pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
+}
+
+impl RemoteCredentialSource {
+    /// A lazily connecting client of identity at `url`.
+    pub fn new(url: &str) -> Result<Self, ServiceError> {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| ServiceError::internal(format!("auth.identity_url: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(Self { client: pb::auth_service_client::AuthServiceClient::new(channel) })
+    }
+}
+
+impl CredentialSource for RemoteCredentialSource {
+    fn authenticate<'a>(&'a self, credential: &'a str) -> BoxFuture<'a, Result<Option<Principal>, ServiceError>> {
+        Box::pin(async move {
+            let mut request = tonic::Request::new(pb::AuthenticateRequest { credential: credential.to_owned() });
+            crate::telemetry::inject_current_context(request.metadata_mut());
+            match self.client.clone().authenticate(request).await {
+                Ok(response) => Principal::try_from(response.into_inner()).map(Some),
+                Err(status) if status.code() == tonic::Code::Unauthenticated => Ok(None),
+                Err(status) => Err(ServiceError::from_status(&status)),
+            }
+        })
+    }
+}
+
+/// Turns a bearer credential into a principal, through the two-level cache.
+#[derive(Clone)]
+pub struct CredentialVerifier {
+    cache: TwoLevelCache<Principal>,
+    source: Arc<dyn CredentialSource>,
+    last_use: LastUseRecorder,
+}
+
+impl std::fmt::Debug for CredentialVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialVerifier").finish_non_exhaustive()
+    }
+}
+
+impl CredentialVerifier {
+    pub fn new(redis: Redis, bus: &InvalidationBus, settings: &AuthConfig, source: Arc<dyn CredentialSource>) -> Self {
+        let cache_settings = CacheSettings {
+            local_ttl: Duration::from_secs(settings.local_ttl_secs),
+            shared_ttl: Duration::from_secs(settings.shared_ttl_secs),
+            negative_ttl: Duration::from_secs(settings.local_ttl_secs.min(5)),
+            local_capacity: 100_000,
+        };
+        let last_use = LastUseRecorder::new(redis.clone());
+        Self { cache: TwoLevelCache::new("credentials", "identity", redis, bus, cache_settings), source, last_use }
+    }
+
+    /// The principal `credential` stands for, or UNAUTHENTICATED.
+    pub async fn verify(&self, credential: &str) -> Result<Principal, ServiceError> {
+        check_credential_shape(credential, &[ACCESS_TOKEN_PREFIX, API_KEY_PREFIX])?;
+        let key = credential_hash(credential);
+        let source = Arc::clone(&self.source);
+        let principal = self
+            .cache
+            .get_or_load(&key, || async move { source.authenticate(credential).await })
+            .await?
+            .ok_or_else(|| ServiceError::unauthenticated("the credential is unknown, expired or revoked"))?;
+        if principal.expires_at.is_some_and(|at| at <= Utc::now()) {
+            return Err(ServiceError::unauthenticated("the credential has expired"));
+        }
+        self.last_use.record(&principal);
+        Ok(Principal::clone(&principal))
+    }
+
+    /// Forgets the cached verification of the credential with this hash, on every replica.
+    pub async fn invalidate(&self, hash: &str) {
+        if let Err(error) = self.cache.invalidate(hash).await {
+            tracing::warn!(%error, "could not invalidate a cached credential; it expires by TTL");
+        }
+    }
+
+    /// The recorder of last-use times, to flush at shutdown.
+    pub fn last_use(&self) -> &LastUseRecorder {
+        &self.last_use
+    }
+}
+
+/// Keeps "last used" times of sessions and API keys without a database write per request:
+/// each process collects them in memory and flushes them every few seconds to two Redis sorted
+/// sets (score = unix seconds, `ZADD GT` keeps the latest); identity drains those into PostgreSQL.
+#[derive(Clone)]
+pub struct LastUseRecorder {
+    redis: Redis,
+    pending: Arc<Mutex<HashMap<(LastUseKind, Uuid), i64>>>,
+}
+
+/// Which sorted set a last-use time goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LastUseKind {
+    Session,
+    ApiKey,
+}
+
+impl LastUseKind {
+    /// The Redis key (identity's namespace) of the sorted set.
+    pub fn redis_key(self, redis: &Redis) -> String {
+        match self {
+            Self::Session => redis.key("identity", "last_used:sessions"),
+            Self::ApiKey => redis.key("identity", "last_used:api_keys"),
+        }
+    }
+}
+
+impl LastUseRecorder {
+    fn new(redis: Redis) -> Self {
+        Self { redis, pending: Arc::default() }
+    }
+
+    fn record(&self, principal: &Principal) {
+        let entry = match &principal.credential {
+            CredentialRef::Session { session_id } => (LastUseKind::Session, *session_id),
+            CredentialRef::ApiKey { api_key_id, .. } => (LastUseKind::ApiKey, *api_key_id),
+        };
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(entry, Utc::now().timestamp());
+        }
+    }
+
+    /// Writes what was collected to Redis; on failure keeps it for the next try.
+    pub async fn flush(&self) {
+        use fred::interfaces::SortedSetsInterface;
+        use fred::types::sorted_sets::Ordering;
+        let batch: Vec<((LastUseKind, Uuid), i64)> = match self.pending.lock() {
+            Ok(mut pending) => pending.drain().collect(),
+            Err(_) => return,
+        };
+        for kind in [LastUseKind::Session, LastUseKind::ApiKey] {
+            let members: Vec<(f64, String)> = batch
+                .iter()
+                .filter(|((k, _), _)| *k == kind)
+                .map(|((_, id), at)| (*at as f64, id.to_string()))
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            let key = kind.redis_key(&self.redis);
+            let written: Result<i64, _> =
+                self.redis.pool().zadd(&key, None, Some(Ordering::GreaterThan), false, false, members).await;
+            if let Err(error) = written {
+                tracing::warn!(%error, "could not record last-use times; retrying later");
+                if let Ok(mut pending) = self.pending.lock() {
+                    for (entry, at) in batch.iter().filter(|((k, _), _)| *k == kind) {
+                        pending.entry(*entry).and_modify(|t| *t = (*t).max(*at)).or_insert(*at);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Flushes every `every` until `shutdown`, then once more.
+    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.flush().await,
+                () = shutdown.cancelled() => break,
+            }
+        }
+        self.flush().await;
+    }
+}
+
+/// The principal the auth layer put in the request, or UNAUTHENTICATED.
+pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, ServiceError> {
+    request.extensions().get::<Principal>().ok_or_else(|| ServiceError::unauthenticated("this call needs a credential"))
+}
+
+/// The tower layer: `authorization: Bearer <credential>` becomes a [`Principal`] extension. A
+/// request without one passes on without a principal (handlers that need one refuse it); a
+/// credential that does not verify is refused here with UNAUTHENTICATED.
+#[derive(Clone, Debug)]
+pub struct AuthLayer {
+    verifier: CredentialVerifier,
+}
+
+impl AuthLayer {
+    pub fn new(verifier: CredentialVerifier) -> Self {
+        Self { verifier }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = Authenticate<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticate { inner, verifier: self.verifier.clone() }
+    }
+}
+
+/// The service [`AuthLayer`] makes.
+#[derive(Clone, Debug)]
+pub struct Authenticate<S> {
+    inner: S,
+    verifier: CredentialVerifier,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for Authenticate<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        // The clone is not ready; the ready one serves this request (tower's usual swap).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let verifier = self.verifier.clone();
+        Box::pin(async move {
+            let credential = match request.headers().get(http::header::AUTHORIZATION) {
+                None => None,
+                Some(value) => match bearer(value) {
+                    Some(credential) => Some(credential.to_owned()),
+                    None => {
+                        let error = ServiceError::unauthenticated("authorization must be \"Bearer <credential>\"");
+                        return Ok(tonic::Status::from(error).into_http());
+                    }
+                },
+            };
+            if let Some(credential) = credential {
+                match verifier.verify(&credential).await {
+                    Ok(principal) => {
+                        tracing::Span::current().record("user_id", tracing::field::display(principal.user_id));
+                        request.extensions_mut().insert(principal);
+                    }
+                    Err(error) => return Ok(tonic::Status::from(error).into_http()),
+                }
+            }
+            inner.call(request).await
+        })
+    }
+}
+
+fn bearer(value: &http::HeaderValue) -> Option<&str> {
+    let value = value.to_str().ok()?;
+    let (scheme, credential) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| credential.trim()).filter(|c| !c.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes() {
+        let ok = format!("{API_KEY_PREFIX}0123abcd_{}", "x".repeat(43));
+        assert!(check_credential_shape(&ok, &[API_KEY_PREFIX]).is_ok());
+        assert!(check_credential_shape(&ok, &[ACCESS_TOKEN_PREFIX]).is_err());
+        assert!(check_credential_shape("amk_a b", &[API_KEY_PREFIX]).is_err());
+        assert!(check_credential_shape(&format!("amk_{}", "a".repeat(200)), &[API_KEY_PREFIX]).is_err());
+    }
+
+    #[test]
+    fn bearer_header() {
+        assert_eq!(bearer(&http::HeaderValue::from_static("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(&http::HeaderValue::from_static("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(&http::HeaderValue::from_static("Basic abc")), None);
+        assert_eq!(bearer(&http::HeaderValue::from_static("Bearer ")), None);
+    }
+
+    #[test]
+    fn api_key_scope_and_project() {
+        let project = Uuid::new_v4();
+        let principal = Principal {
+            user_id: Uuid::new_v4(),
+            credential: CredentialRef::ApiKey {
+                api_key_id: Uuid::new_v4(),
+                project_id: project,
+                scopes: vec!["chat:read".into()],
+            },
+            system_admin: false,
+            expires_at: None,
+        };
+        assert!(principal.require_key_access(project, "chat:read").is_ok());
+        assert!(principal.require_key_access(project, "chat:write").is_err());
+        assert!(principal.require_key_access(Uuid::new_v4(), "chat:read").is_err());
+        assert!(principal.require_session().is_err());
+        let round = Principal::try_from(pb::Principal::from(&principal)).ok();
+        assert_eq!(round, Some(principal));
+    }
+}

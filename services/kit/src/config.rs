@@ -1,0 +1,200 @@
+//! The one configuration loader: built-in defaults, then a TOML file, then `AIMESH_` environment
+//! variables (`__` separates nested keys: `AIMESH_IDENTITY__LISTEN`), then command-line overrides.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Loads `T` from its defaults, an optional TOML file, the environment and `overrides` (in that
+/// order of precedence, last wins). `overrides` is typically built from command-line flags.
+/// The error is boxed because `figment::Error` is large and this runs once, at start-up.
+pub fn load<T>(file: Option<&Path>, overrides: impl Serialize) -> Result<T, Box<figment::Error>>
+where
+    T: DeserializeOwned + Serialize + Default,
+{
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(file) = file {
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    figment
+        .merge(Env::prefixed("AIMESH_").split("__"))
+        .merge(Serialized::defaults(overrides))
+        .extract()
+        .map_err(Box::new)
+}
+
+/// Settings every service process shares: where the stores are, telemetry, server behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CommonConfig {
+    /// PostgreSQL server URL without a database; each service uses `aimesh_<service>` on it
+    /// unless its own `database_url` is set.
+    pub postgres_url: String,
+    /// Redis seed nodes, comma separated (`redis://host:port,...`): a Redis Cluster when more
+    /// than one is given or the scheme is `redis-cluster://`, a single server otherwise.
+    pub redis_urls: String,
+    pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
+    pub metrics: MetricsConfig,
+    pub server: ServerConfig,
+    pub redis: RedisConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+}
+
+impl Default for CommonConfig {
+    fn default() -> Self {
+        Self {
+            postgres_url: "postgres://postgres@127.0.0.1:55432".into(),
+            redis_urls: (17001..=17006).map(|port| format!("redis://127.0.0.1:{port}")).collect::<Vec<_>>().join(","),
+            log: LogConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            metrics: MetricsConfig::default(),
+            server: ServerConfig::default(),
+            redis: RedisConfig::default(),
+            database: DatabaseConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Structured logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info,aimesh_identity=debug`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, filter: "info".into() }
+    }
+}
+
+/// OpenTelemetry traces; off unless an OTLP endpoint is given.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector endpoint, such as `http://127.0.0.1:4317`.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// The Prometheus scrape endpoint of the process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MetricsConfig {
+    /// Where `/metrics` is served; none disables it.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { listen: Some(SocketAddr::from(([127, 0, 0, 1], 7190))) }
+    }
+}
+
+/// gRPC server behaviour shared by every service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    /// Upper bound of every request; a client's shorter `grpc-timeout` wins.
+    pub request_timeout_secs: u64,
+    /// After SIGTERM, how long health reports NOT_SERVING before the listener closes, so load
+    /// balancers stop sending new requests first.
+    pub drain_secs: u64,
+    /// How long in-flight requests may take to finish after the listener closes.
+    pub shutdown_grace_secs: u64,
+    /// How often dependencies are probed for grpc.health.v1.
+    pub health_interval_secs: u64,
+}
+
+impl ServerConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_secs)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_secs(self.health_interval_secs)
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { request_timeout_secs: 30, drain_secs: 0, shutdown_grace_secs: 20, health_interval_secs: 5 }
+    }
+}
+
+/// The shared Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RedisConfig {
+    /// Prefix of every key and channel, so several deployments (or tests) can share a cluster.
+    pub key_prefix: String,
+    pub pool_size: usize,
+    /// Per-command timeout; a slow Redis degrades the cache instead of stalling requests.
+    pub command_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { key_prefix: "aimesh".into(), pool_size: 4, command_timeout_ms: 1000 }
+    }
+}
+
+/// PostgreSQL pool settings, the same for each service's database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DatabaseConfig {
+    pub max_connections: u32,
+    pub min_connections: u32,
+    pub acquire_timeout_secs: u64,
+    /// Statements slower than this are logged at WARN.
+    pub slow_statement_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { max_connections: 20, min_connections: 1, acquire_timeout_secs: 5, slow_statement_ms: 200 }
+    }
+}
+
+/// How verified credentials are cached. Together these bound how long a revoked credential
+/// may still work: see README, "Revocation".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuthConfig {
+    /// In-process cache lifetime of a verification.
+    pub local_ttl_secs: u64,
+    /// Redis cache lifetime of a verification.
+    pub shared_ttl_secs: u64,
+    /// Where the identity service answers `Authenticate`, for services other than identity.
+    pub identity_url: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { local_ttl_secs: 10, shared_ttl_secs: 60, identity_url: "http://127.0.0.1:7101".into() }
+    }
+}

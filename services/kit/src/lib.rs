@@ -1,0 +1,19 @@
+//! What every aimesh service shares: configuration, telemetry, the error type, server
+//! bootstrap, authentication, the two-level cache, the transactional outbox and test support.
+
+pub mod auth;
+pub mod cache;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod outbox;
+pub mod pagination;
+pub mod proto_json;
+pub mod redis;
+pub mod server;
+pub mod telemetry;
+
+pub use error::{ErrorCode, ServiceError};
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -1,0 +1,284 @@
+//! Server bootstrap shared by every service: grpc.health.v1 following each dependency,
+//! reflection, request deadlines, per-RPC metrics and trace spans, panic catching, and graceful
+//! shutdown (health flips to NOT_SERVING, drain, stop accepting, let in-flight requests finish).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::Instrument;
+
+use crate::auth::AuthLayer;
+use crate::config::ServerConfig;
+use crate::redis::Redis;
+
+/// A store a service cannot work without; health follows it.
+#[derive(Clone, Debug)]
+pub enum Dependency {
+    Postgres(PgPool),
+    Redis(Redis),
+}
+
+impl Dependency {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Redis(_) => "redis",
+        }
+    }
+
+    async fn is_healthy(&self) -> bool {
+        let probe = async {
+            match self {
+                Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+                Self::Redis(redis) => redis.is_healthy().await,
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), probe).await.unwrap_or(false)
+    }
+}
+
+/// What a service hands to [`serve`].
+pub struct ServiceSpec {
+    /// Short name for logs and metrics, such as "identity".
+    pub name: &'static str,
+    pub routes: tonic::service::Routes,
+    /// Fully qualified gRPC service names, such as "aimesh.identity.v1.UserService", for health.
+    pub grpc_services: Vec<&'static str>,
+    pub dependencies: Vec<Dependency>,
+}
+
+/// Serves `spec` on `listener` until `shutdown` is cancelled, then shuts down gracefully.
+pub async fn serve(
+    listener: TcpListener,
+    spec: ServiceSpec,
+    auth: AuthLayer,
+    settings: ServerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let address = listener.local_addr()?;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    // Both reflection versions: grpcurl and many other tools still speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(aimesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
+    let health = HealthMonitor {
+        reporter,
+        services: Arc::new(spec.grpc_services.clone()),
+        dependencies: Arc::new(spec.dependencies),
+    };
+    health.report(health.check().await).await;
+    tokio::spawn(health.clone().run(settings.health_interval(), shutdown.clone()));
+
+    let stop_accepting = CancellationToken::new();
+    let routes = spec.routes.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+    let server = tonic::transport::Server::builder()
+        .timeout(settings.request_timeout())
+        .layer(ObserveLayer { service: spec.name })
+        .layer(auth)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            stop_accepting.clone().cancelled_owned(),
+        );
+    let mut server = tokio::spawn(server);
+    tracing::info!(service = spec.name, %address, "serving gRPC");
+
+    tokio::select! {
+        result = &mut server => return Ok(result??),
+        () = shutdown.cancelled() => {}
+    }
+    health.report(false).await;
+    tracing::info!(service = spec.name, drain = ?settings.drain(), "shutting down: draining");
+    tokio::time::sleep(settings.drain()).await;
+    stop_accepting.cancel();
+    match tokio::time::timeout(settings.shutdown_grace(), &mut server).await {
+        Ok(result) => result??,
+        Err(_) => {
+            tracing::warn!(service = spec.name, "in-flight requests outlived the grace period; aborting them");
+            server.abort();
+        }
+    }
+    tracing::info!(service = spec.name, "stopped");
+    Ok(())
+}
+
+/// Sets grpc.health.v1 of a service's gRPC services (and the server as a whole) from its
+/// dependencies.
+#[derive(Clone)]
+struct HealthMonitor {
+    reporter: HealthReporter,
+    services: Arc<Vec<&'static str>>,
+    dependencies: Arc<Vec<Dependency>>,
+}
+
+impl HealthMonitor {
+    async fn check(&self) -> bool {
+        let results = futures::future::join_all(self.dependencies.iter().map(|d| async move {
+            let healthy = d.is_healthy().await;
+            metrics::gauge!("dependency_up", "dependency" => d.name()).set(if healthy { 1.0 } else { 0.0 });
+            if !healthy {
+                tracing::warn!(dependency = d.name(), "dependency is not answering");
+            }
+            healthy
+        }))
+        .await;
+        results.into_iter().all(|healthy| healthy)
+    }
+
+    async fn report(&self, healthy: bool) {
+        let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
+        for service in self.services.iter().copied().chain([""]) {
+            self.reporter.set_service_status(service, status).await;
+        }
+    }
+
+    async fn run(self, every: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        let mut last = true;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let healthy = self.check().await;
+            if healthy != last {
+                tracing::info!(healthy, "health changed");
+                last = healthy;
+            }
+            // A shutdown that began during the check must not be overwritten with SERVING.
+            if !shutdown.is_cancelled() {
+                self.report(healthy).await;
+            }
+        }
+    }
+}
+
+/// Per-RPC trace span (child of the caller's W3C trace context), RED metrics
+/// (`rpc_requests_total` and `rpc_duration_seconds` by service, method and gRPC code), and
+/// panic catching: a panicking handler answers INTERNAL instead of dropping the connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ObserveLayer {
+    pub service: &'static str,
+}
+
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe { inner, service: self.service }
+    }
+}
+
+/// The service [`ObserveLayer`] makes.
+#[derive(Clone, Debug)]
+pub struct Observe<S> {
+    inner: S,
+    service: &'static str,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for Observe<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let path = request.uri().path().trim_start_matches('/');
+        let (grpc_service, method) = path.split_once('/').unwrap_or((path, ""));
+        let (grpc_service, method) = (grpc_service.to_owned(), method.to_owned());
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %format!("{grpc_service}/{method}"),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %grpc_service,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            user_id = tracing::field::Empty,
+        );
+        crate::telemetry::adopt_remote_parent(&span, request.headers());
+        let started = Instant::now();
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        let service = self.service;
+        Box::pin(
+            async move {
+                let response = match AssertUnwindSafe(future).catch_unwind().await {
+                    Ok(result) => result?,
+                    Err(_) => {
+                        tracing::error!("handler panicked");
+                        tonic::Status::internal("internal error").into_http()
+                    }
+                };
+                // Unary errors are trailers-only responses, so the code is in the headers;
+                // a success carries it in the trailers, which this layer does not wait for.
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map(tonic::Code::from_i32)
+                    .unwrap_or(tonic::Code::Ok);
+                tracing::Span::current().record("rpc.grpc.status_code", code as i32);
+                let labels = [
+                    ("service", service.to_owned()),
+                    ("grpc_service", grpc_service),
+                    ("method", method),
+                    ("code", format!("{code:?}")),
+                ];
+                metrics::counter!("rpc_requests_total", &labels).increment(1);
+                metrics::histogram!("rpc_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+                let _ = ctrl_c.await;
+                cancel.cancel();
+                return;
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        cancel.cancel();
+    });
+    token
+}

@@ -1,0 +1,259 @@
+//! The two-level cache against the real Redis Cluster.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use aimesh_kit::cache::{CacheSettings, InvalidationBus, SECOND_DELETE_DELAY, TwoLevelCache, jitter};
+use aimesh_kit::config::RedisConfig;
+use aimesh_kit::redis::Redis;
+use aimesh_kit::testing;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Profile {
+    name: String,
+    level: u32,
+}
+
+fn profile(name: &str) -> Profile {
+    Profile { name: name.to_owned(), level: 7 }
+}
+
+fn settings() -> CacheSettings {
+    CacheSettings {
+        local_ttl: Duration::from_secs(60),
+        shared_ttl: Duration::from_secs(60),
+        negative_ttl: Duration::from_secs(60),
+        local_capacity: 1_000,
+    }
+}
+
+/// The source: counts how often it is asked and answers `value` after `delay`.
+async fn source<T>(calls: &AtomicUsize, delay: Duration, value: Option<T>) -> Result<Option<T>, String> {
+    calls.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(delay).await;
+    Ok(value)
+}
+
+/// One "replica": its own connections and bus, on the key prefix `prefix` shared with the others.
+async fn replica(prefix: &str, settings: CacheSettings) -> (TwoLevelCache<Profile>, InvalidationBus) {
+    let redis = Redis::connect_with_prefix(&testing::redis_urls(), &RedisConfig::default(), prefix)
+        .await
+        .expect("connect to the redis cluster");
+    let bus = InvalidationBus::start(&redis).await.expect("subscribe to invalidations");
+    (TwoLevelCache::new("profiles", "test", redis, &bus, settings), bus)
+}
+
+fn fresh_prefix() -> String {
+    format!("test-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Reads `key` on `cache` until it answers `expected` (the source answering `expected`), for at
+/// most `within`; returns how long that took.
+async fn wait_for(cache: &TwoLevelCache<Profile>, key: &str, expected: &Profile, within: Duration) -> Duration {
+    let started = Instant::now();
+    let calls = AtomicUsize::new(0);
+    loop {
+        let got = cache.get_or_load(key, || source(&calls, Duration::ZERO, Some(expected.clone()))).await;
+        if got.expect("load").as_deref() == Some(expected) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "{key} still not {expected:?} after {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_value_is_loaded_once_then_served_from_cache() {
+    let redis = testing::redis().await;
+    let bus = InvalidationBus::start(&redis).await.expect("bus");
+    let cache = TwoLevelCache::<Profile>::new("profiles", "test", redis, &bus, settings());
+    let calls = AtomicUsize::new(0);
+
+    for _ in 0..3 {
+        let got = cache.get_or_load("u1", || source(&calls, Duration::ZERO, Some(profile("ada")))).await;
+        assert_eq!(got.expect("load").as_deref(), Some(&profile("ada")));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Another key is another entry.
+    let got = cache.get_or_load("u2", || source(&calls, Duration::ZERO, Some(profile("bob")))).await;
+    assert_eq!(got.expect("load").as_deref(), Some(&profile("bob")));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn absent_answers_are_cached_in_both_levels_until_the_negative_ttl_ends() {
+    let prefix = fresh_prefix();
+    let negative = CacheSettings { negative_ttl: Duration::from_millis(400), ..settings() };
+    let (a, _bus_a) = replica(&prefix, negative).await;
+    let (b, _bus_b) = replica(&prefix, negative).await;
+    let calls = AtomicUsize::new(0);
+
+    assert_eq!(a.get_or_load("ghost", || source::<Profile>(&calls, Duration::ZERO, None)).await, Ok(None));
+    assert_eq!(a.get_or_load("ghost", || source::<Profile>(&calls, Duration::ZERO, None)).await, Ok(None));
+    // A replica with an empty L1 finds the negative answer in Redis.
+    assert_eq!(b.get_or_load("ghost", || source::<Profile>(&calls, Duration::ZERO, None)).await, Ok(None));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Past the longest jittered negative TTL, both levels have forgotten it.
+    tokio::time::sleep(Duration::from_millis(400 * 11 / 10 + 100)).await;
+    assert_eq!(a.get_or_load("ghost", || source::<Profile>(&calls, Duration::ZERO, None)).await, Ok(None));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn concurrent_misses_in_one_process_run_the_loader_once() {
+    let redis = testing::redis().await;
+    let bus = InvalidationBus::start(&redis).await.expect("bus");
+    let cache = TwoLevelCache::<Profile>::new("profiles", "test", redis, &bus, settings());
+    let calls = Arc::new(AtomicUsize::new(0));
+
+    let readers: Vec<_> = (0..50)
+        .map(|_| {
+            let cache = cache.clone();
+            let calls = Arc::clone(&calls);
+            tokio::spawn(async move {
+                cache.get_or_load("hot", || source(&calls, Duration::from_millis(100), Some(profile("hot")))).await
+            })
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(reader.await.expect("reader").expect("load").as_deref(), Some(&profile("hot")));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn concurrent_misses_across_replicas_run_the_loader_once() {
+    let prefix = fresh_prefix();
+    let (a, _bus_a) = replica(&prefix, settings()).await;
+    let (b, _bus_b) = replica(&prefix, settings()).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+
+    let readers: Vec<_> = [a, b]
+        .into_iter()
+        .flat_map(|cache| std::iter::repeat_n(cache, 10))
+        .map(|cache| {
+            let calls = Arc::clone(&calls);
+            tokio::spawn(async move {
+                cache.get_or_load("hot", || source(&calls, Duration::from_millis(200), Some(profile("hot")))).await
+            })
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(reader.await.expect("reader").expect("load").as_deref(), Some(&profile("hot")));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the replica that lost the lock should wait for the other's value");
+}
+
+#[tokio::test]
+async fn replicas_share_loaded_values_and_drop_them_on_invalidation() {
+    let prefix = fresh_prefix();
+    let (a, _bus_a) = replica(&prefix, settings()).await;
+    let (b, _bus_b) = replica(&prefix, settings()).await;
+    let calls_a = AtomicUsize::new(0);
+    let calls_b = AtomicUsize::new(0);
+
+    let got = a.get_or_load("u1", || source(&calls_a, Duration::ZERO, Some(profile("v1")))).await;
+    assert_eq!(got.expect("load").as_deref(), Some(&profile("v1")));
+    let got = b.get_or_load("u1", || source(&calls_b, Duration::ZERO, Some(profile("never")))).await;
+    assert_eq!(got.expect("load").as_deref(), Some(&profile("v1")), "b should read what a loaded");
+    assert_eq!(calls_b.load(Ordering::SeqCst), 0);
+
+    // The source changes; a reports it. Without the broadcast b would keep v1 for local_ttl (60 s).
+    a.invalidate("u1").await.expect("invalidate");
+    let got = a.get_or_load("u1", || source(&calls_a, Duration::ZERO, Some(profile("v2")))).await;
+    assert_eq!(got.expect("load").as_deref(), Some(&profile("v2")), "a drops its own entry at once");
+    assert_eq!(calls_a.load(Ordering::SeqCst), 2);
+    wait_for(&b, "u1", &profile("v2"), Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_loader_racing_an_invalidation_is_undone_by_the_second_delete() {
+    let prefix = fresh_prefix();
+    let (a, _bus_a) = replica(&prefix, settings()).await;
+    let (b, _bus_b) = replica(&prefix, settings()).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+
+    // b reads the old row, then the change commits and a invalidates, then b writes back the old value.
+    let slow_reader = {
+        let b = b.clone();
+        let calls = Arc::clone(&calls);
+        tokio::spawn(async move {
+            b.get_or_load("u1", || source(&calls, Duration::from_millis(300), Some(profile("old")))).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    a.invalidate("u1").await.expect("invalidate");
+    assert_eq!(slow_reader.await.expect("reader").expect("load").as_deref(), Some(&profile("old")));
+
+    // Right now the stale value is back in Redis; the delayed delete removes it everywhere.
+    let got = a.get_or_load("u1", || source(&calls, Duration::ZERO, Some(profile("new")))).await;
+    assert_eq!(got.expect("load").as_deref(), Some(&profile("old")), "the race this guards against");
+    let within = SECOND_DELETE_DELAY + Duration::from_secs(3);
+    wait_for(&a, "u1", &profile("new"), within).await;
+    wait_for(&b, "u1", &profile("new"), within).await;
+}
+
+#[tokio::test]
+async fn loader_errors_reach_the_caller_and_are_not_cached() {
+    let redis = testing::redis().await;
+    let bus = InvalidationBus::start(&redis).await.expect("bus");
+    let cache = TwoLevelCache::<Profile>::new("profiles", "test", redis, &bus, settings());
+    let calls = AtomicUsize::new(0);
+
+    let failed = cache
+        .get_or_load("u1", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<Option<Profile>, _>("database down".to_owned())
+        })
+        .await;
+    assert_eq!(failed, Err("database down".to_owned()));
+    let got = cache.get_or_load("u1", || source(&calls, Duration::ZERO, Some(profile("ok")))).await;
+    assert_eq!(got.expect("load").as_deref(), Some(&profile("ok")));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_broken_redis_degrades_to_the_source() {
+    let redis = testing::redis().await;
+    let bus = InvalidationBus::local();
+    let cache = TwoLevelCache::<Profile>::new("profiles", "test", redis.clone(), &bus, settings());
+    // Every command on a closed pool fails after the command timeout (1 s), as when the cluster
+    // is unreachable.
+    redis.quit().await;
+    let calls = AtomicUsize::new(0);
+
+    let started = Instant::now();
+    let got = cache.get_or_load("u1", || source(&calls, Duration::ZERO, Some(profile("ada")))).await;
+    assert_eq!(got.expect("no error despite redis").as_deref(), Some(&profile("ada")));
+    let got = cache.get_or_load("u1", || source(&calls, Duration::ZERO, Some(profile("ada")))).await;
+    assert_eq!(got.expect("no error despite redis").as_deref(), Some(&profile("ada")));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the local level still works");
+    assert!(started.elapsed() < Duration::from_secs(3), "a dead redis costs about one command timeout");
+
+    // Once Redis failed, further misses skip it instead of waiting for the timeout again.
+    let started = Instant::now();
+    let got = cache.get_or_load("u2", || source(&calls, Duration::ZERO, Some(profile("bob")))).await;
+    assert_eq!(got.expect("no error despite redis").as_deref(), Some(&profile("bob")));
+    assert!(started.elapsed() < Duration::from_millis(200), "took {:?}", started.elapsed());
+
+    // Invalidation reports the failure but still drops the local entry.
+    assert!(cache.invalidate("u1").await.is_err());
+    let got = cache.get_or_load("u1", || source(&calls, Duration::ZERO, Some(profile("eve")))).await;
+    assert_eq!(got.expect("load").as_deref(), Some(&profile("eve")));
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn jitter_stays_within_ten_percent() {
+    let ttl = Duration::from_secs(100);
+    let samples: Vec<Duration> = (0..10_000).map(|_| jitter(ttl)).collect();
+    let (min, max) = (samples.iter().min().copied(), samples.iter().max().copied());
+    assert!(samples.iter().all(|d| *d >= Duration::from_secs(90) && *d <= Duration::from_secs(110)));
+    // Spread over the range, not a constant: that is what spreads expiries apart.
+    assert!(min < Some(Duration::from_secs(92)) && max > Some(Duration::from_secs(108)), "{min:?}..{max:?}");
+    assert_eq!(jitter(Duration::ZERO), Duration::from_millis(1), "redis rejects PX 0");
+}

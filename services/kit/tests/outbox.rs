@@ -1,0 +1,262 @@
+//! The transactional outbox against the real PostgreSQL.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aimesh_kit::outbox::{self, OutboxEvent, OutboxRelay, OutboxSink, RelayError, RelaySettings, SinkError};
+use aimesh_kit::testing::TestDatabase;
+use futures::future::BoxFuture;
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations_test");
+
+/// Records what it is given; fails while `failing` is set; takes `delay` per batch. Several
+/// sinks may share `in_flight` to catch one event being delivered twice at the same time.
+#[derive(Default)]
+struct RecordingSink {
+    delivered: Mutex<Vec<OutboxEvent>>,
+    batches: Mutex<Vec<usize>>,
+    failing: AtomicBool,
+    delay: Duration,
+    in_flight: Arc<Mutex<HashSet<Uuid>>>,
+    overlaps: Arc<Mutex<Vec<Uuid>>>,
+}
+
+impl RecordingSink {
+    fn delivered(&self) -> Vec<OutboxEvent> {
+        self.delivered.lock().expect("lock").clone()
+    }
+}
+
+impl OutboxSink for RecordingSink {
+    fn deliver<'a>(&'a self, events: &'a [OutboxEvent]) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            {
+                let mut in_flight = self.in_flight.lock().expect("lock");
+                for event in events {
+                    if !in_flight.insert(event.event_id) {
+                        self.overlaps.lock().expect("lock").push(event.event_id);
+                    }
+                }
+            }
+            tokio::time::sleep(self.delay).await;
+            {
+                let mut in_flight = self.in_flight.lock().expect("lock");
+                for event in events {
+                    in_flight.remove(&event.event_id);
+                }
+            }
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(SinkError::new("analytics unavailable"));
+            }
+            self.delivered.lock().expect("lock").extend_from_slice(events);
+            self.batches.lock().expect("lock").push(events.len());
+            Ok(())
+        })
+    }
+}
+
+fn settings(batch_size: u32) -> RelaySettings {
+    RelaySettings {
+        batch_size,
+        poll_interval: Duration::from_millis(50),
+        initial_backoff: Duration::from_millis(300),
+        max_backoff: Duration::from_millis(600),
+        delivery_timeout: Duration::from_secs(10),
+    }
+}
+
+fn event(n: u32) -> OutboxEvent {
+    let project = n.is_multiple_of(2).then(Uuid::new_v4);
+    let payload = json!({"n": n, "actor": {"ip": "10.0.0.1", "tags": ["a", "b"]}, "ratio": 0.25, "note": null});
+    OutboxEvent::new("audit", "api_key.revoked", project, payload)
+}
+
+async fn write(pool: &PgPool, events: &[OutboxEvent]) {
+    let mut tx = pool.begin().await.expect("begin");
+    for event in events {
+        outbox::enqueue(&mut tx, event).await.expect("enqueue");
+    }
+    tx.commit().await.expect("commit");
+}
+
+async fn pending(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox_events").fetch_one(pool).await.expect("count")
+}
+
+#[tokio::test]
+async fn events_of_a_rolled_back_transaction_are_never_delivered() {
+    let db = TestDatabase::new(&MIGRATOR).await;
+    let sink = Arc::new(RecordingSink::default());
+    let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), settings(10));
+
+    let mut tx = db.pool.begin().await.expect("begin");
+    outbox::enqueue(&mut tx, &event(1)).await.expect("enqueue");
+    tx.rollback().await.expect("rollback");
+    let committed = event(2);
+    write(&db.pool, std::slice::from_ref(&committed)).await;
+
+    assert_eq!(relay.relay_once().await.expect("relay"), 1);
+    assert_eq!(relay.relay_once().await.expect("relay"), 0);
+    assert_eq!(sink.delivered(), vec![committed]);
+    assert_eq!(pending(&db.pool).await, 0, "delivered rows are deleted");
+}
+
+#[tokio::test]
+async fn committed_events_are_delivered_as_written_in_order() {
+    let db = TestDatabase::new(&MIGRATOR).await;
+    let sink = Arc::new(RecordingSink::default());
+    let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), settings(2));
+    let written: Vec<OutboxEvent> = (0..5).map(event).collect();
+    write(&db.pool, &written[..3]).await;
+    write(&db.pool, &written[3..]).await;
+
+    let mut delivered_per_pass = Vec::new();
+    for _ in 0..4 {
+        delivered_per_pass.push(relay.relay_once().await.expect("relay"));
+    }
+    assert_eq!(delivered_per_pass, vec![2, 2, 1, 0]);
+    assert_eq!(sink.delivered(), written);
+}
+
+#[tokio::test]
+async fn failed_deliveries_back_off_then_succeed() {
+    let db = TestDatabase::new(&MIGRATOR).await;
+    let sink = Arc::new(RecordingSink::default());
+    sink.failing.store(true, Ordering::SeqCst);
+    let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), settings(10));
+    let written: Vec<OutboxEvent> = (0..3).map(event).collect();
+    write(&db.pool, &written).await;
+
+    assert!(matches!(relay.relay_once().await, Err(RelayError::Sink(_))));
+    let (attempts, not_due, within_cap, last_error): (i32, bool, bool, Option<String>) = sqlx::query_as(
+        "SELECT max(attempts), bool_and(next_attempt_at > now()), \
+                bool_and(next_attempt_at <= now() + interval '600 milliseconds'), max(last_error) \
+         FROM outbox_events",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("read back");
+    assert_eq!(attempts, 1);
+    assert!(not_due, "failed events wait for their backoff");
+    assert!(within_cap, "the backoff is capped");
+    assert_eq!(last_error.as_deref(), Some("analytics unavailable"));
+    assert_eq!(pending(&db.pool).await, 3, "nothing is lost");
+    assert_eq!(relay.relay_once().await.expect("relay"), 0, "not due yet");
+
+    // A second failure doubles the delay, still within max_backoff.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(matches!(relay.relay_once().await, Err(RelayError::Sink(_))));
+    let (attempts, min_delay_ms): (i32, f64) = sqlx::query_as(
+        "SELECT max(attempts), min(EXTRACT(EPOCH FROM next_attempt_at - now()) * 1000)::float8 FROM outbox_events",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("read back");
+    assert_eq!(attempts, 2);
+    assert!(min_delay_ms > 300.0, "second delay {min_delay_ms} ms should exceed the first");
+
+    sink.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(650)).await;
+    assert_eq!(relay.relay_once().await.expect("relay"), 3);
+    assert_eq!(sink.delivered(), written);
+    assert_eq!(pending(&db.pool).await, 0);
+}
+
+#[tokio::test]
+async fn concurrent_relays_deliver_each_event_once() {
+    let db = TestDatabase::new(&MIGRATOR).await;
+    let written: Vec<OutboxEvent> = (0..200).map(event).collect();
+    write(&db.pool, &written).await;
+
+    let in_flight = Arc::new(Mutex::new(HashSet::new()));
+    let overlaps = Arc::new(Mutex::new(Vec::new()));
+    let sinks: Vec<Arc<RecordingSink>> = (0..2)
+        .map(|_| {
+            Arc::new(RecordingSink {
+                delay: Duration::from_millis(20),
+                in_flight: Arc::clone(&in_flight),
+                overlaps: Arc::clone(&overlaps),
+                ..RecordingSink::default()
+            })
+        })
+        .collect();
+    let relays: Vec<_> = sinks
+        .iter()
+        .map(|sink| {
+            let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), settings(10));
+            tokio::spawn(async move { while relay.relay_once().await.expect("relay") > 0 {} })
+        })
+        .collect();
+    for relay in relays {
+        relay.await.expect("relay task");
+    }
+
+    let mut per_event: HashMap<Uuid, usize> = HashMap::new();
+    for sink in &sinks {
+        for event in sink.delivered() {
+            *per_event.entry(event.event_id).or_default() += 1;
+        }
+    }
+    assert_eq!(per_event.len(), written.len(), "every event delivered");
+    assert!(per_event.values().all(|count| *count == 1), "no event delivered twice");
+    assert!(overlaps.lock().expect("lock").is_empty(), "no event in two batches at once");
+    assert!(sinks.iter().all(|sink| !sink.delivered().is_empty()), "both relays took part");
+    assert_eq!(pending(&db.pool).await, 0);
+}
+
+#[tokio::test]
+async fn run_relays_continuously_and_drains_on_shutdown() {
+    let db = TestDatabase::new(&MIGRATOR).await;
+    let sink = Arc::new(RecordingSink::default());
+    let relay_settings = RelaySettings { poll_interval: Duration::from_millis(100), ..settings(2) };
+    let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), relay_settings);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+
+    // While running: polled within a few intervals, full batches back to back.
+    let first: Vec<OutboxEvent> = (0..5).map(event).collect();
+    write(&db.pool, &first).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while sink.delivered().len() < first.len() {
+        assert!(tokio::time::Instant::now() < deadline, "the running relay should deliver");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Written just before shutdown, after the relay went to sleep for its poll interval.
+    let last: Vec<OutboxEvent> = (5..10).map(event).collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    write(&db.pool, &last).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running).await.expect("run returns").expect("run task");
+
+    assert_eq!(sink.delivered(), [first, last].concat());
+    assert_eq!(pending(&db.pool).await, 0);
+}
+
+#[tokio::test]
+async fn shutdown_drains_pending_events() {
+    let db = TestDatabase::new(&MIGRATOR).await;
+    let sink = Arc::new(RecordingSink::default());
+    // A poll interval so long that only the shutdown drain can deliver what is written below.
+    let relay_settings = RelaySettings { poll_interval: Duration::from_secs(3600), ..settings(2) };
+    let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), relay_settings);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sink.delivered().is_empty());
+
+    let written: Vec<OutboxEvent> = (0..5).map(event).collect();
+    write(&db.pool, &written).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running).await.expect("run returns").expect("run task");
+
+    assert_eq!(sink.delivered(), written);
+    assert_eq!(pending(&db.pool).await, 0);
+}

@@ -1,0 +1,213 @@
+//! The end-to-end harness: [`Mesh`] starts the services in-process, through the same code as
+//! `aimesh all`, on 127.0.0.1:0 listeners, against the real PostgreSQL and Redis Cluster of the
+//! test run, with databases and a Redis key prefix of their own.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use aimesh::{MeshConfig, ServiceName};
+use aimesh_kit::testing::{self, ScratchDatabase};
+use aimesh_proto::identity::v1 as pb;
+
+/// A running mesh; stops (and drops its databases) when dropped or [`Mesh::stop`]ped.
+pub struct Mesh {
+    pub config: MeshConfig,
+    pub identity: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    databases: Vec<ScratchDatabase>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh").field("identity", &self.identity).finish_non_exhaustive()
+    }
+}
+
+/// The configuration of a fresh mesh: test servers, fresh names, short flush intervals.
+pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
+    let identity_db = ScratchDatabase::new();
+    let mut config = MeshConfig::default();
+    config.common.postgres_url = testing::postgres_url();
+    config.common.redis_urls = testing::redis_urls();
+    config.common.redis.key_prefix = format!("test-{}", uuid::Uuid::new_v4().simple());
+    config.common.metrics.listen = None;
+    config.common.database.max_connections = 5;
+    config.common.database.min_connections = 0;
+    config.common.server.shutdown_grace_secs = 5;
+    config.identity.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.identity.database_url = Some(identity_db.url.clone());
+    config.identity.last_use_flush_secs = 1;
+    config.identity.settings_key = Some(base64::engine::general_purpose::STANDARD.encode([42u8; 32]));
+    (config, vec![identity_db])
+}
+
+impl Mesh {
+    /// A mesh on fresh databases and a fresh Redis prefix.
+    pub async fn start() -> Self {
+        let (config, databases) = test_config();
+        Self::start_with(config, databases).await
+    }
+
+    /// A mesh with `config`, owning `databases` (dropped with it). Two meshes given the same
+    /// databases and key prefix are two replicas of one deployment.
+    pub async fn start_with(config: MeshConfig, databases: Vec<ScratchDatabase>) -> Self {
+        let listeners = aimesh::bind(&ServiceName::ALL, &config).await.expect("bind the services");
+        let mut identity = None;
+        for (service, listener) in &listeners {
+            let address = listener.local_addr().expect("listener address");
+            match service {
+                ServiceName::Identity => identity = Some(address),
+            }
+        }
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(aimesh::run(listeners, config.clone(), shutdown.clone()));
+        let mesh =
+            Self { config, identity: identity.expect("identity listener"), shutdown, task: Some(task), databases };
+        mesh.wait_until_serving().await;
+        mesh
+    }
+
+    async fn wait_until_serving(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel());
+            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            if let Ok(response) = health.check(request).await
+                && response.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the mesh did not become healthy within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A channel to identity.
+    pub fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.identity)).expect("identity url").connect_lazy()
+    }
+
+    pub fn users(&self) -> pb::user_service_client::UserServiceClient<Channel> {
+        pb::user_service_client::UserServiceClient::new(self.channel())
+    }
+
+    pub fn sessions(&self) -> pb::session_service_client::SessionServiceClient<Channel> {
+        pb::session_service_client::SessionServiceClient::new(self.channel())
+    }
+
+    pub fn projects(&self) -> pb::project_service_client::ProjectServiceClient<Channel> {
+        pb::project_service_client::ProjectServiceClient::new(self.channel())
+    }
+
+    pub fn api_keys(&self) -> pb::api_key_service_client::ApiKeyServiceClient<Channel> {
+        pb::api_key_service_client::ApiKeyServiceClient::new(self.channel())
+    }
+
+    pub fn settings(&self) -> pb::settings_service_client::SettingsServiceClient<Channel> {
+        pb::settings_service_client::SettingsServiceClient::new(self.channel())
+    }
+
+    pub fn auth(&self) -> pb::auth_service_client::AuthServiceClient<Channel> {
+        pb::auth_service_client::AuthServiceClient::new(self.channel())
+    }
+
+    /// A pool on identity's database, for tests that check what was (not) written.
+    pub async fn identity_db(&self) -> sqlx::PgPool {
+        let url = self.config.identity.database_url.clone().expect("identity database url");
+        sqlx::PgPool::connect(&url).await.expect("connect to the identity database")
+    }
+
+    /// Registers an account and logs it in; returns its id and access token.
+    pub async fn signup(&self, name: &str) -> Account {
+        let email = format!("{name}@example.org");
+        let password = format!("{name}-password-123");
+        let user = self
+            .users()
+            .register_user(pb::RegisterUserRequest {
+                email: email.clone(),
+                username: name.to_owned(),
+                password: password.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        let login = self
+            .sessions()
+            .login(pb::LoginRequest { login: email.clone(), password: password.clone(), device_name: "test".into() })
+            .await
+            .expect("login")
+            .into_inner();
+        Account { user_id: user.id, email, password, token: login.access_token, refresh_token: login.refresh_token }
+    }
+
+    /// Makes an account a system admin, as `aimesh grant-admin` does, and logs it in again so
+    /// its token carries the role.
+    pub async fn make_admin(&self, account: &Account) -> Account {
+        let pool = self.identity_db().await;
+        aimesh_identity::grant_admin(&pool, &account.email).await.expect("grant admin");
+        pool.close().await;
+        let login = self
+            .sessions()
+            .login(pb::LoginRequest {
+                login: account.email.clone(),
+                password: account.password.clone(),
+                device_name: "admin".into(),
+            })
+            .await
+            .expect("login")
+            .into_inner();
+        Account { token: login.access_token, refresh_token: login.refresh_token, ..account.clone() }
+    }
+
+    /// Stops the mesh gracefully and returns how it ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+
+    /// The databases, to hand to a second replica.
+    pub fn share_databases(&mut self) -> Vec<ScratchDatabase> {
+        std::mem::take(&mut self.databases)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A registered, logged-in account.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub user_id: String,
+    pub email: String,
+    pub password: String,
+    pub token: String,
+    pub refresh_token: String,
+}
+
+/// `message` with `authorization: Bearer <credential>`.
+pub fn authed<T>(message: T, credential: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {credential}").parse().expect("credential is a valid header value");
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+/// The reason and field an error carries, for asserting both.
+pub fn reason_and_field(status: &tonic::Status) -> (String, Option<String>) {
+    let error = aimesh_kit::ServiceError::from_status(status);
+    (error.reason.into_owned(), error.field)
+}
