@@ -211,3 +211,19 @@ pub fn reason_and_field(status: &tonic::Status) -> (String, Option<String>) {
     let error = aimesh_kit::ServiceError::from_status(status);
     (error.reason.into_owned(), error.field)
 }
+
+/// The status a call must have failed with; `call` names it in the failure message.
+#[track_caller]
+pub fn expect_code<T: std::fmt::Debug>(
+    call: &str,
+    code: tonic::Code,
+    result: Result<T, tonic::Status>,
+) -> tonic::Status {
+    match result {
+        Ok(answer) => panic!("{call}: expected {code:?}, got {answer:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "{call}: {status:?}");
+            status
+        }
+    }
+}

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use aimesh_proto::identity::v1 as pb;
-use aimesh_tests::{Mesh, authed, reason_and_field, test_config};
+use aimesh_tests::{Mesh, authed, expect_code, reason_and_field, test_config};
 use prost_types::FieldMask;
 use tonic::Code;
 
@@ -24,8 +24,7 @@ fn mask(paths: &[&str]) -> Option<FieldMask> {
 /// Asserts `result` failed with `code`, `reason` and (when given) `field`.
 #[track_caller]
 fn assert_error<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, reason: &str, field: Option<&str>) {
-    let status = result.expect_err("the call should fail");
-    assert_eq!(status.code(), code, "{status:?}");
+    let status = expect_code("the call", code, result);
     let (got_reason, got_field) = reason_and_field(&status);
     assert_eq!(got_reason, reason, "{status:?}");
     if let Some(field) = field {

@@ -1,5 +1,5 @@
 -- The identity service's own database: accounts, login sessions, projects, memberships,
--- API keys, system settings, and the outbox of its audit events.
+-- API keys and system settings. The outbox of its audit events is the kit's (aimesh_kit::outbox).
 
 CREATE FUNCTION touch_updated_at() RETURNS trigger AS $$
 BEGIN
@@ -97,18 +97,3 @@ CREATE TABLE system_configs (
 );
 CREATE INDEX system_configs_by_category ON system_configs (category);
 CREATE TRIGGER system_configs_touch BEFORE UPDATE ON system_configs FOR EACH ROW EXECUTE FUNCTION touch_updated_at();
-
--- The transactional outbox (see aimesh_kit::outbox): written with the change it reports.
-CREATE TABLE outbox_events (
-    id BIGSERIAL PRIMARY KEY,
-    event_id UUID NOT NULL UNIQUE,
-    topic TEXT NOT NULL,
-    event_type TEXT NOT NULL,
-    project_id UUID,
-    payload JSONB NOT NULL,
-    occurred_at TIMESTAMPTZ NOT NULL,
-    attempts INT NOT NULL DEFAULT 0,
-    next_attempt_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    last_error TEXT
-);
-CREATE INDEX outbox_events_due ON outbox_events (next_attempt_at, id);

@@ -149,7 +149,8 @@ pub fn validate_text(field: &'static str, value: &str, max: usize, required: boo
 /// An http(s) URL of at most 2048 characters, or empty.
 pub fn validate_url(field: &'static str, value: &str) -> Result<String> {
     let url = validate_text(field, value, 2048, false)?;
-    if !url.is_empty() && !(url.starts_with("https://") || url.starts_with("http://")) || url.contains(' ') {
+    let is_http = url.starts_with("https://") || url.starts_with("http://");
+    if !url.is_empty() && (!is_http || url.contains(' ')) {
         return Err(IdentityError::invalid(field, "must be an http or https URL"));
     }
     Ok(url)

@@ -31,6 +31,7 @@ pub async fn connect_database(common: &CommonConfig, config: &IdentityConfig) ->
     db::ensure_database(&url).await.context("creating the identity database")?;
     let pool = db::connect(&url, &common.database).await.context("connecting to the identity database")?;
     db::migrate(&pool, &crate::MIGRATOR).await.context("migrating the identity database")?;
+    aimesh_kit::outbox::migrate(&pool).await.context("migrating the identity outbox")?;
     Ok(pool)
 }
 

@@ -753,8 +753,7 @@ impl Store {
         check: impl FnOnce(ProjectRole) -> Result<()>,
     ) -> Result<MemberRow> {
         let mut tx = self.pool.begin().await?;
-        let current = lock_members_and_check(&mut tx, project_id, user_id, role != ProjectRole::Owner).await?;
-        check(current)?;
+        let current = lock_members_and_check(&mut tx, project_id, user_id, role != ProjectRole::Owner, check).await?;
         sqlx::query("UPDATE project_members SET role = $3 WHERE project_id = $1 AND user_id = $2")
             .bind(project_id)
             .bind(user_id)
@@ -787,8 +786,7 @@ impl Store {
         check: impl FnOnce(ProjectRole) -> Result<()>,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let current = lock_members_and_check(&mut tx, project_id, user_id, true).await?;
-        check(current)?;
+        let current = lock_members_and_check(&mut tx, project_id, user_id, true, check).await?;
         sqlx::query("DELETE FROM project_members WHERE project_id = $1 AND user_id = $2")
             .bind(project_id)
             .bind(user_id)
@@ -1049,12 +1047,14 @@ async fn member(conn: &mut PgConnection, project_id: Uuid, user_id: Uuid) -> Res
 }
 
 /// Locks the project's memberships (so two concurrent demotions cannot both pass the check),
-/// returns `user_id`'s role, and refuses when `losing_owner` would leave no owner.
+/// lets `check` refuse on `user_id`'s current role (whether the caller may touch it comes before
+/// whether the change is possible), and refuses when `losing_owner` would leave no owner.
 async fn lock_members_and_check(
     conn: &mut PgConnection,
     project_id: Uuid,
     user_id: Uuid,
     losing_owner: bool,
+    check: impl FnOnce(ProjectRole) -> Result<()>,
 ) -> Result<ProjectRole> {
     let members: Vec<(Uuid, String)> =
         sqlx::query_as("SELECT user_id, role FROM project_members WHERE project_id = $1 FOR UPDATE")
@@ -1067,6 +1067,7 @@ async fn lock_members_and_check(
         .map(|(_, role)| ProjectRole::parse_db(role))
         .transpose()?
         .ok_or(IdentityError::NotFound("member"))?;
+    check(current)?;
     let owners = members.iter().filter(|(_, role)| role == "owner").count();
     if losing_owner && current == ProjectRole::Owner && owners <= 1 {
         return Err(IdentityError::LastOwner);

@@ -10,11 +10,8 @@ use aimesh_kit::testing::TestDatabase;
 use futures::future::BoxFuture;
 use serde_json::json;
 use sqlx::PgPool;
-use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-static MIGRATOR: Migrator = sqlx::migrate!("./migrations_test");
 
 /// Records what it is given; fails while `failing` is set; takes `delay` per batch. Several
 /// sinks may share `in_flight` to catch one event being delivered twice at the same time.
@@ -92,7 +89,7 @@ async fn pending(pool: &PgPool) -> i64 {
 
 #[tokio::test]
 async fn events_of_a_rolled_back_transaction_are_never_delivered() {
-    let db = TestDatabase::new(&MIGRATOR).await;
+    let db = TestDatabase::new(&outbox::migrator()).await;
     let sink = Arc::new(RecordingSink::default());
     let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), settings(10));
 
@@ -110,7 +107,7 @@ async fn events_of_a_rolled_back_transaction_are_never_delivered() {
 
 #[tokio::test]
 async fn committed_events_are_delivered_as_written_in_order() {
-    let db = TestDatabase::new(&MIGRATOR).await;
+    let db = TestDatabase::new(&outbox::migrator()).await;
     let sink = Arc::new(RecordingSink::default());
     let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), settings(2));
     let written: Vec<OutboxEvent> = (0..5).map(event).collect();
@@ -127,7 +124,7 @@ async fn committed_events_are_delivered_as_written_in_order() {
 
 #[tokio::test]
 async fn failed_deliveries_back_off_then_succeed() {
-    let db = TestDatabase::new(&MIGRATOR).await;
+    let db = TestDatabase::new(&outbox::migrator()).await;
     let sink = Arc::new(RecordingSink::default());
     sink.failing.store(true, Ordering::SeqCst);
     let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), settings(10));
@@ -171,7 +168,7 @@ async fn failed_deliveries_back_off_then_succeed() {
 
 #[tokio::test]
 async fn concurrent_relays_deliver_each_event_once() {
-    let db = TestDatabase::new(&MIGRATOR).await;
+    let db = TestDatabase::new(&outbox::migrator()).await;
     let written: Vec<OutboxEvent> = (0..200).map(event).collect();
     write(&db.pool, &written).await;
 
@@ -213,7 +210,7 @@ async fn concurrent_relays_deliver_each_event_once() {
 
 #[tokio::test]
 async fn run_relays_continuously_and_drains_on_shutdown() {
-    let db = TestDatabase::new(&MIGRATOR).await;
+    let db = TestDatabase::new(&outbox::migrator()).await;
     let sink = Arc::new(RecordingSink::default());
     let relay_settings = RelaySettings { poll_interval: Duration::from_millis(100), ..settings(2) };
     let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), relay_settings);
@@ -242,7 +239,7 @@ async fn run_relays_continuously_and_drains_on_shutdown() {
 
 #[tokio::test]
 async fn shutdown_drains_pending_events() {
-    let db = TestDatabase::new(&MIGRATOR).await;
+    let db = TestDatabase::new(&outbox::migrator()).await;
     let sink = Arc::new(RecordingSink::default());
     // A poll interval so long that only the shutdown drain can deliver what is written below.
     let relay_settings = RelaySettings { poll_interval: Duration::from_secs(3600), ..settings(2) };

@@ -1,5 +1,6 @@
--- The outbox table exactly as aimesh_kit::outbox::OUTBOX_TABLE_SQL defines it (a unit test
--- keeps the two equal), for the kit's own outbox tests.
+-- The transactional outbox (aimesh_kit::outbox), in the database of each service that uses
+-- it. The kit owns this schema: services apply it with aimesh_kit::outbox::migrate, tracked in
+-- a migrations table of its own, so no service copies it.
 CREATE TABLE outbox_events (
     id BIGSERIAL PRIMARY KEY,
     event_id UUID NOT NULL UNIQUE,
