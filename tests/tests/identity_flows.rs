@@ -530,3 +530,34 @@ async fn health_serves_and_the_mesh_stops_gracefully() {
     mesh.stop().await.expect("clean stop");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test]
+async fn another_service_verifies_credentials_through_authenticate_and_sees_revocations() {
+    use std::sync::Arc;
+
+    use aimesh_kit::auth::{CredentialRef, CredentialVerifier, RemoteCredentialSource};
+    use aimesh_kit::cache::InvalidationBus;
+    use aimesh_kit::redis::Redis;
+
+    let mesh = Mesh::start().await;
+    let ann = mesh.signup("ann").await;
+    // What chat or usage build at start-up: their own cache on the shared Redis, identity behind it.
+    let common = &mesh.config.common;
+    let redis = Redis::connect(&common.redis_urls, &common.redis).await.expect("redis");
+    let bus = InvalidationBus::start(&redis).await.expect("bus");
+    let source = RemoteCredentialSource::new(&format!("http://{}", mesh.identity)).expect("identity client");
+    let verifier = CredentialVerifier::new(redis, &bus, &common.auth, Arc::new(source));
+
+    let principal = verifier.verify(&ann.token).await.expect("a live session verifies");
+    assert_eq!(principal.user_id.to_string(), ann.user_id);
+    assert!(matches!(principal.credential, CredentialRef::Session { .. }));
+    let malformed = verifier.verify("not a credential").await.expect_err("malformed");
+    assert_eq!(malformed.code, aimesh_kit::ErrorCode::Unauthenticated);
+
+    mesh.sessions().logout(authed(pb::LogoutRequest {}, &ann.token)).await.expect("logout");
+    let started = Instant::now();
+    while verifier.verify(&ann.token).await.is_ok() {
+        assert!(started.elapsed() < Duration::from_secs(5), "the other service still accepts a logged-out session");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -4,22 +4,26 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use aimesh_identity::IdentityConfig;
-use aimesh_kit::config::CommonConfig;
+use aimesh_kit::config::{CommonConfig, Configuration};
 
 /// Everything `aimesh` reads: the settings every service shares at the top level, then one
 /// table per service (`[identity]`, `AIMESH_IDENTITY__LISTEN`, ...).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Clone, Default)]
 pub struct MeshConfig {
-    #[serde(flatten)]
     pub common: CommonConfig,
     pub identity: IdentityConfig,
+}
+
+impl MeshConfig {
+    /// Reads every section from `sources`.
+    pub fn load(sources: &Configuration) -> Result<Self, Box<figment::Error>> {
+        Ok(Self { common: sources.section("")?, identity: sources.section("identity")? })
+    }
 }
 
 /// A service of the mesh.

@@ -72,7 +72,8 @@ impl Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config: MeshConfig = aimesh_kit::config::load(cli.config.as_deref(), cli.overrides())?;
+    let sources = aimesh_kit::config::Configuration::new(cli.config.as_deref(), cli.overrides());
+    let config = MeshConfig::load(&sources)?;
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli, config))
 }
 

@@ -7,8 +7,11 @@
 //!   them); across replicas the first loader takes a short Redis lock (`SET NX PX`) and the
 //!   others poll L2 for a moment, then load themselves, so nothing waits on a dead lock holder;
 //! - avalanche: L2 lifetimes are jittered by ±10%, so entries written together expire apart;
-//! - staleness: [`TwoLevelCache::invalidate`] deletes L2 and broadcasts on Redis pub/sub so every
-//!   replica drops its L1 entry, then does it once more a second later (see there for the bound).
+//! - staleness: [`TwoLevelCache::invalidate`] bumps the key's version and deletes it in L2, then
+//!   broadcasts on Redis pub/sub so every replica drops its L1 entry. A loader writes to L2 only
+//!   if the key's version is still the one it saw before reading the source, and a process drops
+//!   an L1 entry whose load overlapped an invalidation, so a load that read the source before a
+//!   change never brings the old value back, however slow it was (see `invalidate` for the bound).
 //!
 //! Redis trouble never fails a request: the cache logs at WARN, counts the error and loads from
 //! the source, and skips Redis for a couple of seconds so an unreachable Redis costs one command
@@ -21,7 +24,9 @@
 //!   `level="source"`: `hit` (found), `miss` (absent, cached negatively) or `error` (the loader
 //!   failed; nothing cached). Hit ratio of a level: `hit / (hit + miss + error)` at that level.
 //! - `cache_redis_errors_total{cache, operation}`: every failed Redis command (`get`, `set`,
-//!   `lock`, `unlock`, `del`, `publish`).
+//!   `lock`, `unlock`, `invalidate`, `publish`).
+//! - `cache_stale_writes_refused_total{cache}`: L2 writes refused because the key was
+//!   invalidated while its value was being loaded.
 //! - `cache_invalidations_total{cache, origin}`: L1 drops, `origin="local"` for this process's
 //!   own `invalidate`, `"remote"` for broadcasts received, `"resync"` when a whole L1 is dropped
 //!   because broadcasts may have been missed (reconnect, lagging listener).
@@ -50,13 +55,28 @@ const LOAD_LOCK_WAIT: Duration = Duration::from_millis(500);
 const LOAD_LOCK_POLL: Duration = Duration::from_millis(25);
 /// How long the cache skips Redis reads and writes after a Redis command failed.
 const REDIS_RETRY_AFTER: Duration = Duration::from_secs(2);
-/// Delay of the second delete of [`TwoLevelCache::invalidate`]: longer than a load normally takes.
-pub const SECOND_DELETE_DELAY: Duration = Duration::from_secs(1);
+/// Lifetime of a key's version in L2 after an invalidation: longer than any load may take, since
+/// a loader that saw no version at all could otherwise write after the version expired.
+const VERSION_TTL: Duration = Duration::from_secs(600);
 
 /// Deletes the lock only if it still holds our token, so a slow loader whose lock expired does
 /// not release the lock of the next one.
 const UNLOCK_SCRIPT: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// Writes a loaded value (KEYS[1]) only if the key's version (KEYS[2]) is still the one the loader
+/// read before it asked the source (ARGV[1], empty for none); ARGV[2] is the value, ARGV[3] its
+/// lifetime in milliseconds. Returns 1 if written, 0 if the key was invalidated meanwhile.
+const WRITE_IF_CURRENT_SCRIPT: &str = "\
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1";
+
+/// Bumps the key's version (KEYS[2], kept for ARGV[1] milliseconds) and deletes its value (KEYS[1]).
+const INVALIDATE_SCRIPT: &str = "\
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return redis.call('DEL', KEYS[1])";
 
 /// Lifetimes and size of one cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,10 +189,14 @@ impl Breaker {
     }
 }
 
+/// A key's version in L2, as read before loading; empty when it was never invalidated.
+type Version = String;
+
 /// What the L2 stage found.
 enum Shared<V> {
     Hit(Slot<V>),
-    Miss,
+    /// Not in L2; the key's version, for writing what the source says.
+    Miss(Version),
     /// Redis failed; the caller loads from the source without touching Redis again.
     Down,
 }
@@ -185,6 +209,8 @@ struct Inner<V> {
     channel: String,
     settings: CacheSettings,
     local: moka::future::Cache<String, Slot<V>>,
+    /// Bumped by every L1 drop; a load that saw it change drops what it put in L1.
+    generation: AtomicU64,
     breaker: Breaker,
 }
 
@@ -234,6 +260,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> TwoLevelCache<V> {
             channel,
             settings,
             local,
+            generation: AtomicU64::new(0),
             breaker: Breaker::new(),
         });
         let weak = Arc::downgrade(&inner);
@@ -257,31 +284,29 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> TwoLevelCache<V> {
             return Ok(slot);
         }
         count(inner.name, "local", "miss");
-        inner.local.try_get_with_by_ref(key, inner.load_shared(key, load)).await.map_err(Arc::unwrap_or_clone)
+        let generation = inner.generation.load(Ordering::SeqCst);
+        let result = inner.local.try_get_with_by_ref(key, inner.load_shared(key, load)).await;
+        if inner.generation.load(Ordering::SeqCst) != generation {
+            // An invalidation arrived while this value was loading: it may predate the change,
+            // so it answers this caller but does not stay in L1.
+            inner.local.invalidate(key).await;
+        }
+        result.map_err(Arc::unwrap_or_clone)
     }
 
-    /// Call after the source changed: drops L1 here, deletes the L2 entry, broadcasts so every
-    /// replica drops its L1 entry, and repeats all of that [`SECOND_DELETE_DELAY`] later (in a
-    /// spawned task) to remove a value a concurrent loader read before the change committed and
-    /// wrote back after the first delete.
+    /// Call after the source changed (after the commit): drops L1 here, bumps the key's version
+    /// and deletes its value in L2, and broadcasts so every replica drops its L1 entry. Loads
+    /// that were under way cannot write their possibly old value back (see the module docs).
     ///
-    /// Staleness bound once this returns `Ok`: replicas drop their L1 entry as soon as the
-    /// broadcast arrives (milliseconds) and a racing loader's write is gone after about a
-    /// second; if a replica misses the broadcast it serves the old value at most `local_ttl`.
-    /// On `Err` (Redis unreachable) the old value may live in L2 until its TTL runs out, so the
-    /// worst case is `1.1 × shared_ttl + local_ttl`. Callers may log the error and go on.
+    /// Staleness bound once this returns `Ok`: none in this process and in L2; other replicas
+    /// drop their L1 entry as soon as the broadcast arrives (milliseconds), or, if they miss
+    /// it, after at most `local_ttl`. On `Err` (Redis unreachable) the old value may live in L2
+    /// until its TTL runs out, so the worst case is `1.1 × shared_ttl + local_ttl`. Callers may
+    /// log the error and go on.
     pub async fn invalidate(&self, key: &str) -> Result<(), RedisError> {
-        let inner = Arc::clone(&self.inner);
+        let inner = &self.inner;
         inner.bus.drop_local(inner.service, inner.name, key, "local").await;
-        let result = inner.delete_shared(key).await;
-        let key = key.to_owned();
-        tokio::spawn(async move {
-            tokio::time::sleep(SECOND_DELETE_DELAY).await;
-            inner.bus.drop_local(inner.service, inner.name, &key, "local").await;
-            // Errors are counted and logged in `delete_shared`; nobody is left to return them to.
-            let _ = inner.delete_shared(&key).await;
-        });
-        result
+        inner.delete_shared(key).await
     }
 
     /// The name given to [`TwoLevelCache::new`].
@@ -291,8 +316,14 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> TwoLevelCache<V> {
 }
 
 impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
+    /// The value's key. The braces make `key` the hash tag, so the value and its version live in
+    /// one cluster slot and a script may touch both (service and cache names hold no braces).
     fn entry_key(&self, key: &str) -> String {
-        self.redis.key(self.service, &format!("cache:{}:{key}", self.name))
+        self.redis.key(self.service, &format!("cache:{}:{{{key}}}", self.name))
+    }
+
+    fn version_key(&self, key: &str) -> String {
+        self.redis.key(self.service, &format!("cache-version:{}:{{{key}}}", self.name))
     }
 
     fn lock_key(&self, key: &str) -> String {
@@ -305,8 +336,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<V>, E>>,
     {
-        let entry_key = self.entry_key(key);
-        match self.read_shared(&entry_key).await {
+        let mut version = match self.read_shared(key).await {
             Shared::Hit(slot) => {
                 count(self.name, "shared", "hit");
                 return Ok(slot);
@@ -315,8 +345,8 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
                 count(self.name, "shared", "error");
                 return self.load_source(load, None).await;
             }
-            Shared::Miss => {}
-        }
+            Shared::Miss(version) => version,
+        };
 
         let lock_key = self.lock_key(key);
         let token = uuid::Uuid::new_v4().simple().to_string();
@@ -325,7 +355,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
             match self.try_lock(&lock_key, &token).await {
                 Ok(true) => {
                     count(self.name, "shared", "miss");
-                    let result = self.load_source(load, Some(&entry_key)).await;
+                    let result = self.load_source(load, Some((key, &version))).await;
                     self.unlock(&lock_key, &token).await;
                     return result;
                 }
@@ -340,7 +370,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
             }
             // Another replica is loading this key: its value shows up in L2 soon.
             tokio::time::sleep(LOAD_LOCK_POLL).await;
-            match self.read_shared(&entry_key).await {
+            match self.read_shared(key).await {
                 Shared::Hit(slot) => {
                     count(self.name, "shared", "hit");
                     return Ok(slot);
@@ -350,13 +380,13 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
                     return self.load_source(load, None).await;
                 }
                 // Retrying the lock next: if the holder gave up, this replica loads instead.
-                Shared::Miss => {}
+                Shared::Miss(latest) => version = latest,
             }
         }
         // The holder is slow or gone; loading here costs one extra source query, waiting longer
         // would cost the caller's latency.
         count(self.name, "shared", "miss");
-        self.load_source(load, Some(&entry_key)).await
+        self.load_source(load, Some((key, &version))).await
     }
 
     fn redis_error(&self, operation: &'static str, error: &RedisError) {
@@ -365,20 +395,31 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
         self.breaker.trip();
     }
 
-    async fn read_shared(&self, entry_key: &str) -> Shared<V> {
+    /// The value and the version of `key` in L2, in one round trip.
+    async fn read_shared(&self, key: &str) -> Shared<V> {
         if self.breaker.is_open() {
             return Shared::Down;
         }
-        match self.redis.pool().get::<Option<String>, _>(entry_key).await {
-            Ok(None) => Shared::Miss,
-            Ok(Some(text)) => match decode::<V>(&text) {
-                Ok(slot) => Shared::Hit(slot),
-                Err(error) => {
-                    // Written by another version of the value type: reload and overwrite it.
-                    tracing::warn!(cache = self.name, %error, "undecodable shared cache entry, reloading");
-                    Shared::Miss
+        let keys = vec![self.entry_key(key), self.version_key(key)];
+        match self.redis.pool().mget::<Vec<Option<String>>, _>(keys).await {
+            Ok(mut found) if found.len() == 2 => {
+                let version = found.pop().flatten().unwrap_or_default();
+                match found.pop().flatten().map(|text| decode::<V>(&text)) {
+                    None => Shared::Miss(version),
+                    Some(Ok(slot)) => Shared::Hit(slot),
+                    Some(Err(error)) => {
+                        // Written by another version of the value type: reload and overwrite it.
+                        tracing::warn!(cache = self.name, %error, "undecodable shared cache entry, reloading");
+                        Shared::Miss(version)
+                    }
                 }
-            },
+            }
+            Ok(found) => {
+                let error =
+                    RedisError::new(fred::error::ErrorKind::Parse, format!("MGET of 2 keys gave {}", found.len()));
+                self.redis_error("get", &error);
+                Shared::Down
+            }
             Err(error) => {
                 self.redis_error("get", &error);
                 Shared::Down
@@ -386,8 +427,9 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
         }
     }
 
-    /// Runs the loader; writes its answer to L2 under `entry_key` unless that is `None`.
-    async fn load_source<F, Fut, E>(&self, load: F, entry_key: Option<&str>) -> Result<Slot<V>, E>
+    /// Runs the loader; writes its answer to L2 for `(key, version seen before loading)` unless
+    /// that is `None`.
+    async fn load_source<F, Fut, E>(&self, load: F, write: Option<(&str, &Version)>) -> Result<Slot<V>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<V>, E>>,
@@ -406,13 +448,13 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
                 return Err(error);
             }
         };
-        if let Some(entry_key) = entry_key {
-            self.write_shared(entry_key, &slot).await;
+        if let Some((key, version)) = write {
+            self.write_shared(key, version, &slot).await;
         }
         Ok(slot)
     }
 
-    async fn write_shared(&self, entry_key: &str, slot: &Slot<V>) {
+    async fn write_shared(&self, key: &str, version: &Version, slot: &Slot<V>) {
         if self.breaker.is_open() {
             return;
         }
@@ -427,11 +469,14 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
                 return;
             }
         };
-        let millis = i64::try_from(jitter(ttl).as_millis()).unwrap_or(i64::MAX);
-        let written: Result<(), RedisError> =
-            self.redis.pool().set(entry_key, text, Some(Expiration::PX(millis)), None, false).await;
-        if let Err(error) = written {
-            self.redis_error("set", &error);
+        let millis = jitter(ttl).as_millis().to_string();
+        let keys = vec![self.entry_key(key), self.version_key(key)];
+        let written: Result<i64, RedisError> =
+            self.redis.pool().eval(WRITE_IF_CURRENT_SCRIPT, keys, vec![version.clone(), text, millis]).await;
+        match written {
+            Ok(0) => metrics::counter!("cache_stale_writes_refused_total", "cache" => self.name).increment(1),
+            Ok(_) => {}
+            Err(error) => self.redis_error("set", &error),
         }
     }
 
@@ -454,14 +499,17 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
         }
     }
 
-    /// Deletes the L2 entry, then broadcasts, in that order: a replica that drops its L1 entry
-    /// on the broadcast must not find the old value in L2. Ignores the breaker (an invalidation
-    /// is worth a try) and broadcasts even if the delete failed: with one cluster node down the
-    /// broadcast may still get through, and replicas that cannot read L2 load from the source.
+    /// Bumps the version and deletes the L2 entry, then broadcasts, in that order: a replica
+    /// that drops its L1 entry on the broadcast must not find the old value in L2. Ignores the
+    /// breaker (an invalidation is worth a try) and broadcasts even if the delete failed: with
+    /// one cluster node down the broadcast may still get through, and replicas that cannot read
+    /// L2 load from the source.
     async fn delete_shared(&self, key: &str) -> Result<(), RedisError> {
-        let deleted: Result<i64, RedisError> = self.redis.pool().del(self.entry_key(key)).await;
+        let keys = vec![self.entry_key(key), self.version_key(key)];
+        let version_ttl = VERSION_TTL.as_millis().to_string();
+        let deleted: Result<i64, RedisError> = self.redis.pool().eval(INVALIDATE_SCRIPT, keys, version_ttl).await;
         if let Err(error) = &deleted {
-            self.redis_error("del", error);
+            self.redis_error("invalidate", error);
         }
         let message = InvalidationMessage { service: self.service.into(), cache: self.name.into(), key: key.into() };
         let published = match serde_json::to_string(&message) {
@@ -483,10 +531,12 @@ trait LocalEntries: Send + Sync {
 
 impl<V: Send + Sync + 'static> LocalEntries for Inner<V> {
     fn drop_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Box::pin(self.local.invalidate(key))
     }
 
     fn drop_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.local.invalidate_all();
     }
 }

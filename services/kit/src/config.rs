@@ -1,5 +1,7 @@
 //! The one configuration loader: built-in defaults, then a TOML file, then `AIMESH_` environment
 //! variables (`__` separates nested keys: `AIMESH_IDENTITY__LISTEN`), then command-line overrides.
+//! Each service's settings are a section of their own (`[identity]`); [`CommonConfig`] is the
+//! top level every process shares.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,22 +12,33 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Loads `T` from its defaults, an optional TOML file, the environment and `overrides` (in that
-/// order of precedence, last wins). `overrides` is typically built from command-line flags.
-/// The error is boxed because `figment::Error` is large and this runs once, at start-up.
-pub fn load<T>(file: Option<&Path>, overrides: impl Serialize) -> Result<T, Box<figment::Error>>
-where
-    T: DeserializeOwned + Serialize + Default,
-{
-    let mut figment = Figment::from(Serialized::defaults(T::default()));
-    if let Some(file) = file {
-        figment = figment.merge(Toml::file_exact(file));
+/// The layered sources of a process's configuration: an optional TOML file, then the
+/// environment, then `overrides` (typically built from command-line flags); last wins. Each
+/// settings struct fills what none of them sets from its `Default`. Read it with
+/// [`Configuration::section`].
+#[derive(Debug, Clone)]
+pub struct Configuration {
+    figment: Figment,
+}
+
+impl Configuration {
+    pub fn new(file: Option<&Path>, overrides: impl Serialize) -> Self {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let figment = figment.merge(Env::prefixed("AIMESH_").split("__")).merge(Serialized::defaults(overrides));
+        Self { figment }
     }
-    figment
-        .merge(Env::prefixed("AIMESH_").split("__"))
-        .merge(Serialized::defaults(overrides))
-        .extract()
-        .map_err(Box::new)
+
+    /// The settings under `key` (`""` for the top level, `"identity"` for `[identity]`). Keys
+    /// this struct does not know are left for other sections. The error names the offending key
+    /// and where its value came from; it is boxed because `figment::Error` is large and this
+    /// runs once, at start-up.
+    pub fn section<T: DeserializeOwned>(&self, key: &str) -> Result<T, Box<figment::Error>> {
+        let figment = if key.is_empty() { self.figment.clone() } else { self.figment.focus(key) };
+        figment.extract().map_err(Box::new)
+    }
 }
 
 /// Settings every service process shares: where the stores are, telemetry, server behaviour.

@@ -1,0 +1,157 @@
+//! The `aimesh` binary as an operator runs it: configured by a file, `AIMESH_` variables and
+//! flags (in that order of precedence), serving gRPC and `/metrics`, and stopping cleanly on
+//! SIGTERM. Against the real PostgreSQL and Redis Cluster of the test run.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aimesh_kit::testing::{self, ScratchDatabase};
+use aimesh_proto::identity::v1 as pb;
+
+/// A loopback address nobody listens on right now.
+fn free_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address")
+}
+
+/// `aimesh <args>` with the test servers and a database and key prefix of its own.
+fn aimesh(args: &[&str], database: &ScratchDatabase, env: &[(&str, String)]) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_aimesh"));
+    command
+        .args(args)
+        .env("AIMESH_POSTGRES_URL", testing::postgres_url())
+        .env("AIMESH_REDIS_URLS", testing::redis_urls())
+        .env("AIMESH_IDENTITY__DATABASE_URL", &database.url)
+        .env("AIMESH_REDIS__KEY_PREFIX", format!("test-{}", uuid::Uuid::new_v4().simple()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.spawn().expect("start aimesh")
+}
+
+/// Waits until grpc.health.v1 at `address` says SERVING.
+async fn wait_serving(address: SocketAddr, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(child.try_wait().expect("child status").is_none(), "aimesh exited before serving");
+        if let Ok(channel) =
+            tonic::transport::Endpoint::from_shared(format!("http://{address}")).expect("url").connect().await
+        {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            if let Ok(answer) = health.check(request).await
+                && answer.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "aimesh did not serve at {address} within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends SIGTERM and returns whether the process exited successfully within `within`. Async,
+/// so clients of this test's runtime can still answer the server's graceful HTTP/2 goodbye.
+async fn terminate(child: &mut Child, within: Duration) -> bool {
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+    assert!(sent.success(), "kill -TERM {pid} failed");
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("child status") {
+            return status.success();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    false
+}
+
+fn http_get(address: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(address).expect("connect to the metrics endpoint");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("send request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("read response");
+    body
+}
+
+#[tokio::test]
+async fn all_serves_grpc_and_metrics_from_the_environment_and_stops_on_sigterm() {
+    let database = ScratchDatabase::new();
+    let (grpc, metrics) = (free_address(), free_address());
+    let env = [("AIMESH_IDENTITY__LISTEN", grpc.to_string()), ("AIMESH_METRICS__LISTEN", metrics.to_string())];
+    let mut child = aimesh(&["all"], &database, &env);
+    wait_serving(grpc, &mut child).await;
+
+    let mut users =
+        pb::user_service_client::UserServiceClient::connect(format!("http://{grpc}")).await.expect("connect");
+    let registered = users
+        .register_user(pb::RegisterUserRequest {
+            email: "op@example.org".into(),
+            username: "operator".into(),
+            password: "operator password".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(registered.is_ok(), "{registered:?}");
+
+    let scraped = http_get(metrics, "/metrics");
+    assert!(scraped.starts_with("HTTP/1.1 200") || scraped.starts_with("HTTP/1.0 200"), "{scraped}");
+    let line = scraped
+        .lines()
+        .find(|line| line.starts_with("rpc_requests_total") && line.contains("method=\"RegisterUser\""))
+        .unwrap_or_else(|| panic!("no RegisterUser request counted in:\n{scraped}"));
+    assert!(line.contains("code=\"Ok\""), "{line}");
+    assert!(scraped.contains("db_pool_connections") || scraped.contains("dependency_up"), "{scraped}");
+
+    assert!(terminate(&mut child, Duration::from_secs(20)).await, "aimesh did not exit cleanly after SIGTERM");
+}
+
+#[tokio::test]
+async fn flags_override_the_environment_which_overrides_the_file() {
+    let database = ScratchDatabase::new();
+    let (from_file, from_env, from_flag) = (free_address(), free_address(), free_address());
+    let dir = std::env::temp_dir().join(format!("aimesh-config-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("config dir");
+    let file = dir.join("aimesh.toml");
+    std::fs::write(
+        &file,
+        format!("[identity]\nlisten = \"{from_file}\"\n\n[metrics]\nlisten = \"{}\"\n", free_address()),
+    )
+    .expect("write config");
+    let config = file.to_str().expect("utf-8 path");
+
+    // File and environment: the environment wins.
+    let mut child =
+        aimesh(&["--config", config, "identity"], &database, &[("AIMESH_IDENTITY__LISTEN", from_env.to_string())]);
+    wait_serving(from_env, &mut child).await;
+    assert!(TcpStream::connect(from_file).is_err(), "the file's address should have been overridden");
+    assert!(terminate(&mut child, Duration::from_secs(20)).await);
+
+    // And a flag wins over both.
+    let listen = from_flag.to_string();
+    let mut child = aimesh(
+        &["--config", config, "identity", "--listen", &listen],
+        &database,
+        &[("AIMESH_IDENTITY__LISTEN", from_env.to_string())],
+    );
+    wait_serving(from_flag, &mut child).await;
+    assert!(terminate(&mut child, Duration::from_secs(20)).await);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_bad_configuration_is_refused_before_anything_starts() {
+    let output = Command::new(env!("CARGO_BIN_EXE_aimesh"))
+        .args(["migrate"])
+        .env("AIMESH_SERVER__REQUEST_TIMEOUT_SECS", "soon")
+        .output()
+        .expect("run aimesh");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.to_lowercase().contains("server.request_timeout_secs"), "the error should name the key: {stderr}");
+}
