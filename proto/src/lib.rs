@@ -12,3 +12,12 @@ pub mod identity {
         tonic::include_proto!("aimesh.identity.v1");
     }
 }
+
+/// The usage service: model catalog and prices, usage records, quotas and budgets.
+pub mod usage {
+    /// Version 1 of the usage API.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("aimesh.usage.v1");
+    }
+}

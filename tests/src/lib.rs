@@ -18,6 +18,7 @@ use aimesh_proto::identity::v1 as pb;
 pub struct Mesh {
     pub config: MeshConfig,
     pub identity: SocketAddr,
+    pub usage: SocketAddr,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     databases: Vec<ScratchDatabase>,
@@ -32,6 +33,7 @@ impl std::fmt::Debug for Mesh {
 /// The configuration of a fresh mesh: test servers, fresh names, short flush intervals.
 pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
     let identity_db = ScratchDatabase::new();
+    let usage_db = ScratchDatabase::new();
     let mut config = MeshConfig::default();
     config.common.postgres_url = testing::postgres_url();
     config.common.redis_urls = testing::redis_urls();
@@ -44,7 +46,9 @@ pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
     config.identity.database_url = Some(identity_db.url.clone());
     config.identity.last_use_flush_secs = 1;
     config.identity.settings_key = Some(base64::engine::general_purpose::STANDARD.encode([42u8; 32]));
-    (config, vec![identity_db])
+    config.usage.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.usage.database_url = Some(usage_db.url.clone());
+    (config, vec![identity_db, usage_db])
 }
 
 impl Mesh {
@@ -58,40 +62,54 @@ impl Mesh {
     /// databases and key prefix are two replicas of one deployment.
     pub async fn start_with(config: MeshConfig, databases: Vec<ScratchDatabase>) -> Self {
         let listeners = aimesh::bind(&ServiceName::ALL, &config).await.expect("bind the services");
-        let mut identity = None;
+        let (mut identity, mut usage) = (None, None);
         for (service, listener) in &listeners {
             let address = listener.local_addr().expect("listener address");
             match service {
                 ServiceName::Identity => identity = Some(address),
+                ServiceName::Usage => usage = Some(address),
             }
         }
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(aimesh::run(listeners, config.clone(), shutdown.clone()));
-        let mesh =
-            Self { config, identity: identity.expect("identity listener"), shutdown, task: Some(task), databases };
+        let mesh = Self {
+            config,
+            identity: identity.expect("identity listener"),
+            usage: usage.expect("usage listener"),
+            shutdown,
+            task: Some(task),
+            databases,
+        };
         mesh.wait_until_serving().await;
         mesh
     }
 
     async fn wait_until_serving(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel());
-            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
-            if let Ok(response) = health.check(request).await
-                && response.into_inner().status
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-            {
-                return;
+        for address in [self.identity, self.usage] {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel(address));
+                let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+                if let Ok(response) = health.check(request).await
+                    && response.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{address} did not become healthy within 30 s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            assert!(tokio::time::Instant::now() < deadline, "the mesh did not become healthy within 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// A channel to identity.
     pub fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.identity)).expect("identity url").connect_lazy()
+        channel(self.identity)
+    }
+
+    /// A channel to usage.
+    pub fn usage_channel(&self) -> Channel {
+        channel(self.usage)
     }
 
     pub fn users(&self) -> pb::user_service_client::UserServiceClient<Channel> {
@@ -196,6 +214,11 @@ pub struct Account {
     pub password: String,
     pub token: String,
     pub refresh_token: String,
+}
+
+/// A lazily connecting channel to a service of the mesh.
+fn channel(address: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{address}")).expect("service url").connect_lazy()
 }
 
 /// `message` with `authorization: Bearer <credential>`.

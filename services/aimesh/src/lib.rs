@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use aimesh_identity::IdentityConfig;
 use aimesh_kit::config::{CommonConfig, Configuration};
+use aimesh_usage::UsageConfig;
 
 /// Everything `aimesh` reads: the settings every service shares at the top level, then one
 /// table per service (`[identity]`, `AIMESH_IDENTITY__LISTEN`, ...).
@@ -17,12 +18,17 @@ use aimesh_kit::config::{CommonConfig, Configuration};
 pub struct MeshConfig {
     pub common: CommonConfig,
     pub identity: IdentityConfig,
+    pub usage: UsageConfig,
 }
 
 impl MeshConfig {
     /// Reads every section from `sources`.
     pub fn load(sources: &Configuration) -> Result<Self, Box<figment::Error>> {
-        Ok(Self { common: sources.section("")?, identity: sources.section("identity")? })
+        Ok(Self {
+            common: sources.section("")?,
+            identity: sources.section("identity")?,
+            usage: sources.section("usage")?,
+        })
     }
 }
 
@@ -30,15 +36,17 @@ impl MeshConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServiceName {
     Identity,
+    Usage,
 }
 
 impl ServiceName {
     /// Every service, in start order.
-    pub const ALL: [ServiceName; 1] = [ServiceName::Identity];
+    pub const ALL: [ServiceName; 2] = [ServiceName::Identity, ServiceName::Usage];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Identity => "identity",
+            Self::Usage => "usage",
         }
     }
 
@@ -46,6 +54,7 @@ impl ServiceName {
     pub fn listen(self, config: &MeshConfig) -> SocketAddr {
         match self {
             Self::Identity => config.identity.listen,
+            Self::Usage => config.usage.listen,
         }
     }
 }
@@ -68,9 +77,13 @@ pub async fn bind(services: &[ServiceName], config: &MeshConfig) -> anyhow::Resu
 /// stopped and its error is returned.
 pub async fn run(
     listeners: Vec<(ServiceName, TcpListener)>,
-    config: MeshConfig,
+    mut config: MeshConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // In one process the services ask the identity running beside them, wherever it listens.
+    if let Some((_, listener)) = listeners.iter().find(|(service, _)| *service == ServiceName::Identity) {
+        config.common.auth.identity_url = format!("http://{}", listener.local_addr()?);
+    }
     let mut tasks = JoinSet::new();
     for (service, listener) in listeners {
         let config = config.clone();
@@ -78,6 +91,7 @@ pub async fn run(
         tasks.spawn(async move {
             let result = match service {
                 ServiceName::Identity => aimesh_identity::run(listener, config.common, config.identity, shutdown).await,
+                ServiceName::Usage => aimesh_usage::run(listener, config.common, config.usage, shutdown).await,
             };
             result.with_context(|| format!("{} stopped", service.as_str()))
         });
@@ -99,8 +113,10 @@ pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
     for service in ServiceName::ALL {
         match service {
             ServiceName::Identity => {
-                let pool = aimesh_identity::connect_database(&config.common, &config.identity).await?;
-                pool.close().await;
+                aimesh_identity::connect_database(&config.common, &config.identity).await?.close().await;
+            }
+            ServiceName::Usage => {
+                aimesh_usage::connect_database(&config.common, &config.usage).await?.close().await;
             }
         }
         tracing::info!(service = service.as_str(), "migrations applied");

@@ -38,6 +38,12 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Runs the usage service (it asks identity at `auth.identity_url`).
+    Usage {
+        /// Where its gRPC server listens.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
     /// Runs every service in this one process, each on its own port.
     All,
     /// Applies every service's database migrations, then exits.
@@ -63,8 +69,14 @@ impl Cli {
         if let Some(listen) = self.metrics_listen {
             root.insert("metrics".into(), serde_json::json!({ "listen": listen.to_string() }));
         }
-        if let Command::Identity { listen: Some(listen) } = &self.command {
-            root.insert("identity".into(), serde_json::json!({ "listen": listen.to_string() }));
+        match &self.command {
+            Command::Identity { listen: Some(listen) } => {
+                root.insert("identity".into(), serde_json::json!({ "listen": listen.to_string() }));
+            }
+            Command::Usage { listen: Some(listen) } => {
+                root.insert("usage".into(), serde_json::json!({ "listen": listen.to_string() }));
+            }
+            _ => {}
         }
         serde_json::Value::Object(root)
     }
@@ -80,6 +92,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
     let (name, services) = match cli.command {
         Command::Identity { .. } => ("identity", vec![ServiceName::Identity]),
+        Command::Usage { .. } => ("usage", vec![ServiceName::Usage]),
         Command::All => ("aimesh", ServiceName::ALL.to_vec()),
         Command::Migrate | Command::GrantAdmin { .. } => ("aimesh-admin", Vec::new()),
     };
@@ -94,7 +107,7 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
                 pool.close().await;
                 return Ok(());
             }
-            Command::Identity { .. } | Command::All => {}
+            Command::Identity { .. } | Command::Usage { .. } | Command::All => {}
         }
         let listeners = aimesh::bind(&services, &config).await?;
         for (service, listener) in &listeners {

@@ -81,11 +81,17 @@ fn http_get(address: SocketAddr, path: &str) -> String {
 
 #[tokio::test]
 async fn all_serves_grpc_and_metrics_from_the_environment_and_stops_on_sigterm() {
-    let database = ScratchDatabase::new();
-    let (grpc, metrics) = (free_address(), free_address());
-    let env = [("AIMESH_IDENTITY__LISTEN", grpc.to_string()), ("AIMESH_METRICS__LISTEN", metrics.to_string())];
+    let (database, usage_database) = (ScratchDatabase::new(), ScratchDatabase::new());
+    let (grpc, usage, metrics) = (free_address(), free_address(), free_address());
+    let env = [
+        ("AIMESH_IDENTITY__LISTEN", grpc.to_string()),
+        ("AIMESH_USAGE__LISTEN", usage.to_string()),
+        ("AIMESH_USAGE__DATABASE_URL", usage_database.url.clone()),
+        ("AIMESH_METRICS__LISTEN", metrics.to_string()),
+    ];
     let mut child = aimesh(&["all"], &database, &env);
     wait_serving(grpc, &mut child).await;
+    wait_serving(usage, &mut child).await;
 
     let mut users =
         pb::user_service_client::UserServiceClient::connect(format!("http://{grpc}")).await.expect("connect");

@@ -1,6 +1,7 @@
 //! Identity's side of authentication: verifying a credential from its own store (the source
 //! behind the kit's credential cache here, and so behind the `Authenticate` RPC), and moving the
-//! last-use times that every service collects in Redis into PostgreSQL.
+//! last-use times that every service collects in Redis into PostgreSQL; and answering project
+//! roles from its own store.
 
 use chrono::{DateTime, Utc};
 use fred::interfaces::SortedSetsInterface;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
+use aimesh_kit::access::{Caller, ProjectRole, RoleSource};
 use aimesh_kit::auth::{
     ACCESS_TOKEN_PREFIX, API_KEY_PREFIX, CredentialRef, CredentialSource, LastUseKind, Principal, credential_hash,
 };
@@ -56,6 +58,37 @@ impl CredentialSource for StoreCredentialSource {
             } else {
                 Ok(None)
             }
+        })
+    }
+}
+
+/// Answers project roles from identity's database: the source behind identity's own role cache,
+/// and so behind the `GetProjectRole` RPC the other services ask.
+#[derive(Debug, Clone)]
+pub struct StoreRoleSource {
+    store: Store,
+}
+
+impl StoreRoleSource {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+impl RoleSource for StoreRoleSource {
+    fn role<'a>(
+        &'a self,
+        caller: &'a Caller,
+        project_id: Uuid,
+    ) -> BoxFuture<'a, Result<Option<ProjectRole>, ServiceError>> {
+        Box::pin(async move {
+            // A system admin is an owner of every live project. The cache is keyed by project and
+            // user, so a change of a person's admin role shows after `auth.local_ttl_secs`.
+            if caller.principal.system_admin {
+                let project = self.store.project(project_id).await.map_err(ServiceError::from)?;
+                return Ok(project.map(|_| ProjectRole::Owner));
+            }
+            self.store.member_role(project_id, caller.principal.user_id).await.map_err(ServiceError::from)
         })
     }
 }

@@ -10,62 +10,21 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use rand::RngCore;
 use uuid::Uuid;
 
+use aimesh_kit::access::ProjectRole;
 use aimesh_kit::auth::{ACCESS_TOKEN_PREFIX, API_KEY_PREFIX, REFRESH_TOKEN_PREFIX, SCOPES, credential_hash};
-use aimesh_proto::identity::v1 as pb;
 
 use crate::error::{IdentityError, Result};
 
-/// A role in a project; each allows what the ones below it allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ProjectRole {
-    Viewer,
-    Member,
-    Admin,
-    Owner,
+/// A role as the database spells it; anything else is a bug, not the caller's fault.
+pub fn role_from_db(value: &str) -> Result<ProjectRole> {
+    ProjectRole::parse(value)
+        .ok_or_else(|| aimesh_kit::ServiceError::internal(format!("unknown project role {value:?} in database")).into())
 }
 
-impl ProjectRole {
-    /// The database spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Viewer => "viewer",
-            Self::Member => "member",
-            Self::Admin => "admin",
-            Self::Owner => "owner",
-        }
-    }
-
-    pub fn parse_db(value: &str) -> Result<Self> {
-        match value {
-            "viewer" => Ok(Self::Viewer),
-            "member" => Ok(Self::Member),
-            "admin" => Ok(Self::Admin),
-            "owner" => Ok(Self::Owner),
-            other => {
-                Err(aimesh_kit::ServiceError::internal(format!("unknown project role {other:?} in database")).into())
-            }
-        }
-    }
-
-    /// The role a request names; unspecified is an error naming `field`.
-    pub fn from_proto(value: i32, field: &'static str) -> Result<Self> {
-        match pb::ProjectRole::try_from(value) {
-            Ok(pb::ProjectRole::Viewer) => Ok(Self::Viewer),
-            Ok(pb::ProjectRole::Member) => Ok(Self::Member),
-            Ok(pb::ProjectRole::Admin) => Ok(Self::Admin),
-            Ok(pb::ProjectRole::Owner) => Ok(Self::Owner),
-            _ => Err(IdentityError::invalid(field, "must be viewer, member, admin or owner")),
-        }
-    }
-
-    pub fn to_proto(self) -> pb::ProjectRole {
-        match self {
-            Self::Viewer => pb::ProjectRole::Viewer,
-            Self::Member => pb::ProjectRole::Member,
-            Self::Admin => pb::ProjectRole::Admin,
-            Self::Owner => pb::ProjectRole::Owner,
-        }
-    }
+/// The role a request names; unspecified is an error naming `field`.
+pub fn role_field(value: i32, field: &'static str) -> Result<ProjectRole> {
+    ProjectRole::from_proto(value)
+        .ok_or_else(|| IdentityError::invalid(field, "must be viewer, member, admin or owner"))
 }
 
 /// Parses a UUID field of a request.

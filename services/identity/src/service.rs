@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use aimesh_kit::access::ProjectAccess;
 use aimesh_kit::auth::{AuthLayer, CredentialVerifier};
 use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
@@ -17,7 +18,7 @@ use aimesh_kit::server::{self, Dependency, ServiceSpec};
 
 use crate::api::Identity;
 use crate::config::IdentityConfig;
-use crate::credentials::{StoreCredentialSource, run_last_use_drain};
+use crate::credentials::{StoreCredentialSource, StoreRoleSource, run_last_use_drain};
 use crate::domain::validate_email;
 use crate::error::IdentityError;
 use crate::store::{Actor, Store, UserPatch};
@@ -51,7 +52,10 @@ pub async fn run(
     let store = Store::new(pool.clone());
     let source = Arc::new(StoreCredentialSource::new(store.clone()));
     let verifier = CredentialVerifier::new(redis.clone(), &bus, &common.auth, source);
-    let identity = Identity::new(store.clone(), verifier.clone(), config.clone()).context("identity.settings_key")?;
+    let roles = Arc::new(StoreRoleSource::new(store.clone()));
+    let access = ProjectAccess::new(redis.clone(), &bus, &common.auth, roles);
+    let identity =
+        Identity::new(store.clone(), verifier.clone(), access, config.clone()).context("identity.settings_key")?;
 
     let stop_recorder = CancellationToken::new();
     let recorder = tokio::spawn(verifier.last_use().clone().run(LAST_USE_RECORD_INTERVAL, stop_recorder.clone()));

@@ -9,7 +9,9 @@ use aimesh_kit::db::unique_violation;
 use aimesh_kit::outbox::{self, OutboxEvent};
 use aimesh_kit::pagination::Cursor;
 
-use crate::domain::ProjectRole;
+use aimesh_kit::access::ProjectRole;
+
+use crate::domain::role_from_db;
 use crate::error::{IdentityError, Result};
 
 /// Who did something, from where: the fields every audit event carries.
@@ -341,8 +343,8 @@ impl Store {
     }
 
     /// Soft-deletes an account, its memberships and sessions; refuses while it is the last owner of
-    /// a live project. Returns the ended sessions' token hashes.
-    pub async fn delete_user(&self, id: Uuid, actor: &Actor) -> Result<Vec<String>> {
+    /// a live project. Returns the ended sessions' token hashes and the projects it left.
+    pub async fn delete_user(&self, id: Uuid, actor: &Actor) -> Result<(Vec<String>, Vec<Uuid>)> {
         let mut tx = self.pool.begin().await?;
         let user: Option<Uuid> =
             sqlx::query_scalar("SELECT id FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE")
@@ -364,7 +366,11 @@ impl Store {
             return Err(IdentityError::OwnsProjects);
         }
         sqlx::query("UPDATE users SET deleted_at = now() WHERE id = $1").bind(id).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM project_members WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
+        let projects: Vec<Uuid> =
+            sqlx::query_scalar("DELETE FROM project_members WHERE user_id = $1 RETURNING project_id")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
         let revoked = revoke_sessions(&mut tx, id, None).await?;
         audit(
             &mut tx,
@@ -379,7 +385,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        Ok(revoked)
+        Ok((revoked, projects))
     }
 
     /// Records a failed login (the account, if the login names one) as an audit event.
@@ -597,7 +603,7 @@ impl Store {
         .bind(user_id)
         .fetch_optional(&self.pool)
         .await?;
-        role.as_deref().map(ProjectRole::parse_db).transpose()
+        role.as_deref().map(role_from_db).transpose()
     }
 
     /// Live projects `user_id` is a member of, newest first, with the role.
@@ -657,8 +663,9 @@ impl Store {
         Ok(row)
     }
 
-    /// Soft-deletes a project and revokes its API keys; returns the revoked keys' hashes.
-    pub async fn delete_project(&self, id: Uuid, actor: &Actor) -> Result<Vec<String>> {
+    /// Soft-deletes a project and revokes its API keys; returns the revoked keys' hashes and the
+    /// members, whose cached roles are now wrong.
+    pub async fn delete_project(&self, id: Uuid, actor: &Actor) -> Result<(Vec<String>, Vec<Uuid>)> {
         let mut tx = self.pool.begin().await?;
         let deleted = sqlx::query("UPDATE projects SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL")
             .bind(id)
@@ -685,8 +692,12 @@ impl Store {
             },
         )
         .await?;
+        let members: Vec<Uuid> = sqlx::query_scalar("SELECT user_id FROM project_members WHERE project_id = $1")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
-        Ok(hashes)
+        Ok((hashes, members))
     }
 
     pub async fn add_member(
@@ -1064,7 +1075,7 @@ async fn lock_members_and_check(
     let current = members
         .iter()
         .find(|(id, _)| *id == user_id)
-        .map(|(_, role)| ProjectRole::parse_db(role))
+        .map(|(_, role)| role_from_db(role))
         .transpose()?
         .ok_or(IdentityError::NotFound("member"))?;
     check(current)?;

@@ -429,6 +429,7 @@ where
                     Ok(principal) => {
                         tracing::Span::current().record("user_id", tracing::field::display(principal.user_id));
                         request.extensions_mut().insert(principal);
+                        request.extensions_mut().insert(crate::access::BearerCredential(credential));
                     }
                     Err(error) => return Ok(tonic::Status::from(error).into_http()),
                 }

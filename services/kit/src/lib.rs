@@ -1,6 +1,7 @@
 //! What every aimesh service shares: configuration, telemetry, the error type, server
 //! bootstrap, authentication, the two-level cache, the transactional outbox and test support.
 
+pub mod access;
 pub mod auth;
 pub mod cache;
 pub mod config;

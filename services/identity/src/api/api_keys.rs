@@ -5,13 +5,13 @@ use std::sync::Arc;
 use chrono::Utc;
 use tonic::{Request, Response, Status};
 
-use aimesh_kit::auth::Principal;
+use aimesh_kit::access::{Caller, ProjectRole};
 use aimesh_kit::pagination::{self, Cursor};
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
 use super::{Identity, actor, caller, respond};
-use crate::domain::{ApiKeySecret, ProjectRole, parse_id, validate_scopes, validate_text};
+use crate::domain::{ApiKeySecret, parse_id, validate_scopes, validate_text};
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, ApiKeyRow, NewApiKey};
 
@@ -37,10 +37,11 @@ impl From<ApiKeyRow> for pb::ApiKey {
 impl Identity {
     async fn create_api_key(
         &self,
-        principal: &Principal,
+        caller: &Caller,
         request: pb::CreateApiKeyRequest,
         actor: Actor,
     ) -> Result<pb::CreateApiKeyResponse> {
+        let principal = &caller.principal;
         let project_id = parse_id("project_id", &request.project_id)?;
         let name = validate_text("name", &request.name, 100, true)?;
         let scopes = validate_scopes(&request.scopes)?;
@@ -56,7 +57,7 @@ impl Identity {
             }
         };
         principal.require_session()?;
-        self.require_role(principal, project_id, ProjectRole::Admin).await?;
+        self.require_role(caller, project_id, ProjectRole::Admin).await?;
         let secret = ApiKeySecret::generate();
         let new = NewApiKey {
             project_id,
@@ -71,37 +72,34 @@ impl Identity {
         Ok(pb::CreateApiKeyResponse { api_key: Some(row.into()), secret: secret.secret })
     }
 
-    async fn list_api_keys(
-        &self,
-        principal: &Principal,
-        request: pb::ListApiKeysRequest,
-    ) -> Result<pb::ListApiKeysResponse> {
+    async fn list_api_keys(&self, caller: &Caller, request: pb::ListApiKeysRequest) -> Result<pb::ListApiKeysResponse> {
         let project_id = parse_id("project_id", &request.project_id)?;
         let limit = pagination::page_size(request.page_size)?;
         let after = Cursor::decode(&request.page_token)?;
-        self.require_role(principal, project_id, ProjectRole::Viewer).await?;
+        self.require_role(caller, project_id, ProjectRole::Viewer).await?;
         let rows = self.store.list_api_keys(project_id, request.include_revoked, after, limit).await?;
         let (rows, next_page_token) = pagination::paginate(rows, limit, |k| Cursor { time: k.created_at, id: k.id });
         Ok(pb::ListApiKeysResponse { api_keys: rows.into_iter().map(Into::into).collect(), next_page_token })
     }
 
-    async fn get_api_key(&self, principal: &Principal, request: pb::GetApiKeyRequest) -> Result<pb::ApiKey> {
+    async fn get_api_key(&self, caller: &Caller, request: pb::GetApiKeyRequest) -> Result<pb::ApiKey> {
         let project_id = parse_id("project_id", &request.project_id)?;
         let id = parse_id("api_key_id", &request.api_key_id)?;
-        self.require_role(principal, project_id, ProjectRole::Viewer).await?;
+        self.require_role(caller, project_id, ProjectRole::Viewer).await?;
         Ok(self.store.api_key(project_id, id).await?.ok_or(IdentityError::NotFound("api key"))?.into())
     }
 
     async fn revoke_api_key(
         &self,
-        principal: &Principal,
+        caller: &Caller,
         request: pb::RevokeApiKeyRequest,
         actor: Actor,
     ) -> Result<pb::ApiKey> {
+        let principal = &caller.principal;
         let project_id = parse_id("project_id", &request.project_id)?;
         let id = parse_id("api_key_id", &request.api_key_id)?;
         principal.require_session()?;
-        self.require_role(principal, project_id, ProjectRole::Admin).await?;
+        self.require_role(caller, project_id, ProjectRole::Admin).await?;
         let (row, hash) = self.store.revoke_api_key(project_id, id, &actor).await?;
         self.forget_credentials(&[hash]).await;
         Ok(row.into())
@@ -114,27 +112,27 @@ impl pb::api_key_service_server::ApiKeyService for ApiKeyApi {
         &self,
         request: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
-        let principal = caller(&request)?;
-        let actor = actor(&request, Some(principal.user_id));
-        respond(self.0.create_api_key(&principal, request.into_inner(), actor).await)
+        let caller = caller(&request)?;
+        let actor = actor(&request, Some(caller.principal.user_id));
+        respond(self.0.create_api_key(&caller, request.into_inner(), actor).await)
     }
 
     async fn list_api_keys(
         &self,
         request: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
-        let principal = caller(&request)?;
-        respond(self.0.list_api_keys(&principal, request.into_inner()).await)
+        let caller = caller(&request)?;
+        respond(self.0.list_api_keys(&caller, request.into_inner()).await)
     }
 
     async fn get_api_key(&self, request: Request<pb::GetApiKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = caller(&request)?;
-        respond(self.0.get_api_key(&principal, request.into_inner()).await)
+        let caller = caller(&request)?;
+        respond(self.0.get_api_key(&caller, request.into_inner()).await)
     }
 
     async fn revoke_api_key(&self, request: Request<pb::RevokeApiKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = caller(&request)?;
-        let actor = actor(&request, Some(principal.user_id));
-        respond(self.0.revoke_api_key(&principal, request.into_inner(), actor).await)
+        let caller = caller(&request)?;
+        let actor = actor(&request, Some(caller.principal.user_id));
+        respond(self.0.revoke_api_key(&caller, request.into_inner(), actor).await)
     }
 }

@@ -13,31 +13,40 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use aimesh_kit::auth::{CredentialRef, CredentialVerifier, Principal};
+use aimesh_kit::access::{Access, Caller, ProjectAccess, ProjectRole};
+use aimesh_kit::auth::{CredentialVerifier, Principal};
 use aimesh_proto::identity::v1 as pb;
 
 use crate::config::IdentityConfig;
-use crate::domain::{ProjectRole, SettingsCipher};
+use crate::domain::SettingsCipher;
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, Store};
 
-/// The scope an API key needs to read identity data of its project. Keys never change identity
-/// data: that needs a person's login session.
+/// The scope an API key needs to read identity data of its project.
 const IDENTITY_READ: &str = "identity:read";
+/// The scope changes of identity data need. No key can hold it (it is not in
+/// `aimesh_kit::auth::SCOPES`): changing who may do what takes a person's login session.
+const IDENTITY_WRITE: &str = "identity:write";
 
 /// What every handler of identity works with.
 #[derive(Debug)]
 pub struct Identity {
     store: Store,
     verifier: CredentialVerifier,
+    access: ProjectAccess,
     config: IdentityConfig,
     cipher: Option<SettingsCipher>,
 }
 
 impl Identity {
-    pub fn new(store: Store, verifier: CredentialVerifier, config: IdentityConfig) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        store: Store,
+        verifier: CredentialVerifier,
+        access: ProjectAccess,
+        config: IdentityConfig,
+    ) -> anyhow::Result<Arc<Self>> {
         let cipher = config.settings_key.as_deref().map(SettingsCipher::from_base64).transpose()?;
-        Ok(Arc::new(Self { store, verifier, config, cipher }))
+        Ok(Arc::new(Self { store, verifier, access, config, cipher }))
     }
 
     /// Every gRPC service of identity, ready for the server.
@@ -62,35 +71,24 @@ impl Identity {
         "aimesh.identity.v1.AuthService",
     ];
 
-    /// The caller's role in `project_id`, refused unless it is at least `needed`. A system admin
-    /// counts as an owner everywhere; an API key of the project reads (with `identity:read`) and
-    /// does nothing else. Whether the project does not exist or the caller is not in it, the
-    /// answer is the same PERMISSION_DENIED, so ids cannot be probed.
-    async fn require_role(&self, principal: &Principal, project_id: Uuid, needed: ProjectRole) -> Result<ProjectRole> {
-        if let CredentialRef::ApiKey { .. } = principal.credential {
-            principal.require_key_access(project_id, IDENTITY_READ)?;
-            if needed > ProjectRole::Viewer {
-                return Err(IdentityError::forbidden(
-                    "API keys may only read identity data; this needs a login session",
-                ));
+    /// The caller's role in `project_id`, refused unless it is at least `needed` (see
+    /// [`ProjectAccess::require`]). An API key of the project reads, as a viewer, with
+    /// `identity:read`, and changes nothing.
+    async fn require_role(&self, caller: &Caller, project_id: Uuid, needed: ProjectRole) -> Result<ProjectRole> {
+        let scope = if needed > ProjectRole::Viewer { IDENTITY_WRITE } else { IDENTITY_READ };
+        match self.access.require(caller, project_id, needed, scope).await? {
+            Access::Member(role) => Ok(role),
+            Access::ApiKey => Ok(ProjectRole::Viewer),
+        }
+    }
+
+    /// Forgets the cached roles of these memberships on every replica, after they changed.
+    async fn forget_roles(&self, project_id: Uuid, user_ids: &[Uuid]) {
+        for user_id in user_ids {
+            if let Err(error) = self.access.invalidate(project_id, *user_id).await {
+                tracing::warn!(%error, "could not invalidate a cached project role; it expires by TTL");
             }
-            return Ok(ProjectRole::Viewer);
         }
-        if principal.system_admin {
-            return match self.store.project(project_id).await? {
-                Some(_) => Ok(ProjectRole::Owner),
-                None => Err(IdentityError::NotFound("project")),
-            };
-        }
-        let role = self
-            .store
-            .member_role(project_id, principal.user_id)
-            .await?
-            .ok_or_else(|| IdentityError::forbidden("you are not a member of this project"))?;
-        if role < needed {
-            return Err(IdentityError::forbidden(format!("this needs the {} role in the project", needed.as_str())));
-        }
-        Ok(role)
     }
 
     /// Forgets cached verifications of credentials that just stopped working, on every replica.
@@ -102,8 +100,8 @@ impl Identity {
 }
 
 /// The verified caller, or UNAUTHENTICATED.
-fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
-    aimesh_kit::auth::principal(request).cloned().map_err(Status::from)
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    Caller::of(request).map_err(Status::from)
 }
 
 /// Who is acting and from where, for audit events. The address is the first hop of

@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use aimesh_kit::auth::Principal;
+use aimesh_kit::access::{Caller, ProjectRole};
 use aimesh_kit::pagination::{self, Cursor};
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
 use super::{Identity, actor, caller, mask_paths, respond};
-use crate::domain::{ProjectRole, parse_id, validate_email, validate_text};
+use crate::domain::{parse_id, role_field, role_from_db, validate_email, validate_text};
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, MemberRow, ProjectRow};
 
@@ -36,7 +36,7 @@ fn member_to_proto(row: MemberRow) -> Result<pb::Membership> {
         user_id: row.user_id.to_string(),
         email: row.email,
         username: row.username,
-        role: ProjectRole::parse_db(&row.role)?.to_proto().into(),
+        role: role_from_db(&row.role)?.to_proto().into(),
         create_time: Some(proto_json::timestamp(row.created_at)),
     })
 }
@@ -53,10 +53,11 @@ fn owner_only(caller_role: ProjectRole, target_current: ProjectRole, target_new:
 impl Identity {
     async fn create_project(
         &self,
-        principal: &Principal,
+        caller: &Caller,
         request: pb::CreateProjectRequest,
         actor: Actor,
     ) -> Result<pb::Project> {
+        let principal = &caller.principal;
         principal.require_session()?;
         let name = validate_text("name", &request.name, MAX_PROJECT_NAME, true)?;
         let description = validate_text("description", &request.description, MAX_DESCRIPTION, false)?;
@@ -64,18 +65,19 @@ impl Identity {
         Ok(project_to_proto(row, ProjectRole::Owner))
     }
 
-    async fn get_project(&self, principal: &Principal, request: pb::GetProjectRequest) -> Result<pb::Project> {
+    async fn get_project(&self, caller: &Caller, request: pb::GetProjectRequest) -> Result<pb::Project> {
         let project_id = parse_id("project_id", &request.project_id)?;
-        let role = self.require_role(principal, project_id, ProjectRole::Viewer).await?;
+        let role = self.require_role(caller, project_id, ProjectRole::Viewer).await?;
         let row = self.store.project(project_id).await?.ok_or(IdentityError::NotFound("project"))?;
         Ok(project_to_proto(row, role))
     }
 
     async fn list_projects(
         &self,
-        principal: &Principal,
+        caller: &Caller,
         request: pb::ListProjectsRequest,
     ) -> Result<pb::ListProjectsResponse> {
+        let principal = &caller.principal;
         principal.require_session()?;
         let limit = pagination::page_size(request.page_size)?;
         let after = Cursor::decode(&request.page_token)?;
@@ -84,14 +86,14 @@ impl Identity {
             pagination::paginate(rows, limit, |(p, _)| Cursor { time: p.created_at, id: p.id });
         let projects = rows
             .into_iter()
-            .map(|(row, role)| Ok(project_to_proto(row, ProjectRole::parse_db(&role)?)))
+            .map(|(row, role)| Ok(project_to_proto(row, role_from_db(&role)?)))
             .collect::<Result<_>>()?;
         Ok(pb::ListProjectsResponse { projects, next_page_token })
     }
 
     async fn update_project(
         &self,
-        principal: &Principal,
+        caller: &Caller,
         request: pb::UpdateProjectRequest,
         actor: Actor,
     ) -> Result<pb::Project> {
@@ -110,49 +112,40 @@ impl Identity {
                 _ => {}
             }
         }
-        let role = self.require_role(principal, project_id, ProjectRole::Admin).await?;
+        let role = self.require_role(caller, project_id, ProjectRole::Admin).await?;
         let row = self.store.update_project(project_id, name.as_deref(), description.as_deref(), &actor).await?;
         Ok(project_to_proto(row, role))
     }
 
-    async fn delete_project(
-        &self,
-        principal: &Principal,
-        request: pb::DeleteProjectRequest,
-        actor: Actor,
-    ) -> Result<()> {
+    async fn delete_project(&self, caller: &Caller, request: pb::DeleteProjectRequest, actor: Actor) -> Result<()> {
+        let principal = &caller.principal;
         let project_id = parse_id("project_id", &request.project_id)?;
         principal.require_session()?;
-        self.require_role(principal, project_id, ProjectRole::Owner).await?;
-        let revoked_keys = self.store.delete_project(project_id, &actor).await?;
+        self.require_role(caller, project_id, ProjectRole::Owner).await?;
+        let (revoked_keys, members) = self.store.delete_project(project_id, &actor).await?;
         self.forget_credentials(&revoked_keys).await;
+        self.forget_roles(project_id, &members).await;
         Ok(())
     }
 
-    async fn add_member(
-        &self,
-        principal: &Principal,
-        request: pb::AddMemberRequest,
-        actor: Actor,
-    ) -> Result<pb::Membership> {
+    async fn add_member(&self, caller: &Caller, request: pb::AddMemberRequest, actor: Actor) -> Result<pb::Membership> {
+        let principal = &caller.principal;
         let project_id = parse_id("project_id", &request.project_id)?;
         let email = validate_email(&request.email)?;
-        let role = ProjectRole::from_proto(request.role, "role")?;
+        let role = role_field(request.role, "role")?;
         principal.require_session()?;
-        let caller_role = self.require_role(principal, project_id, ProjectRole::Admin).await?;
+        let caller_role = self.require_role(caller, project_id, ProjectRole::Admin).await?;
         owner_only(caller_role, ProjectRole::Viewer, Some(role))?;
-        member_to_proto(self.store.add_member(project_id, &email, role, &actor).await?)
+        let added = self.store.add_member(project_id, &email, role, &actor).await?;
+        self.forget_roles(project_id, &[added.user_id]).await;
+        member_to_proto(added)
     }
 
-    async fn list_members(
-        &self,
-        principal: &Principal,
-        request: pb::ListMembersRequest,
-    ) -> Result<pb::ListMembersResponse> {
+    async fn list_members(&self, caller: &Caller, request: pb::ListMembersRequest) -> Result<pb::ListMembersResponse> {
         let project_id = parse_id("project_id", &request.project_id)?;
         let limit = pagination::page_size(request.page_size)?;
         let after = Cursor::decode(&request.page_token)?;
-        self.require_role(principal, project_id, ProjectRole::Viewer).await?;
+        self.require_role(caller, project_id, ProjectRole::Viewer).await?;
         let rows = self.store.list_members(project_id, after, limit).await?;
         let (rows, next_page_token) =
             pagination::paginate(rows, limit, |m| Cursor { time: m.created_at, id: m.user_id });
@@ -162,36 +155,41 @@ impl Identity {
 
     async fn update_member_role(
         &self,
-        principal: &Principal,
+        caller: &Caller,
         request: pb::UpdateMemberRoleRequest,
         actor: Actor,
     ) -> Result<pb::Membership> {
+        let principal = &caller.principal;
         let project_id = parse_id("project_id", &request.project_id)?;
         let user_id = parse_id("user_id", &request.user_id)?;
-        let role = ProjectRole::from_proto(request.role, "role")?;
+        let role = role_field(request.role, "role")?;
         principal.require_session()?;
-        let caller_role = self.require_role(principal, project_id, ProjectRole::Admin).await?;
+        let caller_role = self.require_role(caller, project_id, ProjectRole::Admin).await?;
         let row = self
             .store
             .update_member_role(project_id, user_id, role, &actor, |current| {
                 owner_only(caller_role, current, Some(role))
             })
             .await?;
+        self.forget_roles(project_id, &[user_id]).await;
         member_to_proto(row)
     }
 
-    async fn remove_member(&self, principal: &Principal, request: pb::RemoveMemberRequest, actor: Actor) -> Result<()> {
+    async fn remove_member(&self, caller: &Caller, request: pb::RemoveMemberRequest, actor: Actor) -> Result<()> {
+        let principal = &caller.principal;
         let project_id = parse_id("project_id", &request.project_id)?;
         let user_id = parse_id("user_id", &request.user_id)?;
         principal.require_session()?;
         let leaving = user_id == principal.user_id;
         let needed = if leaving { ProjectRole::Viewer } else { ProjectRole::Admin };
-        let caller_role = self.require_role(principal, project_id, needed).await?;
+        let caller_role = self.require_role(caller, project_id, needed).await?;
         self.store
             .remove_member(project_id, user_id, &actor, |current| {
                 if leaving { Ok(()) } else { owner_only(caller_role, current, None) }
             })
-            .await
+            .await?;
+        self.forget_roles(project_id, &[user_id]).await;
+        Ok(())
     }
 }
 
@@ -201,75 +199,73 @@ impl pb::project_service_server::ProjectService for ProjectApi {
         &self,
         request: Request<pb::CreateProjectRequest>,
     ) -> Result<Response<pb::Project>, Status> {
-        let principal = caller(&request)?;
-        let actor = actor(&request, Some(principal.user_id));
-        respond(self.0.create_project(&principal, request.into_inner(), actor).await)
+        let caller = caller(&request)?;
+        let actor = actor(&request, Some(caller.principal.user_id));
+        respond(self.0.create_project(&caller, request.into_inner(), actor).await)
     }
 
     async fn get_project(&self, request: Request<pb::GetProjectRequest>) -> Result<Response<pb::Project>, Status> {
-        let principal = caller(&request)?;
-        respond(self.0.get_project(&principal, request.into_inner()).await)
+        let caller = caller(&request)?;
+        respond(self.0.get_project(&caller, request.into_inner()).await)
     }
 
     async fn list_projects(
         &self,
         request: Request<pb::ListProjectsRequest>,
     ) -> Result<Response<pb::ListProjectsResponse>, Status> {
-        let principal = caller(&request)?;
-        respond(self.0.list_projects(&principal, request.into_inner()).await)
+        let caller = caller(&request)?;
+        respond(self.0.list_projects(&caller, request.into_inner()).await)
     }
 
     async fn update_project(
         &self,
         request: Request<pb::UpdateProjectRequest>,
     ) -> Result<Response<pb::Project>, Status> {
-        let principal = caller(&request)?;
-        let actor = actor(&request, Some(principal.user_id));
-        respond(self.0.update_project(&principal, request.into_inner(), actor).await)
+        let caller = caller(&request)?;
+        let actor = actor(&request, Some(caller.principal.user_id));
+        respond(self.0.update_project(&caller, request.into_inner(), actor).await)
     }
 
     async fn delete_project(
         &self,
         request: Request<pb::DeleteProjectRequest>,
     ) -> Result<Response<pb::DeleteProjectResponse>, Status> {
-        let principal = caller(&request)?;
-        let actor = actor(&request, Some(principal.user_id));
+        let caller = caller(&request)?;
+        let actor = actor(&request, Some(caller.principal.user_id));
         respond(
-            self.0.delete_project(&principal, request.into_inner(), actor).await.map(|()| pb::DeleteProjectResponse {}),
+            self.0.delete_project(&caller, request.into_inner(), actor).await.map(|()| pb::DeleteProjectResponse {}),
         )
     }
 
     async fn add_member(&self, request: Request<pb::AddMemberRequest>) -> Result<Response<pb::Membership>, Status> {
-        let principal = caller(&request)?;
-        let actor = actor(&request, Some(principal.user_id));
-        respond(self.0.add_member(&principal, request.into_inner(), actor).await)
+        let caller = caller(&request)?;
+        let actor = actor(&request, Some(caller.principal.user_id));
+        respond(self.0.add_member(&caller, request.into_inner(), actor).await)
     }
 
     async fn list_members(
         &self,
         request: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
-        let principal = caller(&request)?;
-        respond(self.0.list_members(&principal, request.into_inner()).await)
+        let caller = caller(&request)?;
+        respond(self.0.list_members(&caller, request.into_inner()).await)
     }
 
     async fn update_member_role(
         &self,
         request: Request<pb::UpdateMemberRoleRequest>,
     ) -> Result<Response<pb::Membership>, Status> {
-        let principal = caller(&request)?;
-        let actor = actor(&request, Some(principal.user_id));
-        respond(self.0.update_member_role(&principal, request.into_inner(), actor).await)
+        let caller = caller(&request)?;
+        let actor = actor(&request, Some(caller.principal.user_id));
+        respond(self.0.update_member_role(&caller, request.into_inner(), actor).await)
     }
 
     async fn remove_member(
         &self,
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
-        let principal = caller(&request)?;
-        let actor = actor(&request, Some(principal.user_id));
-        respond(
-            self.0.remove_member(&principal, request.into_inner(), actor).await.map(|()| pb::RemoveMemberResponse {}),
-        )
+        let caller = caller(&request)?;
+        let actor = actor(&request, Some(caller.principal.user_id));
+        respond(self.0.remove_member(&caller, request.into_inner(), actor).await.map(|()| pb::RemoveMemberResponse {}))
     }
 }

@@ -151,7 +151,7 @@ impl pb::session_service_server::SessionService for SessionApi {
     }
 
     async fn logout(&self, request: Request<pb::LogoutRequest>) -> Result<Response<pb::LogoutResponse>, Status> {
-        let principal = caller(&request)?;
+        let principal = caller(&request)?.principal;
         let actor = actor(&request, Some(principal.user_id));
         let result = async {
             let session_id = principal.require_session()?;
@@ -164,7 +164,7 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        let principal = caller(&request)?;
+        let principal = caller(&request)?.principal;
         respond(self.0.list_sessions(&principal, request.into_inner()).await)
     }
 
@@ -172,7 +172,7 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
-        let principal = caller(&request)?;
+        let principal = caller(&request)?.principal;
         let actor = actor(&request, Some(principal.user_id));
         let result = async {
             principal.require_session()?;

@@ -160,7 +160,7 @@ impl Identity {
 #[tonic::async_trait]
 impl pb::settings_service_server::SettingsService for SettingsApi {
     async fn get_setting(&self, request: Request<pb::GetSettingRequest>) -> Result<Response<pb::Setting>, Status> {
-        let principal = caller(&request).ok();
+        let principal = caller(&request).ok().map(|caller| caller.principal);
         respond(self.0.get_setting(principal.as_ref(), request.into_inner()).await)
     }
 
@@ -168,12 +168,12 @@ impl pb::settings_service_server::SettingsService for SettingsApi {
         &self,
         request: Request<pb::ListSettingsRequest>,
     ) -> Result<Response<pb::ListSettingsResponse>, Status> {
-        let principal = caller(&request).ok();
+        let principal = caller(&request).ok().map(|caller| caller.principal);
         respond(self.0.list_settings(principal.as_ref(), request.into_inner()).await)
     }
 
     async fn set_setting(&self, request: Request<pb::SetSettingRequest>) -> Result<Response<pb::Setting>, Status> {
-        let principal = caller(&request).ok();
+        let principal = caller(&request).ok().map(|caller| caller.principal);
         let actor = actor(&request, principal.as_ref().map(|p| p.user_id));
         respond(self.0.set_setting(principal.as_ref(), request.into_inner(), actor).await)
     }
@@ -182,7 +182,7 @@ impl pb::settings_service_server::SettingsService for SettingsApi {
         &self,
         request: Request<pb::DeleteSettingRequest>,
     ) -> Result<Response<pb::DeleteSettingResponse>, Status> {
-        let principal = caller(&request).ok();
+        let principal = caller(&request).ok().map(|caller| caller.principal);
         let actor = actor(&request, principal.as_ref().map(|p| p.user_id));
         respond(
             self.0

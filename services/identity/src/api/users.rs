@@ -188,8 +188,11 @@ impl Identity {
         principal.require_session()?;
         let id = target_user(principal, "user_id", &request.user_id)?;
         self.readable_user(principal, id).await?;
-        let revoked = self.store.delete_user(id, &actor).await?;
+        let (revoked, projects) = self.store.delete_user(id, &actor).await?;
         self.forget_credentials(&revoked).await;
+        for project_id in projects {
+            self.forget_roles(project_id, &[id]).await;
+        }
         Ok(pb::DeleteUserResponse {})
     }
 }
@@ -202,12 +205,12 @@ impl pb::user_service_server::UserService for UserApi {
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::User>, Status> {
-        let principal = caller(&request)?;
+        let principal = caller(&request)?.principal;
         respond(self.0.get_user(&principal, request.into_inner()).await)
     }
 
     async fn update_user(&self, request: Request<pb::UpdateUserRequest>) -> Result<Response<pb::User>, Status> {
-        let principal = caller(&request)?;
+        let principal = caller(&request)?.principal;
         let actor = actor(&request, Some(principal.user_id));
         respond(self.0.update_user(&principal, request.into_inner(), actor).await)
     }
@@ -216,7 +219,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
-        let principal = caller(&request)?;
+        let principal = caller(&request)?.principal;
         let actor = actor(&request, Some(principal.user_id));
         respond(self.0.change_password(&principal, request.into_inner(), actor).await)
     }
@@ -225,7 +228,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
-        let principal = caller(&request)?;
+        let principal = caller(&request)?.principal;
         let actor = actor(&request, Some(principal.user_id));
         respond(self.0.delete_user(&principal, request.into_inner(), actor).await)
     }

@@ -1,0 +1,243 @@
+//! Who may act in a project: every service checks the caller's role in the project a request
+//! names through [`ProjectAccess`]. A login session's role comes from identity (its own store
+//! in the identity service, the `GetProjectRole` RPC elsewhere), cached in the kit's two-level
+//! cache per (project, user) and invalidated by identity whenever a membership changes. An API
+//! key is checked without asking anybody: it belongs to one project and carries scopes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use aimesh_proto::identity::v1 as pb;
+
+use crate::auth::{CredentialRef, Principal};
+use crate::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
+use crate::config::AuthConfig;
+use crate::error::ServiceError;
+use crate::redis::{Redis, RedisError};
+
+/// A role in a project; each allows what the ones below it allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProjectRole {
+    Viewer,
+    Member,
+    Admin,
+    Owner,
+}
+
+impl ProjectRole {
+    /// The spelling in databases and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Member => "member",
+            Self::Admin => "admin",
+            Self::Owner => "owner",
+        }
+    }
+
+    /// Reads [`ProjectRole::as_str`]'s spelling.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "viewer" => Some(Self::Viewer),
+            "member" => Some(Self::Member),
+            "admin" => Some(Self::Admin),
+            "owner" => Some(Self::Owner),
+            _ => None,
+        }
+    }
+
+    /// The protobuf role; `None` for unspecified or unknown values.
+    pub fn from_proto(value: i32) -> Option<Self> {
+        match pb::ProjectRole::try_from(value) {
+            Ok(pb::ProjectRole::Viewer) => Some(Self::Viewer),
+            Ok(pb::ProjectRole::Member) => Some(Self::Member),
+            Ok(pb::ProjectRole::Admin) => Some(Self::Admin),
+            Ok(pb::ProjectRole::Owner) => Some(Self::Owner),
+            _ => None,
+        }
+    }
+
+    pub fn to_proto(self) -> pb::ProjectRole {
+        match self {
+            Self::Viewer => pb::ProjectRole::Viewer,
+            Self::Member => pb::ProjectRole::Member,
+            Self::Admin => pb::ProjectRole::Admin,
+            Self::Owner => pb::ProjectRole::Owner,
+        }
+    }
+}
+
+/// The verified caller of a request and the bearer credential it presented (forwarded when a
+/// service asks identity on the caller's behalf).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub credential: BearerCredential,
+}
+
+/// The bearer credential of a request, as the auth layer found it.
+#[derive(Clone)]
+pub struct BearerCredential(pub String);
+
+impl std::fmt::Debug for BearerCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerCredential(..)")
+    }
+}
+
+impl Caller {
+    /// The caller the auth layer put in the request, or UNAUTHENTICATED.
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<Self, ServiceError> {
+        let principal = crate::auth::principal(request)?.clone();
+        let credential = request
+            .extensions()
+            .get::<BearerCredential>()
+            .cloned()
+            .ok_or_else(|| ServiceError::unauthenticated("this call needs a credential"))?;
+        Ok(Self { principal, credential })
+    }
+}
+
+/// How a caller may act in a project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A person with this role (a system admin counts as an owner).
+    Member(ProjectRole),
+    /// An API key of the project holding the scope the call needs.
+    ApiKey,
+}
+
+/// Where the roles of login sessions come from when no cache has them. `Ok(None)`: no role (not
+/// a member, or no such live project).
+pub trait RoleSource: Send + Sync + 'static {
+    fn role<'a>(
+        &'a self,
+        caller: &'a Caller,
+        project_id: Uuid,
+    ) -> BoxFuture<'a, Result<Option<ProjectRole>, ServiceError>>;
+}
+
+/// Asks identity's `GetProjectRole` with the caller's own credential, so identity answers for the
+/// caller and nobody else.
+#[derive(Debug, Clone)]
+pub struct RemoteRoleSource {
+    client: pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
+}
+
+impl RemoteRoleSource {
+    /// A lazily connecting client of identity at `url`.
+    pub fn new(url: &str) -> Result<Self, ServiceError> {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| ServiceError::internal(format!("auth.identity_url: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(Self { client: pb::auth_service_client::AuthServiceClient::new(channel) })
+    }
+}
+
+impl RoleSource for RemoteRoleSource {
+    fn role<'a>(
+        &'a self,
+        caller: &'a Caller,
+        project_id: Uuid,
+    ) -> BoxFuture<'a, Result<Option<ProjectRole>, ServiceError>> {
+        Box::pin(async move {
+            let mut request = tonic::Request::new(pb::GetProjectRoleRequest { project_id: project_id.to_string() });
+            let bearer = format!("Bearer {}", caller.credential.0)
+                .parse()
+                .map_err(|_| ServiceError::unauthenticated("the credential is malformed"))?;
+            request.metadata_mut().insert("authorization", bearer);
+            crate::telemetry::inject_current_context(request.metadata_mut());
+            match self.client.clone().get_project_role(request).await {
+                Ok(answer) => Ok(ProjectRole::from_proto(answer.into_inner().role)),
+                Err(status) => Err(ServiceError::from_status(&status)),
+            }
+        })
+    }
+}
+
+/// Checks callers' access to projects, through a cache of session roles.
+#[derive(Clone)]
+pub struct ProjectAccess {
+    cache: TwoLevelCache<ProjectRole>,
+    source: Arc<dyn RoleSource>,
+}
+
+impl std::fmt::Debug for ProjectAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectAccess").finish_non_exhaustive()
+    }
+}
+
+impl ProjectAccess {
+    /// Roles are cached as long as credential verifications (`auth.*_ttl_secs`), since a role
+    /// change is as much a security change as a revocation.
+    pub fn new(redis: Redis, bus: &InvalidationBus, settings: &AuthConfig, source: Arc<dyn RoleSource>) -> Self {
+        let cache_settings = CacheSettings {
+            local_ttl: Duration::from_secs(settings.local_ttl_secs),
+            shared_ttl: Duration::from_secs(settings.shared_ttl_secs),
+            negative_ttl: Duration::from_secs(settings.local_ttl_secs.min(5)),
+            local_capacity: 100_000,
+        };
+        Self { cache: TwoLevelCache::new("project_roles", "identity", redis, bus, cache_settings), source }
+    }
+
+    fn key(project_id: Uuid, user_id: Uuid) -> String {
+        format!("{project_id}:{user_id}")
+    }
+
+    /// How `caller` may act in `project_id`, refused unless it is a person with at least
+    /// `needed`, or an API key of the project holding `scope`. A project the caller has no role
+    /// in gets PERMISSION_DENIED whether it exists or not, so ids cannot be probed.
+    pub async fn require(
+        &self,
+        caller: &Caller,
+        project_id: Uuid,
+        needed: ProjectRole,
+        scope: &str,
+    ) -> Result<Access, ServiceError> {
+        if let CredentialRef::ApiKey { .. } = caller.principal.credential {
+            caller.principal.require_key_access(project_id, scope)?;
+            return Ok(Access::ApiKey);
+        }
+        let role = self
+            .role(caller, project_id)
+            .await?
+            .ok_or_else(|| ServiceError::permission_denied("you are not a member of this project"))?;
+        if role < needed {
+            return Err(ServiceError::permission_denied(format!(
+                "this needs the {} role in the project",
+                needed.as_str()
+            )));
+        }
+        Ok(Access::Member(role))
+    }
+
+    /// The role of a login session's person in `project_id` (`None`: none, or no such live
+    /// project), through the cache. API keys have no role: PERMISSION_DENIED.
+    pub async fn role(&self, caller: &Caller, project_id: Uuid) -> Result<Option<ProjectRole>, ServiceError> {
+        if caller.principal.session_id().is_none() {
+            return Err(ServiceError::permission_denied("API keys have no role in a project"));
+        }
+        let source = Arc::clone(&self.source);
+        let role = self
+            .cache
+            .get_or_load(&Self::key(project_id, caller.principal.user_id), || async move {
+                source.role(caller, project_id).await
+            })
+            .await?;
+        Ok(role.map(|role| *role))
+    }
+
+    /// Forgets the cached role of `user_id` in `project_id` on every replica; identity calls it
+    /// after every change of a membership.
+    pub async fn invalidate(&self, project_id: Uuid, user_id: Uuid) -> Result<(), RedisError> {
+        self.cache.invalidate(&Self::key(project_id, user_id)).await
+    }
+}

@@ -1,0 +1,2 @@
+-- The usage service's own database. (Being written.)
+SELECT 1;

@@ -1,0 +1,20 @@
+//! Settings of the usage service (`[usage]` in the config file, `AIMESH_USAGE__*`).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UsageConfig {
+    /// Where the gRPC server listens.
+    pub listen: SocketAddr,
+    /// The service's own database; defaults to `aimesh_usage` on `postgres_url`.
+    pub database_url: Option<String>,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 7103)), database_url: None }
+    }
+}

@@ -1,0 +1,12 @@
+//! The usage service: the model catalog and its prices, usage records, quotas and budgets.
+
+pub mod api;
+pub mod config;
+
+mod service;
+
+pub use config::UsageConfig;
+pub use service::{connect_database, run};
+
+/// The usage database's migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();

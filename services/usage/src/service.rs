@@ -1,0 +1,64 @@
+//! Starting and stopping the usage service.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use aimesh_kit::access::{ProjectAccess, RemoteRoleSource};
+use aimesh_kit::auth::{AuthLayer, CredentialVerifier, RemoteCredentialSource};
+use aimesh_kit::cache::InvalidationBus;
+use aimesh_kit::config::CommonConfig;
+use aimesh_kit::db;
+use aimesh_kit::redis::Redis;
+use aimesh_kit::server::{self, Dependency, ServiceSpec};
+
+use crate::api::Usage;
+use crate::config::UsageConfig;
+
+/// Connects to the usage database, creating it if missing, and applies the migrations.
+pub async fn connect_database(common: &CommonConfig, config: &UsageConfig) -> anyhow::Result<PgPool> {
+    let url = config.database_url.clone().unwrap_or_else(|| db::database_url(&common.postgres_url, "aimesh_usage"));
+    db::ensure_database(&url).await.context("creating the usage database")?;
+    let pool = db::connect(&url, &common.database).await.context("connecting to the usage database")?;
+    db::migrate(&pool, &crate::MIGRATOR).await.context("migrating the usage database")?;
+    aimesh_kit::outbox::migrate(&pool).await.context("migrating the usage outbox")?;
+    Ok(pool)
+}
+
+/// Serves usage on `listener` until `shutdown` is cancelled, then stops gracefully.
+pub async fn run(
+    listener: TcpListener,
+    common: CommonConfig,
+    config: UsageConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let pool = connect_database(&common, &config).await?;
+    db::spawn_pool_metrics(pool.clone(), "usage");
+    let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
+    redis.log_errors();
+    let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
+    let credentials = Arc::new(RemoteCredentialSource::new(&common.auth.identity_url)?);
+    let verifier = CredentialVerifier::new(redis.clone(), &bus, &common.auth, credentials);
+    let roles = Arc::new(RemoteRoleSource::new(&common.auth.identity_url)?);
+    let access = ProjectAccess::new(redis.clone(), &bus, &common.auth, roles);
+    let usage = Usage::new(pool.clone(), redis.clone(), access, config.clone());
+
+    let stop_recorder = CancellationToken::new();
+    let recorder =
+        tokio::spawn(verifier.last_use().clone().run(std::time::Duration::from_secs(2), stop_recorder.clone()));
+    let spec = ServiceSpec {
+        name: "usage",
+        routes: usage.routes(),
+        grpc_services: Usage::GRPC_SERVICES.to_vec(),
+        dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
+    };
+    let served = server::serve(listener, spec, AuthLayer::new(verifier), common.server.clone(), shutdown).await;
+    stop_recorder.cancel();
+    let _ = recorder.await;
+    redis.quit().await;
+    pool.close().await;
+    served
+}
