@@ -4,6 +4,7 @@
 #   make stop   stop the dev servers
 #   make check  formatting and clippy
 #   make deps   only start the dev servers (and install what they need)
+#   make bench  benchmarks beside same-run baselines (BENCH_ARGS="--seconds 5 --scenario usage-record")
 #
 # The dev servers are described in scripts/deps.sh; it writes their addresses to .dev/env,
 # which each recipe below loads itself, so no shell state is needed.
@@ -13,7 +14,7 @@ CARGO ?= cargo
 # Loads the addresses scripts/deps.sh wrote; a recipe line starts with it.
 LOAD_ENV := set -a && . ./.dev/env && set +a
 
-.PHONY: run test stop check deps status
+.PHONY: run test stop check deps status bench
 
 deps:
 	scripts/deps.sh up
@@ -54,3 +55,7 @@ check:
 	fi
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Release build; figures and reports in target/bench (see bench/src/main.rs).
+bench: deps
+	$(LOAD_ENV) && $(CARGO) run --release -p aimesh-bench -- $(BENCH_ARGS)

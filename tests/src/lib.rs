@@ -13,6 +13,7 @@ use tonic::transport::Channel;
 use aimesh::{MeshConfig, ServiceName};
 use aimesh_kit::testing::{self, ScratchDatabase};
 use aimesh_proto::identity::v1 as pb;
+use aimesh_proto::usage::v1 as usage_pb;
 
 /// A running mesh; stops (and drops its databases) when dropped or [`Mesh::stop`]ped.
 pub struct Mesh {
@@ -134,6 +135,24 @@ impl Mesh {
 
     pub fn auth(&self) -> pb::auth_service_client::AuthServiceClient<Channel> {
         pb::auth_service_client::AuthServiceClient::new(self.channel())
+    }
+
+    pub fn models(&self) -> usage_pb::model_service_client::ModelServiceClient<Channel> {
+        usage_pb::model_service_client::ModelServiceClient::new(self.usage_channel())
+    }
+
+    pub fn usage(&self) -> usage_pb::usage_service_client::UsageServiceClient<Channel> {
+        usage_pb::usage_service_client::UsageServiceClient::new(self.usage_channel())
+    }
+
+    pub fn quotas(&self) -> usage_pb::quota_service_client::QuotaServiceClient<Channel> {
+        usage_pb::quota_service_client::QuotaServiceClient::new(self.usage_channel())
+    }
+
+    /// A pool on usage's database, for tests that check what was (not) written.
+    pub async fn usage_db(&self) -> sqlx::PgPool {
+        let url = self.config.usage.database_url.clone().expect("usage database url");
+        sqlx::PgPool::connect(&url).await.expect("connect to the usage database")
     }
 
     /// A pool on identity's database, for tests that check what was (not) written.

@@ -8,10 +8,10 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use rand::RngCore;
-use uuid::Uuid;
 
 use aimesh_kit::access::ProjectRole;
 use aimesh_kit::auth::{ACCESS_TOKEN_PREFIX, API_KEY_PREFIX, REFRESH_TOKEN_PREFIX, SCOPES, credential_hash};
+use aimesh_kit::fields;
 
 use crate::error::{IdentityError, Result};
 
@@ -25,14 +25,6 @@ pub fn role_from_db(value: &str) -> Result<ProjectRole> {
 pub fn role_field(value: i32, field: &'static str) -> Result<ProjectRole> {
     ProjectRole::from_proto(value)
         .ok_or_else(|| IdentityError::invalid(field, "must be viewer, member, admin or owner"))
-}
-
-/// Parses a UUID field of a request.
-pub fn parse_id(field: &'static str, value: &str) -> Result<Uuid> {
-    if value.is_empty() {
-        return Err(IdentityError::invalid(field, "is required"));
-    }
-    Uuid::parse_str(value).map_err(|_| IdentityError::invalid(field, "is not a valid id"))
 }
 
 /// An email address, trimmed; compared case-insensitively by the store.
@@ -89,25 +81,9 @@ pub fn validate_password(field: &'static str, value: &str) -> Result<()> {
     Ok(())
 }
 
-/// A display text such as a name: trimmed, no control characters, at most `max` characters;
-/// `required` refuses an empty one.
-pub fn validate_text(field: &'static str, value: &str, max: usize, required: bool) -> Result<String> {
-    let text = value.trim();
-    if required && text.is_empty() {
-        return Err(IdentityError::invalid(field, "is required"));
-    }
-    if text.chars().count() > max {
-        return Err(IdentityError::invalid(field, format!("must be at most {max} characters long")));
-    }
-    if text.chars().any(char::is_control) {
-        return Err(IdentityError::invalid(field, "must not contain control characters"));
-    }
-    Ok(text.to_owned())
-}
-
 /// An http(s) URL of at most 2048 characters, or empty.
 pub fn validate_url(field: &'static str, value: &str) -> Result<String> {
-    let url = validate_text(field, value, 2048, false)?;
+    let url = fields::text(field, value, 2048, false)?;
     let is_http = url.starts_with("https://") || url.starts_with("http://");
     if !url.is_empty() && (!is_http || url.contains(' ')) {
         return Err(IdentityError::invalid(field, "must be an http or https URL"));
@@ -280,9 +256,9 @@ mod tests {
         for bad in ["ab", "_ann", "ann smith", "ann/../x", &"a".repeat(33)] {
             assert!(validate_username(bad).is_err(), "{bad:?} passed");
         }
-        assert!(validate_text("name", "Team\u{0}X", 100, true).is_err());
-        assert!(validate_text("name", "  ", 100, true).is_err());
-        assert!(validate_text("name", &"x".repeat(101), 100, true).is_err());
+        assert!(fields::text("name", "Team\u{0}X", 100, true).is_err());
+        assert!(fields::text("name", "  ", 100, true).is_err());
+        assert!(fields::text("name", &"x".repeat(101), 100, true).is_err());
         assert!(validate_setting_key("chat.max_message_bytes").is_ok());
         assert!(validate_setting_key("Chat..x").is_err());
     }

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod fields;
 pub mod outbox;
 pub mod pagination;
 pub mod proto_json;

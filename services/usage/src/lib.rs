@@ -1,7 +1,13 @@
 //! The usage service: the model catalog and its prices, usage records, quotas and budgets.
 
 pub mod api;
+pub mod catalog;
 pub mod config;
+pub mod counters;
+pub mod domain;
+pub mod error;
+pub mod ledger;
+pub mod store;
 
 mod service;
 

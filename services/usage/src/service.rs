@@ -1,6 +1,7 @@
 //! Starting and stopping the usage service.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::PgPool;
@@ -17,6 +18,13 @@ use aimesh_kit::server::{self, Dependency, ServiceSpec};
 
 use crate::api::Usage;
 use crate::config::UsageConfig;
+use crate::ledger::Ledger;
+use crate::store::Store;
+
+/// Monthly partitions of usage records exist this many months ahead of the current one.
+const PARTITIONS_AHEAD_MONTHS: i32 = 3;
+/// How often partitions are created ahead and spent rows pruned.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Connects to the usage database, creating it if missing, and applies the migrations.
 pub async fn connect_database(common: &CommonConfig, config: &UsageConfig) -> anyhow::Result<PgPool> {
@@ -25,6 +33,11 @@ pub async fn connect_database(common: &CommonConfig, config: &UsageConfig) -> an
     let pool = db::connect(&url, &common.database).await.context("connecting to the usage database")?;
     db::migrate(&pool, &crate::MIGRATOR).await.context("migrating the usage database")?;
     aimesh_kit::outbox::migrate(&pool).await.context("migrating the usage outbox")?;
+    Store::new(pool.clone())
+        .ensure_partitions(PARTITIONS_AHEAD_MONTHS)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("creating usage partitions")?;
     Ok(pool)
 }
 
@@ -44,7 +57,10 @@ pub async fn run(
     let verifier = CredentialVerifier::new(redis.clone(), &bus, &common.auth, credentials);
     let roles = Arc::new(RemoteRoleSource::new(&common.auth.identity_url)?);
     let access = ProjectAccess::new(redis.clone(), &bus, &common.auth, roles);
-    let usage = Usage::new(pool.clone(), redis.clone(), access, config.clone());
+    let ledger = Ledger::new(pool.clone(), redis.clone(), &bus);
+    let usage = Usage::new(ledger, access);
+    let stop_maintenance = CancellationToken::new();
+    let maintenance = tokio::spawn(run_maintenance(Store::new(pool.clone()), stop_maintenance.clone()));
 
     let stop_recorder = CancellationToken::new();
     let recorder =
@@ -58,7 +74,29 @@ pub async fn run(
     let served = server::serve(listener, spec, AuthLayer::new(verifier), common.server.clone(), shutdown).await;
     stop_recorder.cancel();
     let _ = recorder.await;
+    stop_maintenance.cancel();
+    let _ = maintenance.await;
     redis.quit().await;
     pool.close().await;
     served
+}
+
+/// Every [`MAINTENANCE_INTERVAL`] until `stop`: creates the monthly partitions ahead (so a new
+/// month never lands in the default partition) and prunes spent reservations and idempotency
+/// claims. Each replica runs it; the partition function serialises them and the rest is idempotent.
+async fn run_maintenance(store: Store, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(error) = store.ensure_partitions(PARTITIONS_AHEAD_MONTHS).await {
+            tracing::error!(%error, "cannot create usage partitions ahead");
+        }
+        match store.prune(chrono::Utc::now()).await {
+            Ok(pruned) => tracing::debug!(pruned, "pruned spent reservations and usage claims"),
+            Err(error) => tracing::warn!(%error, "cannot prune spent reservations and usage claims"),
+        }
+    }
 }

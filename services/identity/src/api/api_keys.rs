@@ -6,12 +6,13 @@ use chrono::Utc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::access::{Caller, ProjectRole};
+use aimesh_kit::fields;
 use aimesh_kit::pagination::{self, Cursor};
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
 use super::{Identity, actor, caller, respond};
-use crate::domain::{ApiKeySecret, parse_id, validate_scopes, validate_text};
+use crate::domain::{ApiKeySecret, validate_scopes};
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, ApiKeyRow, NewApiKey};
 
@@ -42,8 +43,8 @@ impl Identity {
         actor: Actor,
     ) -> Result<pb::CreateApiKeyResponse> {
         let principal = &caller.principal;
-        let project_id = parse_id("project_id", &request.project_id)?;
-        let name = validate_text("name", &request.name, 100, true)?;
+        let project_id = fields::id("project_id", &request.project_id)?;
+        let name = fields::text("name", &request.name, 100, true)?;
         let scopes = validate_scopes(&request.scopes)?;
         let expires_at = match &request.expire_time {
             None => None,
@@ -73,7 +74,7 @@ impl Identity {
     }
 
     async fn list_api_keys(&self, caller: &Caller, request: pb::ListApiKeysRequest) -> Result<pb::ListApiKeysResponse> {
-        let project_id = parse_id("project_id", &request.project_id)?;
+        let project_id = fields::id("project_id", &request.project_id)?;
         let limit = pagination::page_size(request.page_size)?;
         let after = Cursor::decode(&request.page_token)?;
         self.require_role(caller, project_id, ProjectRole::Viewer).await?;
@@ -83,8 +84,8 @@ impl Identity {
     }
 
     async fn get_api_key(&self, caller: &Caller, request: pb::GetApiKeyRequest) -> Result<pb::ApiKey> {
-        let project_id = parse_id("project_id", &request.project_id)?;
-        let id = parse_id("api_key_id", &request.api_key_id)?;
+        let project_id = fields::id("project_id", &request.project_id)?;
+        let id = fields::id("api_key_id", &request.api_key_id)?;
         self.require_role(caller, project_id, ProjectRole::Viewer).await?;
         Ok(self.store.api_key(project_id, id).await?.ok_or(IdentityError::NotFound("api key"))?.into())
     }
@@ -96,8 +97,8 @@ impl Identity {
         actor: Actor,
     ) -> Result<pb::ApiKey> {
         let principal = &caller.principal;
-        let project_id = parse_id("project_id", &request.project_id)?;
-        let id = parse_id("api_key_id", &request.api_key_id)?;
+        let project_id = fields::id("project_id", &request.project_id)?;
+        let id = fields::id("api_key_id", &request.api_key_id)?;
         principal.require_session()?;
         self.require_role(caller, project_id, ProjectRole::Admin).await?;
         let (row, hash) = self.store.revoke_api_key(project_id, id, &actor).await?;

@@ -11,11 +11,11 @@ use tonic::{Request, Response, Status};
 use aimesh_kit::ServiceError;
 use aimesh_kit::access::RoleSource;
 use aimesh_kit::auth::{ACCESS_TOKEN_PREFIX, API_KEY_PREFIX, CredentialSource, check_credential_shape};
+use aimesh_kit::fields;
 use aimesh_proto::identity::v1 as pb;
 
 use super::{Identity, caller};
 use crate::credentials::{StoreCredentialSource, StoreRoleSource};
-use crate::domain::parse_id;
 
 pub(super) struct AuthApi(pub(super) Arc<Identity>);
 
@@ -39,7 +39,7 @@ impl pb::auth_service_server::AuthService for AuthApi {
     ) -> Result<Response<pb::GetProjectRoleResponse>, Status> {
         let caller = caller(&request)?;
         caller.principal.require_session()?;
-        let project_id = parse_id("project_id", &request.get_ref().project_id).map_err(Status::from)?;
+        let project_id = fields::id("project_id", &request.get_ref().project_id).map_err(Status::from)?;
         let role = StoreRoleSource::new(self.0.store.clone()).role(&caller, project_id).await?;
         let role = role.map_or(pb::ProjectRole::Unspecified, |role| role.to_proto());
         Ok(Response::new(pb::GetProjectRoleResponse { role: role.into() }))

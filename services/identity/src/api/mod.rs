@@ -15,11 +15,12 @@ use uuid::Uuid;
 
 use aimesh_kit::access::{Access, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::auth::{CredentialVerifier, Principal};
+use aimesh_kit::fields;
 use aimesh_proto::identity::v1 as pb;
 
 use crate::config::IdentityConfig;
 use crate::domain::SettingsCipher;
-use crate::error::{IdentityError, Result};
+use crate::error::Result;
 use crate::store::{Actor, Store};
 
 /// The scope an API key needs to read identity data of its project.
@@ -126,22 +127,5 @@ fn respond<T>(result: Result<T>) -> Result<Response<T>, Status> {
 
 /// The user a request names: an id, or `me` for the caller.
 fn target_user(principal: &Principal, field: &'static str, value: &str) -> Result<Uuid> {
-    if value == "me" { Ok(principal.user_id) } else { crate::domain::parse_id(field, value) }
-}
-
-/// The paths of an update mask, each checked against `allowed`; an empty mask is refused.
-fn mask_paths(mask: Option<&prost_types::FieldMask>, allowed: &[&str]) -> Result<Vec<String>> {
-    let paths = mask.map(|m| m.paths.clone()).unwrap_or_default();
-    if paths.is_empty() {
-        return Err(IdentityError::invalid("update_mask", format!("name at least one of: {}", allowed.join(", "))));
-    }
-    for path in &paths {
-        if !allowed.contains(&path.as_str()) {
-            return Err(IdentityError::invalid(
-                "update_mask",
-                format!("unknown path {path:?}; allowed: {}", allowed.join(", ")),
-            ));
-        }
-    }
-    Ok(paths)
+    if value == "me" { Ok(principal.user_id) } else { Ok(fields::id(field, value)?) }
 }

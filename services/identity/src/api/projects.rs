@@ -5,12 +5,13 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::access::{Caller, ProjectRole};
+use aimesh_kit::fields;
 use aimesh_kit::pagination::{self, Cursor};
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
-use super::{Identity, actor, caller, mask_paths, respond};
-use crate::domain::{parse_id, role_field, role_from_db, validate_email, validate_text};
+use super::{Identity, actor, caller, respond};
+use crate::domain::{role_field, role_from_db, validate_email};
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, MemberRow, ProjectRow};
 
@@ -59,14 +60,14 @@ impl Identity {
     ) -> Result<pb::Project> {
         let principal = &caller.principal;
         principal.require_session()?;
-        let name = validate_text("name", &request.name, MAX_PROJECT_NAME, true)?;
-        let description = validate_text("description", &request.description, MAX_DESCRIPTION, false)?;
+        let name = fields::text("name", &request.name, MAX_PROJECT_NAME, true)?;
+        let description = fields::text("description", &request.description, MAX_DESCRIPTION, false)?;
         let row = self.store.create_project(principal.user_id, &name, &description, &actor).await?;
         Ok(project_to_proto(row, ProjectRole::Owner))
     }
 
     async fn get_project(&self, caller: &Caller, request: pb::GetProjectRequest) -> Result<pb::Project> {
-        let project_id = parse_id("project_id", &request.project_id)?;
+        let project_id = fields::id("project_id", &request.project_id)?;
         let role = self.require_role(caller, project_id, ProjectRole::Viewer).await?;
         let row = self.store.project(project_id).await?.ok_or(IdentityError::NotFound("project"))?;
         Ok(project_to_proto(row, role))
@@ -97,17 +98,17 @@ impl Identity {
         request: pb::UpdateProjectRequest,
         actor: Actor,
     ) -> Result<pb::Project> {
-        let project_id = parse_id("project_id", &request.project_id)?;
-        let paths = mask_paths(request.update_mask.as_ref(), &["name", "description"])?;
+        let project_id = fields::id("project_id", &request.project_id)?;
+        let paths = fields::mask_paths(request.update_mask.as_ref(), &["name", "description"])?;
         let project = request.project.unwrap_or_default();
         let mut name = None;
         let mut description = None;
         for path in &paths {
             match path.as_str() {
-                "name" => name = Some(validate_text("project.name", &project.name, MAX_PROJECT_NAME, true)?),
+                "name" => name = Some(fields::text("project.name", &project.name, MAX_PROJECT_NAME, true)?),
                 "description" => {
                     description =
-                        Some(validate_text("project.description", &project.description, MAX_DESCRIPTION, false)?);
+                        Some(fields::text("project.description", &project.description, MAX_DESCRIPTION, false)?);
                 }
                 _ => {}
             }
@@ -119,7 +120,7 @@ impl Identity {
 
     async fn delete_project(&self, caller: &Caller, request: pb::DeleteProjectRequest, actor: Actor) -> Result<()> {
         let principal = &caller.principal;
-        let project_id = parse_id("project_id", &request.project_id)?;
+        let project_id = fields::id("project_id", &request.project_id)?;
         principal.require_session()?;
         self.require_role(caller, project_id, ProjectRole::Owner).await?;
         let (revoked_keys, members) = self.store.delete_project(project_id, &actor).await?;
@@ -130,7 +131,7 @@ impl Identity {
 
     async fn add_member(&self, caller: &Caller, request: pb::AddMemberRequest, actor: Actor) -> Result<pb::Membership> {
         let principal = &caller.principal;
-        let project_id = parse_id("project_id", &request.project_id)?;
+        let project_id = fields::id("project_id", &request.project_id)?;
         let email = validate_email(&request.email)?;
         let role = role_field(request.role, "role")?;
         principal.require_session()?;
@@ -142,7 +143,7 @@ impl Identity {
     }
 
     async fn list_members(&self, caller: &Caller, request: pb::ListMembersRequest) -> Result<pb::ListMembersResponse> {
-        let project_id = parse_id("project_id", &request.project_id)?;
+        let project_id = fields::id("project_id", &request.project_id)?;
         let limit = pagination::page_size(request.page_size)?;
         let after = Cursor::decode(&request.page_token)?;
         self.require_role(caller, project_id, ProjectRole::Viewer).await?;
@@ -160,8 +161,8 @@ impl Identity {
         actor: Actor,
     ) -> Result<pb::Membership> {
         let principal = &caller.principal;
-        let project_id = parse_id("project_id", &request.project_id)?;
-        let user_id = parse_id("user_id", &request.user_id)?;
+        let project_id = fields::id("project_id", &request.project_id)?;
+        let user_id = fields::id("user_id", &request.user_id)?;
         let role = role_field(request.role, "role")?;
         principal.require_session()?;
         let caller_role = self.require_role(caller, project_id, ProjectRole::Admin).await?;
@@ -177,8 +178,8 @@ impl Identity {
 
     async fn remove_member(&self, caller: &Caller, request: pb::RemoveMemberRequest, actor: Actor) -> Result<()> {
         let principal = &caller.principal;
-        let project_id = parse_id("project_id", &request.project_id)?;
-        let user_id = parse_id("user_id", &request.user_id)?;
+        let project_id = fields::id("project_id", &request.project_id)?;
+        let user_id = fields::id("user_id", &request.user_id)?;
         principal.require_session()?;
         let leaving = user_id == principal.user_id;
         let needed = if leaving { ProjectRole::Viewer } else { ProjectRole::Admin };

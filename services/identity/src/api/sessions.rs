@@ -6,13 +6,14 @@ use chrono::{Duration, Utc};
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::auth::{Principal, REFRESH_TOKEN_PREFIX, check_credential_shape, credential_hash};
+use aimesh_kit::fields;
 use aimesh_kit::pagination::{self, Cursor};
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
 use super::users::verify_password_blocking;
 use super::{Identity, actor, caller, respond};
-use crate::domain::{SessionTokens, parse_id, validate_text};
+use crate::domain::SessionTokens;
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, NewSession, SessionRow};
 
@@ -55,7 +56,7 @@ impl Identity {
         if request.password.is_empty() {
             return Err(IdentityError::invalid("password", "is required"));
         }
-        let device_name = validate_text("device_name", &request.device_name, 100, false)?;
+        let device_name = fields::text("device_name", &request.device_name, 100, false)?;
         let user = self.store.user_by_login(login).await?;
         let hash = user.as_ref().map(|u| u.password_hash.clone());
         let user_id = user.as_ref().map(|u| u.id);
@@ -176,7 +177,7 @@ impl pb::session_service_server::SessionService for SessionApi {
         let actor = actor(&request, Some(principal.user_id));
         let result = async {
             principal.require_session()?;
-            let session_id = parse_id("session_id", &request.get_ref().session_id)?;
+            let session_id = fields::id("session_id", &request.get_ref().session_id)?;
             self.0.end_session(&principal, session_id, actor).await
         };
         respond(result.await.map(|()| pb::RevokeSessionResponse {}))

@@ -9,12 +9,13 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::auth::Principal;
+use aimesh_kit::fields;
 use aimesh_kit::pagination;
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
 use super::{Identity, actor, caller, respond};
-use crate::domain::{validate_setting_key, validate_text};
+use crate::domain::validate_setting_key;
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, SettingRow};
 
@@ -114,8 +115,8 @@ impl Identity {
                 format!("must be at most {MAX_VALUE_BYTES} bytes as JSON"),
             ));
         }
-        let description = validate_text("setting.description", &setting.description, 500, false)?;
-        let category = validate_text("setting.category", &setting.category, 64, false)?;
+        let description = fields::text("setting.description", &setting.description, 500, false)?;
+        let category = fields::text("setting.category", &setting.category, 64, false)?;
         if setting.public && setting.encrypted {
             return Err(IdentityError::invalid("setting.encrypted", "a public setting cannot be encrypted"));
         }

@@ -6,11 +6,12 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use aimesh_kit::auth::Principal;
+use aimesh_kit::fields;
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
-use super::{Identity, actor, caller, mask_paths, respond, target_user};
-use crate::domain::{self, hash_password, validate_email, validate_password, validate_text, validate_url};
+use super::{Identity, actor, caller, respond, target_user};
+use crate::domain::{self, hash_password, validate_email, validate_password, validate_url};
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, NewUser, UserPatch, UserRow};
 
@@ -68,8 +69,8 @@ impl Identity {
         let email = validate_email(&request.email)?;
         let username = domain::validate_username(&request.username)?;
         validate_password("password", &request.password)?;
-        let first_name = validate_text("first_name", &request.first_name, MAX_NAME, false)?;
-        let last_name = validate_text("last_name", &request.last_name, MAX_NAME, false)?;
+        let first_name = fields::text("first_name", &request.first_name, MAX_NAME, false)?;
+        let last_name = fields::text("last_name", &request.last_name, MAX_NAME, false)?;
         let password_hash = hash_password_blocking(request.password).await?;
         let user = NewUser { email, username, password_hash, first_name, last_name };
         Ok(self.store.insert_user(user, &actor).await?.into())
@@ -96,7 +97,7 @@ impl Identity {
     ) -> Result<pb::User> {
         principal.require_session()?;
         let id = target_user(principal, "user_id", &request.user_id)?;
-        let paths = mask_paths(
+        let paths = fields::mask_paths(
             request.update_mask.as_ref(),
             &["username", "first_name", "last_name", "avatar_url", "settings", "role", "status"],
         )?;
@@ -106,10 +107,10 @@ impl Identity {
             match path.as_str() {
                 "username" => patch.username = Some(domain::validate_username(&user.username)?),
                 "first_name" => {
-                    patch.first_name = Some(validate_text("user.first_name", &user.first_name, MAX_NAME, false)?)
+                    patch.first_name = Some(fields::text("user.first_name", &user.first_name, MAX_NAME, false)?)
                 }
                 "last_name" => {
-                    patch.last_name = Some(validate_text("user.last_name", &user.last_name, MAX_NAME, false)?)
+                    patch.last_name = Some(fields::text("user.last_name", &user.last_name, MAX_NAME, false)?)
                 }
                 "avatar_url" => patch.avatar_url = Some(validate_url("user.avatar_url", &user.avatar_url)?),
                 "settings" => {

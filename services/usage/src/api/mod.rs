@@ -1,33 +1,83 @@
-//! The gRPC edge of usage. (Being written: the model, usage and quota services.)
+//! The gRPC edge of usage: each submodule implements one protobuf service. A handler decodes
+//! and validates, authorizes, calls the ledger or the catalog, and encodes; this module holds
+//! what they share.
+
+mod models;
+mod quotas;
+mod usage;
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
+use chrono::{DateTime, Utc};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
-use aimesh_kit::access::ProjectAccess;
-use aimesh_kit::redis::Redis;
+use aimesh_kit::access::{Caller, ProjectAccess, ProjectRole};
+use aimesh_kit::auth::CredentialRef;
+use aimesh_kit::proto_json;
+use aimesh_proto::usage::v1 as pb;
 
-use crate::config::UsageConfig;
+use crate::error::{Result, UsageError};
+use crate::ledger::Ledger;
+
+/// The scope an API key needs to read a project's usage and quotas.
+const USAGE_READ: &str = "usage:read";
+/// The scope an API key needs to record usage and reserve room.
+const USAGE_WRITE: &str = "usage:write";
 
 /// What every handler of usage works with.
 #[derive(Debug)]
 pub struct Usage {
-    pub(crate) pool: PgPool,
-    pub(crate) redis: Redis,
-    pub(crate) access: ProjectAccess,
-    pub(crate) config: UsageConfig,
+    ledger: Ledger,
+    access: ProjectAccess,
 }
 
 impl Usage {
-    pub fn new(pool: PgPool, redis: Redis, access: ProjectAccess, config: UsageConfig) -> Arc<Self> {
-        Arc::new(Self { pool, redis, access, config })
+    pub fn new(ledger: Ledger, access: ProjectAccess) -> Arc<Self> {
+        Arc::new(Self { ledger, access })
     }
 
     /// Every gRPC service of usage, ready for the server.
     pub fn routes(self: &Arc<Self>) -> tonic::service::Routes {
-        tonic::service::Routes::default()
+        tonic::service::Routes::new(pb::model_service_server::ModelServiceServer::new(models::ModelApi(Arc::clone(
+            self,
+        ))))
+        .add_service(pb::usage_service_server::UsageServiceServer::new(usage::UsageApi(Arc::clone(self))))
+        .add_service(pb::quota_service_server::QuotaServiceServer::new(quotas::QuotaApi(Arc::clone(self))))
     }
 
     /// The fully qualified names of those services, for grpc.health.v1.
-    pub const GRPC_SERVICES: [&'static str; 0] = [];
+    pub const GRPC_SERVICES: [&'static str; 3] =
+        ["aimesh.usage.v1.ModelService", "aimesh.usage.v1.UsageService", "aimesh.usage.v1.QuotaService"];
+
+    /// Refuses a caller without `needed` in the project (or an API key of it without `scope`).
+    async fn require(&self, caller: &Caller, project_id: Uuid, needed: ProjectRole, scope: &str) -> Result<()> {
+        self.access.require(caller, project_id, needed, scope).await?;
+        Ok(())
+    }
+}
+
+/// The verified caller, or UNAUTHENTICATED.
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    Caller::of(request).map_err(Status::from)
+}
+
+/// The API key the caller used, if it used one: usage it records or reserves counts against it.
+fn api_key_of(caller: &Caller) -> Option<Uuid> {
+    match caller.principal.credential {
+        CredentialRef::ApiKey { api_key_id, .. } => Some(api_key_id),
+        CredentialRef::Session { .. } => None,
+    }
+}
+
+/// A handler's answer as gRPC.
+fn respond<T>(result: Result<T>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+/// An optional timestamp field; out of range is an error naming it.
+fn time_field(field: &'static str, value: Option<&prost_types::Timestamp>) -> Result<Option<DateTime<Utc>>> {
+    value
+        .map(|ts| proto_json::from_timestamp(ts).ok_or_else(|| UsageError::invalid(field, "is out of range")))
+        .transpose()
 }

@@ -1,0 +1,221 @@
+//! The scenarios and their baselines.
+
+use std::sync::Arc;
+
+use fred::interfaces::LuaInterface;
+use tonic::transport::Channel;
+
+use aimesh_kit::testing::ScratchDatabase;
+use aimesh_proto::identity::v1 as pb;
+use aimesh_proto::usage::v1 as usage_pb;
+use aimesh_tests::{Mesh, authed, test_config};
+
+use crate::report::{Load, Pair, closed_loop};
+
+/// What can be measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// RecordUsage through gRPC, against a raw PostgreSQL INSERT of a usage-sized row.
+    UsageRecord,
+    /// Reserve through gRPC (one quota decision each), against a raw Redis EVALSHA.
+    UsageReserve,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 2] = [Scenario::UsageRecord, Scenario::UsageReserve];
+}
+
+pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
+    let setup = Setup::start(load).await?;
+    let pair = match scenario {
+        Scenario::UsageRecord => {
+            let scenario = setup.record_usage(load).await;
+            let baseline = postgres_insert(load, setup.pool_size).await?;
+            Pair { scenario, baseline, baseline_is: "INSERT of a usage row with sqlx, same pool size" }
+        }
+        Scenario::UsageReserve => {
+            let scenario = setup.reserve(load).await;
+            let baseline = redis_evalsha(&setup.mesh, load).await?;
+            Pair { scenario, baseline, baseline_is: "EVALSHA of a one-INCRBY script on the Redis Cluster" }
+        }
+    };
+    setup.mesh.stop().await?;
+    Ok(pair)
+}
+
+/// A mesh with a priced model, a project with a generous quota, and a key that records usage.
+struct Setup {
+    mesh: Mesh,
+    project: String,
+    secret: String,
+    pool_size: u32,
+}
+
+impl Setup {
+    async fn start(load: Load) -> anyhow::Result<Self> {
+        let (mut config, databases) = test_config();
+        let pool_size = 20;
+        config.common.database.max_connections = pool_size;
+        config.common.log.filter = "warn".into();
+        let mesh = Mesh::start_with(config, databases).await;
+        let admin = mesh.signup("root").await;
+        let admin = mesh.make_admin(&admin).await;
+        let model = usage_pb::Model {
+            provider: "openai".into(),
+            name: "gpt-4o".into(),
+            version: "1".into(),
+            r#type: usage_pb::ModelType::Chat.into(),
+            ..Default::default()
+        };
+        let model = mesh
+            .models()
+            .create_model(authed(usage_pb::CreateModelRequest { model: Some(model) }, &admin.token))
+            .await?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+        let price = usage_pb::ModelPrice {
+            input_per_million: "2.50".into(),
+            output_per_million: "10".into(),
+            cached_input_per_million: "1.25".into(),
+            effective_time: Some(prost_timestamp(now.as_secs())),
+            ..Default::default()
+        };
+        let set = usage_pb::SetModelPriceRequest { model_id: model.into_inner().id, price: Some(price) };
+        mesh.models().set_model_price(authed(set, &admin.token)).await?;
+
+        let owner = mesh.signup("owner").await;
+        let project = mesh
+            .projects()
+            .create_project(authed(
+                pb::CreateProjectRequest { name: "Bench".into(), description: String::new() },
+                &owner.token,
+            ))
+            .await?
+            .into_inner()
+            .id;
+        let quota = usage_pb::Quota {
+            project_id: project.clone(),
+            scope: usage_pb::QuotaScope::Project.into(),
+            tokens_per_day: 1_000_000_000_000,
+            requests_per_minute: 1_000_000_000,
+            ..Default::default()
+        };
+        mesh.quotas().set_quota(authed(usage_pb::SetQuotaRequest { quota: Some(quota) }, &owner.token)).await?;
+        let key = pb::CreateApiKeyRequest {
+            project_id: project.clone(),
+            name: "bench".into(),
+            scopes: vec!["usage:write".into(), "usage:read".into()],
+            expire_time: None,
+        };
+        let secret = mesh.api_keys().create_api_key(authed(key, &owner.token)).await?.into_inner().secret;
+        let _ = load;
+        Ok(Self { mesh, project, secret, pool_size })
+    }
+
+    fn client(
+        &self,
+    ) -> (
+        usage_pb::usage_service_client::UsageServiceClient<Channel>,
+        usage_pb::quota_service_client::QuotaServiceClient<Channel>,
+    ) {
+        (self.mesh.usage(), self.mesh.quotas())
+    }
+
+    async fn record_usage(&self, load: Load) -> crate::report::Figures {
+        let (client, _) = self.client();
+        let (project, secret) = (self.project.clone(), self.secret.clone());
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        closed_loop("usage.RecordUsage", load, move |n| {
+            let mut client = client.clone();
+            let request = usage_pb::RecordUsageRequest {
+                request_id: format!("{run}-{n}"),
+                project_id: project.clone(),
+                model: "gpt-4o".into(),
+                request_type: "chat".into(),
+                input_tokens: 1200,
+                cached_input_tokens: 200,
+                output_tokens: 300,
+                duration_ms: 900,
+                status: usage_pb::UsageStatus::Success.into(),
+                ..Default::default()
+            };
+            let request = authed(request, &secret);
+            async move { client.record_usage(request).await.map(drop).map_err(|s| s.to_string()) }
+        })
+        .await
+    }
+
+    async fn reserve(&self, load: Load) -> crate::report::Figures {
+        let (_, client) = self.client();
+        let (project, secret) = (self.project.clone(), self.secret.clone());
+        closed_loop("usage.Reserve", load, move |_| {
+            let mut client = client.clone();
+            let request = usage_pb::ReserveRequest {
+                project_id: project.clone(),
+                model: "gpt-4o".into(),
+                estimated_input_tokens: 1000,
+                estimated_output_tokens: 500,
+                ttl_seconds: 5,
+                ..Default::default()
+            };
+            let request = authed(request, &secret);
+            async move { client.reserve(request).await.map(drop).map_err(|s| s.to_string()) }
+        })
+        .await
+    }
+}
+
+fn prost_timestamp(seconds: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: i64::try_from(seconds).unwrap_or(i64::MAX), nanos: 0 }
+}
+
+/// The raw cost of writing a usage-sized row: a pool as large as the service's, one INSERT
+/// per request, into a scratch database.
+async fn postgres_insert(load: Load, pool_size: u32) -> anyhow::Result<crate::report::Figures> {
+    let scratch = ScratchDatabase::new();
+    aimesh_kit::db::ensure_database(&scratch.url).await?;
+    let settings = aimesh_kit::config::DatabaseConfig { max_connections: pool_size, ..Default::default() };
+    let pool = aimesh_kit::db::connect(&scratch.url, &settings).await?;
+    sqlx::query(
+        "CREATE TABLE rows (id UUID PRIMARY KEY, project_id UUID NOT NULL, user_id UUID NOT NULL, model_id UUID NOT NULL, \
+         request_type TEXT NOT NULL, input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL, \
+         cost NUMERIC(20, 10) NOT NULL, duration_ms BIGINT NOT NULL, status TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .execute(&pool)
+    .await?;
+    let pool = Arc::new(pool);
+    let (project, user, model) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let figures = closed_loop("postgres INSERT", load, move |_| {
+        let pool = Arc::clone(&pool);
+        async move {
+            sqlx::query(
+                "INSERT INTO rows (id, project_id, user_id, model_id, request_type, input_tokens, output_tokens, cost, duration_ms, status) \
+                 VALUES ($1, $2, $3, $4, 'chat', 1200, 300, 0.0050000000, 900, 'success')",
+            )
+            .bind(uuid::Uuid::now_v7())
+            .bind(project)
+            .bind(user)
+            .bind(model)
+            .execute(pool.as_ref())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    Ok(figures)
+}
+
+/// The raw cost of one Lua decision on the cluster: EVALSHA of a one-INCRBY script on one key.
+async fn redis_evalsha(mesh: &Mesh, load: Load) -> anyhow::Result<crate::report::Figures> {
+    let common = &mesh.config.common;
+    let redis = aimesh_kit::redis::Redis::connect(&common.redis_urls, &common.redis).await?;
+    let key = redis.key("bench", "{evalsha}:counter");
+    let script = "return redis.call('INCRBY', KEYS[1], ARGV[1])";
+    let sha: String = redis.pool().script_load_cluster(script).await?;
+    let redis = Arc::new(redis);
+    Ok(closed_loop("redis EVALSHA", load, move |_| {
+        let (redis, key, sha) = (Arc::clone(&redis), key.clone(), sha.clone());
+        async move { redis.pool().evalsha::<i64, _, _, _>(sha, key, 1).await.map(drop).map_err(|e| e.to_string()) }
+    })
+    .await)
+}

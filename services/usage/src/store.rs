@@ -1,0 +1,613 @@
+//! The usage database: the catalog and its prices, usage records with their idempotency claims,
+//! quotas and reservations. Functions taking a `PgConnection` run inside the caller's
+//! transaction; the ledger composes them.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use aimesh_kit::db::unique_violation;
+use aimesh_kit::pagination::Cursor;
+
+use crate::domain::{ModelStatus, Price, QuotaLimits, QuotaSubject, Windows};
+use crate::error::{Result, UsageError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct ModelRow {
+    pub id: Uuid,
+    pub provider: String,
+    pub name: String,
+    pub version: String,
+    pub model_type: String,
+    pub display_name: String,
+    pub description: String,
+    pub capabilities: Vec<String>,
+    pub status: String,
+    pub max_tokens: i32,
+    pub context_window: i32,
+    pub match_pattern: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct PriceRow {
+    pub model_id: Uuid,
+    pub input_per_million: Decimal,
+    pub output_per_million: Decimal,
+    pub cached_input_per_million: Decimal,
+    pub effective_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl PriceRow {
+    pub fn price(&self) -> Price {
+        Price {
+            input_per_million: self.input_per_million,
+            output_per_million: self.output_per_million,
+            cached_input_per_million: self.cached_input_per_million,
+        }
+    }
+}
+
+/// What a new catalog entry stores.
+#[derive(Debug, Clone)]
+pub struct NewModel {
+    pub provider: String,
+    pub name: String,
+    pub version: String,
+    pub model_type: &'static str,
+    pub display_name: String,
+    pub description: String,
+    pub capabilities: Vec<String>,
+    pub status: ModelStatus,
+    pub max_tokens: i32,
+    pub context_window: i32,
+    pub match_pattern: String,
+}
+
+/// Fields of a model to change; `None` keeps the stored value.
+#[derive(Debug, Clone, Default)]
+pub struct ModelPatch {
+    pub display_name: Option<String>,
+    pub description: Option<String>,
+    pub context_window: Option<i32>,
+    pub max_tokens: Option<i32>,
+    pub capabilities: Option<Vec<String>>,
+    pub match_pattern: Option<String>,
+    pub status: Option<ModelStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct UsageRow {
+    pub id: Uuid,
+    pub request_id: String,
+    pub project_id: Uuid,
+    pub user_id: Uuid,
+    pub api_key_id: Option<Uuid>,
+    pub model_id: Uuid,
+    pub chat_session_id: Option<Uuid>,
+    pub reservation_id: Option<Uuid>,
+    pub request_type: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub total_tokens: i64,
+    pub cost: Decimal,
+    pub duration_ms: i64,
+    pub status: String,
+    pub error_message: String,
+    pub request_time: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Optional filters of a usage listing.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub user_id: Option<Uuid>,
+    pub model_id: Option<Uuid>,
+    pub api_key_id: Option<Uuid>,
+    pub status: Option<&'static str>,
+    pub start_time: Option<DateTime<Utc>>,
+    pub end_time: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct QuotaRow {
+    pub project_id: Uuid,
+    pub scope: String,
+    pub subject_id: Uuid,
+    pub tokens_per_day: i64,
+    pub cost_per_month: Decimal,
+    pub requests_per_minute: i64,
+    pub tokens_per_minute: i64,
+    pub soft_limit_percent: i32,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl QuotaRow {
+    pub fn subject(&self) -> Result<QuotaSubject> {
+        QuotaSubject::from_db(&self.scope, self.subject_id)
+    }
+
+    pub fn limits(&self) -> QuotaLimits {
+        QuotaLimits {
+            tokens_per_day: self.tokens_per_day,
+            cost_per_month: self.cost_per_month,
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+            soft_limit_percent: self.soft_limit_percent,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ReservationRow {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub user_id: Uuid,
+    pub api_key_id: Option<Uuid>,
+    pub model_id: Uuid,
+    pub tokens: i64,
+    pub cost: Decimal,
+    pub cost_nanos: i64,
+    pub state: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Actual usage of one group of records (same user, key and model) in a window, as the
+/// counters hold it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct UsageGroup {
+    pub user_id: Uuid,
+    pub api_key_id: Option<Uuid>,
+    pub model_id: Uuid,
+    /// Created in the current day / minute (every group is in the current month).
+    pub in_day: bool,
+    pub in_minute: bool,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub total_tokens: i64,
+    /// Sum over records of each cost in 1e-9 USD rounded up, as the counters added them.
+    pub cost_nanos: i64,
+}
+
+const MODEL_COLUMNS: &str = "id, provider, name, version, model_type, display_name, description, capabilities, \
+                             status, max_tokens, context_window, match_pattern, created_at, updated_at";
+const PRICE_COLUMNS: &str =
+    "model_id, input_per_million, output_per_million, cached_input_per_million, effective_at, created_at";
+const USAGE_COLUMNS: &str = "id, request_id, project_id, user_id, api_key_id, model_id, chat_session_id, \
+                             reservation_id, request_type, input_tokens, output_tokens, cached_input_tokens, \
+                             total_tokens, cost, duration_ms, status, error_message, request_time, created_at";
+const QUOTA_COLUMNS: &str = "project_id, scope, subject_id, tokens_per_day, cost_per_month, requests_per_minute, \
+                             tokens_per_minute, soft_limit_percent, updated_at";
+const RESERVATION_COLUMNS: &str =
+    "id, project_id, user_id, api_key_id, model_id, tokens, cost, cost_nanos, state, created_at, expires_at";
+
+fn sql(statement: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(statement)
+}
+
+/// The advisory lock key of a project's counters: the first 8 bytes of its id. Two projects
+/// sharing a key only share the lock, which is harmless.
+fn lock_key(project_id: Uuid) -> i64 {
+    let bytes = project_id.as_bytes();
+    i64::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7]])
+}
+
+/// The usage store over its PostgreSQL pool.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    // ---- catalog ----
+
+    /// Inserts a model and, when given, its first price, in one transaction.
+    pub async fn insert_model(&self, model: &NewModel, price: Option<(Price, DateTime<Utc>)>) -> Result<ModelRow> {
+        let mut tx = self.pool.begin().await?;
+        let row: ModelRow = sqlx::query_as(sql(format!(
+            "INSERT INTO ai_models (id, provider, name, version, model_type, display_name, description, \
+             capabilities, status, max_tokens, context_window, match_pattern) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {MODEL_COLUMNS}"
+        )))
+        .bind(Uuid::now_v7())
+        .bind(&model.provider)
+        .bind(&model.name)
+        .bind(&model.version)
+        .bind(model.model_type)
+        .bind(&model.display_name)
+        .bind(&model.description)
+        .bind(&model.capabilities)
+        .bind(model.status.as_str())
+        .bind(model.max_tokens)
+        .bind(model.context_window)
+        .bind(&model.match_pattern)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| if unique_violation(&e).is_some() { UsageError::ModelExists } else { e.into() })?;
+        if let Some((price, effective_at)) = price {
+            insert_price(&mut tx, row.id, &price, effective_at).await?;
+        }
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    pub async fn update_model(&self, id: Uuid, patch: &ModelPatch) -> Result<ModelRow> {
+        let row: Option<ModelRow> = sqlx::query_as(sql(format!(
+            "UPDATE ai_models SET display_name = COALESCE($2, display_name), \
+             description = COALESCE($3, description), context_window = COALESCE($4, context_window), \
+             max_tokens = COALESCE($5, max_tokens), capabilities = COALESCE($6, capabilities), \
+             match_pattern = COALESCE($7, match_pattern), status = COALESCE($8, status) \
+             WHERE id = $1 RETURNING {MODEL_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(&patch.display_name)
+        .bind(&patch.description)
+        .bind(patch.context_window)
+        .bind(patch.max_tokens)
+        .bind(&patch.capabilities)
+        .bind(&patch.match_pattern)
+        .bind(patch.status.map(ModelStatus::as_str))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.ok_or(UsageError::NotFound { what: "model", field: "model_id" })
+    }
+
+    pub async fn insert_model_price(
+        &self,
+        model_id: Uuid,
+        price: &Price,
+        effective_at: DateTime<Utc>,
+    ) -> Result<PriceRow> {
+        let mut conn = self.pool.acquire().await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM ai_models WHERE id = $1)")
+            .bind(model_id)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !exists {
+            return Err(UsageError::NotFound { what: "model", field: "model_id" });
+        }
+        insert_price(&mut conn, model_id, price, effective_at).await
+    }
+
+    /// The whole catalog, for the cache: every model and every price.
+    pub async fn catalog(&self) -> Result<(Vec<ModelRow>, Vec<PriceRow>)> {
+        let models = sqlx::query_as(sql(format!("SELECT {MODEL_COLUMNS} FROM ai_models ORDER BY created_at, id")))
+            .fetch_all(&self.pool)
+            .await?;
+        let prices = sqlx::query_as(sql(format!(
+            "SELECT {PRICE_COLUMNS} FROM model_prices ORDER BY model_id, effective_at DESC"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((models, prices))
+    }
+
+    // ---- usage records ----
+
+    /// The record a (project, request id) claimed, if any.
+    pub async fn claimed_usage(&self, project_id: Uuid, request_id: &str) -> Result<Option<UsageRow>> {
+        let mut conn = self.pool.acquire().await?;
+        claimed_usage(&mut conn, project_id, request_id).await
+    }
+
+    /// A page of a project's records, newest request first.
+    pub async fn list_usage(
+        &self,
+        project_id: Uuid,
+        filter: &UsageFilter,
+        after: Option<Cursor>,
+        limit: i64,
+    ) -> Result<Vec<UsageRow>> {
+        let (time, id) = after.map(|c| (c.time, c.id)).unwrap_or((DateTime::<Utc>::MAX_UTC, Uuid::max()));
+        Ok(sqlx::query_as(sql(format!(
+            "SELECT {USAGE_COLUMNS} FROM model_usage_logs WHERE project_id = $1 \
+             AND ($2::uuid IS NULL OR user_id = $2) AND ($3::uuid IS NULL OR model_id = $3) \
+             AND ($4::uuid IS NULL OR api_key_id = $4) AND ($5::text IS NULL OR status = $5) \
+             AND ($6::timestamptz IS NULL OR request_time >= $6) AND ($7::timestamptz IS NULL OR request_time < $7) \
+             AND (request_time, id) < ($8, $9) ORDER BY request_time DESC, id DESC LIMIT $10"
+        )))
+        .bind(project_id)
+        .bind(filter.user_id)
+        .bind(filter.model_id)
+        .bind(filter.api_key_id)
+        .bind(filter.status)
+        .bind(filter.start_time)
+        .bind(filter.end_time)
+        .bind(time)
+        .bind(id)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // ---- quotas ----
+
+    pub async fn quotas(&self, project_id: Uuid) -> Result<Vec<QuotaRow>> {
+        Ok(sqlx::query_as(sql(format!(
+            "SELECT {QUOTA_COLUMNS} FROM quotas WHERE project_id = $1 ORDER BY scope, subject_id"
+        )))
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Creates or replaces the quota of one subject.
+    pub async fn upsert_quota(
+        &self,
+        project_id: Uuid,
+        subject: QuotaSubject,
+        limits: &QuotaLimits,
+    ) -> Result<QuotaRow> {
+        Ok(sqlx::query_as(sql(format!(
+            "INSERT INTO quotas (project_id, scope, subject_id, tokens_per_day, cost_per_month, requests_per_minute, \
+             tokens_per_minute, soft_limit_percent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (project_id, scope, subject_id) DO UPDATE SET tokens_per_day = EXCLUDED.tokens_per_day, \
+             cost_per_month = EXCLUDED.cost_per_month, requests_per_minute = EXCLUDED.requests_per_minute, \
+             tokens_per_minute = EXCLUDED.tokens_per_minute, soft_limit_percent = EXCLUDED.soft_limit_percent \
+             RETURNING {QUOTA_COLUMNS}"
+        )))
+        .bind(project_id)
+        .bind(subject.scope().as_str())
+        .bind(subject.id())
+        .bind(limits.tokens_per_day)
+        .bind(limits.cost_per_month)
+        .bind(limits.requests_per_minute)
+        .bind(limits.tokens_per_minute)
+        .bind(limits.soft_limit_percent)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Deletes the quota of one subject; NOT_FOUND when it has none.
+    pub async fn delete_quota(&self, project_id: Uuid, subject: QuotaSubject) -> Result<()> {
+        let deleted = sqlx::query("DELETE FROM quotas WHERE project_id = $1 AND scope = $2 AND subject_id = $3")
+            .bind(project_id)
+            .bind(subject.scope().as_str())
+            .bind(subject.id())
+            .execute(&self.pool)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Err(UsageError::NotFound { what: "quota", field: "subject_id" });
+        }
+        Ok(())
+    }
+
+    // ---- maintenance ----
+
+    /// Creates the monthly partitions of the previous month, the current one and the next
+    /// `months_ahead` (see `usage_ensure_partitions`).
+    pub async fn ensure_partitions(&self, months_ahead: i32) -> Result<()> {
+        sqlx::query("SELECT usage_ensure_partitions($1)").bind(months_ahead).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Deletes what no request can need any more: reservations closed or expired a day ago, and
+    /// idempotency claims of request times RecordUsage no longer accepts (older than 35 days,
+    /// with a day of margin). Returns how many rows went.
+    pub async fn prune(&self, now: DateTime<Utc>) -> Result<u64> {
+        let reservations = sqlx::query("DELETE FROM quota_reservations WHERE expires_at < $1")
+            .bind(now - chrono::Duration::days(1))
+            .execute(&self.pool)
+            .await?;
+        let claims = sqlx::query("DELETE FROM usage_requests WHERE request_time < $1")
+            .bind(now - crate::domain::MAX_REQUEST_TIME_AGE - chrono::Duration::days(1))
+            .execute(&self.pool)
+            .await?;
+        Ok(reservations.rows_affected() + claims.rows_affected())
+    }
+}
+
+async fn insert_price(
+    conn: &mut PgConnection,
+    model_id: Uuid,
+    price: &Price,
+    effective_at: DateTime<Utc>,
+) -> Result<PriceRow> {
+    sqlx::query_as(sql(format!(
+        "INSERT INTO model_prices (model_id, input_per_million, output_per_million, cached_input_per_million, \
+         effective_at) VALUES ($1, $2, $3, $4, $5) RETURNING {PRICE_COLUMNS}"
+    )))
+    .bind(model_id)
+    .bind(price.input_per_million)
+    .bind(price.output_per_million)
+    .bind(price.cached_input_per_million)
+    .bind(effective_at)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| if unique_violation(&e).is_some() { UsageError::PriceExists } else { e.into() })
+}
+
+// ---- inside a ledger transaction ----
+
+/// Holds the project's counters lock in shared mode until the transaction ends: records,
+/// reservations and releases of a project run side by side, a rebuild of its counters waits
+/// for them and they wait for it.
+pub async fn lock_counters_shared(conn: &mut PgConnection, project_id: Uuid) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(lock_key(project_id)).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Holds the project's counters lock exclusively until the transaction ends (a rebuild).
+pub async fn lock_counters_exclusive(conn: &mut PgConnection, project_id: Uuid) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(lock_key(project_id)).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// The record a (project, request id) claimed, if any.
+pub async fn claimed_usage(conn: &mut PgConnection, project_id: Uuid, request_id: &str) -> Result<Option<UsageRow>> {
+    Ok(sqlx::query_as(sql(format!(
+        "SELECT {} FROM usage_requests r JOIN model_usage_logs u ON u.id = r.usage_id AND u.request_time = r.request_time \
+         WHERE r.project_id = $1 AND r.request_id = $2",
+        USAGE_COLUMNS.split(", ").map(|c| format!("u.{c}")).collect::<Vec<_>>().join(", ")
+    )))
+    .bind(project_id)
+    .bind(request_id)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// Claims a (project, request id) for `usage_id`. `false`: another record holds it. A
+/// concurrent claim of the same pair waits here until the first one's transaction ends, so two
+/// racing retries never both count.
+pub async fn claim_request(
+    conn: &mut PgConnection,
+    project_id: Uuid,
+    request_id: &str,
+    usage_id: Uuid,
+    request_time: DateTime<Utc>,
+) -> Result<bool> {
+    let claimed = sqlx::query(
+        "INSERT INTO usage_requests (project_id, request_id, usage_id, request_time) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (project_id, request_id) DO NOTHING",
+    )
+    .bind(project_id)
+    .bind(request_id)
+    .bind(usage_id)
+    .bind(request_time)
+    .execute(&mut *conn)
+    .await?;
+    Ok(claimed.rows_affected() == 1)
+}
+
+/// The price of a model in force at `at`: the latest that took effect at or before it.
+pub async fn price_at(conn: &mut PgConnection, model_id: Uuid, at: DateTime<Utc>) -> Result<Option<PriceRow>> {
+    Ok(sqlx::query_as(sql(format!(
+        "SELECT {PRICE_COLUMNS} FROM model_prices WHERE model_id = $1 AND effective_at <= $2 \
+         ORDER BY effective_at DESC LIMIT 1"
+    )))
+    .bind(model_id)
+    .bind(at)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+pub async fn insert_usage(conn: &mut PgConnection, row: &UsageRow) -> Result<()> {
+    sqlx::query(sql(format!(
+        "INSERT INTO model_usage_logs ({USAGE_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+    )))
+    .bind(row.id)
+    .bind(&row.request_id)
+    .bind(row.project_id)
+    .bind(row.user_id)
+    .bind(row.api_key_id)
+    .bind(row.model_id)
+    .bind(row.chat_session_id)
+    .bind(row.reservation_id)
+    .bind(&row.request_type)
+    .bind(row.input_tokens)
+    .bind(row.output_tokens)
+    .bind(row.cached_input_tokens)
+    .bind(row.total_tokens)
+    .bind(row.cost)
+    .bind(row.duration_ms)
+    .bind(&row.status)
+    .bind(&row.error_message)
+    .bind(row.request_time)
+    .bind(row.created_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn insert_reservation(conn: &mut PgConnection, row: &ReservationRow) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO quota_reservations (id, project_id, user_id, api_key_id, model_id, tokens, cost, cost_nanos, \
+         state, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'open', $9, $10)",
+    )
+    .bind(row.id)
+    .bind(row.project_id)
+    .bind(row.user_id)
+    .bind(row.api_key_id)
+    .bind(row.model_id)
+    .bind(row.tokens)
+    .bind(row.cost)
+    .bind(row.cost_nanos)
+    .bind(row.created_at)
+    .bind(row.expires_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A reservation, locked until the transaction ends.
+pub async fn reservation_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<ReservationRow>> {
+    Ok(sqlx::query_as(sql(format!("SELECT {RESERVATION_COLUMNS} FROM quota_reservations WHERE id = $1 FOR UPDATE")))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?)
+}
+
+/// Closes an open reservation as `settled` (by `usage_id`) or `released`.
+pub async fn close_reservation(
+    conn: &mut PgConnection,
+    id: Uuid,
+    state: &'static str,
+    usage_id: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE quota_reservations SET state = $2, usage_id = $3, closed_at = $4 WHERE id = $1 AND state = 'open'",
+    )
+    .bind(id)
+    .bind(state)
+    .bind(usage_id)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+// ---- the counters' truth ----
+
+/// A project's actual usage accepted since `windows.month_start`, grouped as the counters
+/// hold it. `request_time` bounds only let PostgreSQL skip partitions: a record's request
+/// time is at most 35 days before and 5 minutes after its acceptance.
+pub async fn usage_groups(conn: &mut PgConnection, project_id: Uuid, windows: &Windows) -> Result<Vec<UsageGroup>> {
+    Ok(sqlx::query_as(
+        "SELECT user_id, api_key_id, model_id, created_at >= $3 AS in_day, created_at >= $4 AS in_minute, \
+         count(*)::bigint AS requests, sum(input_tokens)::bigint AS input_tokens, \
+         sum(output_tokens)::bigint AS output_tokens, sum(total_tokens)::bigint AS total_tokens, \
+         sum(ceil(cost * 1000000000))::bigint AS cost_nanos \
+         FROM model_usage_logs WHERE project_id = $1 AND created_at >= $2 \
+         AND request_time >= $2 - interval '36 days' \
+         GROUP BY user_id, api_key_id, model_id, created_at >= $3, created_at >= $4",
+    )
+    .bind(project_id)
+    .bind(windows.month_start)
+    .bind(windows.day_start)
+    .bind(windows.minute_start)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+/// A project's reservations still holding room at `now`.
+pub async fn open_reservations(
+    conn: &mut PgConnection,
+    project_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Vec<ReservationRow>> {
+    Ok(sqlx::query_as(sql(format!(
+        "SELECT {RESERVATION_COLUMNS} FROM quota_reservations \
+         WHERE project_id = $1 AND state = 'open' AND expires_at > $2"
+    )))
+    .bind(project_id)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?)
+}

@@ -1,0 +1,310 @@
+//! The usage service end to end, with identity beside it: the catalog is an admin's, usage is
+//! recorded and priced once per request id, quotas hold, and nobody reaches another project.
+
+use aimesh_proto::identity::v1 as pb;
+use aimesh_proto::usage::v1 as usage_pb;
+use aimesh_tests::{Account, Mesh, authed, expect_code, reason_and_field};
+use tonic::Code;
+
+/// A decimal string without trailing zeros, so "2.1000000000" and "2.1" compare equal.
+fn normalized(decimal: &str) -> String {
+    if decimal.contains('.') {
+        decimal.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        decimal.to_owned()
+    }
+}
+
+fn future(seconds_from_now: i64) -> prost_types::Timestamp {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
+    prost_types::Timestamp { seconds: now.as_secs() as i64 + seconds_from_now, nanos: 0 }
+}
+
+/// An admin, a catalog model "gpt-4o" of provider openai priced 2.50 / 10.00 / 1.25 per million.
+async fn catalog(mesh: &Mesh) -> (Account, usage_pb::Model) {
+    let admin = mesh.signup("root").await;
+    let admin = mesh.make_admin(&admin).await;
+    let model = usage_pb::Model {
+        provider: "openai".into(),
+        name: "gpt-4o".into(),
+        version: "2024-08-06".into(),
+        r#type: usage_pb::ModelType::Chat.into(),
+        display_name: "GPT-4o".into(),
+        context_window: 128_000,
+        max_output_tokens: 16_384,
+        match_pattern: r"^gpt-4o(-\d{4}-\d{2}-\d{2})?$".into(),
+        ..Default::default()
+    };
+    let model = mesh
+        .models()
+        .create_model(authed(usage_pb::CreateModelRequest { model: Some(model) }, &admin.token))
+        .await
+        .expect("create model")
+        .into_inner();
+    let price = usage_pb::ModelPrice {
+        input_per_million: "2.50".into(),
+        output_per_million: "10.00".into(),
+        cached_input_per_million: "1.25".into(),
+        effective_time: Some(future(0)),
+        ..Default::default()
+    };
+    mesh.models()
+        .set_model_price(authed(
+            usage_pb::SetModelPriceRequest { model_id: model.id.clone(), price: Some(price) },
+            &admin.token,
+        ))
+        .await
+        .expect("set price");
+    (admin, model)
+}
+
+/// A project of `owner` and a key in it with the given scopes; returns (project id, secret).
+async fn project_with_key(mesh: &Mesh, owner: &Account, scopes: &[&str]) -> (String, String) {
+    let project = mesh
+        .projects()
+        .create_project(authed(
+            pb::CreateProjectRequest { name: "Apps".into(), description: String::new() },
+            &owner.token,
+        ))
+        .await
+        .expect("create project")
+        .into_inner();
+    let key = pb::CreateApiKeyRequest {
+        project_id: project.id.clone(),
+        name: "backend".into(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        expire_time: None,
+    };
+    let secret =
+        mesh.api_keys().create_api_key(authed(key, &owner.token)).await.expect("create key").into_inner().secret;
+    (project.id, secret)
+}
+
+fn record(project_id: &str, request_id: &str) -> usage_pb::RecordUsageRequest {
+    usage_pb::RecordUsageRequest {
+        request_id: request_id.into(),
+        project_id: project_id.into(),
+        model: "gpt-4o-2024-08-06".into(),
+        request_type: "chat".into(),
+        input_tokens: 1_000_000,
+        cached_input_tokens: 400_000,
+        output_tokens: 10_000,
+        duration_ms: 1200,
+        status: usage_pb::UsageStatus::Success.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_catalog_is_changed_by_system_admins_and_read_by_anyone_authenticated() {
+    let mesh = Mesh::start().await;
+    let (_admin, model) = catalog(&mesh).await;
+    let ann = mesh.signup("ann").await;
+
+    let attempt =
+        usage_pb::Model { provider: "acme".into(), name: "rocket".into(), version: "1".into(), ..model.clone() };
+    let refused =
+        mesh.models().create_model(authed(usage_pb::CreateModelRequest { model: Some(attempt) }, &ann.token)).await;
+    expect_code("a user creating a model", Code::PermissionDenied, refused);
+    let anonymous = mesh.models().get_model(usage_pb::GetModelRequest { model_id: model.id.clone() }).await;
+    expect_code("reading without a credential", Code::Unauthenticated, anonymous);
+
+    let read = mesh
+        .models()
+        .get_model(authed(usage_pb::GetModelRequest { model_id: model.id.clone() }, &ann.token))
+        .await
+        .expect("read the model")
+        .into_inner();
+    let price = read.current_price.expect("a price in force");
+    assert_eq!(normalized(&price.input_per_million), "2.5");
+    let listed = mesh
+        .models()
+        .list_models(authed(
+            usage_pb::ListModelsRequest { provider: "openai".into(), ..Default::default() },
+            &ann.token,
+        ))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["gpt-4o"]);
+}
+
+#[tokio::test]
+async fn usage_is_priced_from_the_catalog_counted_once_and_listed() {
+    let mesh = Mesh::start().await;
+    let (_admin, model) = catalog(&mesh).await;
+    let ann = mesh.signup("ann").await;
+    let (project, secret) = project_with_key(&mesh, &ann, &["usage:write", "usage:read"]).await;
+
+    let first =
+        mesh.usage().record_usage(authed(record(&project, "req-1"), &secret)).await.expect("record").into_inner();
+    // 600,000 x 2.50 + 400,000 x 1.25 + 10,000 x 10.00, per million.
+    assert_eq!(normalized(&first.cost), "2.1");
+    assert_eq!((first.model_id.as_str(), first.total_tokens), (model.id.as_str(), 1_010_000));
+    assert!(!first.api_key_id.is_empty(), "the key that recorded it");
+    assert_eq!(first.user_id, ann.user_id, "a key acts for the person who made it");
+
+    // A retry is the same record and counts nothing again.
+    let retry =
+        mesh.usage().record_usage(authed(record(&project, "req-1"), &secret)).await.expect("retry").into_inner();
+    assert_eq!(retry.id, first.id);
+    let listed = mesh
+        .usage()
+        .list_usage(authed(usage_pb::ListUsageRequest { project_id: project.clone(), ..Default::default() }, &secret))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.records.len(), 1);
+    let stats = mesh
+        .usage()
+        .get_usage_stats(authed(usage_pb::GetUsageStatsRequest { project_id: project.clone() }, &ann.token))
+        .await
+        .expect("stats")
+        .into_inner();
+    let totals = stats.project.expect("project totals");
+    assert_eq!((totals.requests, totals.input_tokens, totals.output_tokens), (1, 1_000_000, 10_000));
+    assert_eq!(normalized(&totals.cost), "2.1");
+    assert_eq!(stats.by_model.get(&model.id).map(|t| t.requests), Some(1));
+
+    // Bad input names the field and writes nothing.
+    let cases = [
+        (
+            usage_pb::RecordUsageRequest { input_tokens: -1, ..record(&project, "bad-1") },
+            Code::InvalidArgument,
+            "input_tokens",
+        ),
+        (
+            usage_pb::RecordUsageRequest { cached_input_tokens: 2_000_000, ..record(&project, "bad-2") },
+            Code::InvalidArgument,
+            "cached_input_tokens",
+        ),
+        (
+            usage_pb::RecordUsageRequest { model: "no-such-model".into(), ..record(&project, "bad-3") },
+            Code::NotFound,
+            "model",
+        ),
+        (
+            usage_pb::RecordUsageRequest { request_id: String::new(), ..record(&project, "") },
+            Code::InvalidArgument,
+            "request_id",
+        ),
+    ];
+    for (request, code, field) in cases {
+        let status = expect_code(field, code, mesh.usage().record_usage(authed(request, &secret)).await);
+        assert_eq!(reason_and_field(&status).1.as_deref(), Some(field), "{status:?}");
+    }
+    let pool = mesh.usage_db().await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM model_usage_logs").fetch_one(&pool).await.expect("count");
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn a_stranger_reaches_nothing_of_another_project() {
+    let mesh = Mesh::start().await;
+    catalog(&mesh).await;
+    let (ann, bob) = (mesh.signup("ann").await, mesh.signup("bob").await);
+    let (project, _secret) = project_with_key(&mesh, &ann, &["usage:write"]).await;
+    let (_bobs_project, bobs_key) = project_with_key(&mesh, &bob, &["usage:write", "usage:read"]).await;
+
+    for credential in [bob.token.as_str(), bobs_key.as_str()] {
+        let recorded = mesh.usage().record_usage(authed(record(&project, "x"), credential)).await;
+        expect_code("record", Code::PermissionDenied, recorded);
+        let listed = mesh
+            .usage()
+            .list_usage(authed(
+                usage_pb::ListUsageRequest { project_id: project.clone(), ..Default::default() },
+                credential,
+            ))
+            .await;
+        expect_code("list", Code::PermissionDenied, listed);
+        let stats = mesh
+            .usage()
+            .get_usage_stats(authed(usage_pb::GetUsageStatsRequest { project_id: project.clone() }, credential))
+            .await;
+        expect_code("stats", Code::PermissionDenied, stats);
+        let reserve = usage_pb::ReserveRequest {
+            project_id: project.clone(),
+            model: "gpt-4o".into(),
+            estimated_input_tokens: 10,
+            estimated_output_tokens: 10,
+            ..Default::default()
+        };
+        expect_code("reserve", Code::PermissionDenied, mesh.quotas().reserve(authed(reserve, credential)).await);
+        let quota = usage_pb::Quota {
+            project_id: project.clone(),
+            scope: usage_pb::QuotaScope::Project.into(),
+            tokens_per_day: 1,
+            ..Default::default()
+        };
+        let set = mesh.quotas().set_quota(authed(usage_pb::SetQuotaRequest { quota: Some(quota) }, credential)).await;
+        expect_code("set quota", Code::PermissionDenied, set);
+    }
+    let listed = mesh
+        .usage()
+        .list_usage(authed(
+            usage_pb::ListUsageRequest { project_id: project.clone(), ..Default::default() },
+            &ann.token,
+        ))
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.records.is_empty());
+    let quotas = mesh
+        .quotas()
+        .list_quotas(authed(usage_pb::ListQuotasRequest { project_id: project }, &ann.token))
+        .await
+        .expect("quotas")
+        .into_inner();
+    assert!(quotas.quotas.is_empty());
+}
+
+#[tokio::test]
+async fn a_daily_token_budget_is_reserved_settled_and_released() {
+    let mesh = Mesh::start().await;
+    catalog(&mesh).await;
+    let ann = mesh.signup("ann").await;
+    let (project, secret) = project_with_key(&mesh, &ann, &["usage:write", "usage:read"]).await;
+    let quota = usage_pb::Quota {
+        project_id: project.clone(),
+        scope: usage_pb::QuotaScope::Project.into(),
+        tokens_per_day: 1000,
+        ..Default::default()
+    };
+    mesh.quotas()
+        .set_quota(authed(usage_pb::SetQuotaRequest { quota: Some(quota) }, &ann.token))
+        .await
+        .expect("set quota");
+
+    let reserve = |tokens: i64| usage_pb::ReserveRequest {
+        project_id: project.clone(),
+        model: "gpt-4o".into(),
+        estimated_input_tokens: tokens / 2,
+        estimated_output_tokens: tokens - tokens / 2,
+        ttl_seconds: 60,
+        ..Default::default()
+    };
+    let first = mesh.quotas().reserve(authed(reserve(600), &secret)).await.expect("room for 600").into_inner();
+    expect_code("over the budget", Code::ResourceExhausted, mesh.quotas().reserve(authed(reserve(600), &secret)).await);
+
+    // Giving the first back makes room again.
+    let release = usage_pb::ReleaseReservationRequest { project_id: project.clone(), reservation_id: first.id.clone() };
+    mesh.quotas().release_reservation(authed(release.clone(), &secret)).await.expect("release");
+    expect_code("released twice", Code::NotFound, mesh.quotas().release_reservation(authed(release, &secret)).await);
+    let second = mesh.quotas().reserve(authed(reserve(600), &secret)).await.expect("room again").into_inner();
+
+    // Settling with the actual usage (100 tokens) frees the rest of the estimate.
+    let settle = usage_pb::RecordUsageRequest {
+        input_tokens: 60,
+        cached_input_tokens: 0,
+        output_tokens: 40,
+        reservation_id: second.id.clone(),
+        ..record(&project, "settled")
+    };
+    mesh.usage().record_usage(authed(settle, &secret)).await.expect("settle");
+    mesh.quotas().reserve(authed(reserve(800), &secret)).await.expect("100 used, 800 fit");
+    expect_code(
+        "100 + 800 + 200 > 1000",
+        Code::ResourceExhausted,
+        mesh.quotas().reserve(authed(reserve(200), &secret)).await,
+    );
+}
