@@ -308,3 +308,35 @@ async fn a_daily_token_budget_is_reserved_settled_and_released() {
         mesh.quotas().reserve(authed(reserve(200), &secret)).await,
     );
 }
+
+#[tokio::test]
+async fn a_person_counts_usage_only_for_themselves_while_a_key_may_attribute_it() {
+    let mesh = Mesh::start().await;
+    catalog(&mesh).await;
+    let (ann, bob) = (mesh.signup("ann").await, mesh.signup("bob").await);
+    let (project, secret) = project_with_key(&mesh, &ann, &["usage:write", "usage:read"]).await;
+    let add = pb::AddMemberRequest {
+        project_id: project.clone(),
+        email: bob.email.clone(),
+        role: pb::ProjectRole::Member.into(),
+    };
+    mesh.projects().add_member(authed(add, &ann.token)).await.expect("bob joins");
+
+    let for_ann = usage_pb::RecordUsageRequest { user_id: ann.user_id.clone(), ..record(&project, "bob-for-ann") };
+    expect_code(
+        "bob recording for ann",
+        Code::PermissionDenied,
+        mesh.usage().record_usage(authed(for_ann, &bob.token)).await,
+    );
+    let own = mesh
+        .usage()
+        .record_usage(authed(record(&project, "bob-own"), &bob.token))
+        .await
+        .expect("bob's own")
+        .into_inner();
+    assert_eq!(own.user_id, bob.user_id);
+    // The backend, holding a key, attributes usage to whoever it served.
+    let for_bob = usage_pb::RecordUsageRequest { user_id: bob.user_id.clone(), ..record(&project, "backend-for-bob") };
+    let recorded = mesh.usage().record_usage(authed(for_bob, &secret)).await.expect("key attributes").into_inner();
+    assert_eq!(recorded.user_id, bob.user_id);
+}

@@ -159,11 +159,18 @@ impl Ledger {
     /// Stores a usage record and counts it, or returns the record stored first for the same
     /// (project, request id) without counting anything again.
     pub async fn record(&self, usage: &NewUsage) -> Result<UsageRow> {
-        // A retry finds its record without resolving the model again (it may be retired since).
-        if let Some(row) = self.store.claimed_usage(usage.project_id, &usage.request_id).await? {
-            return Ok(row);
-        }
-        let model = self.catalog.resolve(&usage.model).await?;
+        // Duplicates are found by the claim inside the transaction, so a first record costs no
+        // extra query; only when the model cannot be resolved (retired or renamed since the
+        // first try) is a stored record looked for first.
+        let model = match self.catalog.resolve(&usage.model).await {
+            Ok(model) => model,
+            Err(error) => {
+                return match self.store.claimed_usage(usage.project_id, &usage.request_id).await? {
+                    Some(row) => Ok(row),
+                    None => Err(error),
+                };
+            }
+        };
         for _ in 0..MAX_REBUILDS {
             match self.try_record(usage, model.model.id).await? {
                 Attempt::Done(row) => return Ok(row),

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use aimesh_kit::access::{Caller, ProjectAccess, ProjectRole};
+use aimesh_kit::access::{Access, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::auth::CredentialRef;
 use aimesh_kit::proto_json;
 use aimesh_proto::usage::v1 as pb;
@@ -53,6 +53,19 @@ impl Usage {
     /// Refuses a caller without `needed` in the project (or an API key of it without `scope`).
     async fn require(&self, caller: &Caller, project_id: Uuid, needed: ProjectRole, scope: &str) -> Result<()> {
         self.access.require(caller, project_id, needed, scope).await?;
+        Ok(())
+    }
+
+    /// May `caller` count usage in `project_id` for `user_id`? A person (a login session) counts
+    /// only their own; attributing usage to others is for internal clients, which use an API
+    /// key of the project with `usage:write`.
+    async fn require_usage_writer(&self, caller: &Caller, project_id: Uuid, user_id: Uuid) -> Result<()> {
+        let access = self.access.require(caller, project_id, ProjectRole::Member, USAGE_WRITE).await?;
+        if access != Access::ApiKey && user_id != caller.principal.user_id {
+            return Err(UsageError::forbidden(
+                "a person records and reserves usage only for themselves; internal clients use an API key",
+            ));
+        }
         Ok(())
     }
 }

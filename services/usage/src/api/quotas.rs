@@ -97,7 +97,7 @@ impl Usage {
             ttl_seconds: request.ttl_seconds,
         };
         let reservation = NewReservation::validate(&draft)?;
-        self.require(caller, reservation.project_id, ProjectRole::Member, USAGE_WRITE).await?;
+        self.require_usage_writer(caller, reservation.project_id, reservation.user_id).await?;
         Ok(reservation_to_proto(self.ledger.reserve(&reservation).await?))
     }
 

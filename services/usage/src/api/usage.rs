@@ -11,7 +11,7 @@ use aimesh_kit::pagination::{self, Cursor};
 use aimesh_kit::proto_json;
 use aimesh_proto::usage::v1 as pb;
 
-use super::{USAGE_READ, USAGE_WRITE, Usage, api_key_of, caller, respond, time_field};
+use super::{USAGE_READ, Usage, api_key_of, caller, respond, time_field};
 use crate::domain::{NewUsage, RequestType, UsageDraft, UsageStatus};
 use crate::error::{Result, UsageError};
 use crate::ledger::Totals;
@@ -78,7 +78,7 @@ impl Usage {
             reservation_id: &request.reservation_id,
         };
         let usage = NewUsage::validate(&draft, Utc::now())?;
-        self.require(caller, usage.project_id, ProjectRole::Member, USAGE_WRITE).await?;
+        self.require_usage_writer(caller, usage.project_id, usage.user_id).await?;
         usage_to_proto(self.ledger.record(&usage).await?)
     }
 
