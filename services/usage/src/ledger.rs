@@ -183,19 +183,19 @@ impl Ledger {
     async fn try_record(&self, usage: &NewUsage, model_id: Uuid) -> Result<Attempt<UsageRow>> {
         let now = now();
         let mut tx = self.store.pool().begin().await?;
-        store::lock_counters_shared(&mut tx, usage.project_id).await?;
         let id = Uuid::now_v7();
-        if !store::claim_request(&mut tx, usage.project_id, &usage.request_id, id, usage.request_time).await? {
-            // A concurrent duplicate committed first (the claim waited for it): its record stands.
-            tx.rollback().await?;
-            let first = self.store.claimed_usage(usage.project_id, &usage.request_id).await?;
-            return first
-                .map(Attempt::Done)
-                .ok_or_else(|| ServiceError::internal("a usage claim without its record").into());
-        }
-        let price = store::price_at(&mut tx, model_id, usage.request_time)
-            .await?
-            .ok_or(UsageError::NoPrice(usage.request_time))?;
+        let claim = store::claim_record(&mut tx, usage.project_id, &usage.request_id, id, usage.request_time, model_id);
+        let price = match claim.await? {
+            store::RecordClaim::Claimed(price) => price.ok_or(UsageError::NoPrice(usage.request_time))?,
+            store::RecordClaim::Duplicate => {
+                // A concurrent duplicate committed first (the claim waited for it): its record stands.
+                tx.rollback().await?;
+                let first = self.store.claimed_usage(usage.project_id, &usage.request_id).await?;
+                return first
+                    .map(Attempt::Done)
+                    .ok_or_else(|| ServiceError::internal("a usage claim without its record").into());
+            }
+        };
         if let Some(reservation_id) = usage.reservation_id {
             let reservation = store::reservation_for_update(&mut tx, reservation_id).await?;
             open_reservation(reservation, usage.project_id, now)?;

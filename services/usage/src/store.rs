@@ -461,39 +461,70 @@ pub async fn claimed_usage(conn: &mut PgConnection, project_id: Uuid, request_id
     .await?)
 }
 
-/// Claims a (project, request id) for `usage_id`. `false`: another record holds it. A
-/// concurrent claim of the same pair waits here until the first one's transaction ends, so two
-/// racing retries never both count.
-pub async fn claim_request(
+/// What the first statement of a record found.
+#[derive(Debug)]
+pub enum RecordClaim {
+    /// The (project, request id) was recorded before: that record stands.
+    Duplicate,
+    /// This request may record; the price of the model in force at its request time, if any.
+    Claimed(Option<PriceRow>),
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimWithPrice {
+    claimed: bool,
+    model_id: Option<Uuid>,
+    input_per_million: Option<Decimal>,
+    output_per_million: Option<Decimal>,
+    cached_input_per_million: Option<Decimal>,
+    effective_at: Option<DateTime<Utc>>,
+    created_at: Option<DateTime<Utc>>,
+}
+
+/// The start of a record, in one round trip since a record's latency is its round trips: takes
+/// the project's counters lock in shared mode (see the ledger), claims (project, request id)
+/// for `usage_id` (a concurrent duplicate makes this wait for its transaction, then see it),
+/// and reads the price in force at `request_time`.
+pub async fn claim_record(
     conn: &mut PgConnection,
     project_id: Uuid,
     request_id: &str,
     usage_id: Uuid,
     request_time: DateTime<Utc>,
-) -> Result<bool> {
-    let claimed = sqlx::query(
-        "INSERT INTO usage_requests (project_id, request_id, usage_id, request_time) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (project_id, request_id) DO NOTHING",
-    )
+    model_id: Uuid,
+) -> Result<RecordClaim> {
+    let row: ClaimWithPrice = sqlx::query_as(sql(format!(
+        "WITH counters_lock AS (SELECT pg_advisory_xact_lock_shared($1)), \
+         claim AS (INSERT INTO usage_requests (project_id, request_id, usage_id, request_time) \
+                   SELECT $2, $3, $4, $5 FROM counters_lock \
+                   ON CONFLICT (project_id, request_id) DO NOTHING RETURNING usage_id) \
+         SELECT EXISTS (SELECT 1 FROM claim) AS claimed, p.* FROM (SELECT 1) AS one LEFT JOIN LATERAL \
+         (SELECT {PRICE_COLUMNS} FROM model_prices WHERE model_id = $6 AND effective_at <= $5 \
+          ORDER BY effective_at DESC LIMIT 1) AS p ON true"
+    )))
+    .bind(lock_key(project_id))
     .bind(project_id)
     .bind(request_id)
     .bind(usage_id)
     .bind(request_time)
-    .execute(&mut *conn)
-    .await?;
-    Ok(claimed.rows_affected() == 1)
-}
-
-/// The price of a model in force at `at`: the latest that took effect at or before it.
-pub async fn price_at(conn: &mut PgConnection, model_id: Uuid, at: DateTime<Utc>) -> Result<Option<PriceRow>> {
-    Ok(sqlx::query_as(sql(format!(
-        "SELECT {PRICE_COLUMNS} FROM model_prices WHERE model_id = $1 AND effective_at <= $2 \
-         ORDER BY effective_at DESC LIMIT 1"
-    )))
     .bind(model_id)
-    .bind(at)
-    .fetch_optional(&mut *conn)
-    .await?)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !row.claimed {
+        return Ok(RecordClaim::Duplicate);
+    }
+    let price = match (row.model_id, row.input_per_million, row.output_per_million, row.cached_input_per_million) {
+        (Some(model_id), Some(input), Some(output), Some(cached)) => Some(PriceRow {
+            model_id,
+            input_per_million: input,
+            output_per_million: output,
+            cached_input_per_million: cached,
+            effective_at: row.effective_at.unwrap_or(request_time),
+            created_at: row.created_at.unwrap_or(request_time),
+        }),
+        _ => None,
+    };
+    Ok(RecordClaim::Claimed(price))
 }
 
 pub async fn insert_usage(conn: &mut PgConnection, row: &UsageRow) -> Result<()> {
