@@ -21,3 +21,12 @@ pub mod usage {
         tonic::include_proto!("aimesh.usage.v1");
     }
 }
+
+/// The chat service: sessions and messages, live watch, search, export.
+pub mod chat {
+    /// Version 1 of the chat API.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("aimesh.chat.v1");
+    }
+}

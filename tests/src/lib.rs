@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 
 use aimesh::{MeshConfig, ServiceName};
 use aimesh_kit::testing::{self, ScratchDatabase};
+use aimesh_proto::chat::v1 as chat_pb;
 use aimesh_proto::identity::v1 as pb;
 use aimesh_proto::usage::v1 as usage_pb;
 
@@ -19,6 +20,7 @@ use aimesh_proto::usage::v1 as usage_pb;
 pub struct Mesh {
     pub config: MeshConfig,
     pub identity: SocketAddr,
+    pub chat: SocketAddr,
     pub usage: SocketAddr,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -35,6 +37,7 @@ impl std::fmt::Debug for Mesh {
 pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
     let identity_db = ScratchDatabase::new();
     let usage_db = ScratchDatabase::new();
+    let chat_db = ScratchDatabase::new();
     let mut config = MeshConfig::default();
     config.common.postgres_url = testing::postgres_url();
     config.common.redis_urls = testing::redis_urls();
@@ -49,7 +52,9 @@ pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
     config.identity.settings_key = Some(base64::engine::general_purpose::STANDARD.encode([42u8; 32]));
     config.usage.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.usage.database_url = Some(usage_db.url.clone());
-    (config, vec![identity_db, usage_db])
+    config.chat.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.chat.database_url = Some(chat_db.url.clone());
+    (config, vec![identity_db, usage_db, chat_db])
 }
 
 impl Mesh {
@@ -63,11 +68,12 @@ impl Mesh {
     /// databases and key prefix are two replicas of one deployment.
     pub async fn start_with(config: MeshConfig, databases: Vec<ScratchDatabase>) -> Self {
         let listeners = aimesh::bind(&ServiceName::ALL, &config).await.expect("bind the services");
-        let (mut identity, mut usage) = (None, None);
+        let (mut identity, mut chat, mut usage) = (None, None, None);
         for (service, listener) in &listeners {
             let address = listener.local_addr().expect("listener address");
             match service {
                 ServiceName::Identity => identity = Some(address),
+                ServiceName::Chat => chat = Some(address),
                 ServiceName::Usage => usage = Some(address),
             }
         }
@@ -76,6 +82,7 @@ impl Mesh {
         let mesh = Self {
             config,
             identity: identity.expect("identity listener"),
+            chat: chat.expect("chat listener"),
             usage: usage.expect("usage listener"),
             shutdown,
             task: Some(task),
@@ -86,7 +93,7 @@ impl Mesh {
     }
 
     async fn wait_until_serving(&self) {
-        for address in [self.identity, self.usage] {
+        for address in [self.identity, self.chat, self.usage] {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             loop {
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel(address));
@@ -106,6 +113,21 @@ impl Mesh {
     /// A channel to identity.
     pub fn channel(&self) -> Channel {
         channel(self.identity)
+    }
+
+    /// A channel to chat.
+    pub fn chat_channel(&self) -> Channel {
+        channel(self.chat)
+    }
+
+    pub fn chat(&self) -> chat_pb::chat_service_client::ChatServiceClient<Channel> {
+        chat_pb::chat_service_client::ChatServiceClient::new(self.chat_channel())
+    }
+
+    /// A pool on chat's database, for tests that check what was (not) written.
+    pub async fn chat_db(&self) -> sqlx::PgPool {
+        let url = self.config.chat.database_url.clone().expect("chat database url");
+        sqlx::PgPool::connect(&url).await.expect("connect to the chat database")
     }
 
     /// A channel to usage.

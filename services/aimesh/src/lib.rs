@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use aimesh_chat::ChatConfig;
 use aimesh_identity::IdentityConfig;
 use aimesh_kit::config::{CommonConfig, Configuration};
 use aimesh_usage::UsageConfig;
@@ -18,6 +19,7 @@ use aimesh_usage::UsageConfig;
 pub struct MeshConfig {
     pub common: CommonConfig,
     pub identity: IdentityConfig,
+    pub chat: ChatConfig,
     pub usage: UsageConfig,
 }
 
@@ -27,6 +29,7 @@ impl MeshConfig {
         Ok(Self {
             common: sources.section("")?,
             identity: sources.section("identity")?,
+            chat: sources.section("chat")?,
             usage: sources.section("usage")?,
         })
     }
@@ -36,16 +39,18 @@ impl MeshConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServiceName {
     Identity,
+    Chat,
     Usage,
 }
 
 impl ServiceName {
     /// Every service, in start order.
-    pub const ALL: [ServiceName; 2] = [ServiceName::Identity, ServiceName::Usage];
+    pub const ALL: [ServiceName; 3] = [ServiceName::Identity, ServiceName::Chat, ServiceName::Usage];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Identity => "identity",
+            Self::Chat => "chat",
             Self::Usage => "usage",
         }
     }
@@ -54,6 +59,7 @@ impl ServiceName {
     pub fn listen(self, config: &MeshConfig) -> SocketAddr {
         match self {
             Self::Identity => config.identity.listen,
+            Self::Chat => config.chat.listen,
             Self::Usage => config.usage.listen,
         }
     }
@@ -91,6 +97,7 @@ pub async fn run(
         tasks.spawn(async move {
             let result = match service {
                 ServiceName::Identity => aimesh_identity::run(listener, config.common, config.identity, shutdown).await,
+                ServiceName::Chat => aimesh_chat::run(listener, config.common, config.chat, shutdown).await,
                 ServiceName::Usage => aimesh_usage::run(listener, config.common, config.usage, shutdown).await,
             };
             result.with_context(|| format!("{} stopped", service.as_str()))
@@ -114,6 +121,9 @@ pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
         match service {
             ServiceName::Identity => {
                 aimesh_identity::connect_database(&config.common, &config.identity).await?.close().await;
+            }
+            ServiceName::Chat => {
+                aimesh_chat::connect_database(&config.common, &config.chat).await?.close().await;
             }
             ServiceName::Usage => {
                 aimesh_usage::connect_database(&config.common, &config.usage).await?.close().await;

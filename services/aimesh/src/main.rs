@@ -38,6 +38,12 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Runs the chat service (it asks identity at `auth.identity_url`).
+    Chat {
+        /// Where its gRPC server listens.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
     /// Runs the usage service (it asks identity at `auth.identity_url`).
     Usage {
         /// Where its gRPC server listens.
@@ -73,6 +79,9 @@ impl Cli {
             Command::Identity { listen: Some(listen) } => {
                 root.insert("identity".into(), serde_json::json!({ "listen": listen.to_string() }));
             }
+            Command::Chat { listen: Some(listen) } => {
+                root.insert("chat".into(), serde_json::json!({ "listen": listen.to_string() }));
+            }
             Command::Usage { listen: Some(listen) } => {
                 root.insert("usage".into(), serde_json::json!({ "listen": listen.to_string() }));
             }
@@ -92,6 +101,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
     let (name, services) = match cli.command {
         Command::Identity { .. } => ("identity", vec![ServiceName::Identity]),
+        Command::Chat { .. } => ("chat", vec![ServiceName::Chat]),
         Command::Usage { .. } => ("usage", vec![ServiceName::Usage]),
         Command::All => ("aimesh", ServiceName::ALL.to_vec()),
         Command::Migrate | Command::GrantAdmin { .. } => ("aimesh-admin", Vec::new()),
@@ -107,7 +117,7 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
                 pool.close().await;
                 return Ok(());
             }
-            Command::Identity { .. } | Command::Usage { .. } | Command::All => {}
+            Command::Identity { .. } | Command::Chat { .. } | Command::Usage { .. } | Command::All => {}
         }
         let listeners = aimesh::bind(&services, &config).await?;
         for (service, listener) in &listeners {

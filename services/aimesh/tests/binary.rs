@@ -81,10 +81,13 @@ fn http_get(address: SocketAddr, path: &str) -> String {
 
 #[tokio::test]
 async fn all_serves_grpc_and_metrics_from_the_environment_and_stops_on_sigterm() {
-    let (database, usage_database) = (ScratchDatabase::new(), ScratchDatabase::new());
-    let (grpc, usage, metrics) = (free_address(), free_address(), free_address());
+    let (database, usage_database, chat_database) =
+        (ScratchDatabase::new(), ScratchDatabase::new(), ScratchDatabase::new());
+    let (grpc, usage, chat, metrics) = (free_address(), free_address(), free_address(), free_address());
     let env = [
         ("AIMESH_IDENTITY__LISTEN", grpc.to_string()),
+        ("AIMESH_CHAT__LISTEN", chat.to_string()),
+        ("AIMESH_CHAT__DATABASE_URL", chat_database.url.clone()),
         ("AIMESH_USAGE__LISTEN", usage.to_string()),
         ("AIMESH_USAGE__DATABASE_URL", usage_database.url.clone()),
         ("AIMESH_METRICS__LISTEN", metrics.to_string()),
@@ -92,6 +95,7 @@ async fn all_serves_grpc_and_metrics_from_the_environment_and_stops_on_sigterm()
     let mut child = aimesh(&["all"], &database, &env);
     wait_serving(grpc, &mut child).await;
     wait_serving(usage, &mut child).await;
+    wait_serving(chat, &mut child).await;
 
     let mut users =
         pb::user_service_client::UserServiceClient::connect(format!("http://{grpc}")).await.expect("connect");

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use aimesh_kit::access::ProjectAccess;
-use aimesh_kit::auth::{AuthLayer, CredentialVerifier};
+use aimesh_kit::auth::CredentialVerifier;
 use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::db;
@@ -23,17 +23,9 @@ use crate::domain::validate_email;
 use crate::error::IdentityError;
 use crate::store::{Actor, Store, UserPatch};
 
-/// How often each process writes the last-use times it collected to Redis.
-const LAST_USE_RECORD_INTERVAL: Duration = Duration::from_secs(2);
-
 /// Connects to identity's own database, creating it if missing, and applies the migrations.
 pub async fn connect_database(common: &CommonConfig, config: &IdentityConfig) -> anyhow::Result<PgPool> {
-    let url = config.database_url.clone().unwrap_or_else(|| db::database_url(&common.postgres_url, "aimesh_identity"));
-    db::ensure_database(&url).await.context("creating the identity database")?;
-    let pool = db::connect(&url, &common.database).await.context("connecting to the identity database")?;
-    db::migrate(&pool, &crate::MIGRATOR).await.context("migrating the identity database")?;
-    aimesh_kit::outbox::migrate(&pool).await.context("migrating the identity outbox")?;
-    Ok(pool)
+    db::service_database(common, "identity", config.database_url.as_deref(), &crate::MIGRATOR).await
 }
 
 /// Serves identity on `listener` until `shutdown` is cancelled, then stops gracefully: the
@@ -57,8 +49,6 @@ pub async fn run(
     let identity =
         Identity::new(store.clone(), verifier.clone(), access, config.clone()).context("identity.settings_key")?;
 
-    let stop_recorder = CancellationToken::new();
-    let recorder = tokio::spawn(verifier.last_use().clone().run(LAST_USE_RECORD_INTERVAL, stop_recorder.clone()));
     let stop_drain = CancellationToken::new();
     let drain = tokio::spawn(run_last_use_drain(
         store,
@@ -73,11 +63,9 @@ pub async fn run(
         grpc_services: Identity::GRPC_SERVICES.to_vec(),
         dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
     };
-    let served = server::serve(listener, spec, AuthLayer::new(verifier), common.server.clone(), shutdown).await;
-
-    // In this order, so the times recorded by the last requests reach PostgreSQL.
-    stop_recorder.cancel();
-    let _ = recorder.await;
+    // `serve` writes the last requests' use times to Redis before it returns; the drain after it
+    // takes them to PostgreSQL.
+    let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
     stop_drain.cancel();
     let _ = drain.await;
     redis.quit().await;

@@ -162,6 +162,19 @@ impl RoleSource for RemoteRoleSource {
     }
 }
 
+/// What a service other than identity verifies callers with: credentials and session roles
+/// both asked of identity at `settings.identity_url`, through the shared caches.
+pub fn remote(
+    redis: &Redis,
+    bus: &InvalidationBus,
+    settings: &AuthConfig,
+) -> Result<(crate::auth::CredentialVerifier, ProjectAccess), ServiceError> {
+    let credentials = Arc::new(crate::auth::RemoteCredentialSource::new(&settings.identity_url)?);
+    let verifier = crate::auth::CredentialVerifier::new(redis.clone(), bus, settings, credentials);
+    let roles = Arc::new(RemoteRoleSource::new(&settings.identity_url)?);
+    Ok((verifier, ProjectAccess::new(redis.clone(), bus, settings, roles)))
+}
+
 /// Checks callers' access to projects, through a cache of session roles.
 #[derive(Clone)]
 pub struct ProjectAccess {

@@ -79,3 +79,25 @@ pub fn spawn_pool_metrics(pool: PgPool, database: &'static str) {
         }
     });
 }
+
+/// A service's own database, ready: `database_url` or `aimesh_<service>` on the configured
+/// server, created if missing, with the service's migrations and the kit's outbox applied.
+pub async fn service_database(
+    common: &crate::config::CommonConfig,
+    service: &str,
+    database_url: Option<&str>,
+    migrator: &Migrator,
+) -> anyhow::Result<PgPool> {
+    use anyhow::Context;
+    let url = database_url.map_or_else(|| database_url_of(&common.postgres_url, service), str::to_owned);
+    ensure_database(&url).await.with_context(|| format!("creating the {service} database"))?;
+    let pool =
+        connect(&url, &common.database).await.with_context(|| format!("connecting to the {service} database"))?;
+    migrate(&pool, migrator).await.with_context(|| format!("migrating the {service} database"))?;
+    crate::outbox::migrate(&pool).await.with_context(|| format!("migrating the {service} outbox"))?;
+    Ok(pool)
+}
+
+fn database_url_of(server_url: &str, service: &str) -> String {
+    database_url(server_url, &format!("aimesh_{service}"))
+}

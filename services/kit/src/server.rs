@@ -16,7 +16,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
-use crate::auth::AuthLayer;
+use crate::auth::{AuthLayer, CredentialVerifier};
 use crate::config::ServerConfig;
 use crate::redis::Redis;
 
@@ -56,15 +56,37 @@ pub struct ServiceSpec {
     pub dependencies: Vec<Dependency>,
 }
 
-/// Serves `spec` on `listener` until `shutdown` is cancelled, then shuts down gracefully.
+/// Serves `spec` on `listener`, authenticating callers with `verifier`, until `shutdown` is
+/// cancelled, then shuts down gracefully.
 pub async fn serve(
     listener: TcpListener,
+    spec: ServiceSpec,
+    verifier: CredentialVerifier,
+    settings: ServerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let address = listener.local_addr()?;
+    // Last-use times of credentials go to Redis every few seconds and once more after the
+    // server stopped, so the last requests' times are kept too.
+    let stop_recorder = CancellationToken::new();
+    let recorder = tokio::spawn(verifier.last_use().clone().run(LAST_USE_RECORD_INTERVAL, stop_recorder.clone()));
+    let served = serve_until_shutdown(listener, address, spec, AuthLayer::new(verifier), settings, shutdown).await;
+    stop_recorder.cancel();
+    let _ = recorder.await;
+    served
+}
+
+/// How often each process writes the last-use times it collected to Redis.
+const LAST_USE_RECORD_INTERVAL: Duration = Duration::from_secs(2);
+
+async fn serve_until_shutdown(
+    listener: TcpListener,
+    address: std::net::SocketAddr,
     spec: ServiceSpec,
     auth: AuthLayer,
     settings: ServerConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let address = listener.local_addr()?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // Both reflection versions: grpcurl and many other tools still speak only v1alpha.
     let reflection = || {

@@ -1,6 +1,5 @@
 //! Starting and stopping the usage service.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -8,8 +7,6 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use aimesh_kit::access::{ProjectAccess, RemoteRoleSource};
-use aimesh_kit::auth::{AuthLayer, CredentialVerifier, RemoteCredentialSource};
 use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::db;
@@ -26,13 +23,10 @@ const PARTITIONS_AHEAD_MONTHS: i32 = 3;
 /// How often partitions are created ahead and spent rows pruned.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Connects to the usage database, creating it if missing, and applies the migrations.
+/// Connects to the usage database, creating it if missing, applies the migrations and creates
+/// the monthly partitions ahead.
 pub async fn connect_database(common: &CommonConfig, config: &UsageConfig) -> anyhow::Result<PgPool> {
-    let url = config.database_url.clone().unwrap_or_else(|| db::database_url(&common.postgres_url, "aimesh_usage"));
-    db::ensure_database(&url).await.context("creating the usage database")?;
-    let pool = db::connect(&url, &common.database).await.context("connecting to the usage database")?;
-    db::migrate(&pool, &crate::MIGRATOR).await.context("migrating the usage database")?;
-    aimesh_kit::outbox::migrate(&pool).await.context("migrating the usage outbox")?;
+    let pool = db::service_database(common, "usage", config.database_url.as_deref(), &crate::MIGRATOR).await?;
     Store::new(pool.clone())
         .ensure_partitions(PARTITIONS_AHEAD_MONTHS)
         .await
@@ -53,27 +47,19 @@ pub async fn run(
     let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
     redis.log_errors();
     let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
-    let credentials = Arc::new(RemoteCredentialSource::new(&common.auth.identity_url)?);
-    let verifier = CredentialVerifier::new(redis.clone(), &bus, &common.auth, credentials);
-    let roles = Arc::new(RemoteRoleSource::new(&common.auth.identity_url)?);
-    let access = ProjectAccess::new(redis.clone(), &bus, &common.auth, roles);
+    let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &common.auth)?;
     let ledger = Ledger::new(pool.clone(), redis.clone(), &bus);
     let usage = Usage::new(ledger, access);
     let stop_maintenance = CancellationToken::new();
     let maintenance = tokio::spawn(run_maintenance(Store::new(pool.clone()), stop_maintenance.clone()));
 
-    let stop_recorder = CancellationToken::new();
-    let recorder =
-        tokio::spawn(verifier.last_use().clone().run(std::time::Duration::from_secs(2), stop_recorder.clone()));
     let spec = ServiceSpec {
         name: "usage",
         routes: usage.routes(),
         grpc_services: Usage::GRPC_SERVICES.to_vec(),
         dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
     };
-    let served = server::serve(listener, spec, AuthLayer::new(verifier), common.server.clone(), shutdown).await;
-    stop_recorder.cancel();
-    let _ = recorder.await;
+    let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
     stop_maintenance.cancel();
     let _ = maintenance.await;
     redis.quit().await;

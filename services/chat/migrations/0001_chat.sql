@@ -1,0 +1,2 @@
+-- The chat service's own database (being written).
+SELECT 1;
