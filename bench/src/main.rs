@@ -5,6 +5,7 @@
 //! `make bench` (or `cargo run --release -p aimesh-bench -- --help` with `.dev/env` loaded).
 //! Writes `target/bench/report.json` and `target/bench/report.md`.
 
+mod chat;
 mod report;
 mod scenarios;
 
@@ -34,7 +35,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let chosen = if cli.scenario.is_empty() { scenarios::Scenario::ALL.to_vec() } else { cli.scenario.clone() };
-    let load = report::Load { concurrency: cli.concurrency, duration: Duration::from_secs(cli.seconds) };
+    let load = report::Load { concurrency: cli.concurrency, duration: Duration::from_secs(cli.seconds), max_requests: None };
     let mut results = Vec::new();
     for scenario in chosen {
         eprintln!("bench: {scenario:?} ({} s each, {} in flight)", cli.seconds, cli.concurrency);

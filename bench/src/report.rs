@@ -12,6 +12,8 @@ use serde::Serialize;
 pub struct Load {
     pub concurrency: usize,
     pub duration: Duration,
+    /// Stop after this many requests even if time is left (for passes over a fixed set).
+    pub max_requests: Option<u64>,
 }
 
 /// The figures of one measured loop.
@@ -81,6 +83,9 @@ where
                 let (mut errors, mut first_error) = (0u64, None);
                 while Instant::now() < deadline {
                     let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if load.max_requests.is_some_and(|max| n >= max) {
+                        break;
+                    }
                     let begun = Instant::now();
                     let outcome = op(n).await;
                     latencies.push(begun.elapsed());

@@ -19,10 +19,17 @@ pub enum Scenario {
     UsageRecord,
     /// Reserve through gRPC (one quota decision each), against a raw Redis EVALSHA.
     UsageReserve,
+    /// AppendMessage through gRPC, each writer on a session of its own, against a raw
+    /// PostgreSQL INSERT.
+    ChatAppend,
+    /// ListMessages of 50 messages through gRPC: sessions read for the first time (cold
+    /// caches) against the same sessions read again (warm).
+    ChatList,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 2] = [Scenario::UsageRecord, Scenario::UsageReserve];
+    pub const ALL: [Scenario; 4] =
+        [Scenario::UsageRecord, Scenario::UsageReserve, Scenario::ChatAppend, Scenario::ChatList];
 }
 
 pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
@@ -38,6 +45,15 @@ pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
             let baseline = redis_evalsha(&setup.mesh, load).await?;
             Pair { scenario, baseline, baseline_is: "EVALSHA of a one-INCRBY script on the Redis Cluster" }
         }
+        Scenario::ChatAppend => {
+            let scenario = crate::chat::append(&setup.mesh, &setup.owner_token, &setup.project, load).await?;
+            let baseline = postgres_insert(load, setup.pool_size).await?;
+            Pair { scenario, baseline, baseline_is: "INSERT of a usage row with sqlx, same pool size" }
+        }
+        Scenario::ChatList => {
+            let (cold, warm) = crate::chat::list(&setup.mesh, &setup.owner_token, &setup.project, load).await?;
+            Pair { scenario: cold, baseline: warm, baseline_is: "the same sessions listed again, caches warm" }
+        }
     };
     setup.mesh.stop().await?;
     Ok(pair)
@@ -48,6 +64,7 @@ struct Setup {
     mesh: Mesh,
     project: String,
     secret: String,
+    owner_token: String,
     pool_size: u32,
 }
 
@@ -108,7 +125,7 @@ impl Setup {
         };
         let secret = mesh.api_keys().create_api_key(authed(key, &owner.token)).await?.into_inner().secret;
         let _ = load;
-        Ok(Self { mesh, project, secret, pool_size })
+        Ok(Self { mesh, project, secret, owner_token: owner.token, pool_size })
     }
 
     fn client(
