@@ -69,7 +69,11 @@ pub async fn list(mesh: &Mesh, token: &str, project: &str, load: Load) -> anyhow
             let request = authed(request, &token);
             async move {
                 let page = client.list_messages(request).await.map_err(|s| s.to_string())?.into_inner();
-                if page.messages.len() == MESSAGES_PER_SESSION { Ok(()) } else { Err(format!("{} messages", page.messages.len())) }
+                if page.messages.len() == MESSAGES_PER_SESSION {
+                    Ok(())
+                } else {
+                    Err(format!("{} messages", page.messages.len()))
+                }
             }
         })
     };

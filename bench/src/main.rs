@@ -35,7 +35,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let chosen = if cli.scenario.is_empty() { scenarios::Scenario::ALL.to_vec() } else { cli.scenario.clone() };
-    let load = report::Load { concurrency: cli.concurrency, duration: Duration::from_secs(cli.seconds), max_requests: None };
+    let load =
+        report::Load { concurrency: cli.concurrency, duration: Duration::from_secs(cli.seconds), max_requests: None };
     let mut results = Vec::new();
     for scenario in chosen {
         eprintln!("bench: {scenario:?} ({} s each, {} in flight)", cli.seconds, cli.concurrency);

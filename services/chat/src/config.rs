@@ -15,6 +15,11 @@ pub struct ChatConfig {
     pub max_message_bytes: usize,
     /// How long a soft-deleted session can be restored before it is purged.
     pub purge_after_days: u32,
+    /// How long a quiet watcher waits before looking at PostgreSQL for messages whose live
+    /// publication was lost (Redis pub/sub is at most once).
+    pub watch_poll_ms: u64,
+    /// How often each replica looks for sessions past their purge time.
+    pub purge_interval_secs: u64,
 }
 
 impl Default for ChatConfig {
@@ -24,6 +29,8 @@ impl Default for ChatConfig {
             database_url: None,
             max_message_bytes: 256 * 1024,
             purge_after_days: 30,
+            watch_poll_ms: 5_000,
+            purge_interval_secs: 300,
         }
     }
 }

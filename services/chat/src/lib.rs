@@ -1,7 +1,14 @@
 //! The chat service: sessions and messages, branches, live watch, search, export.
 
 pub mod api;
+pub mod attachments;
 pub mod config;
+pub mod conversations;
+pub mod domain;
+pub mod error;
+pub mod export;
+pub mod live;
+pub mod store;
 
 mod service;
 

@@ -1,5 +1,8 @@
 //! Starting and stopping the chat service.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use anyhow::Context;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -12,7 +15,12 @@ use aimesh_kit::redis::Redis;
 use aimesh_kit::server::{self, Dependency, ServiceSpec};
 
 use crate::api::Chat;
+use crate::attachments::NoFilesService;
 use crate::config::ChatConfig;
+use crate::conversations::{Conversations, Settings};
+
+/// Sessions purged per transaction of the purge task.
+const PURGE_BATCH: i64 = 50;
 
 /// Connects to the chat database, creating it if missing, and applies the migrations.
 pub async fn connect_database(common: &CommonConfig, config: &ChatConfig) -> anyhow::Result<PgPool> {
@@ -32,7 +40,17 @@ pub async fn run(
     redis.log_errors();
     let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
     let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &common.auth)?;
-    let chat = Chat::new(pool.clone(), redis.clone(), access, config);
+    // The files service (issue 7) replaces NoFilesService here.
+    let conversations =
+        Conversations::new(pool.clone(), redis.clone(), &bus, Arc::new(NoFilesService), Settings::from_config(&config))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("starting live message delivery")?;
+    let chat = Chat::new(conversations.clone(), access, shutdown.clone());
+    let stop_purging = CancellationToken::new();
+    let interval = Duration::from_secs(config.purge_interval_secs.max(1));
+    let purging = tokio::spawn(run_purge(conversations, interval, stop_purging.clone()));
+
     let spec = ServiceSpec {
         name: "chat",
         routes: chat.routes(),
@@ -40,7 +58,31 @@ pub async fn run(
         dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
     };
     let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
+    stop_purging.cancel();
+    let _ = purging.await;
     redis.quit().await;
     pool.close().await;
     served
+}
+
+/// Every `interval` until `stop`: purges the sessions whose grace period is over, a batch at a
+/// time. Every replica runs it; `SKIP LOCKED` gives each batch to one of them.
+async fn run_purge(conversations: Conversations, interval: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        loop {
+            match conversations.purge_due(PURGE_BATCH).await {
+                Ok(purged) if purged as i64 == PURGE_BATCH && !stop.is_cancelled() => {}
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot purge sessions past their grace period; will retry");
+                    break;
+                }
+            }
+        }
+    }
 }

@@ -13,6 +13,7 @@ pub mod pagination;
 pub mod proto_json;
 pub mod redis;
 pub mod server;
+pub mod spelled;
 pub mod telemetry;
 
 pub use error::{ErrorCode, ServiceError};

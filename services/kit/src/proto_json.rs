@@ -25,6 +25,14 @@ pub fn json_object_to_struct(map: &serde_json::Map<String, serde_json::Value>) -
     Struct { fields: map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect() }
 }
 
+/// A JSON object as a protobuf `Struct`; anything else (null included) as none.
+pub fn json_to_struct(json: &serde_json::Value) -> Option<Struct> {
+    match json {
+        serde_json::Value::Object(map) => Some(json_object_to_struct(map)),
+        _ => None,
+    }
+}
+
 /// A protobuf `Value` as JSON. Non-finite numbers, which JSON cannot hold, become null.
 pub fn value_to_json(value: &Value) -> serde_json::Value {
     match &value.kind {

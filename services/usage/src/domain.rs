@@ -48,75 +48,22 @@ pub const MAX_RESERVATION_TTL_SECS: i32 = 3600;
 /// record of a call that happened matters more than its whole error text.
 const MAX_ERROR_MESSAGE: usize = 2000;
 
-/// Defines an enum with its database spelling and its protobuf counterpart.
-macro_rules! spelled_enum {
-    ($(#[$doc:meta])* $name:ident, $pb:ty, { $($variant:ident = $text:literal),+ $(,)? }) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        #[serde(rename_all = "snake_case")]
-        pub enum $name { $($variant),+ }
-
-        impl $name {
-            /// Every value, in declaration order.
-            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
-
-            /// The spelling in the database and in events.
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$variant => $text),+ }
-            }
-
-            /// Reads [`Self::as_str`]'s spelling.
-            pub fn parse(value: &str) -> Option<Self> {
-                match value { $($text => Some(Self::$variant),)+ _ => None }
-            }
-
-            /// A stored value; anything else is a bug, not the caller's fault.
-            pub fn parse_db(value: &str) -> Result<Self> {
-                Self::parse(value).ok_or_else(|| {
-                    aimesh_kit::ServiceError::internal(format!(
-                        concat!("unknown ", stringify!($name), " {:?} in the database"), value
-                    )).into()
-                })
-            }
-
-            pub fn to_proto(self) -> $pb {
-                match self { $(Self::$variant => <$pb>::$variant),+ }
-            }
-
-            /// The protobuf value, `None` for unspecified or unknown ones.
-            pub fn from_proto(value: i32) -> Option<Self> {
-                match <$pb>::try_from(value) { $(Ok(<$pb>::$variant) => Some(Self::$variant),)+ _ => None }
-            }
-
-            fn spellings() -> String {
-                Self::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
-            }
-
-            /// The protobuf value of a request field, refusing unspecified and unknown ones.
-            pub fn require_proto(value: i32, field: &'static str) -> Result<Self> {
-                Self::from_proto(value)
-                    .ok_or_else(|| UsageError::invalid(field, format!("must be one of: {}", Self::spellings())))
-            }
-        }
-    };
-}
-
-spelled_enum!(
+aimesh_kit::spelled_enum!(
     /// What kind of model a catalog entry is.
     ModelType, pb::ModelType, { Chat = "chat", Completion = "completion", Embedding = "embedding", Image = "image", Audio = "audio" }
 );
 
-spelled_enum!(
+aimesh_kit::spelled_enum!(
     /// Whether usage may be recorded against a model.
     ModelStatus, pb::ModelStatus, { Active = "active", Deprecated = "deprecated", Retired = "retired" }
 );
 
-spelled_enum!(
+aimesh_kit::spelled_enum!(
     /// How a model call ended.
     UsageStatus, pb::UsageStatus, { Success = "success", Error = "error", Timeout = "timeout", Cancelled = "cancelled" }
 );
 
-spelled_enum!(
+aimesh_kit::spelled_enum!(
     /// Whose use a quota limits.
     QuotaScope, pb::QuotaScope, { Project = "project", User = "user", ApiKey = "api_key" }
 );

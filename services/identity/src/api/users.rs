@@ -24,10 +24,7 @@ pub(super) struct UserApi(pub(super) Arc<Identity>);
 
 impl From<UserRow> for pb::User {
     fn from(row: UserRow) -> Self {
-        let settings = match &row.settings {
-            serde_json::Value::Object(map) => Some(proto_json::json_object_to_struct(map)),
-            _ => None,
-        };
+        let settings = proto_json::json_to_struct(&row.settings);
         pb::User {
             id: row.id.to_string(),
             email: row.email,

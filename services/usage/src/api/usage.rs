@@ -54,7 +54,7 @@ fn totals_to_proto(totals: &Totals) -> pb::UsageTotals {
 
 /// An optional status of a request: unspecified is `None`, unknown values are refused.
 fn optional_status(value: i32, field: &'static str) -> Result<Option<UsageStatus>> {
-    if value == 0 { Ok(None) } else { UsageStatus::require_proto(value, field).map(Some) }
+    if value == 0 { Ok(None) } else { Ok(Some(UsageStatus::require_proto(value, field)?)) }
 }
 
 impl Usage {

@@ -1,0 +1,107 @@
+//! Messages: append, read, list, branches, edits, search.
+
+use aimesh_kit::access::{Caller, ProjectRole};
+use aimesh_kit::fields;
+use aimesh_kit::pagination;
+use aimesh_proto::chat::v1 as pb;
+
+use super::{CHAT_READ, Chat, Deleted, Need, message_to_proto};
+use crate::domain::{self, MessageEdit, NewMessage, PageToken};
+use crate::error::{ChatError, Result};
+
+impl Chat {
+    pub(super) async fn append_message(
+        &self,
+        caller: &Caller,
+        request: pb::AppendMessageRequest,
+    ) -> Result<pb::Message> {
+        let session_id = fields::id("session_id", &request.session_id)?;
+        let message = NewMessage::validate(&request, caller.principal.user_id, self.conversations.settings().limits)?;
+        let session = self.session_for(caller, session_id, Need::Write, Deleted::NotFound).await?;
+        message_to_proto(self.conversations.append(&session, &message).await?.into_message())
+    }
+
+    pub(super) async fn get_message(&self, caller: &Caller, request: pb::GetMessageRequest) -> Result<pb::Message> {
+        let session_id = fields::id("session_id", &request.session_id)?;
+        let message_id = fields::id("message_id", &request.message_id)?;
+        self.session_for(caller, session_id, Need::Read, Deleted::NotFound).await?;
+        let message = self.conversations.store().message(session_id, message_id).await?;
+        message_to_proto(message.ok_or(ChatError::MessageNotFound { field: "message_id" })?)
+    }
+
+    pub(super) async fn list_messages(
+        &self,
+        caller: &Caller,
+        request: pb::ListMessagesRequest,
+    ) -> Result<pb::ListMessagesResponse> {
+        let session_id = fields::id("session_id", &request.session_id)?;
+        if request.after_sequence < 0 {
+            return Err(ChatError::invalid("after_sequence", "must not be negative"));
+        }
+        let limit = pagination::page_size(request.page_size)?;
+        // The token holds the last sequence of the previous page, so it replaces after_sequence.
+        let after = PageToken::decode(&request.page_token)?.unwrap_or(request.after_sequence);
+        self.session_for(caller, session_id, Need::Read, Deleted::NotFound).await?;
+        let mut rows = self.conversations.store().messages_after(session_id, after, None, limit + 1).await?;
+        let next_page_token = if rows.len() as i64 > limit {
+            rows.truncate(limit as usize);
+            rows.last().map(|last| PageToken::encode(last.sequence)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let messages = rows.into_iter().map(message_to_proto).collect::<Result<_>>()?;
+        Ok(pb::ListMessagesResponse { messages, next_page_token })
+    }
+
+    pub(super) async fn get_branch(
+        &self,
+        caller: &Caller,
+        request: pb::GetBranchRequest,
+    ) -> Result<pb::GetBranchResponse> {
+        let session_id = fields::id("session_id", &request.session_id)?;
+        let leaf = fields::optional_id("message_id", &request.message_id)?;
+        self.session_for(caller, session_id, Need::Read, Deleted::NotFound).await?;
+        let path = self.conversations.branch(session_id, leaf).await?;
+        Ok(pb::GetBranchResponse { messages: path.into_iter().map(message_to_proto).collect::<Result<_>>()? })
+    }
+
+    pub(super) async fn edit_message(&self, caller: &Caller, request: pb::EditMessageRequest) -> Result<pb::Message> {
+        let session_id = fields::id("session_id", &request.session_id)?;
+        let edit = MessageEdit::validate(&request, caller.principal.user_id, self.conversations.settings().limits)?;
+        let session = self.session_for(caller, session_id, Need::Write, Deleted::NotFound).await?;
+        message_to_proto(self.conversations.edit(&session, edit).await?.into_message())
+    }
+
+    pub(super) async fn search_messages(
+        &self,
+        caller: &Caller,
+        request: pb::SearchMessagesRequest,
+    ) -> Result<pb::SearchMessagesResponse> {
+        let project_id = fields::id("project_id", &request.project_id)?;
+        let query = domain::search_query("query", &request.query)?;
+        let session_id = fields::optional_id("session_id", &request.session_id)?;
+        let limit = pagination::page_size(request.page_size)?;
+        // An offset: ranks are floats shared by many rows, a poor key for a keyset.
+        let offset = PageToken::decode(&request.page_token)?.unwrap_or(0);
+        self.require(caller, project_id, ProjectRole::Viewer, CHAT_READ).await?;
+        let mut rows = self.conversations.store().search(project_id, &query, session_id, offset, limit).await?;
+        let next_page_token = if rows.len() as i64 > limit {
+            rows.truncate(limit as usize);
+            PageToken::encode(offset + limit)
+        } else {
+            String::new()
+        };
+        let hits = rows
+            .into_iter()
+            .map(|row| {
+                Ok(pb::SearchHit {
+                    message: Some(message_to_proto(row.message)?),
+                    session_title: row.session_title,
+                    rank: row.rank,
+                    snippet: row.snippet,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(pb::SearchMessagesResponse { hits, next_page_token })
+    }
+}
