@@ -7,7 +7,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use aimesh_kit::db::is_sqlstate;
-use aimesh_kit::outbox::{self, OutboxEvent};
+use aimesh_kit::outbox::{self, EVENT_COLUMNS, OutboxEvent};
 use aimesh_kit::pagination::Cursor;
 
 use crate::domain::{NewMessage, NewSession, Parent, SessionPatch, SessionStatus};
@@ -335,17 +335,32 @@ impl Store {
             Parent::Latest => (true, None),
             Parent::Exactly(parent) => (false, parent),
         };
+        // The message and its product event in one statement: an append's latency is its round
+        // trips. The event knows everything beforehand but the parent, which it does not carry.
+        let message_id = Uuid::now_v7();
+        let payload = serde_json::json!({
+            "session_id": session_id,
+            "project_id": project_id,
+            "message_id": message_id,
+            "sequence": sequence,
+            "role": message.role.as_str(),
+            "tokens": message.tokens,
+            "user_id": message.user_id,
+        });
+        let event = OutboxEvent::new("product", "chat.message_appended", Some(project_id), payload);
         let inserted: Result<Option<MessageRow>, sqlx::Error> = sqlx::query_as(sql(format!(
-            "INSERT INTO chat_messages (id, session_id, sequence, role, content, content_type, metadata, tokens, \
-               parent_message_id, client_message_id, attachment_ids, user_id) \
+            "WITH stored AS (INSERT INTO chat_messages (id, session_id, sequence, role, content, content_type, \
+               metadata, tokens, parent_message_id, client_message_id, attachment_ids, user_id) \
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, \
                CASE WHEN $9 THEN (SELECT id FROM chat_messages WHERE session_id = $2 AND sequence = $3 - 1) \
                     ELSE $10 END, \
                $11, $12, $13 \
              ON CONFLICT (session_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING \
-             RETURNING {MESSAGE_COLUMNS}"
+             RETURNING {MESSAGE_COLUMNS}), \
+             event AS (INSERT INTO outbox_events ({EVENT_COLUMNS}) SELECT $14, $15, $16, $17, $18, $19 FROM stored) \
+             SELECT {MESSAGE_COLUMNS} FROM stored"
         )))
-        .bind(Uuid::now_v7())
+        .bind(message_id)
         .bind(session_id)
         .bind(sequence)
         .bind(message.role.as_str())
@@ -358,6 +373,12 @@ impl Store {
         .bind(message.client_message_id.as_deref())
         .bind(&message.attachment_ids)
         .bind(message.user_id)
+        .bind(event.event_id)
+        .bind(&event.topic)
+        .bind(&event.event_type)
+        .bind(event.project_id)
+        .bind(&event.payload)
+        .bind(event.occurred_at)
         .fetch_optional(&mut *tx)
         .await;
         let stored = match inserted {
@@ -380,17 +401,6 @@ impl Store {
             }
             Err(error) => return Err(error.into()),
         };
-        let payload = serde_json::json!({
-            "session_id": session_id,
-            "project_id": project_id,
-            "message_id": stored.id,
-            "sequence": stored.sequence,
-            "role": stored.role,
-            "tokens": stored.tokens,
-            "user_id": stored.user_id,
-        });
-        outbox::enqueue(&mut tx, &OutboxEvent::new("product", "chat.message_appended", Some(project_id), payload))
-            .await?;
         tx.commit().await?;
         Ok(Appended::Stored(stored))
     }

@@ -78,13 +78,17 @@ impl OutboxEvent {
     }
 }
 
+/// The columns an event is written with, in this order (event_id, topic, event_type, project_id,
+/// payload, occurred_at): for a statement that writes an event together with the change it
+/// reports, in one round trip (`INSERT INTO outbox_events ({EVENT_COLUMNS}) SELECT ...`).
+pub const EVENT_COLUMNS: &str = "event_id, topic, event_type, project_id, payload, occurred_at";
+
 /// Writes `event` to the outbox inside the caller's transaction: it is relayed only if that
 /// transaction commits.
 pub async fn enqueue(conn: &mut PgConnection, event: &OutboxEvent) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO outbox_events (event_id, topic, event_type, project_id, payload, occurred_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO outbox_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+    )))
     .bind(event.event_id)
     .bind(&event.topic)
     .bind(&event.event_type)
