@@ -31,7 +31,7 @@ use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
 use aimesh_kit::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
-use aimesh_kit::outbox::{self, OutboxEvent};
+use aimesh_kit::outbox::OutboxEvent;
 use aimesh_kit::redis::Redis;
 
 use crate::catalog::Catalog;
@@ -223,8 +223,7 @@ impl Ledger {
             request_time: usage.request_time,
             created_at: now,
         };
-        store::insert_usage(&mut tx, &row).await?;
-        outbox::enqueue(&mut tx, &usage_event(&row)).await?;
+        store::insert_usage(&mut tx, &row, &usage_event(&row)).await?;
         let stats = ["p".to_owned(), format!("u:{}", row.user_id), format!("m:{model_id}")];
         let outcome = self
             .counters

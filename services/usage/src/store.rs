@@ -9,6 +9,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use aimesh_kit::db::unique_violation;
+use aimesh_kit::outbox::{EVENT_COLUMNS, OutboxEvent};
 use aimesh_kit::pagination::Cursor;
 
 use crate::domain::{ModelStatus, Price, QuotaLimits, QuotaSubject, Windows};
@@ -527,10 +528,13 @@ pub async fn claim_record(
     Ok(RecordClaim::Claimed(price))
 }
 
-pub async fn insert_usage(conn: &mut PgConnection, row: &UsageRow) -> Result<()> {
+/// Stores a usage record and its outbox event, in one statement: a record's latency is its
+/// round trips.
+pub async fn insert_usage(conn: &mut PgConnection, row: &UsageRow, event: &OutboxEvent) -> Result<()> {
     sqlx::query(sql(format!(
-        "INSERT INTO model_usage_logs ({USAGE_COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+        "WITH stored AS (INSERT INTO model_usage_logs ({USAGE_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)) \
+         INSERT INTO outbox_events ({EVENT_COLUMNS}) VALUES ($20, $21, $22, $23, $24, $25)"
     )))
     .bind(row.id)
     .bind(&row.request_id)
@@ -551,6 +555,12 @@ pub async fn insert_usage(conn: &mut PgConnection, row: &UsageRow) -> Result<()>
     .bind(&row.error_message)
     .bind(row.request_time)
     .bind(row.created_at)
+    .bind(event.event_id)
+    .bind(&event.topic)
+    .bind(&event.event_type)
+    .bind(event.project_id)
+    .bind(&event.payload)
+    .bind(event.occurred_at)
     .execute(&mut *conn)
     .await?;
     Ok(())
