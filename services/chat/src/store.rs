@@ -348,7 +348,7 @@ impl Store {
             "user_id": message.user_id,
         });
         let event = OutboxEvent::new("product", "chat.message_appended", Some(project_id), payload);
-        let inserted: Result<Option<MessageRow>, sqlx::Error> = sqlx::query_as(sql(format!(
+        let statement = sqlx::query_as(sql(format!(
             "WITH stored AS (INSERT INTO chat_messages (id, session_id, sequence, role, content, content_type, \
                metadata, tokens, parent_message_id, client_message_id, attachment_ids, user_id) \
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, \
@@ -372,15 +372,8 @@ impl Store {
         .bind(parent)
         .bind(message.client_message_id.as_deref())
         .bind(&message.attachment_ids)
-        .bind(message.user_id)
-        .bind(event.event_id)
-        .bind(&event.topic)
-        .bind(&event.event_type)
-        .bind(event.project_id)
-        .bind(&event.payload)
-        .bind(event.occurred_at)
-        .fetch_optional(&mut *tx)
-        .await;
+        .bind(message.user_id);
+        let inserted: Result<Option<MessageRow>, sqlx::Error> = event.bind_to(statement).fetch_optional(&mut *tx).await;
         let stored = match inserted {
             Ok(Some(row)) => row,
             Ok(None) => {

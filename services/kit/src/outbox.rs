@@ -23,7 +23,8 @@ use chrono::{DateTime, SubsecRound, Utc};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
-use sqlx::{PgConnection, PgPool};
+use sqlx::postgres::PgArguments;
+use sqlx::{PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -86,18 +87,48 @@ pub const EVENT_COLUMNS: &str = "event_id, topic, event_type, project_id, payloa
 /// Writes `event` to the outbox inside the caller's transaction: it is relayed only if that
 /// transaction commits.
 pub async fn enqueue(conn: &mut PgConnection, event: &OutboxEvent) -> Result<(), sqlx::Error> {
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO outbox_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
-    )))
-    .bind(event.event_id)
-    .bind(&event.topic)
-    .bind(&event.event_type)
-    .bind(event.project_id)
-    .bind(&event.payload)
-    .bind(event.occurred_at)
-    .execute(&mut *conn)
-    .await?;
+    let statement = format!("INSERT INTO outbox_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)");
+    event.bind_to(sqlx::query(sqlx::AssertSqlSafe(statement))).execute(&mut *conn).await?;
     Ok(())
+}
+
+/// A statement that values can be bound to: `sqlx::query` and `sqlx::query_as` alike.
+pub trait Bind<'q>: Sized {
+    fn bind_value<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>;
+}
+
+impl<'q> Bind<'q> for sqlx::query::Query<'q, Postgres, PgArguments> {
+    fn bind_value<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
+    {
+        self.bind(value)
+    }
+}
+
+impl<'q, O> Bind<'q> for sqlx::query::QueryAs<'q, Postgres, O, PgArguments> {
+    fn bind_value<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
+    {
+        self.bind(value)
+    }
+}
+
+impl OutboxEvent {
+    /// Binds the event's values to the next six parameters of `query`, in [`EVENT_COLUMNS`]
+    /// order.
+    pub fn bind_to<'q, Q: Bind<'q>>(&'q self, query: Q) -> Q {
+        query
+            .bind_value(self.event_id)
+            .bind_value(&self.topic)
+            .bind_value(&self.event_type)
+            .bind_value(self.project_id)
+            .bind_value(&self.payload)
+            .bind_value(self.occurred_at)
+    }
 }
 
 /// Why a sink did not take a batch; the whole batch is retried later.

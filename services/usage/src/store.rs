@@ -531,7 +531,7 @@ pub async fn claim_record(
 /// Stores a usage record and its outbox event, in one statement: a record's latency is its
 /// round trips.
 pub async fn insert_usage(conn: &mut PgConnection, row: &UsageRow, event: &OutboxEvent) -> Result<()> {
-    sqlx::query(sql(format!(
+    let statement = sqlx::query(sql(format!(
         "WITH stored AS (INSERT INTO model_usage_logs ({USAGE_COLUMNS}) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)) \
          INSERT INTO outbox_events ({EVENT_COLUMNS}) VALUES ($20, $21, $22, $23, $24, $25)"
@@ -554,15 +554,8 @@ pub async fn insert_usage(conn: &mut PgConnection, row: &UsageRow, event: &Outbo
     .bind(&row.status)
     .bind(&row.error_message)
     .bind(row.request_time)
-    .bind(row.created_at)
-    .bind(event.event_id)
-    .bind(&event.topic)
-    .bind(&event.event_type)
-    .bind(event.project_id)
-    .bind(&event.payload)
-    .bind(event.occurred_at)
-    .execute(&mut *conn)
-    .await?;
+    .bind(row.created_at);
+    event.bind_to(statement).execute(&mut *conn).await?;
     Ok(())
 }
 
