@@ -193,11 +193,12 @@ fn sql(statement: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(statement)
 }
 
-/// The advisory lock key of a project's counters: the first 8 bytes of its id. Two projects
-/// sharing a key only share the lock, which is harmless.
+/// The advisory lock key of a project's counters: both halves of its id folded together (ids
+/// are UUIDv7, whose first half is mostly a timestamp). Two projects sharing a key only share
+/// the lock, which is harmless.
 fn lock_key(project_id: Uuid) -> i64 {
-    let bytes = project_id.as_bytes();
-    i64::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7]])
+    let (high, low) = project_id.as_u64_pair();
+    i64::from_ne_bytes((high ^ low).to_ne_bytes())
 }
 
 /// The usage store over its PostgreSQL pool.
