@@ -88,11 +88,14 @@ async fn serve_until_shutdown(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    // Both reflection versions: grpcurl and many other tools still speak only v1alpha.
+    // Both reflection versions: grpcurl and many other tools still speak only v1alpha. Only
+    // the services served on this port are advertised, not every service of the descriptor set.
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
+        let builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(aimesh_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        spec.grpc_services.iter().fold(builder, |builder, service| builder.with_service_name(*service))
     };
     let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let health = HealthMonitor {
