@@ -535,7 +535,7 @@ async fn health_serves_and_the_mesh_stops_gracefully() {
 async fn another_service_verifies_credentials_through_authenticate_and_sees_revocations() {
     use std::sync::Arc;
 
-    use aimesh_kit::auth::{CredentialRef, CredentialVerifier, RemoteCredentialSource};
+    use aimesh_kit::auth::{CredentialRef, CredentialVerifier, RemoteCredentialSource, identity_client};
     use aimesh_kit::cache::InvalidationBus;
     use aimesh_kit::redis::Redis;
 
@@ -545,7 +545,8 @@ async fn another_service_verifies_credentials_through_authenticate_and_sees_revo
     let common = &mesh.config.common;
     let redis = Redis::connect(&common.redis_urls, &common.redis).await.expect("redis");
     let bus = InvalidationBus::start(&redis).await.expect("bus");
-    let source = RemoteCredentialSource::new(&format!("http://{}", mesh.identity)).expect("identity client");
+    let client = identity_client(&format!("http://{}", mesh.identity)).expect("identity client");
+    let source = RemoteCredentialSource::new(client);
     let verifier = CredentialVerifier::new(redis, &bus, &common.auth, Arc::new(source));
 
     let principal = verifier.verify(&ann.token).await.expect("a live session verifies");

@@ -1,13 +1,14 @@
-//! How services other than identity learn a caller's role in a project: `ProjectAccess` asks
+//! How services other than identity learn a caller's role in a project (what
+//! `aimesh_kit::access::remote` builds for them): `ProjectAccess` asks
 //! identity's `GetProjectRole` with the caller's own credential, caches the answer, and sees
 //! identity's membership changes at once through the invalidation broadcast.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aimesh_kit::access::{Access, BearerCredential, Caller, ProjectAccess, ProjectRole, RemoteRoleSource};
-use aimesh_kit::auth::{CredentialVerifier, RemoteCredentialSource};
+use aimesh_kit::access::{Access, BearerCredential, Caller, ProjectAccess, ProjectRole};
+use aimesh_kit::auth::CredentialVerifier;
 use aimesh_kit::cache::InvalidationBus;
+use aimesh_kit::config::AuthConfig;
 use aimesh_kit::redis::Redis;
 use aimesh_kit::{ErrorCode, ServiceError};
 use aimesh_proto::identity::v1 as pb;
@@ -25,14 +26,9 @@ impl OtherService {
         let common = &mesh.config.common;
         let redis = Redis::connect(&common.redis_urls, &common.redis).await.expect("redis");
         let bus = InvalidationBus::start(&redis).await.expect("bus");
-        let identity = format!("http://{}", mesh.identity);
-        let credentials = RemoteCredentialSource::new(&identity).expect("identity client");
-        let roles = RemoteRoleSource::new(&identity).expect("identity client");
-        Self {
-            verifier: CredentialVerifier::new(redis.clone(), &bus, &common.auth, Arc::new(credentials)),
-            access: ProjectAccess::new(redis, &bus, &common.auth, Arc::new(roles)),
-            _bus: bus,
-        }
+        let settings = AuthConfig { identity_url: format!("http://{}", mesh.identity), ..common.auth.clone() };
+        let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &settings).expect("identity client");
+        Self { verifier, access, _bus: bus }
     }
 
     /// What a handler does: verify the credential, then check the project.

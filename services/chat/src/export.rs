@@ -150,48 +150,51 @@ impl From<sqlx::Error> for Stopped {
     }
 }
 
-/// Writes `session` (read beforehand) as `format` to `out`, its messages read on `conn`.
-async fn write_document(
+/// Where a rendered document goes: the client (through a [`ChunkWriter`]), or a byte count.
+trait DocumentSink {
+    async fn put(&mut self, bytes: &[u8]) -> Result<(), Stopped>;
+}
+
+impl DocumentSink for ChunkWriter {
+    async fn put(&mut self, bytes: &[u8]) -> Result<(), Stopped> {
+        Ok(self.write(bytes).await?)
+    }
+}
+
+/// Counts what a document would take, keeping nothing.
+struct ByteCount(u64);
+
+impl DocumentSink for ByteCount {
+    async fn put(&mut self, bytes: &[u8]) -> Result<(), Stopped> {
+        self.0 += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Renders `session` (read beforehand) as `format` into `out`, its messages read on `conn` a
+/// page at a time.
+async fn render_document(
     conn: &mut PgConnection,
     session: &SessionRow,
     format: Format,
-    out: &mut ChunkWriter,
+    out: &mut impl DocumentSink,
 ) -> Result<(), Stopped> {
-    out.write(&format.head(session)?).await?;
+    out.put(&format.head(session)?).await?;
     let mut previous: Option<MessageRow> = None;
     loop {
         let after = previous.as_ref().map_or(0, |m| m.sequence);
         let page = Store::messages_after_in(conn, session.id, after, Some(session.message_count), PAGE).await?;
         let full = page.len() as i64 == PAGE;
         for message in page {
-            out.write(&format.message(&message, previous.as_ref())?).await?;
+            out.put(&format.message(&message, previous.as_ref())?).await?;
             previous = Some(message);
         }
         if !full {
             break;
         }
     }
-    out.write(&format.tail()).await?;
+    out.put(&format.tail()).await?;
     Ok(())
-}
-
-/// The size in bytes of [`write_document`]'s output, computed the same way without keeping it.
-async fn document_size(conn: &mut PgConnection, session: &SessionRow, format: Format) -> Result<u64> {
-    let mut size = format.head(session)?.len() as u64 + format.tail().len() as u64;
-    let mut previous: Option<MessageRow> = None;
-    loop {
-        let after = previous.as_ref().map_or(0, |m| m.sequence);
-        let page = Store::messages_after_in(conn, session.id, after, Some(session.message_count), PAGE).await?;
-        let full = page.len() as i64 == PAGE;
-        for message in page {
-            size += format.message(&message, previous.as_ref())?.len() as u64;
-            previous = Some(message);
-        }
-        if !full {
-            break;
-        }
-    }
-    Ok(size)
 }
 
 /// Streams one session's document to `out`.
@@ -202,7 +205,7 @@ pub async fn export_session(
     mut out: ChunkWriter,
 ) -> Result<(), Stopped> {
     let mut conn = store.pool().acquire().await?;
-    write_document(&mut conn, session, format, &mut out).await?;
+    render_document(&mut conn, session, format, &mut out).await?;
     out.finish().await?;
     Ok(())
 }
@@ -225,7 +228,9 @@ pub async fn export_project(store: &Store, project_id: Uuid, mut out: ChunkWrite
                 continue;
             };
             for format in [Format::Json, Format::Markdown] {
-                let size = document_size(&mut tx, &session, format).await?;
+                let mut size = ByteCount(0);
+                render_document(&mut tx, &session, format, &mut size).await?;
+                let size = size.0;
                 if size > MAX_TAR_ENTRY {
                     return Err(Stopped::Failed(
                         aimesh_kit::ServiceError::internal("a session export over 8 GiB").into(),
@@ -233,7 +238,7 @@ pub async fn export_project(store: &Store, project_id: Uuid, mut out: ChunkWrite
                 }
                 let name = format!("{}.{}", session.id, format.extension());
                 out.write(&tar_header(&name, size, session.updated_at)).await?;
-                write_document(&mut tx, &session, format, &mut out).await?;
+                render_document(&mut tx, &session, format, &mut out).await?;
                 out.write(&vec![0; padding(size)]).await?;
             }
             tx.commit().await?;

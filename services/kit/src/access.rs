@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use aimesh_proto::identity::v1 as pb;
 
-use crate::auth::{CredentialRef, Principal};
+use crate::auth::{CredentialRef, IdentityClient, Principal};
 use crate::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
 use crate::config::AuthConfig;
 use crate::error::ServiceError;
@@ -126,18 +126,13 @@ pub trait RoleSource: Send + Sync + 'static {
 /// caller and nobody else.
 #[derive(Debug, Clone)]
 pub struct RemoteRoleSource {
-    client: pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
+    client: IdentityClient,
 }
 
 impl RemoteRoleSource {
-    /// A lazily connecting client of identity at `url`.
-    pub fn new(url: &str) -> Result<Self, ServiceError> {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|e| ServiceError::internal(format!("auth.identity_url: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
-        Ok(Self { client: pb::auth_service_client::AuthServiceClient::new(channel) })
+    /// Asks identity through `client`.
+    pub fn new(client: IdentityClient) -> Self {
+        Self { client }
     }
 }
 
@@ -169,9 +164,11 @@ pub fn remote(
     bus: &InvalidationBus,
     settings: &AuthConfig,
 ) -> Result<(crate::auth::CredentialVerifier, ProjectAccess), ServiceError> {
-    let credentials = Arc::new(crate::auth::RemoteCredentialSource::new(&settings.identity_url)?);
+    // One connection to identity for both.
+    let client = crate::auth::identity_client(&settings.identity_url)?;
+    let credentials = Arc::new(crate::auth::RemoteCredentialSource::new(client.clone()));
     let verifier = crate::auth::CredentialVerifier::new(redis.clone(), bus, settings, credentials);
-    let roles = Arc::new(RemoteRoleSource::new(&settings.identity_url)?);
+    let roles = Arc::new(RemoteRoleSource::new(client));
     Ok((verifier, ProjectAccess::new(redis.clone(), bus, settings, roles)))
 }
 

@@ -189,18 +189,26 @@ pub trait CredentialSource: Send + Sync + 'static {
 /// Asks the identity service over gRPC.
 #[derive(Debug, Clone)]
 pub struct RemoteCredentialSource {
-    client: pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
+    client: IdentityClient,
 }
 
+/// A lazily connecting client of identity's `AuthService` at `url` (`auth.identity_url`).
+pub fn identity_client(url: &str) -> Result<IdentityClient, ServiceError> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| ServiceError::internal(format!("auth.identity_url: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(pb::auth_service_client::AuthServiceClient::new(channel))
+}
+
+/// A client of identity's `AuthService`; clones share one connection.
+pub type IdentityClient = pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>;
+
 impl RemoteCredentialSource {
-    /// A lazily connecting client of identity at `url`.
-    pub fn new(url: &str) -> Result<Self, ServiceError> {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|e| ServiceError::internal(format!("auth.identity_url: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
-        Ok(Self { client: pb::auth_service_client::AuthServiceClient::new(channel) })
+    /// Asks identity through `client`.
+    pub fn new(client: IdentityClient) -> Self {
+        Self { client }
     }
 }
 

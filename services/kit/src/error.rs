@@ -164,6 +164,14 @@ impl From<ServiceError> for tonic::Status {
     }
 }
 
+/// A handler's answer as gRPC, from a result in any domain error that maps to [`ServiceError`].
+pub fn respond<T, E>(result: Result<T, E>) -> Result<tonic::Response<T>, tonic::Status>
+where
+    ServiceError: From<E>,
+{
+    result.map(tonic::Response::new).map_err(|error| ServiceError::from(error).into())
+}
+
 impl From<sqlx::Error> for ServiceError {
     /// Database errors that reach this far are not the caller's fault; connection trouble is
     /// worth a retry, anything else is a bug.

@@ -22,6 +22,7 @@ use uuid::Uuid;
 use aimesh_kit::ErrorCode;
 use aimesh_kit::access::{Access, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::auth::CredentialRef;
+use aimesh_kit::error::respond;
 use aimesh_kit::proto_json;
 use aimesh_proto::chat::v1 as pb;
 
@@ -120,16 +121,6 @@ fn is_key_of(caller: &Caller, project: Uuid) -> bool {
     matches!(caller.principal.credential, CredentialRef::ApiKey { project_id, .. } if project_id == project)
 }
 
-/// The verified caller, or UNAUTHENTICATED.
-fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
-    Caller::of(request).map_err(Status::from)
-}
-
-/// A handler's answer as gRPC.
-fn respond<T>(result: Result<T>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(Status::from)
-}
-
 fn session_to_proto(row: SessionRow) -> Result<pb::Session> {
     Ok(pb::Session {
         id: row.id.to_string(),
@@ -178,12 +169,12 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.create_session(&caller, request.into_inner()).await)
     }
 
     async fn get_session(&self, request: Request<pb::GetSessionRequest>) -> Result<Response<pb::Session>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.get_session(&caller, request.into_inner()).await)
     }
 
@@ -191,7 +182,7 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.list_sessions(&caller, request.into_inner()).await)
     }
 
@@ -199,7 +190,7 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::UpdateSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.update_session(&caller, request.into_inner()).await)
     }
 
@@ -207,7 +198,7 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.delete_session(&caller, request.into_inner()).await)
     }
 
@@ -215,7 +206,7 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::RestoreSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.restore_session(&caller, request.into_inner()).await)
     }
 
@@ -223,7 +214,7 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::PurgeSessionRequest>,
     ) -> Result<Response<pb::PurgeSessionResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.purge_session(&caller, request.into_inner()).await)
     }
 
@@ -231,12 +222,12 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::AppendMessageRequest>,
     ) -> Result<Response<pb::Message>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.append_message(&caller, request.into_inner()).await)
     }
 
     async fn get_message(&self, request: Request<pb::GetMessageRequest>) -> Result<Response<pb::Message>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.get_message(&caller, request.into_inner()).await)
     }
 
@@ -244,7 +235,7 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::ListMessagesRequest>,
     ) -> Result<Response<pb::ListMessagesResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.list_messages(&caller, request.into_inner()).await)
     }
 
@@ -252,12 +243,12 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::GetBranchRequest>,
     ) -> Result<Response<pb::GetBranchResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.get_branch(&caller, request.into_inner()).await)
     }
 
     async fn edit_message(&self, request: Request<pb::EditMessageRequest>) -> Result<Response<pb::Message>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.edit_message(&caller, request.into_inner()).await)
     }
 
@@ -267,7 +258,7 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::WatchSessionRequest>,
     ) -> Result<Response<Self::WatchSessionStream>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.watch_session(&caller, request.into_inner()).await)
     }
 
@@ -275,7 +266,7 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::SearchMessagesRequest>,
     ) -> Result<Response<pb::SearchMessagesResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.search_messages(&caller, request.into_inner()).await)
     }
 
@@ -285,7 +276,7 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::ExportSessionRequest>,
     ) -> Result<Response<Self::ExportSessionStream>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.export_session(&caller, request.into_inner()).await)
     }
 
@@ -295,7 +286,7 @@ impl pb::chat_service_server::ChatService for ChatApi {
         &self,
         request: Request<pb::ExportProjectRequest>,
     ) -> Result<Response<Self::ExportProjectStream>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.export_project(&caller, request.into_inner()).await)
     }
 }

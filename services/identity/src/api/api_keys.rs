@@ -6,12 +6,13 @@ use chrono::Utc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::access::{Caller, ProjectRole};
+use aimesh_kit::error::respond;
 use aimesh_kit::fields;
 use aimesh_kit::pagination::{self, Cursor};
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
-use super::{Identity, actor, caller, respond};
+use super::{Identity, actor};
 use crate::domain::{ApiKeySecret, validate_scopes};
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, ApiKeyRow, NewApiKey};
@@ -113,7 +114,7 @@ impl pb::api_key_service_server::ApiKeyService for ApiKeyApi {
         &self,
         request: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         let actor = actor(&request, Some(caller.principal.user_id));
         respond(self.0.create_api_key(&caller, request.into_inner(), actor).await)
     }
@@ -122,17 +123,17 @@ impl pb::api_key_service_server::ApiKeyService for ApiKeyApi {
         &self,
         request: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.list_api_keys(&caller, request.into_inner()).await)
     }
 
     async fn get_api_key(&self, request: Request<pb::GetApiKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.get_api_key(&caller, request.into_inner()).await)
     }
 
     async fn revoke_api_key(&self, request: Request<pb::RevokeApiKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         let actor = actor(&request, Some(caller.principal.user_id));
         respond(self.0.revoke_api_key(&caller, request.into_inner(), actor).await)
     }

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::ServiceError;
+use aimesh_kit::access::Caller;
 use aimesh_kit::access::RoleSource;
 use aimesh_kit::auth::{ACCESS_TOKEN_PREFIX, API_KEY_PREFIX, CredentialSource, check_credential_shape};
 use aimesh_kit::fields;
 use aimesh_proto::identity::v1 as pb;
 
-use super::{Identity, caller};
+use super::Identity;
 use crate::credentials::{StoreCredentialSource, StoreRoleSource};
 
 pub(super) struct AuthApi(pub(super) Arc<Identity>);
@@ -37,7 +38,7 @@ impl pb::auth_service_server::AuthService for AuthApi {
         &self,
         request: Request<pb::GetProjectRoleRequest>,
     ) -> Result<Response<pb::GetProjectRoleResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         caller.principal.require_session()?;
         let project_id = fields::id("project_id", &request.get_ref().project_id).map_err(Status::from)?;
         let role = StoreRoleSource::new(self.0.store.clone()).role(&caller, project_id).await?;

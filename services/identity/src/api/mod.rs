@@ -10,7 +10,7 @@ mod users;
 
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
+use tonic::Request;
 use uuid::Uuid;
 
 use aimesh_kit::access::{Access, Caller, ProjectAccess, ProjectRole};
@@ -100,11 +100,6 @@ impl Identity {
     }
 }
 
-/// The verified caller, or UNAUTHENTICATED.
-fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
-    Caller::of(request).map_err(Status::from)
-}
-
 /// Who is acting and from where, for audit events. The address is the first hop of
 /// `x-forwarded-for` when the gateway set one, else the peer's.
 fn actor<T>(request: &Request<T>, user_id: Option<Uuid>) -> Actor {
@@ -118,11 +113,6 @@ fn actor<T>(request: &Request<T>, user_id: Option<Uuid>) -> Actor {
     };
     let user_agent: String = text("user-agent").chars().take(512).collect();
     Actor { user_id, ip, user_agent }
-}
-
-/// A handler's answer as gRPC.
-fn respond<T>(result: Result<T>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(Status::from)
 }
 
 /// The user a request names: an id, or `me` for the caller.

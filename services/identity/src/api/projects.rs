@@ -5,12 +5,13 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::access::{Caller, ProjectRole};
+use aimesh_kit::error::respond;
 use aimesh_kit::fields;
 use aimesh_kit::pagination::{self, Cursor};
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
-use super::{Identity, actor, caller, respond};
+use super::{Identity, actor};
 use crate::domain::{role_field, role_from_db, validate_email};
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, MemberRow, ProjectRow};
@@ -200,13 +201,13 @@ impl pb::project_service_server::ProjectService for ProjectApi {
         &self,
         request: Request<pb::CreateProjectRequest>,
     ) -> Result<Response<pb::Project>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         let actor = actor(&request, Some(caller.principal.user_id));
         respond(self.0.create_project(&caller, request.into_inner(), actor).await)
     }
 
     async fn get_project(&self, request: Request<pb::GetProjectRequest>) -> Result<Response<pb::Project>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.get_project(&caller, request.into_inner()).await)
     }
 
@@ -214,7 +215,7 @@ impl pb::project_service_server::ProjectService for ProjectApi {
         &self,
         request: Request<pb::ListProjectsRequest>,
     ) -> Result<Response<pb::ListProjectsResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.list_projects(&caller, request.into_inner()).await)
     }
 
@@ -222,7 +223,7 @@ impl pb::project_service_server::ProjectService for ProjectApi {
         &self,
         request: Request<pb::UpdateProjectRequest>,
     ) -> Result<Response<pb::Project>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         let actor = actor(&request, Some(caller.principal.user_id));
         respond(self.0.update_project(&caller, request.into_inner(), actor).await)
     }
@@ -231,7 +232,7 @@ impl pb::project_service_server::ProjectService for ProjectApi {
         &self,
         request: Request<pb::DeleteProjectRequest>,
     ) -> Result<Response<pb::DeleteProjectResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         let actor = actor(&request, Some(caller.principal.user_id));
         respond(
             self.0.delete_project(&caller, request.into_inner(), actor).await.map(|()| pb::DeleteProjectResponse {}),
@@ -239,7 +240,7 @@ impl pb::project_service_server::ProjectService for ProjectApi {
     }
 
     async fn add_member(&self, request: Request<pb::AddMemberRequest>) -> Result<Response<pb::Membership>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         let actor = actor(&request, Some(caller.principal.user_id));
         respond(self.0.add_member(&caller, request.into_inner(), actor).await)
     }
@@ -248,7 +249,7 @@ impl pb::project_service_server::ProjectService for ProjectApi {
         &self,
         request: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.list_members(&caller, request.into_inner()).await)
     }
 
@@ -256,7 +257,7 @@ impl pb::project_service_server::ProjectService for ProjectApi {
         &self,
         request: Request<pb::UpdateMemberRoleRequest>,
     ) -> Result<Response<pb::Membership>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         let actor = actor(&request, Some(caller.principal.user_id));
         respond(self.0.update_member_role(&caller, request.into_inner(), actor).await)
     }
@@ -265,7 +266,7 @@ impl pb::project_service_server::ProjectService for ProjectApi {
         &self,
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         let actor = actor(&request, Some(caller.principal.user_id));
         respond(self.0.remove_member(&caller, request.into_inner(), actor).await.map(|()| pb::RemoveMemberResponse {}))
     }

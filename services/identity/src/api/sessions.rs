@@ -5,14 +5,16 @@ use std::sync::Arc;
 use chrono::{Duration, Utc};
 use tonic::{Request, Response, Status};
 
+use aimesh_kit::access::Caller;
 use aimesh_kit::auth::{Principal, REFRESH_TOKEN_PREFIX, check_credential_shape, credential_hash};
+use aimesh_kit::error::respond;
 use aimesh_kit::fields;
 use aimesh_kit::pagination::{self, Cursor};
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
 use super::users::verify_password_blocking;
-use super::{Identity, actor, caller, respond};
+use super::{Identity, actor};
 use crate::domain::SessionTokens;
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, NewSession, SessionRow};
@@ -152,7 +154,7 @@ impl pb::session_service_server::SessionService for SessionApi {
     }
 
     async fn logout(&self, request: Request<pb::LogoutRequest>) -> Result<Response<pb::LogoutResponse>, Status> {
-        let principal = caller(&request)?.principal;
+        let principal = Caller::of(&request)?.principal;
         let actor = actor(&request, Some(principal.user_id));
         let result = async {
             let session_id = principal.require_session()?;
@@ -165,7 +167,7 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        let principal = caller(&request)?.principal;
+        let principal = Caller::of(&request)?.principal;
         respond(self.0.list_sessions(&principal, request.into_inner()).await)
     }
 
@@ -173,7 +175,7 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
-        let principal = caller(&request)?.principal;
+        let principal = Caller::of(&request)?.principal;
         let actor = actor(&request, Some(principal.user_id));
         let result = async {
             principal.require_session()?;

@@ -8,13 +8,15 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tonic::{Request, Response, Status};
 
+use aimesh_kit::access::Caller;
 use aimesh_kit::auth::Principal;
+use aimesh_kit::error::respond;
 use aimesh_kit::fields;
 use aimesh_kit::pagination;
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
-use super::{Identity, actor, caller, respond};
+use super::{Identity, actor};
 use crate::domain::validate_setting_key;
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, SettingRow};
@@ -161,7 +163,7 @@ impl Identity {
 #[tonic::async_trait]
 impl pb::settings_service_server::SettingsService for SettingsApi {
     async fn get_setting(&self, request: Request<pb::GetSettingRequest>) -> Result<Response<pb::Setting>, Status> {
-        let principal = caller(&request).ok().map(|caller| caller.principal);
+        let principal = Caller::of(&request).ok().map(|caller| caller.principal);
         respond(self.0.get_setting(principal.as_ref(), request.into_inner()).await)
     }
 
@@ -169,12 +171,12 @@ impl pb::settings_service_server::SettingsService for SettingsApi {
         &self,
         request: Request<pb::ListSettingsRequest>,
     ) -> Result<Response<pb::ListSettingsResponse>, Status> {
-        let principal = caller(&request).ok().map(|caller| caller.principal);
+        let principal = Caller::of(&request).ok().map(|caller| caller.principal);
         respond(self.0.list_settings(principal.as_ref(), request.into_inner()).await)
     }
 
     async fn set_setting(&self, request: Request<pb::SetSettingRequest>) -> Result<Response<pb::Setting>, Status> {
-        let principal = caller(&request).ok().map(|caller| caller.principal);
+        let principal = Caller::of(&request).ok().map(|caller| caller.principal);
         let actor = actor(&request, principal.as_ref().map(|p| p.user_id));
         respond(self.0.set_setting(principal.as_ref(), request.into_inner(), actor).await)
     }
@@ -183,7 +185,7 @@ impl pb::settings_service_server::SettingsService for SettingsApi {
         &self,
         request: Request<pb::DeleteSettingRequest>,
     ) -> Result<Response<pb::DeleteSettingResponse>, Status> {
-        let principal = caller(&request).ok().map(|caller| caller.principal);
+        let principal = Caller::of(&request).ok().map(|caller| caller.principal);
         let actor = actor(&request, principal.as_ref().map(|p| p.user_id));
         respond(
             self.0

@@ -5,12 +5,14 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use aimesh_kit::access::Caller;
 use aimesh_kit::auth::Principal;
+use aimesh_kit::error::respond;
 use aimesh_kit::fields;
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
-use super::{Identity, actor, caller, respond, target_user};
+use super::{Identity, actor, target_user};
 use crate::domain::{self, hash_password, validate_email, validate_password, validate_url};
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, NewUser, UserPatch, UserRow};
@@ -203,12 +205,12 @@ impl pb::user_service_server::UserService for UserApi {
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::User>, Status> {
-        let principal = caller(&request)?.principal;
+        let principal = Caller::of(&request)?.principal;
         respond(self.0.get_user(&principal, request.into_inner()).await)
     }
 
     async fn update_user(&self, request: Request<pb::UpdateUserRequest>) -> Result<Response<pb::User>, Status> {
-        let principal = caller(&request)?.principal;
+        let principal = Caller::of(&request)?.principal;
         let actor = actor(&request, Some(principal.user_id));
         respond(self.0.update_user(&principal, request.into_inner(), actor).await)
     }
@@ -217,7 +219,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
-        let principal = caller(&request)?.principal;
+        let principal = Caller::of(&request)?.principal;
         let actor = actor(&request, Some(principal.user_id));
         respond(self.0.change_password(&principal, request.into_inner(), actor).await)
     }
@@ -226,7 +228,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
-        let principal = caller(&request)?.principal;
+        let principal = Caller::of(&request)?.principal;
         let actor = actor(&request, Some(principal.user_id));
         respond(self.0.delete_user(&principal, request.into_inner(), actor).await)
     }

@@ -9,7 +9,7 @@ mod usage;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tonic::{Request, Response, Status};
+
 use uuid::Uuid;
 
 use aimesh_kit::access::{Access, Caller, ProjectAccess, ProjectRole};
@@ -70,22 +70,12 @@ impl Usage {
     }
 }
 
-/// The verified caller, or UNAUTHENTICATED.
-fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
-    Caller::of(request).map_err(Status::from)
-}
-
 /// The API key the caller used, if it used one: usage it records or reserves counts against it.
 fn api_key_of(caller: &Caller) -> Option<Uuid> {
     match caller.principal.credential {
         CredentialRef::ApiKey { api_key_id, .. } => Some(api_key_id),
         CredentialRef::Session { .. } => None,
     }
-}
-
-/// A handler's answer as gRPC.
-fn respond<T>(result: Result<T>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(Status::from)
 }
 
 /// An optional timestamp field; out of range is an error naming it.

@@ -11,12 +11,13 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use aimesh_kit::access::Caller;
+use aimesh_kit::error::respond;
 use aimesh_kit::fields;
 use aimesh_kit::pagination;
 use aimesh_kit::proto_json;
 use aimesh_proto::usage::v1 as pb;
 
-use super::{Usage, caller, respond, time_field};
+use super::{Usage, time_field};
 use crate::catalog::CatalogModel;
 use crate::domain::{
     MAX_PRICE_BACKDATE, MAX_PRICE_PER_MILLION, MatchPattern, ModelStatus, ModelType, PRICE_SCALE, Price, parse_decimal,
@@ -278,12 +279,12 @@ fn checked_pattern(field: &'static str, pattern: &str) -> Result<String> {
 #[tonic::async_trait]
 impl pb::model_service_server::ModelService for ModelApi {
     async fn create_model(&self, request: Request<pb::CreateModelRequest>) -> Result<Response<pb::Model>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.create_model(&caller, request.into_inner()).await)
     }
 
     async fn get_model(&self, request: Request<pb::GetModelRequest>) -> Result<Response<pb::Model>, Status> {
-        caller(&request)?;
+        Caller::of(&request)?;
         respond(self.0.get_model(request.into_inner()).await)
     }
 
@@ -291,17 +292,17 @@ impl pb::model_service_server::ModelService for ModelApi {
         &self,
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        caller(&request)?;
+        Caller::of(&request)?;
         respond(self.0.list_models(request.into_inner()).await)
     }
 
     async fn update_model(&self, request: Request<pb::UpdateModelRequest>) -> Result<Response<pb::Model>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.update_model(&caller, request.into_inner()).await)
     }
 
     async fn retire_model(&self, request: Request<pb::RetireModelRequest>) -> Result<Response<pb::Model>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.retire_model(&caller, request.into_inner()).await)
     }
 
@@ -309,7 +310,7 @@ impl pb::model_service_server::ModelService for ModelApi {
         &self,
         request: Request<pb::SetModelPriceRequest>,
     ) -> Result<Response<pb::ModelPrice>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.set_model_price(&caller, request.into_inner()).await)
     }
 
@@ -317,7 +318,7 @@ impl pb::model_service_server::ModelService for ModelApi {
         &self,
         request: Request<pb::ListModelPricesRequest>,
     ) -> Result<Response<pb::ListModelPricesResponse>, Status> {
-        caller(&request)?;
+        Caller::of(&request)?;
         respond(self.0.list_model_prices(request.into_inner()).await)
     }
 }

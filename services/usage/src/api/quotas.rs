@@ -5,11 +5,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::access::{Caller, ProjectRole};
+use aimesh_kit::error::respond;
 use aimesh_kit::fields;
 use aimesh_kit::proto_json;
 use aimesh_proto::usage::v1 as pb;
 
-use super::{USAGE_READ, USAGE_WRITE, Usage, api_key_of, caller, respond};
+use super::{USAGE_READ, USAGE_WRITE, Usage, api_key_of};
 use crate::domain::{NewReservation, QuotaLimits, QuotaScope, QuotaSubject, ReservationDraft};
 use crate::error::{Result, UsageError};
 use crate::ledger::GrantedReservation;
@@ -117,7 +118,7 @@ impl Usage {
 #[tonic::async_trait]
 impl pb::quota_service_server::QuotaService for QuotaApi {
     async fn set_quota(&self, request: Request<pb::SetQuotaRequest>) -> Result<Response<pb::Quota>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.set_quota(&caller, request.into_inner()).await)
     }
 
@@ -125,7 +126,7 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         &self,
         request: Request<pb::ListQuotasRequest>,
     ) -> Result<Response<pb::ListQuotasResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.list_quotas(&caller, request.into_inner()).await)
     }
 
@@ -133,12 +134,12 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         &self,
         request: Request<pb::DeleteQuotaRequest>,
     ) -> Result<Response<pb::DeleteQuotaResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.delete_quota(&caller, request.into_inner()).await)
     }
 
     async fn reserve(&self, request: Request<pb::ReserveRequest>) -> Result<Response<pb::Reservation>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.reserve(&caller, request.into_inner()).await)
     }
 
@@ -146,7 +147,7 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         &self,
         request: Request<pb::ReleaseReservationRequest>,
     ) -> Result<Response<pb::ReleaseReservationResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.release_reservation(&caller, request.into_inner()).await)
     }
 }

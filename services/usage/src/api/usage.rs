@@ -6,12 +6,13 @@ use chrono::Utc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::access::{Caller, ProjectRole};
+use aimesh_kit::error::respond;
 use aimesh_kit::fields;
 use aimesh_kit::pagination::{self, Cursor};
 use aimesh_kit::proto_json;
 use aimesh_proto::usage::v1 as pb;
 
-use super::{USAGE_READ, Usage, api_key_of, caller, respond, time_field};
+use super::{USAGE_READ, Usage, api_key_of, time_field};
 use crate::domain::{NewUsage, RequestType, UsageDraft, UsageStatus};
 use crate::error::{Result, UsageError};
 use crate::ledger::Totals;
@@ -125,7 +126,7 @@ impl pb::usage_service_server::UsageService for UsageApi {
         &self,
         request: Request<pb::RecordUsageRequest>,
     ) -> Result<Response<pb::UsageRecord>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.record_usage(&caller, request.into_inner()).await)
     }
 
@@ -133,7 +134,7 @@ impl pb::usage_service_server::UsageService for UsageApi {
         &self,
         request: Request<pb::ListUsageRequest>,
     ) -> Result<Response<pb::ListUsageResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.list_usage(&caller, request.into_inner()).await)
     }
 
@@ -141,7 +142,7 @@ impl pb::usage_service_server::UsageService for UsageApi {
         &self,
         request: Request<pb::GetUsageStatsRequest>,
     ) -> Result<Response<pb::UsageStats>, Status> {
-        let caller = caller(&request)?;
+        let caller = Caller::of(&request)?;
         respond(self.0.get_usage_stats(&caller, request.into_inner()).await)
     }
 }
