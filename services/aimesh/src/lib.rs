@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use aimesh_chat::ChatConfig;
 use aimesh_identity::IdentityConfig;
+use aimesh_kit::auth::ServiceToken;
 use aimesh_kit::config::{CommonConfig, Configuration};
 use aimesh_usage::UsageConfig;
 
@@ -89,6 +90,14 @@ pub async fn run(
     // In one process the services ask the identity running beside them, wherever it listens.
     if let Some((_, listener)) = listeners.iter().find(|(service, _)| *service == ServiceName::Identity) {
         config.common.auth.identity_url = format!("http://{}", listener.local_addr()?);
+    }
+    match &config.common.auth.service_token {
+        Some(token) => token.validate()?,
+        // Services in one process only call each other: a token made up here is enough.
+        None if listeners.len() == ServiceName::ALL.len() => {
+            config.common.auth.service_token = Some(ServiceToken::generate());
+        }
+        None => tracing::warn!("auth.service_token is not set: internal calls between services will be refused"),
     }
     let mut tasks = JoinSet::new();
     for (service, listener) in listeners {

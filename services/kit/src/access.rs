@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use aimesh_proto::identity::v1 as pb;
 
-use crate::auth::{CredentialRef, IdentityClient, Principal};
+use crate::auth::{IdentityClient, Principal};
 use crate::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
 use crate::config::AuthConfig;
 use crate::error::ServiceError;
@@ -212,7 +212,8 @@ impl ProjectAccess {
         needed: ProjectRole,
         scope: &str,
     ) -> Result<Access, ServiceError> {
-        if let CredentialRef::ApiKey { .. } = caller.principal.credential {
+        // API keys (and the service token, which require_key_access refuses) have no role.
+        if caller.principal.session_id().is_none() {
             caller.principal.require_key_access(project_id, scope)?;
             return Ok(Access::ApiKey);
         }

@@ -35,6 +35,8 @@ pub const ACCESS_TOKEN_PREFIX: &str = "ams_";
 pub const REFRESH_TOKEN_PREFIX: &str = "amr_";
 /// Prefix of API keys.
 pub const API_KEY_PREFIX: &str = "amk_";
+/// Prefix of the service token, the credential services present to each other's internal RPCs.
+pub const SERVICE_TOKEN_PREFIX: &str = "amsvc_";
 /// No credential aimesh issues is longer; longer input is refused before hashing.
 const MAX_CREDENTIAL_LEN: usize = 128;
 
@@ -64,8 +66,17 @@ pub struct Principal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CredentialRef {
-    Session { session_id: Uuid },
-    ApiKey { api_key_id: Uuid, project_id: Uuid, scopes: Vec<String> },
+    Session {
+        session_id: Uuid,
+    },
+    ApiKey {
+        api_key_id: Uuid,
+        project_id: Uuid,
+        scopes: Vec<String>,
+    },
+    /// Another aimesh service, holding the deployment's service token: accepted only by
+    /// internal RPCs (see [`Principal::require_service`]), never by a project-scoped one.
+    Service,
 }
 
 impl Principal {
@@ -73,7 +84,20 @@ impl Principal {
     pub fn session_id(&self) -> Option<Uuid> {
         match &self.credential {
             CredentialRef::Session { session_id } => Some(*session_id),
-            CredentialRef::ApiKey { .. } => None,
+            CredentialRef::ApiKey { .. } | CredentialRef::Service => None,
+        }
+    }
+
+    /// The principal of a service presenting the service token.
+    pub fn service() -> Self {
+        Self { user_id: Uuid::nil(), credential: CredentialRef::Service, system_admin: false, expires_at: None }
+    }
+
+    /// Refuses everyone but another aimesh service: for internal RPCs.
+    pub fn require_service(&self) -> Result<(), ServiceError> {
+        match self.credential {
+            CredentialRef::Service => Ok(()),
+            _ => Err(ServiceError::permission_denied("this internal call is for aimesh services only")),
         }
     }
 
@@ -82,6 +106,7 @@ impl Principal {
         match &self.credential {
             CredentialRef::Session { .. } => true,
             CredentialRef::ApiKey { scopes, .. } => scopes.iter().any(|s| s == scope),
+            CredentialRef::Service => false,
         }
     }
 
@@ -96,6 +121,9 @@ impl Principal {
     pub fn require_key_access(&self, project_id: Uuid, scope: &str) -> Result<(), ServiceError> {
         match &self.credential {
             CredentialRef::Session { .. } => Ok(()),
+            CredentialRef::Service => {
+                Err(ServiceError::permission_denied("the service token is for internal calls only"))
+            }
             CredentialRef::ApiKey { project_id: own, .. } if *own != project_id => {
                 Err(ServiceError::permission_denied("the API key belongs to another project"))
             }
@@ -126,6 +154,7 @@ impl From<&Principal> for pb::Principal {
                 out.project_id = project_id.to_string();
                 out.scopes = scopes.clone();
             }
+            CredentialRef::Service => out.kind = pb::CredentialKind::Service.into(),
         }
         out
     }
@@ -143,6 +172,7 @@ impl TryFrom<pb::Principal> for Principal {
                 project_id: uuid(&p.project_id)?,
                 scopes: p.scopes,
             },
+            pb::CredentialKind::Service => CredentialRef::Service,
             pb::CredentialKind::Unspecified => return Err(ServiceError::internal("principal without a kind")),
         };
         Ok(Self {
@@ -229,6 +259,7 @@ impl CredentialSource for RemoteCredentialSource {
 /// Turns a bearer credential into a principal, through the two-level cache.
 #[derive(Clone)]
 pub struct CredentialVerifier {
+    service_token: Option<ServiceToken>,
     cache: TwoLevelCache<Principal>,
     source: Arc<dyn CredentialSource>,
     last_use: LastUseRecorder,
@@ -249,11 +280,22 @@ impl CredentialVerifier {
             local_capacity: 100_000,
         };
         let last_use = LastUseRecorder::new(redis.clone());
-        Self { cache: TwoLevelCache::new("credentials", "identity", redis, bus, cache_settings), source, last_use }
+        Self {
+            service_token: settings.service_token.clone(),
+            cache: TwoLevelCache::new("credentials", "identity", redis, bus, cache_settings),
+            source,
+            last_use,
+        }
     }
 
     /// The principal `credential` stands for, or UNAUTHENTICATED.
     pub async fn verify(&self, credential: &str) -> Result<Principal, ServiceError> {
+        if credential.starts_with(SERVICE_TOKEN_PREFIX) {
+            return match &self.service_token {
+                Some(token) if token.matches(credential) => Ok(Principal::service()),
+                _ => Err(ServiceError::unauthenticated("the service token is not this deployment's")),
+            };
+        }
         check_credential_shape(credential, &[ACCESS_TOKEN_PREFIX, API_KEY_PREFIX])?;
         let key = credential_hash(credential);
         let source = Arc::clone(&self.source);
@@ -279,6 +321,55 @@ impl CredentialVerifier {
     /// The recorder of last-use times, to flush at shutdown.
     pub fn last_use(&self) -> &LastUseRecorder {
         &self.last_use
+    }
+}
+
+/// The deployment's service token (`auth.service_token`): a shared secret every service holds,
+/// presented as a bearer credential on service-to-service calls to internal RPCs. Never logged.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ServiceToken(String);
+
+impl std::fmt::Debug for ServiceToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServiceToken(..)")
+    }
+}
+
+impl ServiceToken {
+    /// A new random token, for a mesh running in one process with none configured.
+    pub fn generate() -> Self {
+        use rand::RngCore;
+        let mut bytes = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        Self(format!("{SERVICE_TOKEN_PREFIX}{}", hex_encode(&bytes)))
+    }
+
+    /// Refuses a token too short to be secret or without the prefix, naming the setting.
+    pub fn validate(&self) -> Result<(), ServiceError> {
+        if !self.0.starts_with(SERVICE_TOKEN_PREFIX) || self.0.len() < SERVICE_TOKEN_PREFIX.len() + 32 {
+            return Err(ServiceError::invalid_field(
+                "auth.service_token",
+                format!("must be \"{SERVICE_TOKEN_PREFIX}\" followed by at least 32 random characters"),
+            ));
+        }
+        check_credential_shape(&self.0, &[SERVICE_TOKEN_PREFIX])
+            .map_err(|_| ServiceError::invalid_field("auth.service_token", "may hold only letters, digits, _ and -"))
+    }
+
+    /// Compares in constant time, so response times leak nothing of the token.
+    fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+    }
+
+    /// Adds the token as the bearer credential of an outgoing request.
+    pub fn authorize<T>(&self, request: &mut tonic::Request<T>) -> Result<(), ServiceError> {
+        let value = format!("Bearer {}", self.0)
+            .parse()
+            .map_err(|_| ServiceError::internal("auth.service_token is not a valid header value"))?;
+        request.metadata_mut().insert("authorization", value);
+        Ok(())
     }
 }
 
@@ -317,6 +408,7 @@ impl LastUseRecorder {
         let entry = match &principal.credential {
             CredentialRef::Session { session_id } => (LastUseKind::Session, *session_id),
             CredentialRef::ApiKey { api_key_id, .. } => (LastUseKind::ApiKey, *api_key_id),
+            CredentialRef::Service => return,
         };
         if let Ok(mut pending) = self.pending.lock() {
             pending.insert(entry, Utc::now().timestamp());
@@ -475,6 +567,25 @@ mod tests {
     }
 
     #[test]
+    fn service_token() {
+        let token = ServiceToken::generate();
+        assert!(token.validate().is_ok());
+        assert!(token.matches(&token.0));
+        assert!(!token.matches(&ServiceToken::generate().0));
+        assert!(!token.matches(SERVICE_TOKEN_PREFIX));
+        let short = ServiceToken(format!("{SERVICE_TOKEN_PREFIX}abc"));
+        assert_eq!(short.validate().map_err(|e| e.field), Err(Some("auth.service_token".into())));
+        assert!(ServiceToken(format!("{API_KEY_PREFIX}{}", "a".repeat(40))).validate().is_err());
+        assert!(format!("{token:?}").contains(".."), "the token never reaches a log");
+
+        let service = Principal::service();
+        assert!(service.require_service().is_ok());
+        assert!(service.require_key_access(Uuid::new_v4(), "chat:read").is_err());
+        assert!(!service.has_scope("chat:read"));
+        assert_eq!(Principal::try_from(pb::Principal::from(&service)).ok(), Some(service));
+    }
+
+    #[test]
     fn api_key_scope_and_project() {
         let project = Uuid::new_v4();
         let principal = Principal {
@@ -491,6 +602,7 @@ mod tests {
         assert!(principal.require_key_access(project, "chat:write").is_err());
         assert!(principal.require_key_access(Uuid::new_v4(), "chat:read").is_err());
         assert!(principal.require_session().is_err());
+        assert!(principal.require_service().is_err());
         let round = Principal::try_from(pb::Principal::from(&principal)).ok();
         assert_eq!(round, Some(principal));
     }

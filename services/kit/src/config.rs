@@ -204,10 +204,19 @@ pub struct AuthConfig {
     pub shared_ttl_secs: u64,
     /// Where the identity service answers `Authenticate`, for services other than identity.
     pub identity_url: String,
+    /// The shared secret services present to each other's internal RPCs (`amsvc_` and at least
+    /// 32 random characters). Required when services run as separate processes; `aimesh all`
+    /// makes one up for its own process when none is set.
+    pub service_token: Option<crate::auth::ServiceToken>,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { local_ttl_secs: 10, shared_ttl_secs: 60, identity_url: "http://127.0.0.1:7101".into() }
+        Self {
+            local_ttl_secs: 10,
+            shared_ttl_secs: 60,
+            identity_url: "http://127.0.0.1:7101".into(),
+            service_token: None,
+        }
     }
 }

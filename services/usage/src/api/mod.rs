@@ -74,7 +74,7 @@ impl Usage {
 fn api_key_of(caller: &Caller) -> Option<Uuid> {
     match caller.principal.credential {
         CredentialRef::ApiKey { api_key_id, .. } => Some(api_key_id),
-        CredentialRef::Session { .. } => None,
+        CredentialRef::Session { .. } | CredentialRef::Service => None,
     }
 }
 
