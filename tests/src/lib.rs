@@ -16,12 +16,16 @@ use aimesh_proto::chat::v1 as chat_pb;
 use aimesh_proto::identity::v1 as pb;
 use aimesh_proto::usage::v1 as usage_pb;
 
+pub mod rest;
+
 /// A running mesh; stops (and drops its databases) when dropped or [`Mesh::stop`]ped.
 pub struct Mesh {
     pub config: MeshConfig,
     pub identity: SocketAddr,
     pub chat: SocketAddr,
     pub usage: SocketAddr,
+    /// The REST gateway (HTTP).
+    pub gateway: SocketAddr,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     databases: Vec<ScratchDatabase>,
@@ -54,6 +58,7 @@ pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
     config.usage.database_url = Some(usage_db.url.clone());
     config.chat.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.chat.database_url = Some(chat_db.url.clone());
+    config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     (config, vec![identity_db, usage_db, chat_db])
 }
 
@@ -68,13 +73,14 @@ impl Mesh {
     /// databases and key prefix are two replicas of one deployment.
     pub async fn start_with(config: MeshConfig, databases: Vec<ScratchDatabase>) -> Self {
         let listeners = aimesh::bind(&ServiceName::ALL, &config).await.expect("bind the services");
-        let (mut identity, mut chat, mut usage) = (None, None, None);
+        let (mut identity, mut chat, mut usage, mut gateway) = (None, None, None, None);
         for (service, listener) in &listeners {
             let address = listener.local_addr().expect("listener address");
             match service {
                 ServiceName::Identity => identity = Some(address),
                 ServiceName::Chat => chat = Some(address),
                 ServiceName::Usage => usage = Some(address),
+                ServiceName::Gateway => gateway = Some(address),
             }
         }
         let shutdown = CancellationToken::new();
@@ -84,12 +90,19 @@ impl Mesh {
             identity: identity.expect("identity listener"),
             chat: chat.expect("chat listener"),
             usage: usage.expect("usage listener"),
+            gateway: gateway.expect("gateway listener"),
             shutdown,
             task: Some(task),
             databases,
         };
         mesh.wait_until_serving().await;
+        mesh.rest().wait_until_ready().await;
         mesh
+    }
+
+    /// A REST client of the gateway.
+    pub fn rest(&self) -> rest::Rest {
+        rest::Rest::new(self.gateway)
     }
 
     async fn wait_until_serving(&self) {

@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use aimesh_chat::ChatConfig;
+use aimesh_gateway::GatewayConfig;
 use aimesh_identity::IdentityConfig;
 use aimesh_kit::auth::ServiceToken;
 use aimesh_kit::config::{CommonConfig, Configuration};
@@ -22,6 +23,7 @@ pub struct MeshConfig {
     pub identity: IdentityConfig,
     pub chat: ChatConfig,
     pub usage: UsageConfig,
+    pub gateway: GatewayConfig,
 }
 
 impl MeshConfig {
@@ -32,27 +34,31 @@ impl MeshConfig {
             identity: sources.section("identity")?,
             chat: sources.section("chat")?,
             usage: sources.section("usage")?,
+            gateway: sources.section("gateway")?,
         })
     }
 }
 
-/// A service of the mesh.
+/// A service of the mesh (the gateway counts as one: it is started and stopped the same way).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServiceName {
     Identity,
     Chat,
     Usage,
+    Gateway,
 }
 
 impl ServiceName {
     /// Every service, in start order.
-    pub const ALL: [ServiceName; 3] = [ServiceName::Identity, ServiceName::Chat, ServiceName::Usage];
+    pub const ALL: [ServiceName; 4] =
+        [ServiceName::Identity, ServiceName::Chat, ServiceName::Usage, ServiceName::Gateway];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Identity => "identity",
             Self::Chat => "chat",
             Self::Usage => "usage",
+            Self::Gateway => "gateway",
         }
     }
 
@@ -62,6 +68,7 @@ impl ServiceName {
             Self::Identity => config.identity.listen,
             Self::Chat => config.chat.listen,
             Self::Usage => config.usage.listen,
+            Self::Gateway => config.gateway.listen,
         }
     }
 }
@@ -87,9 +94,19 @@ pub async fn run(
     mut config: MeshConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // In one process the services ask the identity running beside them, wherever it listens.
-    if let Some((_, listener)) = listeners.iter().find(|(service, _)| *service == ServiceName::Identity) {
-        config.common.auth.identity_url = format!("http://{}", listener.local_addr()?);
+    // In one process the services ask the identity running beside them, and the gateway calls
+    // the services beside it, wherever they listen.
+    for (service, listener) in &listeners {
+        let url = format!("http://{}", listener.local_addr()?);
+        match service {
+            ServiceName::Identity => {
+                config.common.auth.identity_url = url.clone();
+                config.gateway.identity_url = url;
+            }
+            ServiceName::Chat => config.gateway.chat_url = url,
+            ServiceName::Usage => config.gateway.usage_url = url,
+            ServiceName::Gateway => {}
+        }
     }
     match &config.common.auth.service_token {
         Some(token) => token.validate()?,
@@ -108,6 +125,7 @@ pub async fn run(
                 ServiceName::Identity => aimesh_identity::run(listener, config.common, config.identity, shutdown).await,
                 ServiceName::Chat => aimesh_chat::run(listener, config.common, config.chat, shutdown).await,
                 ServiceName::Usage => aimesh_usage::run(listener, config.common, config.usage, shutdown).await,
+                ServiceName::Gateway => aimesh_gateway::run(listener, config.common, config.gateway, shutdown).await,
             };
             result.with_context(|| format!("{} stopped", service.as_str()))
         });
@@ -137,6 +155,7 @@ pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
             ServiceName::Usage => {
                 aimesh_usage::connect_database(&config.common, &config.usage).await?.close().await;
             }
+            ServiceName::Gateway => continue, // no database
         }
         tracing::info!(service = service.as_str(), "migrations applied");
     }

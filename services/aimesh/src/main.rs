@@ -50,7 +50,13 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
-    /// Runs every service in this one process, each on its own port.
+    /// Runs the REST gateway (it calls the services at `gateway.*_url`).
+    Gateway {
+        /// Where its HTTP server listens.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Runs every service and the gateway in this one process, each on its own port.
     All,
     /// Applies every service's database migrations, then exits.
     Migrate,
@@ -85,6 +91,9 @@ impl Cli {
             Command::Usage { listen: Some(listen) } => {
                 root.insert("usage".into(), serde_json::json!({ "listen": listen.to_string() }));
             }
+            Command::Gateway { listen: Some(listen) } => {
+                root.insert("gateway".into(), serde_json::json!({ "listen": listen.to_string() }));
+            }
             _ => {}
         }
         serde_json::Value::Object(root)
@@ -103,6 +112,7 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
         Command::Identity { .. } => ("identity", vec![ServiceName::Identity]),
         Command::Chat { .. } => ("chat", vec![ServiceName::Chat]),
         Command::Usage { .. } => ("usage", vec![ServiceName::Usage]),
+        Command::Gateway { .. } => ("gateway", vec![ServiceName::Gateway]),
         Command::All => ("aimesh", ServiceName::ALL.to_vec()),
         Command::Migrate | Command::GrantAdmin { .. } => ("aimesh-admin", Vec::new()),
     };
@@ -117,11 +127,15 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
                 pool.close().await;
                 return Ok(());
             }
-            Command::Identity { .. } | Command::Chat { .. } | Command::Usage { .. } | Command::All => {}
+            Command::Identity { .. }
+            | Command::Chat { .. }
+            | Command::Usage { .. }
+            | Command::Gateway { .. }
+            | Command::All => {}
         }
         let listeners = aimesh::bind(&services, &config).await?;
         for (service, listener) in &listeners {
-            tracing::info!(service = service.as_str(), address = %listener.local_addr()?, "gRPC listening");
+            tracing::info!(service = service.as_str(), address = %listener.local_addr()?, "listening");
         }
         if let Some(address) = telemetry::serve_metrics(&config.common.metrics).await? {
             tracing::info!(%address, "metrics at http://{address}/metrics");

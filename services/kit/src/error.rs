@@ -62,6 +62,23 @@ impl ErrorCode {
         }
     }
 
+    /// The google.rpc.Code name, such as `INVALID_ARGUMENT`, as REST error bodies carry it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "INVALID_ARGUMENT",
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::PermissionDenied => "PERMISSION_DENIED",
+            Self::NotFound => "NOT_FOUND",
+            Self::AlreadyExists => "ALREADY_EXISTS",
+            Self::FailedPrecondition => "FAILED_PRECONDITION",
+            Self::Aborted => "ABORTED",
+            Self::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Self::Unavailable => "UNAVAILABLE",
+            Self::Internal => "INTERNAL",
+        }
+    }
+
     /// The code for a gRPC status code; codes aimesh never sends map to `Internal`.
     pub fn from_grpc(code: tonic::Code) -> Self {
         match code {

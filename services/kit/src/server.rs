@@ -117,25 +117,42 @@ async fn serve_until_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             stop_accepting.clone().cancelled_owned(),
         );
-    let mut server = tokio::spawn(server);
+    let server = tokio::spawn(server);
     tracing::info!(service = spec.name, %address, "serving gRPC");
+    let not_serving = async move { health.report(false).await };
+    stop_gracefully(spec.name, server, stop_accepting, &settings, shutdown, not_serving).await
+}
 
+/// Waits until `server` ends by itself or `shutdown` is cancelled; then `not_serving` (health
+/// turns NOT_SERVING), the drain pause, `stop_accepting` (the listener closes), and at most the
+/// grace period for in-flight requests before they are aborted.
+pub async fn stop_gracefully<E>(
+    name: &'static str,
+    mut server: tokio::task::JoinHandle<Result<(), E>>,
+    stop_accepting: CancellationToken,
+    settings: &ServerConfig,
+    shutdown: CancellationToken,
+    not_serving: impl Future<Output = ()>,
+) -> anyhow::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
     tokio::select! {
         result = &mut server => return Ok(result??),
         () = shutdown.cancelled() => {}
     }
-    health.report(false).await;
-    tracing::info!(service = spec.name, drain = ?settings.drain(), "shutting down: draining");
+    not_serving.await;
+    tracing::info!(service = name, drain = ?settings.drain(), "shutting down: draining");
     tokio::time::sleep(settings.drain()).await;
     stop_accepting.cancel();
     match tokio::time::timeout(settings.shutdown_grace(), &mut server).await {
         Ok(result) => result??,
         Err(_) => {
-            tracing::warn!(service = spec.name, "in-flight requests outlived the grace period; aborting them");
+            tracing::warn!(service = name, "in-flight requests outlived the grace period; aborting them");
             server.abort();
         }
     }
-    tracing::info!(service = spec.name, "stopped");
+    tracing::info!(service = name, "stopped");
     Ok(())
 }
 

@@ -36,7 +36,11 @@ impl Chat {
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
-                    () = shutdown.cancelled() => break,
+                    () = shutdown.cancelled() => {
+                        // Ending quietly would read as "no more messages"; clients must reconnect.
+                        let _ = sender.send(Err(Status::unavailable("the server is shutting down"))).await;
+                        break;
+                    }
                     () = sender.closed() => break,
                     next = watch.next() => next,
                 };

@@ -1,0 +1,409 @@
+//! The HTTP server: routes every REST call to its RPC, plus `/healthz`, `/readyz` and
+//! `/openapi.json`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::response::Response;
+use futures::{Stream, StreamExt};
+use http::{HeaderValue, StatusCode, header};
+use prost_reflect::{DynamicMessage, Kind, ReflectMessage, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::client::Grpc;
+use tonic::codec::Streaming;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tracing::Instrument;
+
+use aimesh_kit::config::CommonConfig;
+
+use crate::config::GatewayConfig;
+use crate::reply::{RestError, json_response, passed_back};
+use crate::routes::{Lookup, Route, RouteTable, aimesh_pool};
+use crate::transcode;
+use crate::upstream::{DynamicCodec, Upstreams};
+
+const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+/// Headers forwarded to the services as gRPC metadata. The credential is forwarded, never
+/// replaced: every service verifies it itself.
+const FORWARDED: &[&str] = &["authorization", "traceparent", "tracestate", "x-request-id", "user-agent"];
+
+/// What every request handler shares.
+struct Gateway {
+    routes: RouteTable,
+    upstreams: Upstreams,
+    openapi: Bytes,
+    config: GatewayConfig,
+    /// False from the start of a shutdown, so `/readyz` sends load balancers elsewhere.
+    ready: AtomicBool,
+    shutdown: CancellationToken,
+}
+
+/// Serves the gateway on `listener` until `shutdown` is cancelled, then stops gracefully.
+pub async fn run(
+    listener: TcpListener,
+    common: CommonConfig,
+    config: GatewayConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let address = listener.local_addr()?;
+    let pool = aimesh_pool().context("reading the descriptor set")?;
+    let routes = RouteTable::from_pool(&pool).map_err(|e| anyhow::anyhow!(e)).context("building the routes")?;
+    let openapi = Bytes::from(serde_json::to_vec(&crate::openapi::document(&routes))?);
+    let upstreams = Upstreams::new(config.upstream_urls()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let gateway = Arc::new(Gateway {
+        routes,
+        upstreams,
+        openapi,
+        config: config.clone(),
+        ready: AtomicBool::new(true),
+        shutdown: shutdown.clone(),
+    });
+    let app = router(Arc::clone(&gateway))?;
+    tracing::info!(service = "gateway", %address, routes = gateway.routes.routes().len(), "serving REST");
+
+    let stop_accepting = CancellationToken::new();
+    let server = axum::serve(listener, app).with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+    let server = tokio::spawn(async move { server.await });
+    let not_ready = async move { gateway.ready.store(false, Ordering::Relaxed) };
+    aimesh_kit::server::stop_gracefully("gateway", server, stop_accepting, &common.server, shutdown, not_ready).await
+}
+
+fn router(gateway: Arc<Gateway>) -> anyhow::Result<axum::Router> {
+    let cors = cors(&gateway.config.cors_allowed_origins)?;
+    let router = axum::Router::new()
+        .route(
+            "/healthz",
+            axum::routing::get(|| async { json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()) }),
+        )
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/openapi.json", axum::routing::get(openapi))
+        .fallback(handle)
+        .with_state(gateway)
+        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid));
+    Ok(match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    })
+}
+
+fn cors(origins: &[String]) -> anyhow::Result<Option<tower_http::cors::CorsLayer>> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|o| HeaderValue::from_str(o).with_context(|| format!("gateway.cors_allowed_origins: {o:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        AllowOrigin::list(list)
+    };
+    let exposed = ["x-request-id", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "retry-after"];
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                http::Method::GET,
+                http::Method::POST,
+                http::Method::PUT,
+                http::Method::PATCH,
+                http::Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                REQUEST_ID,
+                header::HeaderName::from_static("traceparent"),
+            ])
+            .expose_headers(exposed.map(header::HeaderName::from_static))
+            .max_age(Duration::from_secs(600)),
+    ))
+}
+
+async fn openapi(State(gateway): State<Arc<Gateway>>) -> Response {
+    json_response(StatusCode::OK, gateway.openapi.to_vec())
+}
+
+/// Ready when every service answers grpc.health.v1 with SERVING and no shutdown has begun.
+async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let checks = gateway.upstreams.services().map(|(service, _)| {
+        let channel = gateway.upstreams.channel(service);
+        async move {
+            let serving = match channel {
+                Ok(channel) => {
+                    let mut client = HealthClient::new(channel);
+                    let check = client.check(HealthCheckRequest { service: String::new() });
+                    matches!(
+                        tokio::time::timeout(Duration::from_secs(1), check).await,
+                        Ok(Ok(response)) if response.get_ref().status() == ServingStatus::Serving
+                    )
+                }
+                Err(_) => false,
+            };
+            (service.to_owned(), serving)
+        }
+    });
+    let services: serde_json::Map<String, serde_json::Value> = futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .map(|(service, serving)| (service, serde_json::Value::from(if serving { "SERVING" } else { "NOT_SERVING" })))
+        .collect();
+    let ready = gateway.ready.load(Ordering::Relaxed) && services.values().all(|v| v == "SERVING");
+    let body = serde_json::json!({ "status": if ready { "ok" } else { "unavailable" }, "services": services });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// Every REST route: find the RPC, build its request, call the service, answer.
+async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let started = Instant::now();
+    let request_id =
+        request.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).map(str::to_owned);
+    let method = request.method().clone();
+    let (route, bound) = match gateway.routes.lookup(&method, request.uri().path()) {
+        Lookup::Found(route, bound) => (route, bound),
+        Lookup::WrongMethod => {
+            let error = RestError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNIMPLEMENTED",
+                "METHOD_NOT_ALLOWED",
+                format!("{method} is not allowed here"),
+            );
+            return error.into_response(request_id.as_deref());
+        }
+        Lookup::NotFound => {
+            let message = format!("no route for {method} {}", request.uri().path());
+            return RestError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "NO_ROUTE", message)
+                .into_response(request_id.as_deref());
+        }
+    };
+    let span = tracing::info_span!("rest", http.method = %method, http.route = %route.label(), request_id = request_id.as_deref().unwrap_or(""));
+    aimesh_kit::telemetry::adopt_remote_parent(&span, request.headers());
+    let response = call(&gateway, route, bound, request)
+        .instrument(span)
+        .await
+        .unwrap_or_else(|error| error.into_response(request_id.as_deref()));
+    let labels = [
+        ("route", route.label()),
+        ("method", method.as_str().to_owned()),
+        ("status", response.status().as_u16().to_string()),
+    ];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels[..2]).record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn call(
+    gateway: &Gateway,
+    route: &Route,
+    bound: Vec<(Vec<String>, String)>,
+    request: Request,
+) -> Result<Response, RestError> {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, gateway.config.max_body_bytes).await.map_err(|_| {
+        let message = format!("the body is larger than {} bytes or was cut off", gateway.config.max_body_bytes);
+        RestError::new(StatusCode::PAYLOAD_TOO_LARGE, "INVALID_ARGUMENT", "BODY_TOO_LARGE", message)
+    })?;
+    let mut message = transcode::request_message(route, bound, parts.uri.query(), &body)?;
+    if route.method.is_server_streaming() {
+        resume_from_last_event_id(&mut message, &parts.headers)?;
+    }
+    let mut grpc_request = tonic::Request::new(message);
+    for name in FORWARDED {
+        if let Some(value) = parts.headers.get(*name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+            grpc_request.metadata_mut().insert(*name, value);
+        }
+    }
+    // When tracing is on, the gateway's span becomes the parent; otherwise the caller's
+    // traceparent passes through unchanged (copied above).
+    aimesh_kit::telemetry::inject_current_context(grpc_request.metadata_mut());
+    let timeout = Duration::from_secs(gateway.config.request_timeout_secs);
+    let mut grpc = Grpc::new(gateway.upstreams.channel(&route.service)?);
+    grpc.ready().await.map_err(|e| RestError::from(aimesh_kit::ServiceError::unavailable(e)))?;
+    let path =
+        route.grpc_path().parse().map_err(|_| RestError::from(aimesh_kit::ServiceError::internal("bad grpc path")))?;
+    let codec = DynamicCodec::new(route.method.output());
+    if !route.method.is_server_streaming() {
+        grpc_request.set_timeout(timeout);
+        let response = match tokio::time::timeout(timeout, grpc.unary(grpc_request, path, codec)).await {
+            Ok(result) => result.map_err(|status| RestError::from_status(&status))?,
+            Err(_) => return Err(deadline_exceeded()),
+        };
+        let headers = passed_back(response.metadata().as_ref());
+        let mut reply = json_response(StatusCode::OK, transcode::encode(response.get_ref())?);
+        reply.headers_mut().extend(headers);
+        return Ok(reply);
+    }
+    // A stream has no overall deadline (a watch lasts as long as the client wants), but it must
+    // start within the timeout.
+    let response = match tokio::time::timeout(timeout, grpc.server_streaming(grpc_request, path, codec)).await {
+        Ok(result) => result.map_err(|status| RestError::from_status(&status))?,
+        Err(_) => return Err(deadline_exceeded()),
+    };
+    let headers = passed_back(response.metadata().as_ref());
+    let stream = response.into_inner();
+    let mut reply = if is_download(&route.method.output()) {
+        download(stream).await?
+    } else {
+        let keep_alive = Duration::from_secs(gateway.config.sse_keep_alive_secs.max(1));
+        server_sent_events(stream, keep_alive, gateway.shutdown.clone())
+    };
+    reply.headers_mut().extend(headers);
+    Ok(reply)
+}
+
+fn deadline_exceeded() -> RestError {
+    RestError::from(aimesh_kit::ServiceError::new(
+        aimesh_kit::ErrorCode::DeadlineExceeded,
+        "DEADLINE_EXCEEDED",
+        "the service did not answer in time",
+    ))
+}
+
+/// A reconnecting EventSource sends `Last-Event-ID`; for a stream that resumes by sequence
+/// number (`after_sequence` in, `sequence` out) it becomes the resume point.
+fn resume_from_last_event_id(
+    message: &mut DynamicMessage,
+    headers: &http::HeaderMap,
+) -> Result<(), aimesh_kit::ServiceError> {
+    let Some(last) = headers.get("last-event-id") else { return Ok(()) };
+    let Some(field) = message.descriptor().get_field_by_name("after_sequence") else { return Ok(()) };
+    let sequence = last
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .ok_or_else(|| aimesh_kit::ServiceError::invalid_field("Last-Event-ID", "must be a sequence number"))?;
+    message.set_field(&field, Value::I64(sequence));
+    Ok(())
+}
+
+/// Streams whose messages carry `bytes data` and a `content_type` are files, sent as a plain
+/// body rather than as events.
+fn is_download(output: &prost_reflect::MessageDescriptor) -> bool {
+    output.get_field_by_name("data").is_some_and(|f| f.kind() == Kind::Bytes && !f.is_list())
+        && output.get_field_by_name("content_type").is_some_and(|f| f.kind() == Kind::String)
+}
+
+fn text_field(message: &DynamicMessage, name: &str) -> String {
+    message.get_field_by_name(name).and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+fn data_of(message: &DynamicMessage) -> Bytes {
+    message.get_field_by_name("data").and_then(|v| v.as_bytes().cloned()).unwrap_or_default()
+}
+
+/// A file download: headers from the first chunk, then the bytes as they come. A failure
+/// after the first byte can only cut the connection (the client sees a truncated transfer).
+async fn download(mut stream: Streaming<DynamicMessage>) -> Result<Response, RestError> {
+    let first = match stream.message().await {
+        Ok(first) => first,
+        Err(status) => return Err(RestError::from_status(&status)),
+    };
+    let (content_type, file_name, head) = match &first {
+        Some(first) => (text_field(first, "content_type"), text_field(first, "file_name"), data_of(first)),
+        None => (String::new(), String::new(), Bytes::new()),
+    };
+    let rest = stream.map(|item| match item {
+        Ok(message) => Ok(data_of(&message)),
+        Err(status) => {
+            tracing::warn!(code = ?status.code(), message = status.message(), "download failed mid-stream");
+            Err(std::io::Error::other(status.message().to_owned()))
+        }
+    });
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(head) }).chain(rest);
+    let mut response = Response::new(Body::from_stream(body));
+    let content_type = if content_type.is_empty() { "application/octet-stream".to_owned() } else { content_type };
+    if let Ok(value) = HeaderValue::from_str(&content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    if !file_name.is_empty() {
+        let safe: String = file_name.chars().filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\').collect();
+        if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{safe}\"")) {
+            response.headers_mut().insert(header::CONTENT_DISPOSITION, value);
+        }
+    }
+    Ok(response)
+}
+
+/// Server-Sent Events: `event: message` per message (with `id:` its sequence number when it has
+/// one), a comment every `keep_alive`, and on failure one `event: error` with the error body
+/// before the stream closes.
+fn server_sent_events(
+    stream: Streaming<DynamicMessage>,
+    keep_alive: Duration,
+    shutdown: CancellationToken,
+) -> Response {
+    let events = sse_events(stream, keep_alive, shutdown).map(Ok::<_, Infallible>);
+    let mut response = Response::new(Body::from_stream(events));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+enum SseState {
+    Open(Box<(Streaming<DynamicMessage>, tokio::time::Interval, CancellationToken)>),
+    Closed,
+}
+
+fn sse_events(
+    stream: Streaming<DynamicMessage>,
+    keep_alive: Duration,
+    shutdown: CancellationToken,
+) -> impl Stream<Item = Bytes> {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    futures::stream::unfold(SseState::Open(Box::new((stream, tick, shutdown))), |state| async move {
+        let SseState::Open(open) = state else { return None };
+        let (mut stream, mut tick, shutdown) = *open;
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            _ = tick.tick() => Bytes::from_static(b": keep-alive\n\n"),
+            item = stream.message() => match item {
+                Ok(Some(message)) => message_event(&message),
+                Ok(None) => return None,
+                Err(status) => {
+                    let error = RestError::from_status(&status);
+                    return Some((error_event(&error), SseState::Closed));
+                }
+            },
+        };
+        Some((event, SseState::Open(Box::new((stream, tick, shutdown)))))
+    })
+}
+
+fn message_event(message: &DynamicMessage) -> Bytes {
+    let mut event = Vec::with_capacity(256);
+    if let Some(Value::I64(sequence)) = message.get_field_by_name("sequence").map(|v| v.into_owned()) {
+        event.extend_from_slice(format!("id: {sequence}\n").as_bytes());
+    }
+    match transcode::encode(message) {
+        Ok(json) => {
+            event.extend_from_slice(b"event: message\ndata: ");
+            event.extend_from_slice(&json);
+            event.extend_from_slice(b"\n\n");
+            Bytes::from(event)
+        }
+        Err(error) => error_event(&RestError::from(error)),
+    }
+}
+
+fn error_event(error: &RestError) -> Bytes {
+    let mut event = b"event: error\ndata: ".to_vec();
+    event.extend_from_slice(&error.body(None));
+    event.extend_from_slice(b"\n\n");
+    Bytes::from(event)
+}

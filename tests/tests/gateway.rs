@@ -1,0 +1,304 @@
+//! The REST gateway end to end: the same mesh reached over HTTP/JSON, with its error shape,
+//! field-named 400s, streams as Server-Sent Events and downloads, and the HTTP plumbing
+//! (request ids, gzip, CORS, health, the OpenAPI document).
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use aimesh_tests::rest::{Events, Rest};
+use aimesh_tests::{Mesh, test_config};
+
+/// Registers and logs in through REST; returns the access token.
+async fn signup(rest: &Rest, name: &str) -> String {
+    let email = format!("{name}@example.org");
+    let password = format!("{name}-password-123");
+    rest.post("/v1/users", json!({ "email": email, "username": name, "password": password }))
+        .send()
+        .await
+        .expect(StatusCode::OK);
+    let login = rest.post("/v1/auth/login", json!({ "login": email, "password": password })).send().await;
+    let body = login.expect(StatusCode::OK).json();
+    body["accessToken"].as_str().expect("an access token").to_owned()
+}
+
+async fn project(rest: &Rest, token: &str) -> String {
+    let reply = rest.post("/v1/projects", json!({ "name": "REST" })).bearer(token).send().await;
+    reply.expect(StatusCode::OK).json()["id"].as_str().expect("project id").to_owned()
+}
+
+async fn chat_session(rest: &Rest, token: &str, project_id: &str) -> String {
+    let body =
+        json!({ "projectId": project_id, "model": "gpt-4o", "title": "hello", "config": { "temperature": 0.2 } });
+    let reply = rest.post("/v1/chat/sessions", body).bearer(token).send().await.expect(StatusCode::OK);
+    reply.json()["id"].as_str().expect("session id").to_owned()
+}
+
+fn assert_error(reply: &aimesh_tests::rest::Reply, status: StatusCode, code: &str) -> Value {
+    assert_eq!(reply.status, status, "body: {}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let body = reply.json();
+    assert_eq!(body["code"], code, "{body}");
+    assert!(body["reason"].as_str().is_some_and(|r| !r.is_empty()), "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(body["details"]["requestId"].as_str().is_some(), "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_conversation_over_rest_follows_the_json_mapping() {
+    let mesh = Mesh::start().await;
+    let rest = mesh.rest();
+    let token = signup(&rest, "ann").await;
+    let project_id = project(&rest, &token).await;
+    let session_id = chat_session(&rest, &token, &project_id).await;
+
+    let path = format!("/v1/chat/sessions/{session_id}/messages");
+    let appended = rest
+        .post(
+            &path,
+            json!({ "role": "MESSAGE_ROLE_USER", "content": "hi there", "tokens": 7, "metadata": { "k": [1, "v"] } }),
+        )
+        .bearer(&token)
+        .send()
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(appended["sequence"], "1", "int64 is a string in the JSON mapping");
+    assert_eq!(appended["role"], "MESSAGE_ROLE_USER", "enums by name");
+    assert_eq!(appended["metadata"], json!({ "k": [1.0, "v"] }), "Struct numbers are doubles");
+    assert!(appended.get("parentMessageId").is_none(), "zero values are left out");
+
+    // PATCH with only the changed fields: the update mask is inferred from the body.
+    let patched = rest
+        .patch(&format!("/v1/chat/sessions/{session_id}"), json!({ "title": "renamed" }))
+        .bearer(&token)
+        .send()
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(patched["title"], "renamed");
+    assert_eq!(patched["model"], "gpt-4o", "fields outside the body are untouched");
+
+    let listed = rest
+        .get(&format!("/v1/chat/sessions/{session_id}/messages?pageSize=10"))
+        .bearer(&token)
+        .send()
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(listed["messages"][0]["content"], "hi there");
+    let sessions = rest
+        .get(&format!("/v1/chat/sessions?projectId={project_id}&status=SESSION_STATUS_ACTIVE"))
+        .bearer(&token)
+        .send()
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(sessions["sessions"][0]["id"], session_id.as_str());
+    assert_eq!(sessions["sessions"][0]["messageCount"], "1");
+
+    // The same data through gRPC: the gateway changed nothing on the way.
+    let over_grpc = mesh
+        .chat()
+        .get_session(aimesh_tests::authed(
+            aimesh_proto::chat::v1::GetSessionRequest { session_id: session_id.clone() },
+            &token,
+        ))
+        .await
+        .expect("grpc get")
+        .into_inner();
+    assert_eq!(over_grpc.title, "renamed");
+    assert_eq!(over_grpc.total_tokens, 7);
+}
+
+#[tokio::test]
+async fn bad_requests_get_one_error_shape_with_the_field_named() {
+    let mesh = Mesh::start().await;
+    let rest = mesh.rest();
+    let token = signup(&rest, "bea").await;
+    let project_id = project(&rest, &token).await;
+
+    let unknown =
+        rest.post("/v1/chat/sessions", json!({ "projectId": project_id, "bogus": 1 })).bearer(&token).send().await;
+    let body = assert_error(&unknown, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("bogus")), "{body}");
+
+    let wrong_type =
+        rest.post("/v1/chat/sessions", json!({ "projectId": project_id, "title": 5 })).bearer(&token).send().await;
+    let body = assert_error(&wrong_type, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT");
+    assert_eq!(body["details"]["field"], "title");
+
+    let bad_query = rest.get("/v1/chat/sessions?pageSize=lots").bearer(&token).send().await;
+    assert_eq!(assert_error(&bad_query, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT")["details"]["field"], "pageSize");
+
+    let not_json = rest.call(Method::POST, "/v1/projects").raw("application/json", "{nope").bearer(&token).send().await;
+    assert_eq!(assert_error(&not_json, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT")["details"]["field"], "body");
+
+    // Validation inside the service comes back the same way, with its own reason and field.
+    let empty = rest
+        .post("/v1/chat/sessions/00000000-0000-0000-0000-000000000000/messages", json!({ "role": "MESSAGE_ROLE_USER" }))
+        .bearer(&token)
+        .send()
+        .await;
+    assert!(empty.status.is_client_error(), "{:?}", empty.status);
+
+    let anonymous = rest.get(&format!("/v1/projects/{project_id}")).send().await;
+    assert_error(&anonymous, StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
+    let forged = rest.get(&format!("/v1/projects/{project_id}")).bearer("amk_forged").send().await;
+    assert_error(&forged, StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
+
+    let other = signup(&rest, "cid").await;
+    let foreign = rest.get(&format!("/v1/projects/{project_id}")).bearer(&other).send().await;
+    assert_error(&foreign, StatusCode::FORBIDDEN, "PERMISSION_DENIED");
+
+    let no_route = rest.get("/v1/nothing/here").send().await;
+    assert_eq!(assert_error(&no_route, StatusCode::NOT_FOUND, "NOT_FOUND")["reason"], "NO_ROUTE");
+    let wrong_method = rest.call(Method::PUT, &format!("/v1/projects/{project_id}")).send().await;
+    assert_error(&wrong_method, StatusCode::METHOD_NOT_ALLOWED, "UNIMPLEMENTED");
+
+    let huge = "x".repeat(mesh.config.gateway.max_body_bytes + 1);
+    let too_big = rest.post("/v1/projects", json!({ "name": huge })).bearer(&token).send().await;
+    assert_error(&too_big, StatusCode::PAYLOAD_TOO_LARGE, "INVALID_ARGUMENT");
+
+    // Nothing above created a session.
+    let sessions = rest.get(&format!("/v1/chat/sessions?projectId={project_id}")).bearer(&token).send().await;
+    assert_eq!(sessions.expect(StatusCode::OK).json().get("sessions"), None);
+}
+
+#[tokio::test]
+async fn a_watch_is_server_sent_events_that_resume_and_end_with_an_error_event() {
+    let mesh = Mesh::start().await;
+    // A gateway of its own in front of the mesh's services, so the services can stop while the
+    // gateway keeps streaming to its client.
+    let (mut config, _databases) = test_config();
+    config.gateway.identity_url = format!("http://{}", mesh.identity);
+    config.gateway.chat_url = format!("http://{}", mesh.chat);
+    config.gateway.usage_url = format!("http://{}", mesh.usage);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let own_gateway = Rest::new(listener.local_addr().expect("address"));
+    let stop_gateway = CancellationToken::new();
+    let gateway = tokio::spawn(aimesh_gateway::run(listener, config.common, config.gateway, stop_gateway.clone()));
+    own_gateway.wait_until_ready().await;
+
+    let rest = mesh.rest();
+    let token = signup(&rest, "dan").await;
+    let project_id = project(&rest, &token).await;
+    let session_id = chat_session(&rest, &token, &project_id).await;
+    let messages = format!("/v1/chat/sessions/{session_id}/messages");
+    for content in ["one", "two"] {
+        rest.post(&messages, json!({ "role": "MESSAGE_ROLE_USER", "content": content })).bearer(&token).send().await;
+    }
+
+    // Resuming after sequence 1 (as a reconnecting EventSource does) starts at two.
+    let response = own_gateway
+        .get(&format!("/v1/chat/sessions/{session_id}:watch"))
+        .bearer(&token)
+        .header("last-event-id", "1")
+        .open()
+        .await
+        .expect("watch");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("text/event-stream"));
+    let mut events = Events::new(response.into_body());
+    let first = events.next(Duration::from_secs(10)).await.expect("an event");
+    assert_eq!((first.name.as_str(), first.id.as_deref()), ("message", Some("2")));
+    assert_eq!(serde_json::from_str::<Value>(&first.data).expect("json")["content"], "two");
+
+    rest.post(&messages, json!({ "role": "MESSAGE_ROLE_ASSISTANT", "content": "three" })).bearer(&token).send().await;
+    let live = events.next(Duration::from_secs(10)).await.expect("the live message");
+    assert_eq!(live.id.as_deref(), Some("3"));
+
+    // The services stop: the stream ends with an error event, not a silent close.
+    mesh.stop().await.expect("mesh stops");
+    let last = events.next(Duration::from_secs(10)).await.expect("an error event");
+    assert_eq!(last.name, "error");
+    assert_eq!(serde_json::from_str::<Value>(&last.data).expect("json")["code"], "UNAVAILABLE");
+    assert_eq!(events.next(Duration::from_secs(10)).await, None, "the stream closes after the error");
+
+    stop_gateway.cancel();
+    gateway.await.expect("gateway task").expect("gateway stops cleanly");
+}
+
+#[tokio::test]
+async fn an_export_is_a_download_and_a_missing_session_a_json_error() {
+    let mesh = Mesh::start().await;
+    let rest = mesh.rest();
+    let token = signup(&rest, "eve").await;
+    let project_id = project(&rest, &token).await;
+    let session_id = chat_session(&rest, &token, &project_id).await;
+    rest.post(
+        &format!("/v1/chat/sessions/{session_id}/messages"),
+        json!({ "role": "MESSAGE_ROLE_USER", "content": "export me" }),
+    )
+    .bearer(&token)
+    .send()
+    .await
+    .expect(StatusCode::OK);
+
+    let export = rest
+        .get(&format!("/v1/chat/sessions/{session_id}:export?format=EXPORT_FORMAT_MARKDOWN"))
+        .bearer(&token)
+        .send()
+        .await
+        .expect(StatusCode::OK);
+    assert!(export.header("content-type").is_some_and(|t| t.starts_with("text/markdown")), "{:?}", export.headers);
+    assert!(export.header("content-disposition").is_some_and(|d| d.starts_with("attachment; filename=")));
+    assert!(String::from_utf8_lossy(&export.body).contains("export me"));
+
+    let missing = rest
+        .get("/v1/chat/sessions/00000000-0000-7000-8000-000000000000:export?format=EXPORT_FORMAT_JSON")
+        .bearer(&token)
+        .send()
+        .await;
+    assert!(missing.status == StatusCode::NOT_FOUND || missing.status == StatusCode::FORBIDDEN, "{:?}", missing.status);
+    assert_eq!(missing.header("content-type"), Some("application/json"));
+}
+
+#[tokio::test]
+async fn request_ids_gzip_health_and_the_openapi_document() {
+    let mesh = Mesh::start().await;
+    let rest = mesh.rest();
+
+    let given = rest.get("/healthz").header("x-request-id", "req-123").send().await.expect(StatusCode::OK);
+    assert_eq!(given.header("x-request-id"), Some("req-123"));
+    let made = rest.get("/healthz").send().await;
+    assert!(made.header("x-request-id").is_some_and(|id| id.len() >= 32), "a request id is made when none is given");
+
+    let ready = rest.get("/readyz").send().await.expect(StatusCode::OK).json();
+    assert_eq!(ready["services"]["chat"], "SERVING");
+
+    let document = rest.get("/openapi.json").header("accept-encoding", "gzip").send().await.expect(StatusCode::OK);
+    assert_eq!(document.header("content-encoding"), Some("gzip"), "large JSON is compressed when asked");
+    let plain = rest.get("/openapi.json").send().await.json();
+    assert_eq!(plain["openapi"], "3.0.3");
+    assert!(plain["paths"]["/v1/chat/sessions/{session_id}:watch"]["get"]["responses"]["200"]["content"]["text/event-stream"].is_object());
+    assert!(plain["paths"].get("/v1/usage:record").is_none(), "internal RPCs have no route");
+}
+
+#[tokio::test]
+async fn cors_is_answered_for_the_configured_origins() {
+    let (mut config, databases) = test_config();
+    config.gateway.cors_allowed_origins = vec!["https://app.example.org".into()];
+    let mesh = Mesh::start_with(config, databases).await;
+    let preflight = mesh
+        .rest()
+        .call(Method::OPTIONS, "/v1/projects")
+        .header("origin", "https://app.example.org")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization,content-type")
+        .send()
+        .await;
+    assert!(preflight.status.is_success(), "{:?}", preflight.status);
+    assert_eq!(preflight.header("access-control-allow-origin"), Some("https://app.example.org"));
+    let stranger = mesh
+        .rest()
+        .call(Method::OPTIONS, "/v1/projects")
+        .header("origin", "https://evil.example.com")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await;
+    assert_eq!(stranger.header("access-control-allow-origin"), None);
+}
