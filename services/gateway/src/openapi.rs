@@ -7,7 +7,7 @@ use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
 use prost_types::FileDescriptorProto;
 use serde_json::{Map, Value as Json, json};
 
-use crate::routes::{BodyRule, Route, RouteTable, resolve_field};
+use crate::routes::{BodyRule, Route, RouteTable, parameter_name, resolve_field};
 use crate::transcode::string_shaped;
 
 /// The document for every route of `table`.
@@ -50,10 +50,10 @@ fn operation(route: &Route, schemas: &mut Schemas) -> Json {
     for variable in &bound {
         if let Some(field) = resolve_field(&input, variable) {
             parameters.push(json!({
-                "name": variable.join("."),
+                "name": parameter_name(variable),
                 "in": "path",
                 "required": true,
-                "schema": schemas.field(&field),
+                "schema": parameter_schema(schemas, &field),
             }));
         }
     }
@@ -71,7 +71,7 @@ fn operation(route: &Route, schemas: &mut Schemas) -> Json {
                 "name": field.json_name(),
                 "in": "query",
                 "required": false,
-                "schema": schemas.field(&field),
+                "schema": parameter_schema(schemas, &field),
             });
             if let Some(text) = comment(input.parent_file_descriptor_proto(), field.path()) {
                 parameter["description"] = Json::String(text);
@@ -130,6 +130,17 @@ fn responses(route: &Route, schemas: &mut Schemas) -> Json {
         "content": { "application/json": { "schema": { "$ref": "#/components/schemas/aimesh.Error" } } },
     });
     json!({ "200": success, "default": error })
+}
+
+/// A parameter's schema; ids of resources (`project_id`, `session_id`, ...) are UUIDs, which
+/// tells generated clients and test tools what a valid one looks like.
+fn parameter_schema(schemas: &mut Schemas, field: &FieldDescriptor) -> Json {
+    let mut schema = schemas.field(field);
+    let is_resource_id = field.name() == "id" || field.name().ends_with("_id");
+    if is_resource_id && field.kind() == Kind::String && !field.is_list() {
+        schema["format"] = json!("uuid");
+    }
+    schema
 }
 
 /// Scalars, enums, repeated scalars and string-shaped well-known types can travel in a query.

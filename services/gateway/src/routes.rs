@@ -119,7 +119,8 @@ impl PathTemplate {
         Some(bound)
     }
 
-    /// The template as written in OpenAPI (`{project_id}`, nested fields dotted).
+    /// The template as written in OpenAPI: `{project_id}`; a nested field `{setting.key}` is
+    /// named `{setting_key}`, since OpenAPI tools take path parameter names for identifiers.
     pub fn openapi_path(&self) -> String {
         let mut out = String::new();
         for segment in &self.segments {
@@ -128,7 +129,7 @@ impl PathTemplate {
                 Segment::Literal(literal) => out.push_str(literal),
                 Segment::Variable(field) => {
                     out.push('{');
-                    out.push_str(&field.join("."));
+                    out.push_str(&parameter_name(field));
                     out.push('}');
                 }
             }
@@ -153,6 +154,11 @@ impl PathTemplate {
         let literals = self.segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count();
         (self.verb.is_some(), literals)
     }
+}
+
+/// The OpenAPI name of a path variable bound to the (possibly nested) field `path`.
+pub fn parameter_name(path: &[String]) -> String {
+    path.join("_")
 }
 
 fn percent_decode(part: &str) -> Option<String> {
@@ -344,7 +350,7 @@ mod tests {
         assert_eq!(plain.matches("/v1/chat/sessions/a%20b"), Some(vec![(vec!["session_id".into()], "a b".into())]));
         assert_eq!(plain.matches("/v1/chat/sessions/"), None);
         let nested = PathTemplate::parse("/v1/settings/{setting.key}").expect("parses");
-        assert_eq!(nested.openapi_path(), "/v1/settings/{setting.key}");
+        assert_eq!(nested.openapi_path(), "/v1/settings/{setting_key}");
         assert!(PathTemplate::parse("v1/x").is_err());
         assert!(PathTemplate::parse("/v1/{name=projects/*}").is_err());
     }
