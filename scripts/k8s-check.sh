@@ -5,7 +5,7 @@
 #   scripts/k8s-check.sh --write-readme   regenerate the values tables of helm/aimesh/README.md
 #   scripts/k8s-check.sh --write-base     regenerate k8s/base/aimesh.yaml from the chart
 #
-# 1. `helm lint --strict` with values.yaml and every values-<env>.yaml;
+# 1. `helm lint --strict` with values.yaml, every values-<env>.yaml and helm/tests/everything-on.yaml;
 # 2. every helm/tests/bad-*.yaml must be refused by `helm lint` with the message its
 #    `# expect:` line names (a wrong type, an unknown key);
 # 3. `helm template` of every environment and `kubectl kustomize` of every overlay, validated by
@@ -23,6 +23,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$REPO"
 CHART=helm/aimesh
 ENVS=(dev staging prod)
+# Rendered like the environments: every optional part switched on.
+EXTRA_VALUES=(helm/tests/everything-on.yaml)
 OVERLAYS=(dev prod)
 # The oldest and newest Kubernetes minor versions the chart supports (Chart.yaml kubeVersion
 # says >=1.30), plus one between.
@@ -72,7 +74,7 @@ failed=0
 ok() { passed=$((passed + 1)); say "ok: $*"; }
 
 # 1. lint every values file.
-for values in "$CHART/values.yaml" "${ENVS[@]/#/$CHART/values-}"; do
+for values in "$CHART/values.yaml" "${ENVS[@]/#/$CHART/values-}" "${EXTRA_VALUES[@]}"; do
     values=${values%.yaml}.yaml
     "$HELM" lint --strict "$CHART" -f "$values" >"$TMP/lint.log" 2>&1 || { cat "$TMP/lint.log" >&2; fail "helm lint --strict -f $values"; }
     ok "helm lint --strict -f $values"
@@ -93,16 +95,18 @@ done
 ((bad >= 2)) || fail "expected at least two helm/tests/bad-*.yaml files"
 
 # 3 and 4. render, validate, audit: each environment of the chart, each overlay.
-for env in "${ENVS[@]}"; do
+for values in "${ENVS[@]/#/$CHART/values-}" "${EXTRA_VALUES[@]}"; do
+    values=${values%.yaml}.yaml
+    name=$(basename "$values" .yaml)
     for version in "${KUBE_VERSIONS[@]}"; do
         # --kube-version also checks Chart.yaml's kubeVersion accepts each supported version.
-        "$HELM" template aimesh "$CHART" -n aimesh -f "$CHART/values-$env.yaml" --kube-version "$version" \
-            >"$TMP/helm-$env-$version.yaml" 2>"$TMP/err.log" || { cat "$TMP/err.log" >&2; fail "helm template ($env, $version)"; }
+        "$HELM" template aimesh "$CHART" -n aimesh -f "$values" --kube-version "$version" \
+            >"$TMP/helm-$name-$version.yaml" 2>"$TMP/err.log" || { cat "$TMP/err.log" >&2; fail "helm template -f $values ($version)"; }
     done
-    file="$TMP/helm-$env-${KUBE_VERSIONS[0]}.yaml"
-    validate "helm template -f values-$env.yaml" "$file"
-    py audit "helm $env" <"$file" || fail "helm $env: audit"
-    ok "helm $env: valid for Kubernetes ${KUBE_VERSIONS[*]}, hardened"
+    file="$TMP/helm-$name-${KUBE_VERSIONS[0]}.yaml"
+    validate "helm template -f $values" "$file"
+    py audit "helm $name" <"$file" || fail "helm -f $values: audit"
+    ok "helm -f $values: valid for Kubernetes ${KUBE_VERSIONS[*]}, hardened"
 done
 for overlay in "${OVERLAYS[@]}"; do
     file="$TMP/kustomize-$overlay.yaml"
