@@ -5,6 +5,7 @@
 #   make check  formatting and clippy
 #   make deps   only start the dev servers (and install what they need)
 #   make bench  benchmarks beside same-run baselines (BENCH_ARGS="--seconds 5 --scenario usage-record")
+#   make k8s-check  the Helm chart and the kustomize manifests, validated offline (part of test)
 #
 # The dev servers are described in scripts/deps.sh; it writes their addresses to .dev/env,
 # which each recipe below loads itself, so no shell state is needed.
@@ -14,7 +15,7 @@ CARGO ?= cargo
 # Loads the addresses scripts/deps.sh wrote; a recipe line starts with it.
 LOAD_ENV := set -a && . ./.dev/env && set +a
 
-.PHONY: run test stop check deps status bench
+.PHONY: run test stop check deps status bench k8s-check
 
 deps:
 	scripts/deps.sh up
@@ -34,7 +35,7 @@ run: deps
 	$(LOAD_ENV) && exec $(CARGO) run -q -p aimesh -- all
 
 # cargo-nextest when present (installed if possible), else cargo test. Doc tests are not run.
-test: deps
+test: deps k8s-check
 	@if ! $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  echo "make: cargo-nextest is missing; installing it (cargo install --locked cargo-nextest)"; \
 	  $(CARGO) install --locked cargo-nextest || echo "make: could not install cargo-nextest; using cargo test"; \
@@ -56,6 +57,11 @@ check:
 	fi
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# helm lint, helm template and kubectl kustomize validated against the Kubernetes schemas,
+# hardening and probe checks (scripts/k8s-check.sh); tools go to .dev/k8s on first use.
+k8s-check:
+	scripts/k8s-check.sh
 
 # Release build; figures and reports in target/bench (see bench/src/main.rs).
 bench: deps
