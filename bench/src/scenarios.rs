@@ -25,11 +25,13 @@ pub enum Scenario {
     /// ListMessages of 50 messages through gRPC: sessions read for the first time (cold
     /// caches) against the same sessions read again (warm).
     ChatList,
+    /// GetSession through the REST gateway, against the same call over gRPC directly.
+    Gateway,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] =
-        [Scenario::UsageRecord, Scenario::UsageReserve, Scenario::ChatAppend, Scenario::ChatList];
+    pub const ALL: [Scenario; 5] =
+        [Scenario::UsageRecord, Scenario::UsageReserve, Scenario::ChatAppend, Scenario::ChatList, Scenario::Gateway];
 }
 
 pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
@@ -53,6 +55,11 @@ pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
         Scenario::ChatList => {
             let (cold, warm) = crate::chat::list(&setup.mesh, &setup.owner_token, &setup.project, load).await?;
             Pair { scenario: cold, baseline: warm, baseline_is: "the same sessions listed again, caches warm" }
+        }
+        Scenario::Gateway => {
+            let (rest, grpc) =
+                crate::gateway::get_session(&setup.mesh, &setup.owner_token, &setup.project, load).await?;
+            Pair { scenario: rest, baseline: grpc, baseline_is: "the same GetSession over gRPC, straight to chat" }
         }
     };
     setup.mesh.stop().await?;
