@@ -32,17 +32,13 @@ pub async fn get_session(mesh: &Mesh, token: &str, project: &str, load: Load) ->
         tokio::spawn(connection);
         connections.lock().await.push(sender);
     }
-    let (path, authorization, host) = (
-        format!("/v1/chat/sessions/{session}"),
-        format!("Bearer {token}"),
-        mesh.gateway.to_string(),
-    );
+    let (path, authorization, host) =
+        (format!("/v1/chat/sessions/{session}"), format!("Bearer {token}"), mesh.gateway.to_string());
     let rest = closed_loop("REST GET session", load, move |_| {
         let (connections, path, authorization, host) =
             (Arc::clone(&connections), path.clone(), authorization.clone(), host.clone());
         async move {
-            let mut sender: SendRequest<Empty<Bytes>> =
-                connections.lock().await.pop().ok_or("no idle connection")?;
+            let mut sender: SendRequest<Empty<Bytes>> = connections.lock().await.pop().ok_or("no idle connection")?;
             let request = http::Request::get(path)
                 .header("host", host)
                 .header("authorization", authorization)

@@ -25,8 +25,8 @@ pub struct RestError {
     pub message: String,
     pub field: Option<String>,
     pub retry_after: Option<Duration>,
-    /// Headers the service sent with the failure (rate-limit state).
-    pub headers: HeaderMap,
+    /// Headers the service sent with the failure (rate-limit state); boxed to keep errors small.
+    pub headers: Box<HeaderMap>,
 }
 
 #[derive(Serialize)]
@@ -58,7 +58,7 @@ impl RestError {
             message: message.into(),
             field: None,
             retry_after: None,
-            headers: HeaderMap::new(),
+            headers: Box::default(),
         }
     }
 
@@ -69,7 +69,7 @@ impl RestError {
             error.reason = error.code.to_owned();
         }
         error.retry_after = status.get_details_retry_info().and_then(|info| info.retry_delay);
-        error.headers = passed_back(status.metadata().as_ref());
+        error.headers = Box::new(passed_back(status.metadata().as_ref()));
         error
     }
 
@@ -97,7 +97,7 @@ impl RestError {
     pub fn into_response(self, request_id: Option<&str>) -> Response {
         let mut response = json_response(self.status, self.body(request_id));
         let retry_after_seconds = self.retry_after_seconds();
-        response.headers_mut().extend(self.headers);
+        response.headers_mut().extend(*self.headers);
         if let Some(seconds) = retry_after_seconds {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
@@ -114,7 +114,7 @@ impl From<ServiceError> for RestError {
             message: error.message,
             field: error.field,
             retry_after: None,
-            headers: HeaderMap::new(),
+            headers: Box::default(),
         }
     }
 }

@@ -306,10 +306,17 @@ fn route_of(rule: &DynamicMessage, method: &MethodDescriptor, service: &str) -> 
             BodyRule::Field(field.to_owned())
         }
     };
-    if method.is_client_streaming() {
-        return Err("client-streaming RPCs have no REST mapping yet".into());
+    if method.is_client_streaming() && raw_body_field(method, &body).is_none() {
+        return Err("a client-streaming RPC needs `body` naming a bytes field (the raw upload)".into());
     }
     Ok(Route { verb, template, body, method: method.clone(), service: service.to_owned() })
+}
+
+/// The bytes field a route's body names, if any: such a route takes the raw request body (any
+/// content type), streamed as successive messages when the RPC is client-streaming.
+pub fn raw_body_field(method: &MethodDescriptor, body: &BodyRule) -> Option<prost_reflect::FieldDescriptor> {
+    let BodyRule::Field(name) = body else { return None };
+    method.input().get_field_by_name(name).filter(|f| f.kind() == prost_reflect::Kind::Bytes && !f.is_list())
 }
 
 /// The field a dotted path names, through nested messages.

@@ -24,7 +24,7 @@ use aimesh_kit::config::CommonConfig;
 
 use crate::config::GatewayConfig;
 use crate::reply::{RestError, json_response, passed_back};
-use crate::routes::{Lookup, Route, RouteTable, aimesh_pool};
+use crate::routes::{Lookup, Route, RouteTable, aimesh_pool, raw_body_field};
 use crate::transcode;
 use crate::upstream::{DynamicCodec, Upstreams};
 
@@ -212,39 +212,29 @@ async fn call(
     request: Request,
 ) -> Result<Response, RestError> {
     let (parts, body) = request.into_parts();
+    if let Some(chunk_field) = raw_body_field(&route.method, &route.body).filter(|_| route.method.is_client_streaming())
+    {
+        return upload(gateway, route, bound, parts, body, chunk_field).await;
+    }
     let body = axum::body::to_bytes(body, gateway.config.max_body_bytes).await.map_err(|_| {
         let message = format!("the body is larger than {} bytes or was cut off", gateway.config.max_body_bytes);
         RestError::new(StatusCode::PAYLOAD_TOO_LARGE, "INVALID_ARGUMENT", "BODY_TOO_LARGE", message)
     })?;
     let mut message = transcode::request_message(route, bound, parts.uri.query(), &body)?;
+    let ranged = route.method.is_server_streaming() && apply_range(&mut message, &parts.headers);
     if route.method.is_server_streaming() {
         resume_from_last_event_id(&mut message, &parts.headers)?;
     }
-    let mut grpc_request = tonic::Request::new(message);
-    for name in FORWARDED {
-        if let Some(value) = parts.headers.get(*name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
-            grpc_request.metadata_mut().insert(*name, value);
-        }
-    }
-    // When tracing is on, the gateway's span becomes the parent; otherwise the caller's
-    // traceparent passes through unchanged (copied above).
-    aimesh_kit::telemetry::inject_current_context(grpc_request.metadata_mut());
+    let mut grpc_request = outgoing(message, &parts.headers);
     let timeout = Duration::from_secs(gateway.config.request_timeout_secs);
-    let mut grpc = Grpc::new(gateway.upstreams.channel(&route.service)?);
-    grpc.ready().await.map_err(|e| RestError::from(aimesh_kit::ServiceError::unavailable(e)))?;
-    let path =
-        route.grpc_path().parse().map_err(|_| RestError::from(aimesh_kit::ServiceError::internal("bad grpc path")))?;
-    let codec = DynamicCodec::new(route.method.output());
+    let (mut grpc, path, codec) = upstream_call(gateway, route).await?;
     if !route.method.is_server_streaming() {
         grpc_request.set_timeout(timeout);
         let response = match tokio::time::timeout(timeout, grpc.unary(grpc_request, path, codec)).await {
             Ok(result) => result.map_err(|status| RestError::from_status(&status))?,
             Err(_) => return Err(deadline_exceeded()),
         };
-        let headers = passed_back(response.metadata().as_ref());
-        let mut reply = json_response(StatusCode::OK, transcode::encode(response.get_ref())?);
-        reply.headers_mut().extend(headers);
-        return Ok(reply);
+        return json_reply(&response);
     }
     // A stream has no overall deadline (a watch lasts as long as the client wants), but it must
     // start within the timeout.
@@ -254,14 +244,135 @@ async fn call(
     };
     let headers = passed_back(response.metadata().as_ref());
     let stream = response.into_inner();
-    let mut reply = if is_download(&route.method.output()) {
-        download(stream).await?
+    let mut reply = if let Some(shape) = DownloadShape::of(&route.method.output()) {
+        download(stream, shape, ranged).await?
     } else {
         let keep_alive = Duration::from_secs(gateway.config.sse_keep_alive_secs.max(1));
         server_sent_events(stream, keep_alive, gateway.shutdown.clone())
     };
     reply.headers_mut().extend(headers);
     Ok(reply)
+}
+
+/// `message` as a gRPC request carrying the forwarded headers.
+fn outgoing<T>(message: T, headers: &http::HeaderMap) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    for name in FORWARDED {
+        if let Some(value) = headers.get(*name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+            request.metadata_mut().insert(*name, value);
+        }
+    }
+    // When tracing is on, the gateway's span becomes the parent; otherwise the caller's
+    // traceparent passes through unchanged (copied above).
+    aimesh_kit::telemetry::inject_current_context(request.metadata_mut());
+    request
+}
+
+/// A ready client of the route's service, the RPC's path and its codec.
+async fn upstream_call(
+    gateway: &Gateway,
+    route: &Route,
+) -> Result<(Grpc<tonic::transport::Channel>, http::uri::PathAndQuery, DynamicCodec), RestError> {
+    let mut grpc = Grpc::new(gateway.upstreams.channel(&route.service)?);
+    grpc.ready().await.map_err(|e| RestError::from(aimesh_kit::ServiceError::unavailable(e)))?;
+    let path =
+        route.grpc_path().parse().map_err(|_| RestError::from(aimesh_kit::ServiceError::internal("bad grpc path")))?;
+    Ok((grpc, path, DynamicCodec::new(route.method.output())))
+}
+
+fn json_reply(response: &tonic::Response<DynamicMessage>) -> Result<Response, RestError> {
+    let mut reply = json_response(StatusCode::OK, transcode::encode(response.get_ref())?);
+    reply.headers_mut().extend(passed_back(response.metadata().as_ref()));
+    Ok(reply)
+}
+
+/// Largest chunk message an upload is cut into (the services accept 4 MiB per message).
+const UPLOAD_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// A raw-body upload to a client-streaming RPC: the first message from the path and query
+/// (`?metadata.name=report.pdf`), then the body as it arrives, one message per chunk, and a
+/// last message with `finish` set when the input has that field. A body cut off midway ends the
+/// stream without `finish`, so the service keeps nothing of it. No body limit applies here: the
+/// service enforces its own.
+async fn upload(
+    gateway: &Gateway,
+    route: &Route,
+    bound: Vec<(Vec<String>, String)>,
+    parts: http::request::Parts,
+    body: Body,
+    chunk_field: prost_reflect::FieldDescriptor,
+) -> Result<Response, RestError> {
+    let first = transcode::request_message(route, bound, parts.uri.query(), &[])?;
+    let input = route.method.input();
+    let finish_field = input.get_field_by_name("finish").filter(|f| f.kind() == Kind::Bool);
+    let cut_off = Arc::new(AtomicBool::new(false));
+    let seen_cut = Arc::clone(&cut_off);
+    let descriptor = input.clone();
+    let chunks = body
+        .into_data_stream()
+        .take_while(move |frame| {
+            if let Err(error) = frame {
+                tracing::info!(%error, "upload body cut off; the upload is abandoned");
+                seen_cut.store(true, Ordering::Relaxed);
+            }
+            futures::future::ready(frame.is_ok())
+        })
+        .filter_map(|frame| futures::future::ready(frame.ok()))
+        .flat_map(|bytes| futures::stream::iter(split(bytes, UPLOAD_CHUNK_BYTES)))
+        .map(move |piece| {
+            let mut message = DynamicMessage::new(descriptor.clone());
+            message.set_field(&chunk_field, Value::Bytes(piece));
+            message
+        });
+    let last = futures::stream::once(async move {
+        let field = finish_field.filter(|_| !cut_off.load(Ordering::Relaxed))?;
+        let mut message = DynamicMessage::new(input);
+        message.set_field(&field, Value::Bool(true));
+        Some(message)
+    })
+    .filter_map(futures::future::ready);
+    let messages = futures::stream::once(futures::future::ready(first)).chain(chunks).chain(last);
+    let (mut grpc, path, codec) = upstream_call(gateway, route).await?;
+    let request = outgoing(messages, &parts.headers);
+    let response = grpc.client_streaming(request, path, codec).await.map_err(|s| RestError::from_status(&s))?;
+    json_reply(&response)
+}
+
+fn split(mut bytes: Bytes, size: usize) -> Vec<Bytes> {
+    let mut pieces = Vec::with_capacity(bytes.len() / size + 1);
+    while bytes.len() > size {
+        pieces.push(bytes.split_to(size));
+    }
+    if !bytes.is_empty() {
+        pieces.push(bytes);
+    }
+    pieces
+}
+
+/// `Range: bytes=a-b`, `bytes=a-` or `bytes=-n` into the `offset`, `length` and `suffix_length`
+/// fields of a download's request, when it has them. Anything else (several ranges, other
+/// units) is ignored and the whole file is sent, as RFC 9110 allows. True when a range was set.
+fn apply_range(message: &mut DynamicMessage, headers: &http::HeaderMap) -> bool {
+    let Some(spec) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("bytes="))
+    else {
+        return false;
+    };
+    let descriptor = message.descriptor();
+    let field = |name: &str| descriptor.get_field_by_name(name).filter(|f| f.kind() == Kind::Int64);
+    let (Some(offset), Some(length), Some(suffix)) = (field("offset"), field("length"), field("suffix_length")) else {
+        return false;
+    };
+    let Some((start, end)) = spec.trim().split_once('-').filter(|_| !spec.contains(',')) else { return false };
+    match (start.parse::<i64>().ok(), end.parse::<i64>().ok()) {
+        (Some(start), Some(end)) if end >= start => {
+            message.set_field(&offset, Value::I64(start));
+            message.set_field(&length, Value::I64(end - start + 1));
+        }
+        (Some(start), None) if end.is_empty() => message.set_field(&offset, Value::I64(start)),
+        (None, Some(last)) if start.is_empty() && last > 0 => message.set_field(&suffix, Value::I64(last)),
+        _ => return false,
+    }
+    true
 }
 
 fn deadline_exceeded() -> RestError {
@@ -289,49 +400,135 @@ fn resume_from_last_event_id(
     Ok(())
 }
 
-/// Streams whose messages carry `bytes data` and a `content_type` are files, sent as a plain
-/// body rather than as events.
-fn is_download(output: &prost_reflect::MessageDescriptor) -> bool {
-    output.get_field_by_name("data").is_some_and(|f| f.kind() == Kind::Bytes && !f.is_list())
-        && output.get_field_by_name("content_type").is_some_and(|f| f.kind() == Kind::String)
+/// Streams that carry a file, sent as a plain body rather than as events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DownloadShape {
+    /// Every message has `bytes data`; the first names `content_type` and `file_name`
+    /// (chat's exports).
+    DataChunks,
+    /// A first message with `header` (the `file`: `mime_type`, `safe_name`, `size_bytes`; the
+    /// range served: `offset`, `length`), then messages with `bytes chunk` (files' downloads).
+    HeaderThenChunks,
 }
 
-fn text_field(message: &DynamicMessage, name: &str) -> String {
-    message.get_field_by_name(name).and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+impl DownloadShape {
+    fn of(output: &prost_reflect::MessageDescriptor) -> Option<Self> {
+        let has = |name: &str, kind: fn(&Kind) -> bool| {
+            output.get_field_by_name(name).is_some_and(|f| !f.is_list() && kind(&f.kind()))
+        };
+        if has("data", |k| *k == Kind::Bytes) && has("content_type", |k| *k == Kind::String) {
+            Some(Self::DataChunks)
+        } else if has("chunk", |k| *k == Kind::Bytes) && has("header", |k| k.as_message().is_some()) {
+            Some(Self::HeaderThenChunks)
+        } else {
+            None
+        }
+    }
+
+    /// The bytes a message carries.
+    fn bytes(self, message: &DynamicMessage) -> Bytes {
+        let name = match self {
+            Self::DataChunks => "data",
+            Self::HeaderThenChunks => "chunk",
+        };
+        message.get_field_by_name(name).and_then(|v| v.as_bytes().cloned()).unwrap_or_default()
+    }
 }
 
-fn data_of(message: &DynamicMessage) -> Bytes {
-    message.get_field_by_name("data").and_then(|v| v.as_bytes().cloned()).unwrap_or_default()
+/// A field's value, `None` when unset.
+fn field_of(message: &DynamicMessage, name: &str) -> Option<Value> {
+    message.has_field_by_name(name).then(|| message.get_field_by_name(name).map(|v| v.into_owned())).flatten()
 }
 
-/// A file download: headers from the first chunk, then the bytes as they come. A failure
-/// after the first byte can only cut the connection (the client sees a truncated transfer).
-async fn download(mut stream: Streaming<DynamicMessage>) -> Result<Response, RestError> {
-    let first = match stream.message().await {
-        Ok(first) => first,
-        Err(status) => return Err(RestError::from_status(&status)),
-    };
-    let (content_type, file_name, head) = match &first {
-        Some(first) => (text_field(first, "content_type"), text_field(first, "file_name"), data_of(first)),
-        None => (String::new(), String::new(), Bytes::new()),
-    };
-    let rest = stream.map(|item| match item {
-        Ok(message) => Ok(data_of(&message)),
+fn text_of(message: &DynamicMessage, name: &str) -> String {
+    field_of(message, name).and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+fn int_of(message: &DynamicMessage, name: &str) -> i64 {
+    field_of(message, name).and_then(|v| v.as_i64()).unwrap_or_default()
+}
+
+fn message_of(message: &DynamicMessage, name: &str) -> Option<DynamicMessage> {
+    field_of(message, name).and_then(|v| v.as_message().cloned())
+}
+
+/// What the first message of a download says about the file.
+#[derive(Debug, Default)]
+struct DownloadHead {
+    content_type: String,
+    file_name: String,
+    bytes: Bytes,
+    /// Bytes served and the `Content-Range`, when the stream says (files' downloads).
+    length: Option<i64>,
+    content_range: Option<String>,
+}
+
+impl DownloadHead {
+    fn of(first: &DynamicMessage, shape: DownloadShape, ranged: bool) -> Self {
+        match shape {
+            DownloadShape::DataChunks => Self {
+                content_type: text_of(first, "content_type"),
+                file_name: text_of(first, "file_name"),
+                bytes: shape.bytes(first),
+                ..Self::default()
+            },
+            DownloadShape::HeaderThenChunks => {
+                let header = message_of(first, "header").unwrap_or_else(|| DynamicMessage::new(first.descriptor()));
+                let file = message_of(&header, "file");
+                let size = file.as_ref().map_or(0, |f| int_of(f, "size_bytes"));
+                let (offset, length) = (int_of(&header, "offset"), int_of(&header, "length"));
+                let last = (offset + length - 1).max(offset);
+                Self {
+                    content_type: file.as_ref().map(|f| text_of(f, "mime_type")).unwrap_or_default(),
+                    file_name: file.as_ref().map(|f| text_of(f, "safe_name")).unwrap_or_default(),
+                    bytes: Bytes::new(),
+                    length: Some(length),
+                    content_range: ranged.then(|| format!("bytes {offset}-{last}/{size}")),
+                }
+            }
+        }
+    }
+}
+
+/// A file download: headers from the first message, then the bytes as they come; 206 with
+/// `Content-Range` for a range request. A failure after the first byte can only cut the
+/// connection (the client sees a truncated transfer).
+async fn download(
+    mut stream: Streaming<DynamicMessage>,
+    shape: DownloadShape,
+    ranged: bool,
+) -> Result<Response, RestError> {
+    let first = stream.message().await.map_err(|status| RestError::from_status(&status))?;
+    let head = first.map(|first| DownloadHead::of(&first, shape, ranged)).unwrap_or_default();
+    let rest = stream.map(move |item| match item {
+        Ok(message) => Ok(shape.bytes(&message)),
         Err(status) => {
             tracing::warn!(code = ?status.code(), message = status.message(), "download failed mid-stream");
             Err(std::io::Error::other(status.message().to_owned()))
         }
     });
-    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(head) }).chain(rest);
+    let first_bytes = head.bytes.clone();
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first_bytes) }).chain(rest);
     let mut response = Response::new(Body::from_stream(body));
-    let content_type = if content_type.is_empty() { "application/octet-stream".to_owned() } else { content_type };
-    if let Ok(value) = HeaderValue::from_str(&content_type) {
-        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    if head.content_range.is_some() {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
     }
-    if !file_name.is_empty() {
-        let safe: String = file_name.chars().filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\').collect();
+    let headers = response.headers_mut();
+    let content_type = if head.content_type.is_empty() { "application/octet-stream" } else { &head.content_type };
+    if let Ok(value) = HeaderValue::from_str(content_type) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    if let Some(length) = head.length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
+    if let Some(range) = head.content_range.and_then(|r| HeaderValue::from_str(&r).ok()) {
+        headers.insert(header::CONTENT_RANGE, range);
+    }
+    if !head.file_name.is_empty() {
+        let safe: String = head.file_name.chars().filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\').collect();
         if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{safe}\"")) {
-            response.headers_mut().insert(header::CONTENT_DISPOSITION, value);
+            headers.insert(header::CONTENT_DISPOSITION, value);
         }
     }
     Ok(response)
