@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use aimesh_chat::ChatConfig;
+use aimesh_files::FilesConfig;
 use aimesh_identity::IdentityConfig;
 use aimesh_kit::auth::ServiceToken;
 use aimesh_kit::config::{CommonConfig, Configuration};
@@ -22,6 +23,7 @@ pub struct MeshConfig {
     pub identity: IdentityConfig,
     pub chat: ChatConfig,
     pub usage: UsageConfig,
+    pub files: FilesConfig,
 }
 
 impl MeshConfig {
@@ -32,6 +34,7 @@ impl MeshConfig {
             identity: sources.section("identity")?,
             chat: sources.section("chat")?,
             usage: sources.section("usage")?,
+            files: sources.section("files")?,
         })
     }
 }
@@ -42,17 +45,20 @@ pub enum ServiceName {
     Identity,
     Chat,
     Usage,
+    Files,
 }
 
 impl ServiceName {
     /// Every service, in start order.
-    pub const ALL: [ServiceName; 3] = [ServiceName::Identity, ServiceName::Chat, ServiceName::Usage];
+    pub const ALL: [ServiceName; 4] =
+        [ServiceName::Identity, ServiceName::Files, ServiceName::Chat, ServiceName::Usage];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Identity => "identity",
             Self::Chat => "chat",
             Self::Usage => "usage",
+            Self::Files => "files",
         }
     }
 
@@ -62,6 +68,7 @@ impl ServiceName {
             Self::Identity => config.identity.listen,
             Self::Chat => config.chat.listen,
             Self::Usage => config.usage.listen,
+            Self::Files => config.files.listen,
         }
     }
 }
@@ -91,6 +98,10 @@ pub async fn run(
     if let Some((_, listener)) = listeners.iter().find(|(service, _)| *service == ServiceName::Identity) {
         config.common.auth.identity_url = format!("http://{}", listener.local_addr()?);
     }
+    // Likewise chat asks the files service running beside it.
+    if let Some((_, listener)) = listeners.iter().find(|(service, _)| *service == ServiceName::Files) {
+        config.chat.files_url = Some(format!("http://{}", listener.local_addr()?));
+    }
     match &config.common.auth.service_token {
         Some(token) => token.validate()?,
         // Services in one process only call each other: a token made up here is enough.
@@ -108,6 +119,7 @@ pub async fn run(
                 ServiceName::Identity => aimesh_identity::run(listener, config.common, config.identity, shutdown).await,
                 ServiceName::Chat => aimesh_chat::run(listener, config.common, config.chat, shutdown).await,
                 ServiceName::Usage => aimesh_usage::run(listener, config.common, config.usage, shutdown).await,
+                ServiceName::Files => aimesh_files::run(listener, config.common, config.files, shutdown).await,
             };
             result.with_context(|| format!("{} stopped", service.as_str()))
         });
@@ -136,6 +148,9 @@ pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
             }
             ServiceName::Usage => {
                 aimesh_usage::connect_database(&config.common, &config.usage).await?.close().await;
+            }
+            ServiceName::Files => {
+                aimesh_files::connect_database(&config.common, &config.files).await?.close().await;
             }
         }
         tracing::info!(service = service.as_str(), "migrations applied");
