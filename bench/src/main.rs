@@ -6,6 +6,7 @@
 //! Writes `target/bench/report.json` and `target/bench/report.md`.
 
 mod chat;
+mod files;
 mod gateway;
 mod report;
 mod scenarios;

@@ -29,6 +29,8 @@ pub struct Figures {
     pub p999_ms: f64,
     /// The first error seen, to tell what failed.
     pub first_error: Option<String>,
+    /// For scenarios that move bytes: throughput in MiB/s.
+    pub mib_per_second: Option<f64>,
 }
 
 /// A scenario and its baseline, measured in the same run.
@@ -38,6 +40,8 @@ pub struct Pair {
     pub baseline: Figures,
     /// What the baseline is, in words.
     pub baseline_is: &'static str,
+    /// A further figure of the scenario, in words (such as peak memory).
+    pub note: Option<String>,
 }
 
 impl Pair {
@@ -49,12 +53,20 @@ impl Pair {
     pub fn render_text(&self) -> String {
         let row = |f: &Figures| {
             format!(
-                "  {:<22} {:>10.0}/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  errors {}",
-                f.name, f.per_second, f.p50_ms, f.p90_ms, f.p99_ms, f.p999_ms, f.errors
+                "  {:<22} {:>10.0}/s{}  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  errors {}",
+                f.name,
+                f.per_second,
+                f.mib_per_second.map(|mib| format!(" ({mib:.0} MiB/s)")).unwrap_or_default(),
+                f.p50_ms,
+                f.p90_ms,
+                f.p99_ms,
+                f.p999_ms,
+                f.errors
             )
         };
+        let note = self.note.as_ref().map(|note| format!("\n  {note}")).unwrap_or_default();
         format!(
-            "{}\n{}   (baseline: {})\n  throughput {:.0}% of the baseline",
+            "{}\n{}   (baseline: {})\n  throughput {:.0}% of the baseline{note}",
             row(&self.scenario),
             row(&self.baseline),
             self.baseline_is,
@@ -128,6 +140,7 @@ where
         p99_ms: quantile(0.99),
         p999_ms: quantile(0.999),
         first_error,
+        mib_per_second: None,
     }
 }
 
@@ -148,8 +161,8 @@ pub fn write(dir: &Path, load: Load, results: &[Pair]) -> anyhow::Result<PathBuf
     )?;
     let mut md = format!(
         "# aimesh bench\n\nMachine: {machine}. Closed loop, {} requests in flight, {} s per measurement.\n\n\
-         | scenario | requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | vs baseline |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+         | scenario | requests/s | MiB/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | vs baseline |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         load.concurrency,
         load.duration.as_secs()
     );
@@ -159,9 +172,10 @@ pub fn write(dir: &Path, load: Load, results: &[Pair]) -> anyhow::Result<PathBuf
             (&pair.baseline, format!("baseline: {}", pair.baseline_is)),
         ] {
             md.push_str(&format!(
-                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+                "| {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
                 figures.name,
                 figures.per_second,
+                figures.mib_per_second.map(|mib| format!("{mib:.0}")).unwrap_or_default(),
                 figures.p50_ms,
                 figures.p90_ms,
                 figures.p99_ms,
@@ -170,6 +184,9 @@ pub fn write(dir: &Path, load: Load, results: &[Pair]) -> anyhow::Result<PathBuf
                 ratio
             ));
         }
+    }
+    for note in results.iter().filter_map(|pair| pair.note.as_ref()) {
+        md.push_str(&format!("\n{note}\n"));
     }
     let path = dir.join("report.md");
     std::fs::write(&path, md)?;

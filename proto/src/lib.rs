@@ -30,3 +30,12 @@ pub mod chat {
         tonic::include_proto!("aimesh.chat.v1");
     }
 }
+
+/// The files service: uploads and downloads, metadata, attachments.
+pub mod files {
+    /// Version 1 of the files API.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("aimesh.files.v1");
+    }
+}

@@ -13,6 +13,7 @@ use tonic::transport::Channel;
 use aimesh::{MeshConfig, ServiceName};
 use aimesh_kit::testing::{self, ScratchDatabase};
 use aimesh_proto::chat::v1 as chat_pb;
+use aimesh_proto::files::v1 as files_pb;
 use aimesh_proto::identity::v1 as pb;
 use aimesh_proto::usage::v1 as usage_pb;
 
@@ -26,6 +27,7 @@ pub struct Mesh {
     pub usage: SocketAddr,
     /// The REST gateway (HTTP).
     pub gateway: SocketAddr,
+    pub files: SocketAddr,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     databases: Vec<ScratchDatabase>,
@@ -42,6 +44,7 @@ pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
     let identity_db = ScratchDatabase::new();
     let usage_db = ScratchDatabase::new();
     let chat_db = ScratchDatabase::new();
+    let files_db = ScratchDatabase::new();
     let mut config = MeshConfig::default();
     config.common.postgres_url = testing::postgres_url();
     config.common.redis_urls = testing::redis_urls();
@@ -59,7 +62,30 @@ pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
     config.chat.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.chat.database_url = Some(chat_db.url.clone());
     config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    (config, vec![identity_db, usage_db, chat_db])
+    config.files.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.files.database_url = Some(files_db.url.clone());
+    // Removed with the mesh (see Drop).
+    config.files.fs_root = std::env::temp_dir().join(format!("{SCRATCH_DIR_PREFIX}{}", uuid::Uuid::new_v4().simple()));
+    (config, vec![identity_db, usage_db, chat_db, files_db])
+}
+
+/// Names of the fs backend's directories the tests make (and remove).
+const SCRATCH_DIR_PREFIX: &str = "aimesh-test-files-";
+
+/// Switches `config` to the S3 server of the test run (`AIMESH_S3_*`, written by deps.sh).
+pub fn use_s3(config: &mut MeshConfig) {
+    let var = |name: &str| {
+        std::env::var(name)
+            .unwrap_or_else(|_| panic!("{name} is not set: run `make test`, which starts S3 and sets it"))
+    };
+    config.files.backend = aimesh_files::config::Backend::S3;
+    config.files.s3 = aimesh_files::config::S3Config {
+        endpoint: Some(var("AIMESH_S3_ENDPOINT")),
+        bucket: var("AIMESH_S3_BUCKET"),
+        region: var("AIMESH_S3_REGION"),
+        access_key_id: Some(var("AIMESH_S3_ACCESS_KEY")),
+        secret_access_key: Some(var("AIMESH_S3_SECRET_KEY")),
+    };
 }
 
 impl Mesh {
@@ -73,7 +99,7 @@ impl Mesh {
     /// databases and key prefix are two replicas of one deployment.
     pub async fn start_with(config: MeshConfig, databases: Vec<ScratchDatabase>) -> Self {
         let listeners = aimesh::bind(&ServiceName::ALL, &config).await.expect("bind the services");
-        let (mut identity, mut chat, mut usage, mut gateway) = (None, None, None, None);
+        let (mut identity, mut chat, mut usage, mut files, mut gateway) = (None, None, None, None, None);
         for (service, listener) in &listeners {
             let address = listener.local_addr().expect("listener address");
             match service {
@@ -81,6 +107,7 @@ impl Mesh {
                 ServiceName::Chat => chat = Some(address),
                 ServiceName::Usage => usage = Some(address),
                 ServiceName::Gateway => gateway = Some(address),
+                ServiceName::Files => files = Some(address),
             }
         }
         let shutdown = CancellationToken::new();
@@ -91,6 +118,7 @@ impl Mesh {
             chat: chat.expect("chat listener"),
             usage: usage.expect("usage listener"),
             gateway: gateway.expect("gateway listener"),
+            files: files.expect("files listener"),
             shutdown,
             task: Some(task),
             databases,
@@ -106,7 +134,7 @@ impl Mesh {
     }
 
     async fn wait_until_serving(&self) {
-        for address in [self.identity, self.chat, self.usage] {
+        for address in [self.identity, self.chat, self.usage, self.files] {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             loop {
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel(address));
@@ -190,6 +218,26 @@ impl Mesh {
         sqlx::PgPool::connect(&url).await.expect("connect to the usage database")
     }
 
+    /// A channel to files.
+    pub fn files_channel(&self) -> Channel {
+        channel(self.files)
+    }
+
+    pub fn files(&self) -> files_pb::file_service_client::FileServiceClient<Channel> {
+        files_pb::file_service_client::FileServiceClient::new(self.files_channel())
+    }
+
+    /// The internal attachment RPCs of files (they need the service token).
+    pub fn attachments(&self) -> files_pb::attachment_service_client::AttachmentServiceClient<Channel> {
+        files_pb::attachment_service_client::AttachmentServiceClient::new(self.files_channel())
+    }
+
+    /// A pool on files' database, for tests that check what was (not) written.
+    pub async fn files_db(&self) -> sqlx::PgPool {
+        let url = self.config.files.database_url.clone().expect("files database url");
+        sqlx::PgPool::connect(&url).await.expect("connect to the files database")
+    }
+
     /// A pool on identity's database, for tests that check what was (not) written.
     pub async fn identity_db(&self) -> sqlx::PgPool {
         let url = self.config.identity.database_url.clone().expect("identity database url");
@@ -257,6 +305,13 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        let root = &self.config.files.fs_root;
+        // Only a directory test_config made; a replica sharing it has taken the databases.
+        if !self.databases.is_empty()
+            && root.file_name().is_some_and(|name| name.to_string_lossy().starts_with(SCRATCH_DIR_PREFIX))
+        {
+            let _ = std::fs::remove_dir_all(root);
+        }
     }
 }
 

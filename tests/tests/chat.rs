@@ -212,7 +212,7 @@ async fn messages_are_numbered_idempotent_branched_and_validated() {
                 attachment_ids: vec![uuid::Uuid::new_v4().to_string()],
                 ..message(&session.id, User, "see file")
             },
-            Code::FailedPrecondition,
+            Code::NotFound,
             "attachment_ids",
         ),
     ];

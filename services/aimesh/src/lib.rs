@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use aimesh_chat::ChatConfig;
+use aimesh_files::FilesConfig;
 use aimesh_gateway::GatewayConfig;
 use aimesh_identity::IdentityConfig;
 use aimesh_kit::auth::ServiceToken;
@@ -24,6 +25,7 @@ pub struct MeshConfig {
     pub chat: ChatConfig,
     pub usage: UsageConfig,
     pub gateway: GatewayConfig,
+    pub files: FilesConfig,
 }
 
 impl MeshConfig {
@@ -35,6 +37,7 @@ impl MeshConfig {
             chat: sources.section("chat")?,
             usage: sources.section("usage")?,
             gateway: sources.section("gateway")?,
+            files: sources.section("files")?,
         })
     }
 }
@@ -46,12 +49,13 @@ pub enum ServiceName {
     Chat,
     Usage,
     Gateway,
+    Files,
 }
 
 impl ServiceName {
     /// Every service, in start order.
-    pub const ALL: [ServiceName; 4] =
-        [ServiceName::Identity, ServiceName::Chat, ServiceName::Usage, ServiceName::Gateway];
+    pub const ALL: [ServiceName; 5] =
+        [ServiceName::Identity, ServiceName::Files, ServiceName::Chat, ServiceName::Usage, ServiceName::Gateway];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -59,6 +63,7 @@ impl ServiceName {
             Self::Chat => "chat",
             Self::Usage => "usage",
             Self::Gateway => "gateway",
+            Self::Files => "files",
         }
     }
 
@@ -69,6 +74,7 @@ impl ServiceName {
             Self::Chat => config.chat.listen,
             Self::Usage => config.usage.listen,
             Self::Gateway => config.gateway.listen,
+            Self::Files => config.files.listen,
         }
     }
 }
@@ -94,8 +100,8 @@ pub async fn run(
     mut config: MeshConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // In one process the services ask the identity running beside them, and the gateway calls
-    // the services beside it, wherever they listen.
+    // In one process the services ask the identity (and chat the files service) running beside
+    // them, and the gateway calls the services beside it, wherever they listen.
     for (service, listener) in &listeners {
         let url = format!("http://{}", listener.local_addr()?);
         match service {
@@ -105,6 +111,10 @@ pub async fn run(
             }
             ServiceName::Chat => config.gateway.chat_url = url,
             ServiceName::Usage => config.gateway.usage_url = url,
+            ServiceName::Files => {
+                config.chat.files_url = Some(url.clone());
+                config.gateway.files_url = url;
+            }
             ServiceName::Gateway => {}
         }
     }
@@ -126,6 +136,7 @@ pub async fn run(
                 ServiceName::Chat => aimesh_chat::run(listener, config.common, config.chat, shutdown).await,
                 ServiceName::Usage => aimesh_usage::run(listener, config.common, config.usage, shutdown).await,
                 ServiceName::Gateway => aimesh_gateway::run(listener, config.common, config.gateway, shutdown).await,
+                ServiceName::Files => aimesh_files::run(listener, config.common, config.files, shutdown).await,
             };
             result.with_context(|| format!("{} stopped", service.as_str()))
         });
@@ -154,6 +165,9 @@ pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
             }
             ServiceName::Usage => {
                 aimesh_usage::connect_database(&config.common, &config.usage).await?.close().await;
+            }
+            ServiceName::Files => {
+                aimesh_files::connect_database(&config.common, &config.files).await?.close().await;
             }
             ServiceName::Gateway => continue, // no database
         }

@@ -50,6 +50,12 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Runs the files service (it asks identity at `auth.identity_url`).
+    Files {
+        /// Where its gRPC server listens.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
     /// Runs the REST gateway (it calls the services at `gateway.*_url`).
     Gateway {
         /// Where its HTTP server listens.
@@ -91,6 +97,9 @@ impl Cli {
             Command::Usage { listen: Some(listen) } => {
                 root.insert("usage".into(), serde_json::json!({ "listen": listen.to_string() }));
             }
+            Command::Files { listen: Some(listen) } => {
+                root.insert("files".into(), serde_json::json!({ "listen": listen.to_string() }));
+            }
             Command::Gateway { listen: Some(listen) } => {
                 root.insert("gateway".into(), serde_json::json!({ "listen": listen.to_string() }));
             }
@@ -113,6 +122,7 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
         Command::Chat { .. } => ("chat", vec![ServiceName::Chat]),
         Command::Usage { .. } => ("usage", vec![ServiceName::Usage]),
         Command::Gateway { .. } => ("gateway", vec![ServiceName::Gateway]),
+        Command::Files { .. } => ("files", vec![ServiceName::Files]),
         Command::All => ("aimesh", ServiceName::ALL.to_vec()),
         Command::Migrate | Command::GrantAdmin { .. } => ("aimesh-admin", Vec::new()),
     };
@@ -131,6 +141,7 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
             | Command::Chat { .. }
             | Command::Usage { .. }
             | Command::Gateway { .. }
+            | Command::Files { .. }
             | Command::All => {}
         }
         let listeners = aimesh::bind(&services, &config).await?;

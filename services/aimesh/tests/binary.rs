@@ -81,21 +81,27 @@ fn http_get(address: SocketAddr, path: &str) -> String {
 
 #[tokio::test]
 async fn all_serves_grpc_and_metrics_from_the_environment_and_stops_on_sigterm() {
-    let (database, usage_database, chat_database) =
-        (ScratchDatabase::new(), ScratchDatabase::new(), ScratchDatabase::new());
-    let (grpc, usage, chat, metrics) = (free_address(), free_address(), free_address(), free_address());
+    let (database, usage_database, chat_database, files_database) =
+        (ScratchDatabase::new(), ScratchDatabase::new(), ScratchDatabase::new(), ScratchDatabase::new());
+    let (grpc, usage, chat, files, metrics) =
+        (free_address(), free_address(), free_address(), free_address(), free_address());
+    let files_root = std::env::temp_dir().join(format!("aimesh-binary-test-{}", uuid::Uuid::new_v4().simple()));
     let env = [
         ("AIMESH_IDENTITY__LISTEN", grpc.to_string()),
         ("AIMESH_CHAT__LISTEN", chat.to_string()),
         ("AIMESH_CHAT__DATABASE_URL", chat_database.url.clone()),
         ("AIMESH_USAGE__LISTEN", usage.to_string()),
         ("AIMESH_USAGE__DATABASE_URL", usage_database.url.clone()),
+        ("AIMESH_FILES__LISTEN", files.to_string()),
+        ("AIMESH_FILES__DATABASE_URL", files_database.url.clone()),
+        ("AIMESH_FILES__FS_ROOT", files_root.display().to_string()),
         ("AIMESH_METRICS__LISTEN", metrics.to_string()),
     ];
     let mut child = aimesh(&["all"], &database, &env);
     wait_serving(grpc, &mut child).await;
     wait_serving(usage, &mut child).await;
     wait_serving(chat, &mut child).await;
+    wait_serving(files, &mut child).await;
 
     let mut users =
         pb::user_service_client::UserServiceClient::connect(format!("http://{grpc}")).await.expect("connect");
@@ -119,6 +125,7 @@ async fn all_serves_grpc_and_metrics_from_the_environment_and_stops_on_sigterm()
     assert!(scraped.contains("db_pool_connections") || scraped.contains("dependency_up"), "{scraped}");
 
     assert!(terminate(&mut child, Duration::from_secs(20)).await, "aimesh did not exit cleanly after SIGTERM");
+    let _ = std::fs::remove_dir_all(&files_root);
 }
 
 #[tokio::test]

@@ -222,7 +222,7 @@ impl Conversations {
     /// to the watchers; a duplicate of an earlier append is returned as it was stored.
     pub async fn append(&self, session: &SessionMeta, message: &NewMessage) -> Result<Appended> {
         if !message.attachment_ids.is_empty() {
-            self.attachments.check(session.project_id, &message.attachment_ids).await?;
+            self.attachments.check(session.project_id, session.id, &message.attachment_ids).await?;
         }
         let appended = self.store.append(session.id, message).await?;
         if let Appended::Stored(stored) = &appended {

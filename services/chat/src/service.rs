@@ -15,7 +15,7 @@ use aimesh_kit::redis::Redis;
 use aimesh_kit::server::{self, Dependency, ServiceSpec};
 
 use crate::api::Chat;
-use crate::attachments::NoFilesService;
+use crate::attachments::{Attachments, FilesService, NoFilesService};
 use crate::config::ChatConfig;
 use crate::conversations::{Conversations, Settings};
 
@@ -40,9 +40,9 @@ pub async fn run(
     redis.log_errors();
     let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
     let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &common.auth)?;
-    // The files service (issue 7) replaces NoFilesService here.
+    let attachments = attachments(&common, &config)?;
     let conversations =
-        Conversations::new(pool.clone(), redis.clone(), &bus, Arc::new(NoFilesService), Settings::from_config(&config))
+        Conversations::new(pool.clone(), redis.clone(), &bus, attachments, Settings::from_config(&config))
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("starting live message delivery")?;
@@ -63,6 +63,21 @@ pub async fn run(
     redis.quit().await;
     pool.close().await;
     served
+}
+
+/// The files service when one is configured and can be called (it needs the service token);
+/// otherwise attachments are refused.
+fn attachments(common: &CommonConfig, config: &ChatConfig) -> anyhow::Result<Arc<dyn Attachments>> {
+    match (&config.files_url, &common.auth.service_token) {
+        (Some(url), Some(token)) => Ok(Arc::new(FilesService::connect(url, token.clone())?)),
+        (Some(_), None) => {
+            tracing::warn!(
+                "auth.service_token is not set: chat cannot call the files service; attachments are refused"
+            );
+            Ok(Arc::new(NoFilesService))
+        }
+        (None, _) => Ok(Arc::new(NoFilesService)),
+    }
 }
 
 /// Every `interval` until `stop`: purges the sessions whose grace period is over, a batch at a

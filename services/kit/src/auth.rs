@@ -357,6 +357,11 @@ impl ServiceToken {
             .map_err(|_| ServiceError::invalid_field("auth.service_token", "may hold only letters, digits, _ and -"))
     }
 
+    /// The secret itself, for deriving other deployment-wide keys from it. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
     /// Compares in constant time, so response times leak nothing of the token.
     fn matches(&self, presented: &str) -> bool {
         let (a, b) = (self.0.as_bytes(), presented.as_bytes());

@@ -1,0 +1,97 @@
+//! Starting and stopping the files service.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use aimesh_kit::cache::InvalidationBus;
+use aimesh_kit::config::CommonConfig;
+use aimesh_kit::db;
+use aimesh_kit::redis::Redis;
+use aimesh_kit::server::{self, Dependency, ServiceSpec};
+
+use crate::api::Files;
+use crate::config::FilesConfig;
+use crate::library::{GcSettings, Library, Limits};
+use crate::signing::UrlSigner;
+use crate::storage::ObjectStorage;
+use crate::store::Store;
+
+/// Connects to the files database, creating it if missing, and applies the migrations.
+pub async fn connect_database(common: &CommonConfig, config: &FilesConfig) -> anyhow::Result<PgPool> {
+    db::service_database(common, "files", config.database_url.as_deref(), &crate::MIGRATOR).await
+}
+
+/// The files domain over `pool`, with the object store and limits of `config`.
+pub fn library(common: &CommonConfig, config: &FilesConfig, pool: PgPool) -> anyhow::Result<Library> {
+    let storage = ObjectStorage::open(config)?;
+    let service_token = common.auth.service_token.as_ref().map(|token| token.expose());
+    let signer =
+        UrlSigner::from_settings(config.url_signing_key.as_deref(), service_token).map_err(anyhow::Error::msg)?;
+    let limits = Limits {
+        max_file_bytes: config.max_file_bytes,
+        project_quota_bytes: config.project_quota_bytes,
+        allowed_types: config.allowed_types.clone(),
+    };
+    Ok(Library::new(Store::new(pool), storage, signer, limits, GcSettings::from_config(config)))
+}
+
+/// Serves files on `listener` until `shutdown` is cancelled, then stops gracefully.
+pub async fn run(
+    listener: TcpListener,
+    common: CommonConfig,
+    config: FilesConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let pool = connect_database(&common, &config).await?;
+    db::spawn_pool_metrics(pool.clone(), "files");
+    let library = library(&common, &config, pool.clone())?;
+    tracing::info!(backend = library.storage().backend().as_str(), "files object store ready");
+    let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
+    redis.log_errors();
+    let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
+    let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &common.auth)?;
+    let stop_collecting = CancellationToken::new();
+    let interval = Duration::from_secs(config.gc_interval_secs.max(1));
+    let collecting = tokio::spawn(run_gc(library.clone(), interval, stop_collecting.clone()));
+    let files = Files::new(library, access);
+
+    let spec = ServiceSpec {
+        name: "files",
+        routes: files.routes(),
+        grpc_services: Files::GRPC_SERVICES.to_vec(),
+        dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
+    };
+    let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
+    stop_collecting.cancel();
+    let _ = collecting.await;
+    redis.quit().await;
+    pool.close().await;
+    served
+}
+
+/// Every `interval` until `stop`: deletes unused objects and abandoned uploads. Every replica
+/// runs it; `SKIP LOCKED` gives each object to one of them.
+async fn run_gc(library: Library, interval: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        match library.collect_garbage().await {
+            Ok(collected) if collected.objects + collected.abandoned_uploads > 0 => {
+                tracing::info!(
+                    objects = collected.objects,
+                    abandoned_uploads = collected.abandoned_uploads,
+                    "collected unused objects"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot collect unused objects; will retry"),
+        }
+    }
+}
