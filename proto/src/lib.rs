@@ -30,3 +30,12 @@ pub mod chat {
         tonic::include_proto!("aimesh.chat.v1");
     }
 }
+
+/// The analytics service: event ingestion, usage queries, the audit log.
+pub mod analytics {
+    /// Version 1 of the analytics API.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("aimesh.analytics.v1");
+    }
+}
