@@ -29,7 +29,8 @@ run: deps
 	$(LOAD_ENV) && $(CARGO) build -p aimesh
 	@$(LOAD_ENV) && \
 	  echo "aimesh: gRPC identity $${AIMESH_IDENTITY__LISTEN:-127.0.0.1:7101}," \
-	       "chat $${AIMESH_CHAT__LISTEN:-127.0.0.1:7102}, usage $${AIMESH_USAGE__LISTEN:-127.0.0.1:7103};" \
+	       "chat $${AIMESH_CHAT__LISTEN:-127.0.0.1:7102}, usage $${AIMESH_USAGE__LISTEN:-127.0.0.1:7103}," \
+	       "analytics $${AIMESH_ANALYTICS__LISTEN:-127.0.0.1:7105};" \
 	       "metrics on http://$${AIMESH_METRICS__LISTEN:-127.0.0.1:7190}/metrics (Ctrl-C stops the mesh)"
 	$(LOAD_ENV) && exec $(CARGO) run -q -p aimesh -- all
 

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use aimesh_analytics::AnalyticsConfig;
 use aimesh_chat::ChatConfig;
 use aimesh_identity::IdentityConfig;
 use aimesh_kit::auth::ServiceToken;
@@ -22,6 +23,7 @@ pub struct MeshConfig {
     pub identity: IdentityConfig,
     pub chat: ChatConfig,
     pub usage: UsageConfig,
+    pub analytics: AnalyticsConfig,
 }
 
 impl MeshConfig {
@@ -32,6 +34,7 @@ impl MeshConfig {
             identity: sources.section("identity")?,
             chat: sources.section("chat")?,
             usage: sources.section("usage")?,
+            analytics: sources.section("analytics")?,
         })
     }
 }
@@ -42,17 +45,20 @@ pub enum ServiceName {
     Identity,
     Chat,
     Usage,
+    Analytics,
 }
 
 impl ServiceName {
     /// Every service, in start order.
-    pub const ALL: [ServiceName; 3] = [ServiceName::Identity, ServiceName::Chat, ServiceName::Usage];
+    pub const ALL: [ServiceName; 4] =
+        [ServiceName::Identity, ServiceName::Chat, ServiceName::Usage, ServiceName::Analytics];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Identity => "identity",
             Self::Chat => "chat",
             Self::Usage => "usage",
+            Self::Analytics => "analytics",
         }
     }
 
@@ -62,6 +68,7 @@ impl ServiceName {
             Self::Identity => config.identity.listen,
             Self::Chat => config.chat.listen,
             Self::Usage => config.usage.listen,
+            Self::Analytics => config.analytics.listen,
         }
     }
 }
@@ -91,6 +98,10 @@ pub async fn run(
     if let Some((_, listener)) = listeners.iter().find(|(service, _)| *service == ServiceName::Identity) {
         config.common.auth.identity_url = format!("http://{}", listener.local_addr()?);
     }
+    // Likewise the outbox relays deliver to the analytics beside them.
+    if let Some((_, listener)) = listeners.iter().find(|(service, _)| *service == ServiceName::Analytics) {
+        config.common.analytics_url = format!("http://{}", listener.local_addr()?);
+    }
     match &config.common.auth.service_token {
         Some(token) => token.validate()?,
         // Services in one process only call each other: a token made up here is enough.
@@ -108,6 +119,9 @@ pub async fn run(
                 ServiceName::Identity => aimesh_identity::run(listener, config.common, config.identity, shutdown).await,
                 ServiceName::Chat => aimesh_chat::run(listener, config.common, config.chat, shutdown).await,
                 ServiceName::Usage => aimesh_usage::run(listener, config.common, config.usage, shutdown).await,
+                ServiceName::Analytics => {
+                    aimesh_analytics::run(listener, config.common, config.analytics, shutdown).await
+                }
             };
             result.with_context(|| format!("{} stopped", service.as_str()))
         });
@@ -124,7 +138,8 @@ pub async fn run(
     first_error.map_or(Ok(()), Err)
 }
 
-/// Applies every service's migrations to its own database (creating the database if missing).
+/// Applies every service's migrations to its own database (creating the database if missing);
+/// analytics' to its ClickHouse database.
 pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
     for service in ServiceName::ALL {
         match service {
@@ -136,6 +151,9 @@ pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
             }
             ServiceName::Usage => {
                 aimesh_usage::connect_database(&config.common, &config.usage).await?.close().await;
+            }
+            ServiceName::Analytics => {
+                aimesh_analytics::connect_clickhouse(&config.analytics).await?;
             }
         }
         tracing::info!(service = service.as_str(), "migrations applied");

@@ -50,6 +50,12 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Runs the analytics service (it asks identity at `auth.identity_url`).
+    Analytics {
+        /// Where its gRPC server listens.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
     /// Runs every service in this one process, each on its own port.
     All,
     /// Applies every service's database migrations, then exits.
@@ -85,6 +91,9 @@ impl Cli {
             Command::Usage { listen: Some(listen) } => {
                 root.insert("usage".into(), serde_json::json!({ "listen": listen.to_string() }));
             }
+            Command::Analytics { listen: Some(listen) } => {
+                root.insert("analytics".into(), serde_json::json!({ "listen": listen.to_string() }));
+            }
             _ => {}
         }
         serde_json::Value::Object(root)
@@ -103,6 +112,7 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
         Command::Identity { .. } => ("identity", vec![ServiceName::Identity]),
         Command::Chat { .. } => ("chat", vec![ServiceName::Chat]),
         Command::Usage { .. } => ("usage", vec![ServiceName::Usage]),
+        Command::Analytics { .. } => ("analytics", vec![ServiceName::Analytics]),
         Command::All => ("aimesh", ServiceName::ALL.to_vec()),
         Command::Migrate | Command::GrantAdmin { .. } => ("aimesh-admin", Vec::new()),
     };
@@ -117,7 +127,11 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
                 pool.close().await;
                 return Ok(());
             }
-            Command::Identity { .. } | Command::Chat { .. } | Command::Usage { .. } | Command::All => {}
+            Command::Identity { .. }
+            | Command::Chat { .. }
+            | Command::Usage { .. }
+            | Command::Analytics { .. }
+            | Command::All => {}
         }
         let listeners = aimesh::bind(&services, &config).await?;
         for (service, listener) in &listeners {
