@@ -25,11 +25,23 @@ pub enum Scenario {
     /// ListMessages of 50 messages through gRPC: sessions read for the first time (cold
     /// caches) against the same sessions read again (warm).
     ChatList,
+    /// Usage events from usage's outbox to queryable in analytics (relay, Ingest, ClickHouse),
+    /// against a raw ClickHouse INSERT of the same rows in batches of the relay's size.
+    AnalyticsPipeline,
+    /// GetUsageTimeSeries daily cost by model over 10 million events (30 days), against the
+    /// same question asked of PostgreSQL (an indexed table of the same rows).
+    AnalyticsDailyCost,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] =
-        [Scenario::UsageRecord, Scenario::UsageReserve, Scenario::ChatAppend, Scenario::ChatList];
+    pub const ALL: [Scenario; 6] = [
+        Scenario::UsageRecord,
+        Scenario::UsageReserve,
+        Scenario::ChatAppend,
+        Scenario::ChatList,
+        Scenario::AnalyticsPipeline,
+        Scenario::AnalyticsDailyCost,
+    ];
 }
 
 pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
@@ -54,6 +66,22 @@ pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
             let (cold, warm) = crate::chat::list(&setup.mesh, &setup.owner_token, &setup.project, load).await?;
             Pair { scenario: cold, baseline: warm, baseline_is: "the same sessions listed again, caches warm" }
         }
+        Scenario::AnalyticsPipeline => {
+            let scenario = crate::analytics::pipeline(&setup.mesh).await?;
+            let baseline = crate::analytics::raw_insert(&setup.mesh).await?;
+            Pair { scenario, baseline, baseline_is: "RowBinary INSERT of the same rows, relay-sized batches" }
+        }
+        Scenario::AnalyticsDailyCost => {
+            let runs = 10;
+            let scenario =
+                crate::analytics::daily_cost_clickhouse(&setup.mesh, &setup.owner_token, &setup.project, runs).await?;
+            let baseline = crate::analytics::daily_cost_postgres(runs).await?;
+            Pair {
+                scenario,
+                baseline,
+                baseline_is: "the same question of PostgreSQL, 10M rows indexed by project and time",
+            }
+        }
     };
     setup.mesh.stop().await?;
     Ok(pair)
@@ -74,6 +102,8 @@ impl Setup {
         let pool_size = 20;
         config.common.database.max_connections = pool_size;
         config.common.log.filter = "warn".into();
+        config.common.outbox.batch_size = 2000;
+        config.common.outbox.poll_interval_ms = 20;
         let mesh = Mesh::start_with(config, databases).await;
         let admin = mesh.signup("root").await;
         let admin = mesh.make_admin(&admin).await;

@@ -262,6 +262,20 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        // Analytics' ClickHouse database goes with the PostgreSQL ones (the mesh holding them).
+        let database = self.config.analytics.clickhouse_database.clone();
+        if !self.databases.is_empty() && database.starts_with("aimesh_test_") {
+            // The test run's server itself: a test may have put a proxy of its own in between.
+            let url = clickhouse_url();
+            let dropper = std::thread::spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+                runtime.block_on(async move {
+                    let client = clickhouse::Client::default().with_url(url);
+                    let _ = client.query(&format!("DROP DATABASE IF EXISTS {database}")).execute().await;
+                });
+            });
+            let _ = dropper.join();
+        }
     }
 }
 
