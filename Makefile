@@ -31,7 +31,7 @@ run: deps
 	@$(LOAD_ENV) && \
 	  echo "aimesh: gRPC identity $${AIMESH_IDENTITY__LISTEN:-127.0.0.1:7101}," \
 	       "chat $${AIMESH_CHAT__LISTEN:-127.0.0.1:7102}, usage $${AIMESH_USAGE__LISTEN:-127.0.0.1:7103}," \
-	       "files $${AIMESH_FILES__LISTEN:-127.0.0.1:7104};" \
+	       "files $${AIMESH_FILES__LISTEN:-127.0.0.1:7104}, analytics $${AIMESH_ANALYTICS__LISTEN:-127.0.0.1:7105};" \
 	       "REST gateway http://$${AIMESH_GATEWAY__LISTEN:-127.0.0.1:8080};" \
 	       "metrics on http://$${AIMESH_METRICS__LISTEN:-127.0.0.1:7190}/metrics (Ctrl-C stops the mesh)"
 	$(LOAD_ENV) && exec $(CARGO) run -q -p aimesh -- all

@@ -697,6 +697,8 @@ write_env() {
         printf 'export AIMESH_REDIS_URLS=%s\n' "$(shq "${REDIS_EXT:-$OUR_REDIS_URLS}")"
         printf 'export AIMESH_CLICKHOUSE_URL=%s\n' "$(shq "${CH_EXT:-$OUR_CH_URL}")"
         printf 'export AIMESH_SCHEMATHESIS=%s\n' "$(shq "$VENV/bin/st")"
+        # The key the analytics service reads (analytics.clickhouse_url).
+        printf 'export AIMESH_ANALYTICS__CLICKHOUSE_URL=%s\n' "$(shq "${CH_EXT:-$OUR_CH_URL}")"
         if [[ -n $S3_EXT ]]; then
             printf 'export AIMESH_S3_ENDPOINT=%s\n' "$(shq "$S3_EXT")"
             printf 'export AIMESH_S3_ACCESS_KEY=%s\n' "$(shq "${AIMESH_S3_ACCESS_KEY:-$OUR_S3_ACCESS_KEY}")"

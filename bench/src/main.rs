@@ -5,6 +5,7 @@
 //! `make bench` (or `cargo run --release -p aimesh-bench -- --help` with `.dev/env` loaded).
 //! Writes `target/bench/report.json` and `target/bench/report.md`.
 
+mod analytics;
 mod chat;
 mod files;
 mod gateway;

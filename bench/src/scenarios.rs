@@ -32,10 +32,16 @@ pub enum Scenario {
     FilesDownload,
     /// GetSession through the REST gateway, against the same call over gRPC directly.
     Gateway,
+    /// Usage events from usage's outbox to queryable in analytics (relay, Ingest, ClickHouse),
+    /// against a raw ClickHouse INSERT of the same rows in batches of the relay's size.
+    AnalyticsPipeline,
+    /// GetUsageTimeSeries daily cost by model over 10 million events (30 days), against the
+    /// same question asked of PostgreSQL (an indexed table of the same rows).
+    AnalyticsDailyCost,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::UsageRecord,
         Scenario::UsageReserve,
         Scenario::ChatAppend,
@@ -43,6 +49,8 @@ impl Scenario {
         Scenario::FilesUpload,
         Scenario::FilesDownload,
         Scenario::Gateway,
+        Scenario::AnalyticsPipeline,
+        Scenario::AnalyticsDailyCost,
     ];
 }
 
@@ -55,7 +63,9 @@ pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
         | Scenario::UsageReserve
         | Scenario::ChatAppend
         | Scenario::ChatList
-        | Scenario::Gateway => run_with_setup(scenario, load).await,
+        | Scenario::Gateway
+        | Scenario::AnalyticsPipeline
+        | Scenario::AnalyticsDailyCost => run_with_setup(scenario, load).await,
     }
 }
 
@@ -101,6 +111,28 @@ async fn run_with_setup(scenario: Scenario, load: Load) -> anyhow::Result<Pair> 
                 note: Some(note),
             }
         }
+        Scenario::AnalyticsPipeline => {
+            let scenario = crate::analytics::pipeline(&setup.mesh).await?;
+            let baseline = crate::analytics::raw_insert(&setup.mesh).await?;
+            Pair {
+                scenario,
+                baseline,
+                baseline_is: "RowBinary INSERT of the same rows, relay-sized batches",
+                note: None,
+            }
+        }
+        Scenario::AnalyticsDailyCost => {
+            let runs = 10;
+            let scenario =
+                crate::analytics::daily_cost_clickhouse(&setup.mesh, &setup.owner_token, &setup.project, runs).await?;
+            let baseline = crate::analytics::daily_cost_postgres(runs).await?;
+            Pair {
+                scenario,
+                baseline,
+                baseline_is: "the same question of PostgreSQL, 10M rows indexed by project and time",
+                note: Some("compare the p50s: each figure is one query over the whole data set".into()),
+            }
+        }
         Scenario::FilesUpload | Scenario::FilesDownload => anyhow::bail!("the files scenarios set up their own mesh"),
     };
     setup.mesh.stop().await?;
@@ -122,6 +154,8 @@ impl Setup {
         let pool_size = 20;
         config.common.database.max_connections = pool_size;
         config.common.log.filter = "warn".into();
+        config.common.outbox.batch_size = 2000;
+        config.common.outbox.poll_interval_ms = 20;
         let mesh = Mesh::start_with(config, databases).await;
         let admin = mesh.signup("root").await;
         let admin = mesh.make_admin(&admin).await;

@@ -39,3 +39,12 @@ pub mod files {
         tonic::include_proto!("aimesh.files.v1");
     }
 }
+
+/// The analytics service: event ingestion, usage queries, the audit log.
+pub mod analytics {
+    /// Version 1 of the analytics API.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("aimesh.analytics.v1");
+    }
+}

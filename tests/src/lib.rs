@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 
 use aimesh::{MeshConfig, ServiceName};
 use aimesh_kit::testing::{self, ScratchDatabase};
+use aimesh_proto::analytics::v1 as analytics_pb;
 use aimesh_proto::chat::v1 as chat_pb;
 use aimesh_proto::files::v1 as files_pb;
 use aimesh_proto::identity::v1 as pb;
@@ -28,6 +29,7 @@ pub struct Mesh {
     /// The REST gateway (HTTP).
     pub gateway: SocketAddr,
     pub files: SocketAddr,
+    pub analytics: SocketAddr,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     databases: Vec<ScratchDatabase>,
@@ -66,6 +68,12 @@ pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
     config.files.database_url = Some(files_db.url.clone());
     // Removed with the mesh (see Drop).
     config.files.fs_root = std::env::temp_dir().join(format!("{SCRATCH_DIR_PREFIX}{}", uuid::Uuid::new_v4().simple()));
+    config.analytics.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.analytics.clickhouse_url = clickhouse_url();
+    config.analytics.clickhouse_database = format!("aimesh_test_{}", uuid::Uuid::new_v4().simple());
+    config.common.outbox.poll_interval_ms = 50;
+    config.common.outbox.initial_backoff_ms = 200;
+    config.common.outbox.max_backoff_secs = 1;
     (config, vec![identity_db, usage_db, chat_db, files_db])
 }
 
@@ -99,7 +107,8 @@ impl Mesh {
     /// databases and key prefix are two replicas of one deployment.
     pub async fn start_with(config: MeshConfig, databases: Vec<ScratchDatabase>) -> Self {
         let listeners = aimesh::bind(&ServiceName::ALL, &config).await.expect("bind the services");
-        let (mut identity, mut chat, mut usage, mut files, mut gateway) = (None, None, None, None, None);
+        let (mut identity, mut chat, mut usage, mut files, mut analytics, mut gateway) =
+            (None, None, None, None, None, None);
         for (service, listener) in &listeners {
             let address = listener.local_addr().expect("listener address");
             match service {
@@ -108,6 +117,7 @@ impl Mesh {
                 ServiceName::Usage => usage = Some(address),
                 ServiceName::Gateway => gateway = Some(address),
                 ServiceName::Files => files = Some(address),
+                ServiceName::Analytics => analytics = Some(address),
             }
         }
         let shutdown = CancellationToken::new();
@@ -119,6 +129,7 @@ impl Mesh {
             usage: usage.expect("usage listener"),
             gateway: gateway.expect("gateway listener"),
             files: files.expect("files listener"),
+            analytics: analytics.expect("analytics listener"),
             shutdown,
             task: Some(task),
             databases,
@@ -134,7 +145,7 @@ impl Mesh {
     }
 
     async fn wait_until_serving(&self) {
-        for address in [self.identity, self.chat, self.usage, self.files] {
+        for address in [self.identity, self.chat, self.usage, self.files, self.analytics] {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             loop {
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel(address));
@@ -210,6 +221,14 @@ impl Mesh {
 
     pub fn quotas(&self) -> usage_pb::quota_service_client::QuotaServiceClient<Channel> {
         usage_pb::quota_service_client::QuotaServiceClient::new(self.usage_channel())
+    }
+
+    pub fn analytics(&self) -> analytics_pb::analytics_service_client::AnalyticsServiceClient<Channel> {
+        analytics_pb::analytics_service_client::AnalyticsServiceClient::new(channel(self.analytics))
+    }
+
+    pub fn ingest(&self) -> analytics_pb::ingest_service_client::IngestServiceClient<Channel> {
+        analytics_pb::ingest_service_client::IngestServiceClient::new(channel(self.analytics))
     }
 
     /// A pool on usage's database, for tests that check what was (not) written.
@@ -312,6 +331,20 @@ impl Drop for Mesh {
         {
             let _ = std::fs::remove_dir_all(root);
         }
+        // Analytics' ClickHouse database goes with the PostgreSQL ones (the mesh holding them).
+        let database = self.config.analytics.clickhouse_database.clone();
+        if !self.databases.is_empty() && database.starts_with("aimesh_test_") {
+            // The test run's server itself: a test may have put a proxy of its own in between.
+            let url = clickhouse_url();
+            let dropper = std::thread::spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+                runtime.block_on(async move {
+                    let client = clickhouse::Client::default().with_url(url);
+                    let _ = client.query(&format!("DROP DATABASE IF EXISTS {database}")).execute().await;
+                });
+            });
+            let _ = dropper.join();
+        }
     }
 }
 
@@ -323,6 +356,11 @@ pub struct Account {
     pub password: String,
     pub token: String,
     pub refresh_token: String,
+}
+
+/// The ClickHouse server of the test run (`AIMESH_CLICKHOUSE_URL`).
+pub fn clickhouse_url() -> String {
+    std::env::var("AIMESH_CLICKHOUSE_URL").unwrap_or_else(|_| aimesh::MeshConfig::default().analytics.clickhouse_url)
 }
 
 /// A lazily connecting channel to a service of the mesh.
@@ -357,5 +395,96 @@ pub fn expect_code<T: std::fmt::Debug>(
             assert_eq!(status.code(), code, "{call}: {status:?}");
             status
         }
+    }
+}
+
+// Fixtures of the usage service, shared by the usage and analytics tests.
+
+/// A decimal string without trailing zeros, so "2.1000000000" and "2.1" compare equal.
+pub fn normalized(decimal: &str) -> String {
+    if decimal.contains('.') {
+        decimal.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        decimal.to_owned()
+    }
+}
+
+pub fn future(seconds_from_now: i64) -> prost_types::Timestamp {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
+    prost_types::Timestamp { seconds: now.as_secs() as i64 + seconds_from_now, nanos: 0 }
+}
+
+/// An admin, a catalog model "gpt-4o" of provider openai priced 2.50 / 10.00 / 1.25 per million.
+pub async fn catalog(mesh: &Mesh) -> (Account, usage_pb::Model) {
+    let admin = mesh.signup("root").await;
+    let admin = mesh.make_admin(&admin).await;
+    let model = usage_pb::Model {
+        provider: "openai".into(),
+        name: "gpt-4o".into(),
+        version: "2024-08-06".into(),
+        r#type: usage_pb::ModelType::Chat.into(),
+        display_name: "GPT-4o".into(),
+        context_window: 128_000,
+        max_output_tokens: 16_384,
+        match_pattern: r"^gpt-4o(-\d{4}-\d{2}-\d{2})?$".into(),
+        ..Default::default()
+    };
+    let model = mesh
+        .models()
+        .create_model(authed(usage_pb::CreateModelRequest { model: Some(model) }, &admin.token))
+        .await
+        .expect("create model")
+        .into_inner();
+    let price = usage_pb::ModelPrice {
+        input_per_million: "2.50".into(),
+        output_per_million: "10.00".into(),
+        cached_input_per_million: "1.25".into(),
+        effective_time: Some(future(0)),
+        ..Default::default()
+    };
+    mesh.models()
+        .set_model_price(authed(
+            usage_pb::SetModelPriceRequest { model_id: model.id.clone(), price: Some(price) },
+            &admin.token,
+        ))
+        .await
+        .expect("set price");
+    (admin, model)
+}
+
+/// A project of `owner` and a key in it with the given scopes; returns (project id, secret).
+pub async fn project_with_key(mesh: &Mesh, owner: &Account, scopes: &[&str]) -> (String, String) {
+    let project = mesh
+        .projects()
+        .create_project(authed(
+            pb::CreateProjectRequest { name: "Apps".into(), description: String::new() },
+            &owner.token,
+        ))
+        .await
+        .expect("create project")
+        .into_inner();
+    let key = pb::CreateApiKeyRequest {
+        project_id: project.id.clone(),
+        name: "backend".into(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        expire_time: None,
+    };
+    let secret =
+        mesh.api_keys().create_api_key(authed(key, &owner.token)).await.expect("create key").into_inner().secret;
+    (project.id, secret)
+}
+
+pub fn record(project_id: &str, request_id: &str) -> usage_pb::RecordUsageRequest {
+    usage_pb::RecordUsageRequest {
+        request_id: request_id.into(),
+        project_id: project_id.into(),
+        model: "gpt-4o-2024-08-06".into(),
+        request_type: "chat".into(),
+        input_tokens: 1_000_000,
+        cached_input_tokens: 400_000,
+        output_tokens: 10_000,
+        duration_ms: 1200,
+        status: usage_pb::UsageStatus::Success.into(),
+        ..Default::default()
     }
 }

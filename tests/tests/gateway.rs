@@ -178,6 +178,7 @@ async fn a_watch_is_server_sent_events_that_resume_and_end_with_an_error_event()
     config.gateway.chat_url = format!("http://{}", mesh.chat);
     config.gateway.usage_url = format!("http://{}", mesh.usage);
     config.gateway.files_url = format!("http://{}", mesh.files);
+    config.gateway.analytics_url = format!("http://{}", mesh.analytics);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let own_gateway = Rest::new(listener.local_addr().expect("address"));
     let stop_gateway = CancellationToken::new();

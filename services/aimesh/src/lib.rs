@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use aimesh_analytics::AnalyticsConfig;
 use aimesh_chat::ChatConfig;
 use aimesh_files::FilesConfig;
 use aimesh_gateway::GatewayConfig;
@@ -26,6 +27,7 @@ pub struct MeshConfig {
     pub usage: UsageConfig,
     pub gateway: GatewayConfig,
     pub files: FilesConfig,
+    pub analytics: AnalyticsConfig,
 }
 
 impl MeshConfig {
@@ -38,6 +40,7 @@ impl MeshConfig {
             usage: sources.section("usage")?,
             gateway: sources.section("gateway")?,
             files: sources.section("files")?,
+            analytics: sources.section("analytics")?,
         })
     }
 }
@@ -50,12 +53,19 @@ pub enum ServiceName {
     Usage,
     Gateway,
     Files,
+    Analytics,
 }
 
 impl ServiceName {
     /// Every service, in start order.
-    pub const ALL: [ServiceName; 5] =
-        [ServiceName::Identity, ServiceName::Files, ServiceName::Chat, ServiceName::Usage, ServiceName::Gateway];
+    pub const ALL: [ServiceName; 6] = [
+        ServiceName::Identity,
+        ServiceName::Files,
+        ServiceName::Chat,
+        ServiceName::Usage,
+        ServiceName::Analytics,
+        ServiceName::Gateway,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -64,6 +74,7 @@ impl ServiceName {
             Self::Usage => "usage",
             Self::Gateway => "gateway",
             Self::Files => "files",
+            Self::Analytics => "analytics",
         }
     }
 
@@ -75,6 +86,7 @@ impl ServiceName {
             Self::Usage => config.usage.listen,
             Self::Gateway => config.gateway.listen,
             Self::Files => config.files.listen,
+            Self::Analytics => config.analytics.listen,
         }
     }
 }
@@ -100,8 +112,9 @@ pub async fn run(
     mut config: MeshConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // In one process the services ask the identity (and chat the files service) running beside
-    // them, and the gateway calls the services beside it, wherever they listen.
+    // In one process the services ask the identity (chat the files service, the outbox relays
+    // analytics) running beside them, and the gateway calls the services beside it, wherever
+    // they listen.
     for (service, listener) in &listeners {
         let url = format!("http://{}", listener.local_addr()?);
         match service {
@@ -114,6 +127,10 @@ pub async fn run(
             ServiceName::Files => {
                 config.chat.files_url = Some(url.clone());
                 config.gateway.files_url = url;
+            }
+            ServiceName::Analytics => {
+                config.common.analytics_url = url.clone();
+                config.gateway.analytics_url = url;
             }
             ServiceName::Gateway => {}
         }
@@ -137,6 +154,9 @@ pub async fn run(
                 ServiceName::Usage => aimesh_usage::run(listener, config.common, config.usage, shutdown).await,
                 ServiceName::Gateway => aimesh_gateway::run(listener, config.common, config.gateway, shutdown).await,
                 ServiceName::Files => aimesh_files::run(listener, config.common, config.files, shutdown).await,
+                ServiceName::Analytics => {
+                    aimesh_analytics::run(listener, config.common, config.analytics, shutdown).await
+                }
             };
             result.with_context(|| format!("{} stopped", service.as_str()))
         });
@@ -153,7 +173,8 @@ pub async fn run(
     first_error.map_or(Ok(()), Err)
 }
 
-/// Applies every service's migrations to its own database (creating the database if missing).
+/// Applies every service's migrations to its own database (creating the database if missing);
+/// analytics' to its ClickHouse database.
 pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
     for service in ServiceName::ALL {
         match service {
@@ -168,6 +189,9 @@ pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
             }
             ServiceName::Files => {
                 aimesh_files::connect_database(&config.common, &config.files).await?.close().await;
+            }
+            ServiceName::Analytics => {
+                aimesh_analytics::connect_clickhouse(&config.analytics).await?;
             }
             ServiceName::Gateway => continue, // no database
         }

@@ -56,6 +56,12 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Runs the analytics service (it asks identity at `auth.identity_url`).
+    Analytics {
+        /// Where its gRPC server listens.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
     /// Runs the REST gateway (it calls the services at `gateway.*_url`).
     Gateway {
         /// Where its HTTP server listens.
@@ -103,6 +109,9 @@ impl Cli {
             Command::Gateway { listen: Some(listen) } => {
                 root.insert("gateway".into(), serde_json::json!({ "listen": listen.to_string() }));
             }
+            Command::Analytics { listen: Some(listen) } => {
+                root.insert("analytics".into(), serde_json::json!({ "listen": listen.to_string() }));
+            }
             _ => {}
         }
         serde_json::Value::Object(root)
@@ -123,6 +132,7 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
         Command::Usage { .. } => ("usage", vec![ServiceName::Usage]),
         Command::Gateway { .. } => ("gateway", vec![ServiceName::Gateway]),
         Command::Files { .. } => ("files", vec![ServiceName::Files]),
+        Command::Analytics { .. } => ("analytics", vec![ServiceName::Analytics]),
         Command::All => ("aimesh", ServiceName::ALL.to_vec()),
         Command::Migrate | Command::GrantAdmin { .. } => ("aimesh-admin", Vec::new()),
     };
@@ -142,6 +152,7 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
             | Command::Usage { .. }
             | Command::Gateway { .. }
             | Command::Files { .. }
+            | Command::Analytics { .. }
             | Command::All => {}
         }
         let listeners = aimesh::bind(&services, &config).await?;

@@ -57,7 +57,10 @@ pub async fn run(
         grpc_services: Chat::GRPC_SERVICES.to_vec(),
         dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
     };
+    // Events of this service's outbox go to analytics until the server stops, then once more.
+    let relay = aimesh_kit::outbox::spawn_relay(pool.clone(), &common)?;
     let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
+    relay.stop().await;
     stop_purging.cancel();
     let _ = purging.await;
     redis.quit().await;

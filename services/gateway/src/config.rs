@@ -14,6 +14,7 @@ pub struct GatewayConfig {
     pub chat_url: String,
     pub usage_url: String,
     pub files_url: String,
+    pub analytics_url: String,
     /// Largest request body accepted, in bytes; larger gets 413.
     pub max_body_bytes: usize,
     /// Upper bound of a unary call, passed to the service as its gRPC deadline.
@@ -32,6 +33,7 @@ impl Default for GatewayConfig {
             chat_url: "http://127.0.0.1:7102".into(),
             usage_url: "http://127.0.0.1:7103".into(),
             files_url: "http://127.0.0.1:7104".into(),
+            analytics_url: "http://127.0.0.1:7105".into(),
             max_body_bytes: 4 * 1024 * 1024,
             request_timeout_secs: 30,
             cors_allowed_origins: Vec::new(),
@@ -48,6 +50,7 @@ impl GatewayConfig {
             ("chat".into(), self.chat_url.clone()),
             ("usage".into(), self.usage_url.clone()),
             ("files".into(), self.files_url.clone()),
+            ("analytics".into(), self.analytics_url.clone()),
         ]
     }
 }

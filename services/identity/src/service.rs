@@ -65,7 +65,10 @@ pub async fn run(
     };
     // `serve` writes the last requests' use times to Redis before it returns; the drain after it
     // takes them to PostgreSQL.
+    // Events of this service's outbox go to analytics until the server stops, then once more.
+    let relay = aimesh_kit::outbox::spawn_relay(pool.clone(), &common)?;
     let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
+    relay.stop().await;
     stop_drain.cancel();
     let _ = drain.await;
     redis.quit().await;

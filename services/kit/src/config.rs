@@ -58,6 +58,9 @@ pub struct CommonConfig {
     pub redis: RedisConfig,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
+    /// Where the analytics service answers `Ingest`: each service's outbox relay delivers there.
+    pub analytics_url: String,
+    pub outbox: OutboxConfig,
 }
 
 impl Default for CommonConfig {
@@ -72,6 +75,35 @@ impl Default for CommonConfig {
             redis: RedisConfig::default(),
             database: DatabaseConfig::default(),
             auth: AuthConfig::default(),
+            analytics_url: "http://127.0.0.1:7105".into(),
+            outbox: OutboxConfig::default(),
+        }
+    }
+}
+
+/// How each service's outbox relay delivers to analytics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OutboxConfig {
+    /// Most events per delivery.
+    pub batch_size: u32,
+    /// Pause after a pass that found less than a full batch.
+    pub poll_interval_ms: u64,
+    /// First retry delay after a failed delivery; doubles up to `max_backoff_secs`.
+    pub initial_backoff_ms: u64,
+    pub max_backoff_secs: u64,
+    /// How long delivered events are kept in the outbox before they are pruned.
+    pub retention_hours: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval_ms: 500,
+            initial_backoff_ms: 1000,
+            max_backoff_secs: 60,
+            retention_hours: 24,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The transactional outbox: events that must not be lost (audit, usage) are written to a table
 //! of the service's own database in the same transaction as the change they report
-//! ([`enqueue`]), and an [`OutboxRelay`] hands them in batches to an [`OutboxSink`] (analytics),
-//! deleting them once delivered and retrying with capped exponential backoff otherwise.
+//! ([`enqueue`]), and an [`OutboxRelay`] hands them in batches to an [`OutboxSink`] (analytics,
+//! through [`AnalyticsSink`]), marking them delivered on success and retrying with capped
+//! exponential backoff otherwise; delivered rows are pruned after `retention`. Every service
+//! with an outbox runs a relay beside its server ([`spawn_relay`]).
 //!
 //! Delivery is at least once: a relay that crashes after the sink accepted a batch but before
 //! its commit delivers that batch again. The consumer deduplicates by `event_id`. Batches are
@@ -40,6 +42,9 @@ pub fn migrator() -> Migrator {
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     migrator().run(pool).await
 }
+
+/// How often a running relay prunes delivered rows.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Longest `last_error` kept, so a sink that returns a whole response body cannot bloat rows.
 const MAX_ERROR_LEN: usize = 1000;
@@ -175,6 +180,8 @@ pub struct RelaySettings {
     pub max_backoff: Duration,
     /// A sink taking longer than this counts as failed, so row locks are not held forever.
     pub delivery_timeout: Duration,
+    /// How long delivered rows are kept before they are pruned.
+    pub retention: Duration,
 }
 
 impl Default for RelaySettings {
@@ -185,6 +192,7 @@ impl Default for RelaySettings {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
             delivery_timeout: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -227,9 +235,16 @@ impl OutboxRelay {
     }
 
     /// Relays until `shutdown`, then drains what is due and returns. Back to back while batches
-    /// are full, otherwise every `poll_interval`.
+    /// are full, otherwise every `poll_interval`; prunes delivered rows every [`PRUNE_INTERVAL`].
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut last_prune = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
+            if last_prune.elapsed() >= PRUNE_INTERVAL {
+                last_prune = tokio::time::Instant::now();
+                if let Err(error) = self.prune().await {
+                    tracing::warn!(database = %self.database, %error, "cannot prune delivered outbox events");
+                }
+            }
             if self.pass().await {
                 continue;
             }
@@ -268,7 +283,7 @@ impl OutboxRelay {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, event_id, topic, event_type, project_id, payload, occurred_at FROM outbox_events \
-             WHERE next_attempt_at <= now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+             WHERE delivered_at IS NULL AND next_attempt_at <= now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(i64::from(self.settings.batch_size))
         .fetch_all(&mut *tx)
@@ -292,7 +307,10 @@ impl OutboxRelay {
         let delivery = tokio::time::timeout(self.settings.delivery_timeout, self.sink.deliver(&events)).await;
         let error = match delivery {
             Ok(Ok(())) => {
-                sqlx::query("DELETE FROM outbox_events WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
+                sqlx::query("UPDATE outbox_events SET delivered_at = clock_timestamp() WHERE id = ANY($1)")
+                    .bind(&ids)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
                 for event in &events {
                     metrics::counter!("outbox_delivered_total", "database" => self.database.clone(), "topic" => event.topic.clone())
@@ -325,14 +343,135 @@ impl OutboxRelay {
         Err(RelayError::Sink(error))
     }
 
+    /// Deletes rows delivered longer than `retention` ago, in bounded batches so no statement
+    /// holds many locks; returns how many went.
+    pub async fn prune(&self) -> Result<u64, sqlx::Error> {
+        let mut pruned = 0;
+        loop {
+            let deleted = sqlx::query(
+                "DELETE FROM outbox_events WHERE id IN (SELECT id FROM outbox_events \
+                 WHERE delivered_at < now() - make_interval(secs => $1) LIMIT 10000)",
+            )
+            .bind(self.settings.retention.as_secs_f64())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            pruned += deleted;
+            if deleted < 10000 {
+                return Ok(pruned);
+            }
+        }
+    }
+
     async fn publish_pending(&self) {
-        match sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_events").fetch_one(&self.pool).await {
+        let count = "SELECT count(*) FROM outbox_events WHERE delivered_at IS NULL";
+        match sqlx::query_scalar::<_, i64>(count).fetch_one(&self.pool).await {
             Ok(pending) => {
                 metrics::gauge!("outbox_pending", "database" => self.database.clone()).set(pending as f64);
             }
             Err(error) => tracing::debug!(%error, "cannot count pending outbox events"),
         }
     }
+}
+
+impl RelaySettings {
+    /// The settings `outbox` in the configuration asks for.
+    pub fn from_config(config: &crate::config::OutboxConfig) -> Self {
+        Self {
+            batch_size: config.batch_size.max(1),
+            poll_interval: Duration::from_millis(config.poll_interval_ms),
+            initial_backoff: Duration::from_millis(config.initial_backoff_ms),
+            max_backoff: Duration::from_secs(config.max_backoff_secs),
+            retention: Duration::from_secs(config.retention_hours * 3600),
+            ..Self::default()
+        }
+    }
+}
+
+/// The sink of every service's relay: analytics' internal `Ingest` RPC, called with the
+/// deployment's service token. A batch counts as delivered when analytics answers; events it
+/// rejects as malformed are logged and not retried (they never would succeed), any error
+/// (UNAVAILABLE while ClickHouse is down) fails the batch so it is retried.
+#[derive(Debug, Clone)]
+pub struct AnalyticsSink {
+    client: analytics_pb::ingest_service_client::IngestServiceClient<tonic::transport::Channel>,
+    token: Option<crate::auth::ServiceToken>,
+}
+
+use aimesh_proto::analytics::v1 as analytics_pb;
+
+impl AnalyticsSink {
+    /// A lazily connecting sink to `url` (`analytics_url`).
+    pub fn new(url: &str, token: Option<crate::auth::ServiceToken>) -> Result<Self, crate::ServiceError> {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| crate::ServiceError::invalid_field("analytics_url", e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        let client = analytics_pb::ingest_service_client::IngestServiceClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        Ok(Self { client, token })
+    }
+}
+
+impl OutboxSink for AnalyticsSink {
+    fn deliver<'a>(&'a self, events: &'a [OutboxEvent]) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            let token = self.token.as_ref().ok_or_else(|| SinkError::new("auth.service_token is not set"))?;
+            let events = events
+                .iter()
+                .map(|event| analytics_pb::Event {
+                    event_id: event.event_id.to_string(),
+                    topic: event.topic.clone(),
+                    event_type: event.event_type.clone(),
+                    project_id: event.project_id.map(|id| id.to_string()).unwrap_or_default(),
+                    occurred_at: Some(crate::proto_json::timestamp(event.occurred_at)),
+                    payload: event.payload.to_string(),
+                })
+                .collect();
+            let mut request = tonic::Request::new(analytics_pb::IngestRequest { events });
+            token.authorize(&mut request).map_err(SinkError::new)?;
+            crate::telemetry::inject_current_context(request.metadata_mut());
+            let response = self
+                .client
+                .clone()
+                .ingest(request)
+                .await
+                .map_err(|status| SinkError::new(format!("{:?}: {}", status.code(), status.message())))?
+                .into_inner();
+            let rejected = analytics_pb::EventOutcome::Rejected as i32;
+            for result in response.results.iter().filter(|r| r.outcome == rejected) {
+                tracing::error!(event_id = %result.event_id, field = %result.field, reason = %result.message,
+                    "analytics rejected an outbox event; it is dropped");
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A relay running in the background; [`RelayTask::stop`] delivers what is due and waits.
+#[derive(Debug)]
+pub struct RelayTask {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RelayTask {
+    /// Stops relaying after a last drain (bounded by the delivery timeout per batch).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts relaying `pool`'s outbox to analytics (`analytics_url`, `outbox` settings): what
+/// each service with an outbox does beside its server.
+pub fn spawn_relay(pool: PgPool, common: &crate::config::CommonConfig) -> Result<RelayTask, crate::ServiceError> {
+    let sink = AnalyticsSink::new(&common.analytics_url, common.auth.service_token.clone())?;
+    let relay = OutboxRelay::new(pool, Arc::new(sink), RelaySettings::from_config(&common.outbox));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(relay.run(stop.clone()));
+    Ok(RelayTask { stop, task })
 }
 
 #[cfg(test)]

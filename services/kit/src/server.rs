@@ -25,6 +25,16 @@ use crate::redis::Redis;
 pub enum Dependency {
     Postgres(PgPool),
     Redis(Redis),
+    /// A store the kit does not know, probed by the service that owns it (ClickHouse).
+    Other(Arc<dyn Probe>),
+}
+
+/// How a service tells whether a store of its own answers.
+pub trait Probe: std::fmt::Debug + Send + Sync + 'static {
+    /// Short name for logs and the `dependency_up` gauge, such as "clickhouse".
+    fn name(&self) -> &'static str;
+    /// Whether it answers now.
+    fn is_healthy(&self) -> BoxFuture<'_, bool>;
 }
 
 impl Dependency {
@@ -32,6 +42,7 @@ impl Dependency {
         match self {
             Self::Postgres(_) => "postgres",
             Self::Redis(_) => "redis",
+            Self::Other(probe) => probe.name(),
         }
     }
 
@@ -40,6 +51,7 @@ impl Dependency {
             match self {
                 Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
                 Self::Redis(redis) => redis.is_healthy().await,
+                Self::Other(probe) => probe.is_healthy().await,
             }
         };
         tokio::time::timeout(Duration::from_secs(2), probe).await.unwrap_or(false)

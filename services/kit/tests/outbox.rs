@@ -66,6 +66,7 @@ fn settings(batch_size: u32) -> RelaySettings {
         initial_backoff: Duration::from_millis(300),
         max_backoff: Duration::from_millis(600),
         delivery_timeout: Duration::from_secs(10),
+        retention: Duration::from_secs(3600),
     }
 }
 
@@ -84,7 +85,10 @@ async fn write(pool: &PgPool, events: &[OutboxEvent]) {
 }
 
 async fn pending(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox_events").fetch_one(pool).await.expect("count")
+    sqlx::query_scalar("SELECT count(*) FROM outbox_events WHERE delivered_at IS NULL")
+        .fetch_one(pool)
+        .await
+        .expect("count")
 }
 
 #[tokio::test]
@@ -102,7 +106,7 @@ async fn events_of_a_rolled_back_transaction_are_never_delivered() {
     assert_eq!(relay.relay_once().await.expect("relay"), 1);
     assert_eq!(relay.relay_once().await.expect("relay"), 0);
     assert_eq!(sink.delivered(), vec![committed]);
-    assert_eq!(pending(&db.pool).await, 0, "delivered rows are deleted");
+    assert_eq!(pending(&db.pool).await, 0, "delivered rows are marked and not sent again");
 }
 
 #[tokio::test]
@@ -256,4 +260,29 @@ async fn shutdown_drains_pending_events() {
 
     assert_eq!(sink.delivered(), written);
     assert_eq!(pending(&db.pool).await, 0);
+}
+
+#[tokio::test]
+async fn delivered_rows_are_pruned_after_the_retention_only() {
+    let db = TestDatabase::new(&outbox::migrator()).await;
+    let sink = Arc::new(RecordingSink::default());
+    let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), settings(10));
+    write(&db.pool, &(0..3).map(event).collect::<Vec<_>>()).await;
+    assert_eq!(relay.relay_once().await.expect("relay"), 3);
+    write(&db.pool, &[event(3)]).await;
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_events").fetch_one(&db.pool).await.expect("count")
+    };
+
+    assert_eq!(relay.prune().await.expect("prune"), 0, "delivered within the retention: kept");
+    assert_eq!(rows().await, 4);
+    sqlx::query(
+        "UPDATE outbox_events SET delivered_at = delivered_at - interval '2 hours' WHERE delivered_at IS NOT NULL",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("age the delivered rows");
+    assert_eq!(relay.prune().await.expect("prune"), 3);
+    assert_eq!(rows().await, 1, "the undelivered event stays");
+    assert_eq!(pending(&db.pool).await, 1);
 }

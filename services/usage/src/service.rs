@@ -59,7 +59,10 @@ pub async fn run(
         grpc_services: Usage::GRPC_SERVICES.to_vec(),
         dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
     };
+    // Events of this service's outbox go to analytics until the server stops, then once more.
+    let relay = aimesh_kit::outbox::spawn_relay(pool.clone(), &common)?;
     let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
+    relay.stop().await;
     stop_maintenance.cancel();
     let _ = maintenance.await;
     redis.quit().await;

@@ -1,0 +1,232 @@
+//! Analytics scenarios: events from an outbox to queryable in ClickHouse (beside a raw insert
+//! of the same rows), and a daily-cost-by-model question over 10 million events (beside the
+//! same question asked of PostgreSQL).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use aimesh_analytics::events::UsageEventRow;
+use aimesh_kit::testing::ScratchDatabase;
+use aimesh_proto::analytics::v1 as pb;
+use aimesh_tests::{Mesh, authed};
+
+use crate::report::{Figures, Load, closed_loop};
+
+/// Events the pipeline scenario moves.
+const PIPELINE_EVENTS: i64 = 100_000;
+/// Events the query scenario asks about, spread over [`QUERY_DAYS`] days and 10 models.
+const QUERY_EVENTS: u64 = 10_000_000;
+const QUERY_DAYS: i64 = 30;
+
+/// Throughput-only figures of a one-off run of `events` in `elapsed`.
+fn throughput(name: &str, events: i64, elapsed: Duration, batch_latencies_ms: &mut [f64]) -> Figures {
+    batch_latencies_ms.sort_by(f64::total_cmp);
+    let quantile = |q: f64| {
+        if batch_latencies_ms.is_empty() {
+            0.0
+        } else {
+            batch_latencies_ms[((batch_latencies_ms.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    Figures {
+        name: name.to_owned(),
+        requests: u64::try_from(events).unwrap_or(0),
+        errors: 0,
+        per_second: events as f64 / elapsed.as_secs_f64(),
+        p50_ms: quantile(0.5),
+        p90_ms: quantile(0.9),
+        p99_ms: quantile(0.99),
+        p999_ms: quantile(0.999),
+        mib_per_second: None,
+        first_error: None,
+    }
+}
+
+async fn usage_events_in(mesh: &Mesh, database: &str) -> anyhow::Result<u64> {
+    let client = clickhouse::Client::default().with_url(&mesh.config.analytics.clickhouse_url);
+    Ok(client.query(&format!("SELECT count() FROM {database}.usage_events")).fetch_one().await?)
+}
+
+/// Writes [`PIPELINE_EVENTS`] usage events into usage's outbox in one transaction (as
+/// RecordUsage writes them, one per record) and times until analytics holds them all; the
+/// relays and analytics run as in `aimesh all`.
+pub async fn pipeline(mesh: &Mesh) -> anyhow::Result<Figures> {
+    let pool = mesh.usage_db().await;
+    let project = Uuid::new_v4();
+    let database = mesh.config.analytics.clickhouse_database.clone();
+    let before = usage_events_in(mesh, &database).await?;
+    let started = Instant::now();
+    sqlx::query(
+        "INSERT INTO outbox_events (event_id, topic, event_type, project_id, payload, occurred_at) \
+         SELECT gen_random_uuid(), 'usage', 'usage.recorded', $1, jsonb_build_object( \
+           'id', gen_random_uuid(), 'request_id', 'bench-' || n, 'project_id', $1, 'user_id', gen_random_uuid(), \
+           'api_key_id', NULL, 'model_id', '00000000-0000-0000-0000-00000000000' || (n % 10), \
+           'chat_session_id', NULL, 'request_type', 'chat', 'input_tokens', 1200, 'output_tokens', 300, \
+           'cached_input_tokens', 200, 'total_tokens', 1500, 'cost', '0.0057500000', 'duration_ms', 900 + n % 100, \
+           'status', 'success', 'error_message', NULL, 'request_time', now(), 'create_time', now()), now() \
+         FROM generate_series(1, $2) AS n",
+    )
+    .bind(project)
+    .bind(PIPELINE_EVENTS)
+    .execute(&pool)
+    .await?;
+    let expected = before + u64::try_from(PIPELINE_EVENTS)?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while usage_events_in(mesh, &database).await? < expected {
+        anyhow::ensure!(Instant::now() < deadline, "the events did not arrive within 10 minutes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(throughput("outbox -> analytics", PIPELINE_EVENTS, started.elapsed(), &mut []))
+}
+
+/// The same number of rows inserted straight into a fresh analytics schema, in batches the
+/// size of the relay's, one after the other (as one relay sends them).
+pub async fn raw_insert(mesh: &Mesh) -> anyhow::Result<Figures> {
+    let mut config = mesh.config.analytics.clone();
+    config.clickhouse_database = format!("aimesh_bench_{}", Uuid::new_v4().simple());
+    let clickhouse = aimesh_analytics::connect_clickhouse(&config).await?;
+    let project = Uuid::new_v4();
+    let now = Utc::now();
+    let batch = usize::try_from(mesh.config.common.outbox.batch_size)?;
+    let rows: Vec<UsageEventRow> = (0..PIPELINE_EVENTS)
+        .map(|n| UsageEventRow {
+            event_id: Uuid::now_v7(),
+            project_id: project,
+            occurred_at: now,
+            record_id: Uuid::now_v7(),
+            request_id: format!("bench-{n}"),
+            user_id: Uuid::new_v4(),
+            api_key_id: Uuid::nil(),
+            model_id: Uuid::from_u128(u128::try_from(n % 10).unwrap_or(0)),
+            chat_session_id: Uuid::nil(),
+            request_type: "chat".into(),
+            input_tokens: 1200,
+            output_tokens: 300,
+            cached_input_tokens: 200,
+            total_tokens: 1500,
+            cost: 57_500_000,
+            duration_ms: 900 + n % 100,
+            status: "success".into(),
+            error_message: String::new(),
+            retention_days: 365,
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    for chunk in rows.chunks(batch) {
+        let sent = Instant::now();
+        let mut insert = clickhouse.client().insert::<UsageEventRow>("usage_events").await?;
+        for row in chunk {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+    }
+    let figures = throughput("clickhouse INSERT", PIPELINE_EVENTS, started.elapsed(), &mut latencies);
+    clickhouse.server().query(&format!("DROP DATABASE {}", clickhouse.database())).execute().await?;
+    Ok(figures)
+}
+
+/// Fills analytics with [`QUERY_EVENTS`] events of `project` (ClickHouse generates them), then
+/// asks GetUsageTimeSeries for the daily cost by model of the whole period, one at a time.
+pub async fn daily_cost_clickhouse(mesh: &Mesh, token: &str, project: &str, runs: u64) -> anyhow::Result<Figures> {
+    let client = clickhouse::Client::default()
+        .with_url(&mesh.config.analytics.clickhouse_url)
+        .with_database(&mesh.config.analytics.clickhouse_database);
+    eprintln!("bench: generating {QUERY_EVENTS} events in ClickHouse");
+    client
+        .query(
+            "INSERT INTO usage_events SELECT generateUUIDv7(number), {project:UUID}, \
+             now64(6) - toIntervalMicrosecond(number * {spread:UInt64}), generateUUIDv7(number), toString(number), \
+             toUUID(concat('00000000-0000-0000-0000-', leftPad(toString(number % 1000), 12, '0'))), \
+             toUUID('00000000-0000-0000-0000-000000000000'), \
+             toUUID(concat('00000000-0000-0000-0000-', leftPad(toString(number % 10), 12, '0'))), \
+             toUUID('00000000-0000-0000-0000-000000000000'), 'chat', 1000 + number % 500, 200 + number % 100, 0, \
+             1200 + number % 500 + number % 100, toDecimal128(number % 1000, 10) / 100000, 500 + number % 1000, \
+             if(number % 50 = 0, 'error', 'success'), '', 365 FROM numbers({events:UInt64})",
+        )
+        .param("project", project)
+        .param("events", QUERY_EVENTS)
+        .param("spread", u64::try_from(QUERY_DAYS * 86_400 * 1_000_000)? / QUERY_EVENTS)
+        .execute()
+        .await?;
+    let analytics = mesh.analytics();
+    let (token, project) = (token.to_owned(), project.to_owned());
+    let end = Utc::now() + chrono::Duration::hours(1);
+    let load = Load { concurrency: 1, duration: Duration::from_secs(600), max_requests: Some(runs) };
+    Ok(closed_loop("analytics daily cost", load, move |_| {
+        let mut analytics = analytics.clone();
+        let request = pb::GetUsageTimeSeriesRequest {
+            project_id: project.clone(),
+            start_time: Some(aimesh_kit::proto_json::timestamp(end - chrono::Duration::days(QUERY_DAYS + 1))),
+            end_time: Some(aimesh_kit::proto_json::timestamp(end)),
+            bucket: "day".into(),
+            metrics: vec!["cost".into()],
+            group_by: "model".into(),
+            ..Default::default()
+        };
+        let request = authed(request, &token);
+        async move {
+            let series = analytics.get_usage_time_series(request).await.map_err(|s| s.to_string())?.into_inner();
+            if series.points.len() < 300 {
+                return Err(format!("only {} points", series.points.len()));
+            }
+            Ok(())
+        }
+    })
+    .await)
+}
+
+/// The same rows and question in PostgreSQL: a table indexed by (project, time), the daily
+/// cost by model over the whole period.
+pub async fn daily_cost_postgres(runs: u64) -> anyhow::Result<Figures> {
+    let scratch = ScratchDatabase::new();
+    aimesh_kit::db::ensure_database(&scratch.url).await?;
+    let pool = aimesh_kit::db::connect(&scratch.url, &aimesh_kit::config::DatabaseConfig::default()).await?;
+    eprintln!("bench: generating {QUERY_EVENTS} events in PostgreSQL");
+    sqlx::query(
+        "CREATE UNLOGGED TABLE usage_records (project_id UUID NOT NULL, request_time TIMESTAMPTZ NOT NULL, \
+         model_id UUID NOT NULL, user_id UUID NOT NULL, total_tokens BIGINT NOT NULL, cost NUMERIC(20, 10) NOT NULL, \
+         status TEXT NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    let project = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO usage_records SELECT $1, now() - make_interval(secs => n * $3::float8), \
+         ('00000000-0000-0000-0000-' || lpad((n % 10)::text, 12, '0'))::uuid, \
+         ('00000000-0000-0000-0000-' || lpad((n % 1000)::text, 12, '0'))::uuid, \
+         1200 + n % 500 + n % 100, (n % 1000)::numeric / 100000, CASE WHEN n % 50 = 0 THEN 'error' ELSE 'success' END \
+         FROM generate_series(0, $2 - 1) AS n",
+    )
+    .bind(project)
+    .bind(i64::try_from(QUERY_EVENTS)?)
+    .bind((QUERY_DAYS * 86_400) as f64 / QUERY_EVENTS as f64)
+    .execute(&pool)
+    .await?;
+    sqlx::query("CREATE INDEX ON usage_records (project_id, request_time)").execute(&pool).await?;
+    sqlx::query("VACUUM ANALYZE usage_records").execute(&pool).await?;
+    let pool = Arc::new(pool);
+    let load = Load { concurrency: 1, duration: Duration::from_secs(600), max_requests: Some(runs) };
+    let figures = closed_loop("postgres daily cost", load, move |_| {
+        let pool = Arc::clone(&pool);
+        async move {
+            let rows: Vec<(chrono::DateTime<Utc>, Uuid, rust_decimal::Decimal)> = sqlx::query_as(
+                "SELECT date_trunc('day', request_time, 'UTC'), model_id, sum(cost) FROM usage_records \
+                 WHERE project_id = $1 AND request_time >= now() - make_interval(days => $2) \
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+            )
+            .bind(project)
+            .bind(i32::try_from(QUERY_DAYS + 1).unwrap_or(31))
+            .fetch_all(pool.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+            if rows.len() < 300 { Err(format!("only {} rows", rows.len())) } else { Ok(()) }
+        }
+    })
+    .await;
+    Ok(figures)
+}

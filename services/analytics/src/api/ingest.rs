@@ -1,0 +1,71 @@
+//! `IngestService`: batches of events from the outbox relays.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use aimesh_kit::auth::principal;
+use aimesh_kit::error::respond;
+use aimesh_proto::analytics::v1 as pb;
+
+use super::Analytics;
+use crate::error::{AnalyticsError, Result};
+use crate::events::{self, Rejection};
+use crate::store::Stored;
+
+pub(super) struct IngestApi(pub(super) Arc<Analytics>);
+
+impl Analytics {
+    async fn ingest(&self, request: pb::IngestRequest) -> Result<pb::IngestResponse> {
+        if request.events.len() > self.config.max_batch_events as usize {
+            return Err(AnalyticsError::invalid(
+                "events",
+                format!("at most {} events per call", self.config.max_batch_events),
+            ));
+        }
+        let checked: Vec<Result<events::ValidEvent, Rejection>> = request.events.iter().map(events::validate).collect();
+        let valid: Vec<events::ValidEvent> = checked.iter().filter_map(|c| c.as_ref().ok().cloned()).collect();
+        let mut stored = self.store.ingest(valid).await?.into_iter();
+        let mut response = pb::IngestResponse::default();
+        for (event, check) in request.events.iter().zip(checked) {
+            let result = match check {
+                Err(rejection) => {
+                    response.rejected += 1;
+                    tracing::warn!(event_id = %event.event_id, field = %rejection.field, reason = %rejection.message, "event rejected");
+                    pb::EventResult {
+                        event_id: event.event_id.clone(),
+                        outcome: pb::EventOutcome::Rejected.into(),
+                        field: rejection.field,
+                        message: rejection.message,
+                    }
+                }
+                Ok(_) => {
+                    let outcome = match stored.next() {
+                        Some(Stored::New) => {
+                            response.accepted += 1;
+                            pb::EventOutcome::Accepted
+                        }
+                        _ => {
+                            response.duplicates += 1;
+                            pb::EventOutcome::Duplicate
+                        }
+                    };
+                    pb::EventResult { event_id: event.event_id.clone(), outcome: outcome.into(), ..Default::default() }
+                }
+            };
+            response.results.push(result);
+        }
+        metrics::counter!("analytics_events_accepted_total").increment(u64::from(response.accepted));
+        metrics::counter!("analytics_events_duplicate_total").increment(u64::from(response.duplicates));
+        metrics::counter!("analytics_events_rejected_total").increment(u64::from(response.rejected));
+        Ok(response)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::ingest_service_server::IngestService for IngestApi {
+    async fn ingest(&self, request: Request<pb::IngestRequest>) -> Result<Response<pb::IngestResponse>, Status> {
+        principal(&request)?.require_service()?;
+        respond(self.0.ingest(request.into_inner()).await)
+    }
+}

@@ -1,0 +1,42 @@
+//! Settings of the analytics service (`[analytics]` in the config file, `AIMESH_ANALYTICS__*`).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AnalyticsConfig {
+    /// Where the gRPC server listens.
+    pub listen: SocketAddr,
+    /// ClickHouse's HTTP interface.
+    pub clickhouse_url: String,
+    /// The database analytics owns there (created at start-up; never `default`).
+    pub clickhouse_database: String,
+    pub clickhouse_user: Option<String>,
+    pub clickhouse_password: Option<String>,
+    /// How long events are kept when a project sets nothing.
+    pub default_retention_days: u16,
+    /// Longest time range one query may cover.
+    pub max_range_days: u32,
+    /// Most buckets one time series may have.
+    pub max_buckets: u32,
+    /// Most events one Ingest call may carry.
+    pub max_batch_events: u32,
+}
+
+impl Default for AnalyticsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7105)),
+            clickhouse_url: "http://127.0.0.1:18123".into(),
+            clickhouse_database: "aimesh_analytics".into(),
+            clickhouse_user: None,
+            clickhouse_password: None,
+            default_retention_days: 365,
+            max_range_days: 400,
+            max_buckets: 10_000,
+            max_batch_events: 10_000,
+        }
+    }
+}

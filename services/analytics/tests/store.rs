@@ -1,0 +1,166 @@
+//! The analytics store against the real ClickHouse (chDB): events count once however often
+//! they arrive, rollups agree with the raw events, retention drops old rows.
+
+use chrono::{DateTime, Duration, DurationRound, Utc};
+use uuid::Uuid;
+
+use aimesh_analytics::AnalyticsConfig;
+use aimesh_analytics::events::{self, ValidEvent};
+use aimesh_analytics::query::{Bucket, Dimension, TimeRange, UsageFilter, UsageQuery};
+use aimesh_analytics::store::{Source, Store, Stored, UsageAggregate};
+use aimesh_kit::proto_json;
+use aimesh_proto::analytics::v1 as pb;
+
+/// A store on a database of its own, dropped at the end of the test.
+struct TestStore {
+    store: Store,
+}
+
+impl TestStore {
+    async fn new() -> Self {
+        let config = AnalyticsConfig {
+            clickhouse_url: std::env::var("AIMESH_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:18123".into()),
+            clickhouse_database: format!("aimesh_test_{}", Uuid::new_v4().simple()),
+            default_retention_days: 30,
+            ..AnalyticsConfig::default()
+        };
+        let clickhouse = aimesh_analytics::connect_clickhouse(&config).await.expect("clickhouse (run make test)");
+        let store = Store::open(clickhouse, config.default_retention_days).await.expect("open store");
+        Self { store }
+    }
+
+    async fn drop_database(self) {
+        let ch = self.store.clickhouse();
+        ch.server().query(&format!("DROP DATABASE IF EXISTS {}", ch.database())).execute().await.expect("drop");
+    }
+}
+
+fn usage_event(project: Uuid, model: Uuid, at: DateTime<Utc>, tokens: i64, cost: &str, status: &str) -> pb::Event {
+    let payload = serde_json::json!({
+        "id": Uuid::now_v7(), "request_id": Uuid::new_v4().to_string(), "user_id": Uuid::new_v4(),
+        "api_key_id": null, "model_id": model, "request_type": "chat", "input_tokens": tokens,
+        "output_tokens": tokens / 2, "cached_input_tokens": 0, "total_tokens": tokens + tokens / 2,
+        "cost": cost, "duration_ms": tokens % 1000, "status": status, "request_time": at.to_rfc3339(),
+    });
+    pb::Event {
+        event_id: Uuid::now_v7().to_string(),
+        topic: "usage".into(),
+        event_type: "usage.recorded".into(),
+        project_id: project.to_string(),
+        occurred_at: Some(proto_json::timestamp(at)),
+        payload: payload.to_string(),
+    }
+}
+
+fn valid(events: &[pb::Event]) -> Vec<ValidEvent> {
+    events.iter().map(|e| events::validate(e).expect("valid event")).collect()
+}
+
+fn day_query(project: Uuid, start: DateTime<Utc>, end: DateTime<Utc>, group_by: Option<Dimension>) -> UsageQuery {
+    UsageQuery {
+        project_id: project,
+        range: TimeRange::new(Some(start), Some(end), 400).expect("range"),
+        filter: UsageFilter::default(),
+        bucket: Some((Bucket::Day, "UTC".into())),
+        group_by,
+    }
+}
+
+/// Requests, tokens and cost per (bucket, group), from one source.
+fn totals(rows: &[UsageAggregate]) -> Vec<(u32, String, u64, i64, String)> {
+    rows.iter()
+        .map(|r| {
+            let cost: rust_decimal::Decimal = r.sum_cost.parse().expect("cost");
+            (r.bucket, r.grp.clone(), r.sum_requests, r.sum_total_tokens, cost.normalize().to_string())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn replayed_and_duplicated_events_change_no_answer() {
+    let test = TestStore::new().await;
+    let store = &test.store;
+    let project = Uuid::new_v4();
+    let (gpt, claude) = (Uuid::new_v4(), Uuid::new_v4());
+    let start = Utc::now().duration_trunc(Duration::days(1)).expect("trunc") - Duration::days(2);
+    let batch: Vec<pb::Event> = (0..40)
+        .map(|i| {
+            let model = if i % 3 == 0 { claude } else { gpt };
+            let status = if i % 10 == 0 { "error" } else { "success" };
+            usage_event(project, model, start + Duration::minutes(i * 70), 1000 + i, "0.0012345678", status)
+        })
+        .collect();
+
+    let first = store.ingest(valid(&batch)).await.expect("ingest");
+    assert!(first.iter().all(|s| *s == Stored::New));
+    let query = day_query(project, start, start + Duration::days(3), Some(Dimension::Model));
+    let raw_before = totals(&store.usage_from(&query, Source::Raw).await.expect("raw"));
+    let rollup_before = totals(&store.usage_from(&query, Source::Rollup).await.expect("rollup"));
+    assert_eq!(raw_before, rollup_before, "the rollup agrees with the events");
+    let requests: u64 = raw_before.iter().map(|r| r.2).sum();
+    assert_eq!(requests, 40);
+    let cost: rust_decimal::Decimal = raw_before.iter().map(|r| r.4.parse::<rust_decimal::Decimal>().expect("d")).sum();
+    assert_eq!(cost.to_string(), "0.0493827120", "40 × 0.0012345678, exactly");
+
+    // The whole batch again, then a batch mixing old and new events with a repeat inside.
+    let replay = store.ingest(valid(&batch)).await.expect("replay");
+    assert!(replay.iter().all(|s| *s == Stored::Duplicate));
+    let extra = usage_event(project, gpt, start + Duration::hours(1), 7, "1", "success");
+    let mixed = vec![batch[3].clone(), extra.clone(), batch[17].clone(), extra.clone()];
+    let outcomes = store.ingest(valid(&mixed)).await.expect("mixed");
+    assert_eq!(outcomes, vec![Stored::Duplicate, Stored::New, Stored::Duplicate, Stored::Duplicate]);
+
+    store.optimize().await.expect("optimize");
+    let raw_after = totals(&store.usage_from(&query, Source::Raw).await.expect("raw"));
+    let rollup_after = totals(&store.usage_from(&query, Source::Rollup).await.expect("rollup"));
+    assert_eq!(raw_after, rollup_after);
+    let requests: u64 = raw_after.iter().map(|r| r.2).sum();
+    assert_eq!(requests, 41, "only the one new event counts");
+    let stored: u64 =
+        store.clickhouse().client().query("SELECT count() FROM usage_events").fetch_one().await.expect("count");
+    assert_eq!(stored, 41, "no duplicate row stored either");
+    test.drop_database().await;
+}
+
+#[tokio::test]
+async fn retention_drops_old_rows() {
+    let test = TestStore::new().await;
+    let store = &test.store;
+    let (kept_project, short_project) = (Uuid::new_v4(), Uuid::new_v4());
+    let now = Utc::now();
+    let model = Uuid::new_v4();
+    let events: Vec<pb::Event> = [kept_project, short_project]
+        .into_iter()
+        .flat_map(|p| {
+            [
+                usage_event(p, model, now - Duration::days(10), 10, "0.1", "success"),
+                usage_event(p, model, now - Duration::days(2), 10, "0.1", "success"),
+            ]
+        })
+        .collect();
+    store.ingest(valid(&events)).await.expect("ingest");
+    store.set_retention(short_project, 5).await.expect("set retention");
+    assert_eq!(store.retention_of(short_project), (5, true));
+    assert_eq!(store.retention_of(kept_project), (30, false));
+
+    // Written after the change: expires by TTL at the next merge.
+    let late = usage_event(short_project, model, now - Duration::days(7), 10, "0.1", "success");
+    store.ingest(valid(&[late])).await.expect("ingest late");
+    store.optimize().await.expect("optimize");
+
+    let count = |project: Uuid, table: &'static str, column: &'static str| {
+        let client = store.clickhouse().client().clone();
+        async move {
+            client
+                .query(&format!("SELECT toUInt64(count()) FROM {table} WHERE project_id = ? AND {column} > 0"))
+                .bind(project.to_string())
+                .fetch_one::<u64>()
+                .await
+                .expect("count")
+        }
+    };
+    assert_eq!(count(kept_project, "usage_events", "total_tokens").await, 2);
+    assert_eq!(count(short_project, "usage_events", "total_tokens").await, 1, "only the 2-day-old row is kept");
+    assert_eq!(count(short_project, "usage_hourly", "requests").await, 1, "the rollup drops them too");
+    test.drop_database().await;
+}
