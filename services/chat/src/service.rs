@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::db;
+use aimesh_kit::ratelimit::RateLimiter;
 use aimesh_kit::redis::Redis;
 use aimesh_kit::server::{self, Dependency, ServiceSpec};
 
@@ -51,13 +52,14 @@ pub async fn run(
     let interval = Duration::from_secs(config.purge_interval_secs.max(1));
     let purging = tokio::spawn(run_purge(conversations, interval, stop_purging.clone()));
 
+    let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);
     let spec = ServiceSpec {
         name: "chat",
         routes: chat.routes(),
         grpc_services: Chat::GRPC_SERVICES.to_vec(),
         dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
     };
-    let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
+    let served = server::serve(listener, spec, verifier, limiter, common.server.clone(), shutdown).await;
     stop_purging.cancel();
     let _ = purging.await;
     redis.quit().await;
