@@ -468,6 +468,7 @@ pub async fn project_with_key(mesh: &Mesh, owner: &Account, scopes: &[&str]) -> 
         name: "backend".into(),
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         expire_time: None,
+        requests_per_minute: 0,
     };
     let secret =
         mesh.api_keys().create_api_key(authed(key, &owner.token)).await.expect("create key").into_inner().secret;

@@ -77,6 +77,7 @@ async fn create_api_key(
         name: "ci".into(),
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         expire_time: None,
+        requests_per_minute: 0,
     };
     mesh.api_keys().create_api_key(authed(request, token)).await
 }

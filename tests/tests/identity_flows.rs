@@ -291,6 +291,7 @@ async fn project_with_key(mesh: &Mesh, token: &str, scopes: &[&str]) -> (String,
                 name: "ci".into(),
                 scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
                 expire_time: None,
+                requests_per_minute: 0,
             },
             token,
         ))
@@ -346,6 +347,7 @@ async fn api_keys_are_shown_once_stored_hashed_and_checked_for_scope() {
         name: "x".into(),
         scopes: vec!["root".into()],
         expire_time: None,
+        requests_per_minute: 0,
     };
     assert_error(
         mesh.api_keys().create_api_key(authed(bad_scope, &ann.token)).await,
@@ -358,6 +360,7 @@ async fn api_keys_are_shown_once_stored_hashed_and_checked_for_scope() {
         name: "x".into(),
         scopes: vec!["chat:read".into()],
         expire_time: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }),
+        requests_per_minute: 0,
     };
     assert_error(
         mesh.api_keys().create_api_key(authed(past, &ann.token)).await,
@@ -371,6 +374,7 @@ async fn api_keys_are_shown_once_stored_hashed_and_checked_for_scope() {
         name: "x".into(),
         scopes: vec!["chat:read".into()],
         expire_time: None,
+        requests_per_minute: 0,
     };
     assert_error(
         mesh.api_keys().create_api_key(authed(by_key, &secret)).await,

@@ -102,6 +102,7 @@ async fn api_keys_are_checked_by_project_and_scope_without_asking_for_a_role() {
         name: "ci".into(),
         scopes: vec!["usage:read".into()],
         expire_time: None,
+        requests_per_minute: 0,
     };
     let secret = mesh.api_keys().create_api_key(authed(key, &ann.token)).await.expect("key").into_inner().secret;
     let service = OtherService::start(&mesh).await;

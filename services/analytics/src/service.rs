@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
+use aimesh_kit::ratelimit::RateLimiter;
 use aimesh_kit::redis::Redis;
 use aimesh_kit::server::{self, Dependency, Probe, ServiceSpec};
 
@@ -53,6 +54,7 @@ pub async fn run(
     redis.log_errors();
     let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
     let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &common.auth)?;
+    let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);
     let analytics = Analytics::new(store.clone(), access, config);
     let stop_refresh = CancellationToken::new();
     let refresh = tokio::spawn(refresh_retention(store, stop_refresh.clone()));
@@ -63,7 +65,7 @@ pub async fn run(
         grpc_services: Analytics::GRPC_SERVICES.to_vec(),
         dependencies: vec![Dependency::Other(Arc::new(clickhouse)), Dependency::Redis(redis.clone())],
     };
-    let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
+    let served = server::serve(listener, spec, verifier, limiter, common.server.clone(), shutdown).await;
     stop_refresh.cancel();
     let _ = refresh.await;
     redis.quit().await;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::db;
+use aimesh_kit::ratelimit::RateLimiter;
 use aimesh_kit::redis::Redis;
 use aimesh_kit::server::{self, Dependency, ServiceSpec};
 
@@ -51,6 +52,7 @@ pub async fn run(
     let interval = Duration::from_secs(config.purge_interval_secs.max(1));
     let purging = tokio::spawn(run_purge(conversations, interval, stop_purging.clone()));
 
+    let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);
     let spec = ServiceSpec {
         name: "chat",
         routes: chat.routes(),
@@ -59,7 +61,7 @@ pub async fn run(
     };
     // Events of this service's outbox go to analytics until the server stops, then once more.
     let relay = aimesh_kit::outbox::spawn_relay(pool.clone(), &common)?;
-    let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
+    let served = server::serve(listener, spec, verifier, limiter, common.server.clone(), shutdown).await;
     relay.stop().await;
     stop_purging.cancel();
     let _ = purging.await;

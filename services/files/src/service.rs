@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::db;
+use aimesh_kit::ratelimit::RateLimiter;
 use aimesh_kit::redis::Redis;
 use aimesh_kit::server::{self, Dependency, ServiceSpec};
 
@@ -54,6 +55,7 @@ pub async fn run(
     redis.log_errors();
     let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
     let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &common.auth)?;
+    let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);
     let stop_collecting = CancellationToken::new();
     let interval = Duration::from_secs(config.gc_interval_secs.max(1));
     let collecting = tokio::spawn(run_gc(library.clone(), interval, stop_collecting.clone()));
@@ -65,7 +67,7 @@ pub async fn run(
         grpc_services: Files::GRPC_SERVICES.to_vec(),
         dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
     };
-    let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
+    let served = server::serve(listener, spec, verifier, limiter, common.server.clone(), shutdown).await;
     stop_collecting.cancel();
     let _ = collecting.await;
     redis.quit().await;

@@ -13,7 +13,8 @@ use uuid::Uuid;
 use aimesh_kit::ServiceError;
 use aimesh_kit::access::{Caller, ProjectRole, RoleSource};
 use aimesh_kit::auth::{
-    ACCESS_TOKEN_PREFIX, API_KEY_PREFIX, CredentialRef, CredentialSource, LastUseKind, Principal, credential_hash,
+    ACCESS_TOKEN_PREFIX, API_KEY_PREFIX, CredentialRef, CredentialSource, KeyRateLimits, LastUseKind, Principal,
+    credential_hash,
 };
 use aimesh_kit::redis::Redis;
 
@@ -51,6 +52,12 @@ impl CredentialSource for StoreCredentialSource {
                         api_key_id: k.api_key_id,
                         project_id: k.project_id,
                         scopes: k.scopes,
+                        rate_limits: KeyRateLimits {
+                            key_requests_per_minute: k.requests_per_minute.and_then(|n| u32::try_from(n).ok()),
+                            project_requests_per_minute: k
+                                .project_requests_per_minute
+                                .and_then(|n| u32::try_from(n).ok()),
+                        },
                     },
                     system_admin: false,
                     expires_at: k.expires_at,

@@ -91,6 +91,26 @@ pub fn validate_url(field: &'static str, value: &str) -> Result<String> {
     Ok(url)
 }
 
+/// The largest rate limit a project or key may be given, requests per minute.
+pub const MAX_REQUESTS_PER_MINUTE: u32 = 1_000_000;
+
+/// A rate limit in requests per minute as stored: 0 is "the deployment's default" (none
+/// stored), anything above [`MAX_REQUESTS_PER_MINUTE`] is refused.
+pub fn validate_requests_per_minute(field: &'static str, value: u32) -> Result<Option<i32>> {
+    match value {
+        0 => Ok(None),
+        n if n > MAX_REQUESTS_PER_MINUTE => {
+            Err(IdentityError::invalid(field, format!("must be at most {MAX_REQUESTS_PER_MINUTE} (0: the default)")))
+        }
+        n => Ok(i32::try_from(n).ok()),
+    }
+}
+
+/// A stored rate limit as the API shows it: 0 for "the deployment's default".
+pub fn requests_per_minute_to_proto(value: Option<i32>) -> u32 {
+    value.and_then(|n| u32::try_from(n).ok()).unwrap_or(0)
+}
+
 /// API key scopes: known ones, at least one, no duplicates.
 pub fn validate_scopes(scopes: &[String]) -> Result<Vec<String>> {
     if scopes.is_empty() {

@@ -13,6 +13,7 @@ use aimesh_kit::auth::CredentialVerifier;
 use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::db;
+use aimesh_kit::ratelimit::RateLimiter;
 use aimesh_kit::redis::Redis;
 use aimesh_kit::server::{self, Dependency, ServiceSpec};
 
@@ -57,6 +58,7 @@ pub async fn run(
         stop_drain.clone(),
     ));
 
+    let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);
     let spec = ServiceSpec {
         name: "identity",
         routes: identity.routes(),
@@ -67,7 +69,7 @@ pub async fn run(
     // takes them to PostgreSQL.
     // Events of this service's outbox go to analytics until the server stops, then once more.
     let relay = aimesh_kit::outbox::spawn_relay(pool.clone(), &common)?;
-    let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
+    let served = server::serve(listener, spec, verifier, limiter, common.server.clone(), shutdown).await;
     relay.stop().await;
     stop_drain.cancel();
     let _ = drain.await;

@@ -126,6 +126,10 @@ pub struct ApiKeyCredential {
     pub scopes: Vec<String>,
     pub created_by: Uuid,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The key's own rate limit, requests per minute.
+    pub requests_per_minute: Option<i32>,
+    /// The key's project's rate limit, requests per minute.
+    pub project_requests_per_minute: Option<i32>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -133,6 +137,7 @@ pub struct ProjectRow {
     pub id: Uuid,
     pub name: String,
     pub description: String,
+    pub requests_per_minute: Option<i32>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -159,6 +164,22 @@ pub struct ApiKeyRow {
     pub expires_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    pub requests_per_minute: Option<i32>,
+}
+
+/// A change of a project; `None` leaves a field as it is, `Some(None)` clears a limit.
+#[derive(Debug, Default)]
+pub struct ProjectPatch<'a> {
+    pub name: Option<&'a str>,
+    pub description: Option<&'a str>,
+    pub requests_per_minute: Option<Option<i32>>,
+}
+
+/// A change of an API key; `None` leaves a field as it is, `Some(None)` clears the limit.
+#[derive(Debug, Default)]
+pub struct ApiKeyPatch<'a> {
+    pub name: Option<&'a str>,
+    pub requests_per_minute: Option<Option<i32>>,
 }
 
 /// What a new API key stores.
@@ -171,6 +192,7 @@ pub struct NewApiKey<'a> {
     pub scopes: &'a [String],
     pub created_by: Uuid,
     pub expires_at: Option<DateTime<Utc>>,
+    pub requests_per_minute: Option<i32>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -189,8 +211,9 @@ pub struct SettingRow {
 const USER_COLUMNS: &str = "id, email, username, password_hash, first_name, last_name, avatar_url, role, status, \
                             settings, last_login_at, created_at, updated_at";
 const SESSION_COLUMNS: &str = "id, user_id, device_name, ip_address, user_agent, expires_at, created_at, last_used_at";
-const API_KEY_COLUMNS: &str =
-    "id, project_id, name, display_prefix, scopes, created_by, created_at, expires_at, last_used_at, revoked_at";
+const API_KEY_COLUMNS: &str = "id, project_id, name, display_prefix, scopes, created_by, created_at, expires_at, \
+                               last_used_at, revoked_at, requests_per_minute";
+const PROJECT_COLUMNS: &str = "id, name, description, requests_per_minute, created_at, updated_at";
 const SETTING_COLUMNS: &str =
     "key, value, value_ciphertext, description, category, is_public, is_encrypted, created_at, updated_at";
 
@@ -553,10 +576,10 @@ impl Store {
         actor: &Actor,
     ) -> Result<ProjectRow> {
         let mut tx = self.pool.begin().await?;
-        let row: ProjectRow = sqlx::query_as(
+        let row: ProjectRow = sqlx::query_as(sql(format!(
             "INSERT INTO projects (id, name, description, created_by) VALUES ($1, $2, $3, $4) \
-             RETURNING id, name, description, created_at, updated_at",
-        )
+             RETURNING {PROJECT_COLUMNS}"
+        )))
         .bind(Uuid::now_v7())
         .bind(name)
         .bind(description)
@@ -585,12 +608,10 @@ impl Store {
     }
 
     pub async fn project(&self, id: Uuid) -> Result<Option<ProjectRow>> {
-        Ok(sqlx::query_as(
-            "SELECT id, name, description, created_at, updated_at FROM projects WHERE id = $1 AND deleted_at IS NULL",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
+        Ok(sqlx::query_as(sql(format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND deleted_at IS NULL")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
     }
 
     /// `user_id`'s role in a live project, if any.
@@ -615,7 +636,8 @@ impl Store {
     ) -> Result<Vec<(ProjectRow, String)>> {
         let (time, id) = cursor_bounds(after);
         let rows: Vec<ProjectWithRole> = sqlx::query_as(
-            "SELECT p.id, p.name, p.description, p.created_at, p.updated_at, m.role FROM projects p \
+            "SELECT p.id, p.name, p.description, p.requests_per_minute, p.created_at, p.updated_at, m.role \
+             FROM projects p \
              JOIN project_members m ON m.project_id = p.id AND m.user_id = $1 \
              WHERE p.deleted_at IS NULL AND (p.created_at, p.id) < ($2, $3) \
              ORDER BY p.created_at DESC, p.id DESC LIMIT $4",
@@ -629,24 +651,37 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.project, r.role)).collect())
     }
 
+    /// Applies `patch`; returns the project and, when its rate limit changed, the hashes of its
+    /// live API keys, whose cached verifications carry the old limit.
     pub async fn update_project(
         &self,
         id: Uuid,
-        name: Option<&str>,
-        description: Option<&str>,
+        patch: &ProjectPatch<'_>,
         actor: &Actor,
-    ) -> Result<ProjectRow> {
+    ) -> Result<(ProjectRow, Vec<String>)> {
+        let (name, description) = (patch.name, patch.description);
         let mut tx = self.pool.begin().await?;
-        let row: Option<ProjectRow> = sqlx::query_as(
-            "UPDATE projects SET name = COALESCE($2, name), description = COALESCE($3, description) \
-             WHERE id = $1 AND deleted_at IS NULL RETURNING id, name, description, created_at, updated_at",
-        )
+        let row: Option<ProjectRow> = sqlx::query_as(sql(format!(
+            "UPDATE projects SET name = COALESCE($2, name), description = COALESCE($3, description), \
+             requests_per_minute = CASE WHEN $4 THEN $5 ELSE requests_per_minute END \
+             WHERE id = $1 AND deleted_at IS NULL RETURNING {PROJECT_COLUMNS}"
+        )))
         .bind(id)
         .bind(name)
         .bind(description)
+        .bind(patch.requests_per_minute.is_some())
+        .bind(patch.requests_per_minute.flatten())
         .fetch_optional(&mut *tx)
         .await?;
         let row = row.ok_or(IdentityError::NotFound("project"))?;
+        let live_keys: Vec<String> = if patch.requests_per_minute.is_some() {
+            sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE project_id = $1 AND revoked_at IS NULL")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?
+        } else {
+            Vec::new()
+        };
         audit(
             &mut tx,
             Audit {
@@ -655,12 +690,16 @@ impl Store {
                 resource_type: "project",
                 resource_id: id.to_string(),
                 project_id: Some(id),
-                details: serde_json::json!({ "name": name, "description": description }),
+                details: serde_json::json!({
+                    "name": name,
+                    "description": description,
+                    "requests_per_minute": patch.requests_per_minute,
+                }),
             },
         )
         .await?;
         tx.commit().await?;
-        Ok(row)
+        Ok((row, live_keys))
     }
 
     /// Soft-deletes a project and revokes its API keys; returns the revoked keys' hashes and the
@@ -824,8 +863,8 @@ impl Store {
     pub async fn create_api_key(&self, key: NewApiKey<'_>, actor: &Actor) -> Result<ApiKeyRow> {
         let mut tx = self.pool.begin().await?;
         let row: ApiKeyRow = sqlx::query_as(sql(format!(
-            "INSERT INTO api_keys (id, project_id, name, display_prefix, key_hash, scopes, created_by, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {API_KEY_COLUMNS}"
+            "INSERT INTO api_keys (id, project_id, name, display_prefix, key_hash, scopes, created_by, expires_at, \
+             requests_per_minute) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {API_KEY_COLUMNS}"
         )))
         .bind(Uuid::now_v7())
         .bind(key.project_id)
@@ -835,16 +874,25 @@ impl Store {
         .bind(key.scopes)
         .bind(key.created_by)
         .bind(key.expires_at)
+        .bind(key.requests_per_minute)
         .fetch_one(&mut *tx)
         .await?;
-        audit(&mut tx, Audit {
-            actor,
-            action: "api_key.created",
-            resource_type: "api_key",
-            resource_id: row.id.to_string(),
-            project_id: Some(key.project_id),
-            details: serde_json::json!({ "name": key.name, "scopes": key.scopes, "display_prefix": key.display_prefix }),
-        })
+        audit(
+            &mut tx,
+            Audit {
+                actor,
+                action: "api_key.created",
+                resource_type: "api_key",
+                resource_id: row.id.to_string(),
+                project_id: Some(key.project_id),
+                details: serde_json::json!({
+                    "name": key.name,
+                    "scopes": key.scopes,
+                    "display_prefix": key.display_prefix,
+                    "requests_per_minute": key.requests_per_minute,
+                }),
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(row)
@@ -916,10 +964,50 @@ impl Store {
         row.ok_or(IdentityError::NotFound("api key"))
     }
 
+    /// Applies `patch` to a live key; returns it and its hash, whose cached verification carries
+    /// the old limit.
+    pub async fn update_api_key(
+        &self,
+        project_id: Uuid,
+        id: Uuid,
+        patch: &ApiKeyPatch<'_>,
+        actor: &Actor,
+    ) -> Result<(ApiKeyRow, String)> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<ApiKeyWithHash> = sqlx::query_as(sql(format!(
+            "UPDATE api_keys SET name = COALESCE($3, name), \
+             requests_per_minute = CASE WHEN $4 THEN $5 ELSE requests_per_minute END \
+             WHERE project_id = $1 AND id = $2 AND revoked_at IS NULL RETURNING {API_KEY_COLUMNS}, key_hash"
+        )))
+        .bind(project_id)
+        .bind(id)
+        .bind(patch.name)
+        .bind(patch.requests_per_minute.is_some())
+        .bind(patch.requests_per_minute.flatten())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let row = row.ok_or(IdentityError::NotFound("api key"))?;
+        audit(
+            &mut tx,
+            Audit {
+                actor,
+                action: "api_key.updated",
+                resource_type: "api_key",
+                resource_id: id.to_string(),
+                project_id: Some(project_id),
+                details: serde_json::json!({ "name": patch.name, "requests_per_minute": patch.requests_per_minute }),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((row.key, row.key_hash))
+    }
+
     /// The live key of a hash, in a live project.
     pub async fn api_key_credential(&self, hash: &str) -> Result<Option<ApiKeyCredential>> {
         Ok(sqlx::query_as(
-            "SELECT k.id AS api_key_id, k.project_id, k.scopes, k.created_by, k.expires_at FROM api_keys k \
+            "SELECT k.id AS api_key_id, k.project_id, k.scopes, k.created_by, k.expires_at, k.requests_per_minute, \
+             p.requests_per_minute AS project_requests_per_minute FROM api_keys k \
              JOIN projects p ON p.id = k.project_id AND p.deleted_at IS NULL \
              WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())",
         )

@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -26,6 +25,7 @@ use aimesh_proto::identity::v1 as pb;
 use crate::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
 use crate::config::AuthConfig;
 use crate::error::ServiceError;
+use crate::gate::{Entered, Gate, GateLayer};
 use crate::proto_json;
 use crate::redis::Redis;
 
@@ -73,10 +73,21 @@ pub enum CredentialRef {
         api_key_id: Uuid,
         project_id: Uuid,
         scopes: Vec<String>,
+        /// Absent in verifications cached before limits existed: the defaults apply.
+        #[serde(default)]
+        rate_limits: KeyRateLimits,
     },
     /// Another aimesh service, holding the deployment's service token: accepted only by
     /// internal RPCs (see [`Principal::require_service`]), never by a project-scoped one.
     Service,
+}
+
+/// An API key's own rate limits and its project's, carried in the principal so the rate
+/// limiter applies them without a lookup; none means the deployment's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct KeyRateLimits {
+    pub key_requests_per_minute: Option<u32>,
+    pub project_requests_per_minute: Option<u32>,
 }
 
 impl Principal {
@@ -148,11 +159,13 @@ impl From<&Principal> for pb::Principal {
                 out.kind = pb::CredentialKind::Session.into();
                 out.session_id = session_id.to_string();
             }
-            CredentialRef::ApiKey { api_key_id, project_id, scopes } => {
+            CredentialRef::ApiKey { api_key_id, project_id, scopes, rate_limits } => {
                 out.kind = pb::CredentialKind::ApiKey.into();
                 out.api_key_id = api_key_id.to_string();
                 out.project_id = project_id.to_string();
                 out.scopes = scopes.clone();
+                out.key_requests_per_minute = rate_limits.key_requests_per_minute.unwrap_or(0);
+                out.project_requests_per_minute = rate_limits.project_requests_per_minute.unwrap_or(0);
             }
             CredentialRef::Service => out.kind = pb::CredentialKind::Service.into(),
         }
@@ -171,6 +184,10 @@ impl TryFrom<pb::Principal> for Principal {
                 api_key_id: uuid(&p.api_key_id)?,
                 project_id: uuid(&p.project_id)?,
                 scopes: p.scopes,
+                rate_limits: KeyRateLimits {
+                    key_requests_per_minute: Some(p.key_requests_per_minute).filter(|&n| n > 0),
+                    project_requests_per_minute: Some(p.project_requests_per_minute).filter(|&n| n > 0),
+                },
             },
             pb::CredentialKind::Service => CredentialRef::Service,
             pb::CredentialKind::Unspecified => return Err(ServiceError::internal("principal without a kind")),
@@ -472,74 +489,25 @@ pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, ServiceEr
 /// The tower layer: `authorization: Bearer <credential>` becomes a [`Principal`] extension. A
 /// request without one passes on without a principal (handlers that need one refuse it); a
 /// credential that does not verify is refused here with UNAUTHENTICATED.
-#[derive(Clone, Debug)]
-pub struct AuthLayer {
-    verifier: CredentialVerifier,
-}
+pub type AuthLayer = GateLayer<CredentialVerifier>;
 
-impl AuthLayer {
-    pub fn new(verifier: CredentialVerifier) -> Self {
-        Self { verifier }
-    }
-}
+impl Gate for CredentialVerifier {
+    type Pass = ();
 
-impl<S> tower::Layer<S> for AuthLayer {
-    type Service = Authenticate<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Authenticate { inner, verifier: self.verifier.clone() }
-    }
-}
-
-/// The service [`AuthLayer`] makes.
-#[derive(Clone, Debug)]
-pub struct Authenticate<S> {
-    inner: S,
-    verifier: CredentialVerifier,
-}
-
-impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for Authenticate<S>
-where
-    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqBody: Send + 'static,
-    ResBody: Default,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
-        // The clone is not ready; the ready one serves this request (tower's usual swap).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let verifier = self.verifier.clone();
+    fn enter<B: Send + 'static>(&self, mut request: http::Request<B>) -> Entered<B, ()> {
+        let verifier = self.clone();
         Box::pin(async move {
             let credential = match request.headers().get(http::header::AUTHORIZATION) {
-                None => None,
-                Some(value) => match bearer(value) {
-                    Some(credential) => Some(credential.to_owned()),
-                    None => {
-                        let error = ServiceError::unauthenticated("authorization must be \"Bearer <credential>\"");
-                        return Ok(tonic::Status::from(error).into_http());
-                    }
-                },
+                None => return Ok((request, ())),
+                Some(value) => bearer(value)
+                    .map(str::to_owned)
+                    .ok_or_else(|| ServiceError::unauthenticated("authorization must be \"Bearer <credential>\""))?,
             };
-            if let Some(credential) = credential {
-                match verifier.verify(&credential).await {
-                    Ok(principal) => {
-                        tracing::Span::current().record("user_id", tracing::field::display(principal.user_id));
-                        request.extensions_mut().insert(principal);
-                        request.extensions_mut().insert(crate::access::BearerCredential(credential));
-                    }
-                    Err(error) => return Ok(tonic::Status::from(error).into_http()),
-                }
-            }
-            inner.call(request).await
+            let principal = verifier.verify(&credential).await?;
+            tracing::Span::current().record("user_id", tracing::field::display(principal.user_id));
+            request.extensions_mut().insert(principal);
+            request.extensions_mut().insert(crate::access::BearerCredential(credential));
+            Ok((request, ()))
         })
     }
 }
@@ -599,6 +567,7 @@ mod tests {
                 api_key_id: Uuid::new_v4(),
                 project_id: project,
                 scopes: vec!["chat:read".into()],
+                rate_limits: KeyRateLimits { key_requests_per_minute: Some(7), project_requests_per_minute: None },
             },
             system_admin: false,
             expires_at: None,

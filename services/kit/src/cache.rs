@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::redis::{Redis, RedisError};
+use crate::redis::{Redis, RedisBreaker, RedisError};
 
 /// How long a replica's load lock lives if its holder never releases it (crashed, cancelled).
 const LOAD_LOCK_TTL: Duration = Duration::from_secs(3);
@@ -162,33 +162,6 @@ fn count(cache: &'static str, level: &'static str, result: &'static str) {
     metrics::counter!("cache_requests_total", "cache" => cache, "level" => level, "result" => result).increment(1);
 }
 
-/// Skips Redis for [`REDIS_RETRY_AFTER`] after a command failed: while Redis is unreachable
-/// each command waits for the command timeout, which would otherwise be added to every L1 miss.
-struct Breaker {
-    epoch: Instant,
-    /// Milliseconds after `epoch` until which Redis is skipped.
-    open_until: AtomicU64,
-}
-
-impl Breaker {
-    fn new() -> Self {
-        Self { epoch: Instant::now(), open_until: AtomicU64::new(0) }
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn is_open(&self) -> bool {
-        self.now() < self.open_until.load(Ordering::Relaxed)
-    }
-
-    fn trip(&self) {
-        let until = self.now().saturating_add(u64::try_from(REDIS_RETRY_AFTER.as_millis()).unwrap_or(u64::MAX));
-        self.open_until.fetch_max(until, Ordering::Relaxed);
-    }
-}
-
 /// A key's version in L2, as read before loading; empty when it was never invalidated.
 type Version = String;
 
@@ -211,7 +184,7 @@ struct Inner<V> {
     local: moka::future::Cache<String, Slot<V>>,
     /// Bumped by every L1 drop; a load that saw it change drops what it put in L1.
     generation: AtomicU64,
-    breaker: Breaker,
+    breaker: RedisBreaker,
 }
 
 /// One named cache of values of type `V` (JSON in Redis). Cheap to clone.
@@ -261,7 +234,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> TwoLevelCache<V> {
             settings,
             local,
             generation: AtomicU64::new(0),
-            breaker: Breaker::new(),
+            breaker: RedisBreaker::new(REDIS_RETRY_AFTER),
         });
         let weak = Arc::downgrade(&inner);
         bus.register(service, name, weak);

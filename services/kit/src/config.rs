@@ -61,6 +61,7 @@ pub struct CommonConfig {
     /// Where the analytics service answers `Ingest`: each service's outbox relay delivers there.
     pub analytics_url: String,
     pub outbox: OutboxConfig,
+    pub rate_limit: RateLimitConfig,
 }
 
 impl Default for CommonConfig {
@@ -77,6 +78,7 @@ impl Default for CommonConfig {
             auth: AuthConfig::default(),
             analytics_url: "http://127.0.0.1:7105".into(),
             outbox: OutboxConfig::default(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -249,6 +251,73 @@ impl Default for AuthConfig {
             shared_ttl_secs: 60,
             identity_url: "http://127.0.0.1:7101".into(),
             service_token: None,
+        }
+    }
+}
+
+/// Whether a rate limit denies or only reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitMode {
+    /// Requests over a limit are refused.
+    #[default]
+    Enforce,
+    /// Nothing is refused; would-be denials are counted and logged, to try limits out first.
+    Shadow,
+}
+
+/// What the rate limiter does while Redis cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisFailureMode {
+    /// Decide with an in-process limiter of the same limits (per process, so approximate).
+    #[default]
+    Open,
+    /// Refuse with UNAVAILABLE.
+    Closed,
+}
+
+/// Distributed rate limits (see `aimesh_kit::ratelimit`). The defaults are requests per minute
+/// per caller; a project's or an API key's own `requests_per_minute` (set in identity) wins
+/// over `per_project` and `per_api_key`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    pub mode: RateLimitMode,
+    pub on_redis_failure: RedisFailureMode,
+    /// Requests per minute of an unauthenticated peer address; 0 disables the limit.
+    pub per_ip: u32,
+    /// Requests per minute of a person with a login session; 0 disables the limit.
+    pub per_user: u32,
+    /// Requests per minute of an API key without a limit of its own; 0 disables the limit.
+    pub per_api_key: u32,
+    /// Requests per minute of a project (all its API keys together) without a limit of its own;
+    /// 0 disables the limit.
+    pub per_project: u32,
+    /// Weight of a call by full gRPC method path (`/aimesh.chat.v1.ChatService/ExportProject`);
+    /// other calls weigh 1, and 0 exempts a method.
+    pub costs: std::collections::BTreeMap<String, u32>,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            mode: RateLimitMode::Enforce,
+            on_redis_failure: RedisFailureMode::Open,
+            per_ip: 1200,
+            per_user: 600,
+            per_api_key: 600,
+            per_project: 3000,
+            costs: [
+                ("/aimesh.chat.v1.ChatService/ExportProject", 20),
+                ("/aimesh.chat.v1.ChatService/ExportSession", 5),
+                ("/aimesh.chat.v1.ChatService/SearchMessages", 5),
+            ]
+            .into_iter()
+            .map(|(method, cost)| (method.to_owned(), cost))
+            .collect(),
         }
     }
 }

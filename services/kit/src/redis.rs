@@ -1,7 +1,8 @@
 //! The shared Redis (a Redis Cluster in production and tests): connection, key namespacing.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use fred::clients::{Pool, SubscriberClient};
 use fred::interfaces::{ClientLike, EventInterface};
@@ -84,6 +85,39 @@ impl Redis {
                 Ok(())
             });
         }
+    }
+}
+
+/// Skips Redis for a while after a command failed: while Redis is unreachable each command
+/// waits for the command timeout, which would otherwise be added to every request that needs it.
+#[derive(Debug)]
+pub struct RedisBreaker {
+    epoch: Instant,
+    retry_after_ms: u64,
+    /// Milliseconds after `epoch` until which Redis is skipped.
+    open_until: AtomicU64,
+}
+
+impl RedisBreaker {
+    /// A closed breaker that, once tripped, stays open for `retry_after`.
+    pub fn new(retry_after: Duration) -> Self {
+        let retry_after_ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
+        Self { epoch: Instant::now(), retry_after_ms, open_until: AtomicU64::new(0) }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether Redis is being skipped now.
+    pub fn is_open(&self) -> bool {
+        self.now() < self.open_until.load(Ordering::Relaxed)
+    }
+
+    /// Records a failure: Redis is skipped for the next `retry_after`.
+    pub fn trip(&self) {
+        let until = self.now().saturating_add(self.retry_after_ms);
+        self.open_until.fetch_max(until, Ordering::Relaxed);
     }
 }
 

@@ -1,5 +1,6 @@
 //! Server bootstrap shared by every service: grpc.health.v1 following each dependency,
-//! reflection, request deadlines, per-RPC metrics and trace spans, panic catching, and graceful
+//! reflection, request deadlines, per-RPC metrics and trace spans, panic catching,
+//! authentication then rate limiting, and graceful
 //! shutdown (health flips to NOT_SERVING, drain, stop accepting, let in-flight requests finish).
 
 use std::panic::AssertUnwindSafe;
@@ -18,6 +19,7 @@ use tracing::Instrument;
 
 use crate::auth::{AuthLayer, CredentialVerifier};
 use crate::config::ServerConfig;
+use crate::ratelimit::{RateLimitLayer, RateLimiter};
 use crate::redis::Redis;
 
 /// A store a service cannot work without; health follows it.
@@ -68,12 +70,13 @@ pub struct ServiceSpec {
     pub dependencies: Vec<Dependency>,
 }
 
-/// Serves `spec` on `listener`, authenticating callers with `verifier`, until `shutdown` is
-/// cancelled, then shuts down gracefully.
+/// Serves `spec` on `listener`, authenticating callers with `verifier` and then limiting them
+/// with `limiter`, until `shutdown` is cancelled, then shuts down gracefully.
 pub async fn serve(
     listener: TcpListener,
     spec: ServiceSpec,
     verifier: CredentialVerifier,
+    limiter: RateLimiter,
     settings: ServerConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -82,7 +85,8 @@ pub async fn serve(
     // server stopped, so the last requests' times are kept too.
     let stop_recorder = CancellationToken::new();
     let recorder = tokio::spawn(verifier.last_use().clone().run(LAST_USE_RECORD_INTERVAL, stop_recorder.clone()));
-    let served = serve_until_shutdown(listener, address, spec, AuthLayer::new(verifier), settings, shutdown).await;
+    let layers = Layers { auth: AuthLayer::new(verifier), rate_limit: RateLimitLayer::new(limiter) };
+    let served = serve_until_shutdown(listener, address, spec, layers, settings, shutdown).await;
     stop_recorder.cancel();
     let _ = recorder.await;
     served
@@ -91,11 +95,17 @@ pub async fn serve(
 /// How often each process writes the last-use times it collected to Redis.
 const LAST_USE_RECORD_INTERVAL: Duration = Duration::from_secs(2);
 
+/// The layers every service's requests pass, outermost first after observation.
+struct Layers {
+    auth: AuthLayer,
+    rate_limit: RateLimitLayer,
+}
+
 async fn serve_until_shutdown(
     listener: TcpListener,
     address: std::net::SocketAddr,
     spec: ServiceSpec,
-    auth: AuthLayer,
+    layers: Layers,
     settings: ServerConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -123,7 +133,9 @@ async fn serve_until_shutdown(
     let server = tonic::transport::Server::builder()
         .timeout(settings.request_timeout())
         .layer(ObserveLayer { service: spec.name })
-        .layer(auth)
+        .layer(layers.auth)
+        // Inside authentication, so the principal is known when limits are chosen.
+        .layer(layers.rate_limit)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -1,7 +1,9 @@
 //! Test support: a fresh PostgreSQL database per test, a Redis handle with a key prefix of its
-//! own, both on the real servers `scripts/deps.sh` starts (or those named in the environment).
+//! own, both on the real servers `scripts/deps.sh` starts (or those named in the environment),
+//! and a scratch Redis Cluster for tests that kill nodes.
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
@@ -89,8 +91,179 @@ impl TestDatabase {
 
 /// A Redis handle whose keys and channels carry a prefix no other test uses.
 pub async fn redis() -> Redis {
-    let prefix = format!("test-{}", uuid::Uuid::new_v4().simple());
-    Redis::connect_with_prefix(&redis_urls(), &RedisConfig::default(), &prefix).await.unwrap_or_else(|e| {
+    redis_with_prefix(&format!("test-{}", uuid::Uuid::new_v4().simple())).await
+}
+
+/// A Redis handle on the test cluster with the key prefix `prefix`: tests that play several
+/// replicas of one deployment give each its own connections on one prefix.
+pub async fn redis_with_prefix(prefix: &str) -> Redis {
+    Redis::connect_with_prefix(&redis_urls(), &RedisConfig::default(), prefix).await.unwrap_or_else(|e| {
         panic!("cannot reach Redis at {}: {e} (run `make test`, which starts the cluster)", redis_urls())
     })
+}
+
+/// A six-node Redis Cluster (three primaries, three replicas) of this test's own, for tests that
+/// kill nodes, which the shared cluster must never see. Its `redis-server` processes listen on
+/// free loopback ports, keep their files in a temporary directory and are killed on drop.
+#[derive(Debug)]
+pub struct ScratchCluster {
+    dir: std::path::PathBuf,
+    nodes: Vec<ScratchNode>,
+}
+
+#[derive(Debug)]
+struct ScratchNode {
+    port: u16,
+    bus_port: u16,
+    process: Option<std::process::Child>,
+}
+
+impl ScratchCluster {
+    /// Starts the nodes and joins them into a cluster, with `cluster-node-timeout` 1000 ms so a
+    /// killed primary fails over within a few seconds.
+    pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("aimesh-cluster-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("create the scratch cluster's directory");
+        let ports = free_ports(12);
+        let nodes =
+            ports.chunks(2).map(|pair| ScratchNode { port: pair[0], bus_port: pair[1], process: None }).collect();
+        let mut cluster = Self { dir, nodes };
+        for index in 0..cluster.nodes.len() {
+            cluster.spawn(index);
+        }
+        for node in &cluster.nodes {
+            wait_for(Duration::from_secs(10), || redis_cli(node.port, &["PING"]).is_some_and(|out| out == "PONG"))
+                .await;
+        }
+        let addresses: Vec<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let created = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(created.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&created.stdout));
+        cluster.wait_until_ok().await;
+        // A replica that never finished its first sync refuses to take over from a dead primary.
+        for node in &cluster.nodes {
+            wait_for(Duration::from_secs(30), || {
+                redis_cli(node.port, &["INFO", "replication"])
+                    .is_some_and(|info| info.contains("role:master") || info.contains("master_link_status:up"))
+            })
+            .await;
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        let (port, bus_port) = (node.port.to_string(), node.bus_port.to_string());
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port, "--cluster-port", &bus_port, "--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf"), "--cluster-node-timeout", "1000"])
+            // A replica takes over however long ago it last heard from its primary.
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--logfile", &format!("{port}.log")])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server (is it installed? scripts/deps.sh installs it)");
+        node.process = Some(child);
+    }
+
+    /// The seed URLs, in the form of `redis_urls`.
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// The port of the healthy primary that serves `key` now, as a live node sees it; none
+    /// while the slot's primary is failing.
+    pub fn primary_of(&self, key: &str) -> Option<u16> {
+        let node = self.nodes.iter().find(|n| n.process.is_some()).expect("a live node");
+        let slot: u16 = redis_cli(node.port, &["CLUSTER", "KEYSLOT", key])
+            .and_then(|slot| slot.parse().ok())
+            .expect("CLUSTER KEYSLOT");
+        let nodes = redis_cli(node.port, &["CLUSTER", "NODES"]).expect("CLUSTER NODES");
+        nodes
+            .lines()
+            .filter(|line| line.split(' ').nth(2).is_some_and(|flags| flags.contains("master") && !flags.contains("fail")))
+            .find(|line| {
+                line.split(' ').skip(8).any(|range| {
+                    let (low, high) = range.split_once('-').unwrap_or((range, range));
+                    matches!((low.parse::<u16>(), high.parse::<u16>()), (Ok(low), Ok(high)) if (low..=high).contains(&slot))
+                })
+            })
+            .and_then(|line| line.split(' ').nth(1))
+            .and_then(|address| address.split(['@', ':']).nth(1))
+            .and_then(|port| port.parse().ok())
+    }
+
+    /// Kills the node on `port` (SIGKILL: no goodbye to the cluster).
+    pub fn kill(&mut self, port: u16) {
+        let node = self.nodes.iter_mut().find(|n| n.port == port).expect("a node of this cluster");
+        if let Some(mut process) = node.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+
+    /// Kills every node: Redis is unreachable until [`ScratchCluster::restart`].
+    pub fn kill_all(&mut self) {
+        let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+        for port in ports {
+            self.kill(port);
+        }
+    }
+
+    /// Starts the killed nodes again on their ports; they rejoin from their cluster files (with
+    /// no data: nothing is persisted) and this waits until the cluster is whole.
+    pub async fn restart(&mut self) {
+        for index in 0..self.nodes.len() {
+            if self.nodes[index].process.is_none() {
+                self.spawn(index);
+            }
+        }
+        self.wait_until_ok().await;
+    }
+
+    /// Waits until every live node reports `cluster_state:ok`.
+    pub async fn wait_until_ok(&self) {
+        let live: Vec<u16> = self.nodes.iter().filter(|n| n.process.is_some()).map(|n| n.port).collect();
+        wait_for(Duration::from_secs(30), || {
+            live.iter()
+                .all(|&port| redis_cli(port, &["CLUSTER", "INFO"]).is_some_and(|i| i.contains("cluster_state:ok")))
+        })
+        .await;
+    }
+}
+
+impl Drop for ScratchCluster {
+    fn drop(&mut self) {
+        self.kill_all();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `redis-cli -p port args...`, its output trimmed; none if it failed.
+fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    let output = std::process::Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned()).filter(|o| !o.is_empty())
+}
+
+/// Polls `done` every 100 ms until it holds, panicking after `limit`.
+async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "the scratch cluster did not get ready within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `count` distinct ports the system had free a moment ago.
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..count).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port")).collect();
+    listeners.iter().map(|l| l.local_addr().expect("local address").port()).collect()
 }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::db;
+use aimesh_kit::ratelimit::RateLimiter;
 use aimesh_kit::redis::Redis;
 use aimesh_kit::server::{self, Dependency, ServiceSpec};
 
@@ -53,6 +54,7 @@ pub async fn run(
     let stop_maintenance = CancellationToken::new();
     let maintenance = tokio::spawn(run_maintenance(Store::new(pool.clone()), stop_maintenance.clone()));
 
+    let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);
     let spec = ServiceSpec {
         name: "usage",
         routes: usage.routes(),
@@ -61,7 +63,7 @@ pub async fn run(
     };
     // Events of this service's outbox go to analytics until the server stops, then once more.
     let relay = aimesh_kit::outbox::spawn_relay(pool.clone(), &common)?;
-    let served = server::serve(listener, spec, verifier, common.server.clone(), shutdown).await;
+    let served = server::serve(listener, spec, verifier, limiter, common.server.clone(), shutdown).await;
     relay.stop().await;
     stop_maintenance.cancel();
     let _ = maintenance.await;

@@ -13,9 +13,11 @@ use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
 use super::{Identity, actor};
-use crate::domain::{ApiKeySecret, validate_scopes};
+use crate::domain::{ApiKeySecret, requests_per_minute_to_proto, validate_requests_per_minute, validate_scopes};
 use crate::error::{IdentityError, Result};
-use crate::store::{Actor, ApiKeyRow, NewApiKey};
+use crate::store::{Actor, ApiKeyPatch, ApiKeyRow, NewApiKey};
+
+const MAX_KEY_NAME: usize = 100;
 
 pub(super) struct ApiKeyApi(pub(super) Arc<Identity>);
 
@@ -32,6 +34,7 @@ impl From<ApiKeyRow> for pb::ApiKey {
             expire_time: proto_json::opt_timestamp(row.expires_at),
             last_use_time: proto_json::opt_timestamp(row.last_used_at),
             revoke_time: proto_json::opt_timestamp(row.revoked_at),
+            requests_per_minute: requests_per_minute_to_proto(row.requests_per_minute),
         }
     }
 }
@@ -45,8 +48,9 @@ impl Identity {
     ) -> Result<pb::CreateApiKeyResponse> {
         let principal = &caller.principal;
         let project_id = fields::id("project_id", &request.project_id)?;
-        let name = fields::text("name", &request.name, 100, true)?;
+        let name = fields::text("name", &request.name, MAX_KEY_NAME, true)?;
         let scopes = validate_scopes(&request.scopes)?;
+        let requests_per_minute = validate_requests_per_minute("requests_per_minute", request.requests_per_minute)?;
         let expires_at = match &request.expire_time {
             None => None,
             Some(ts) => {
@@ -69,6 +73,7 @@ impl Identity {
             scopes: &scopes,
             created_by: principal.user_id,
             expires_at,
+            requests_per_minute,
         };
         let row = self.store.create_api_key(new, &actor).await?;
         Ok(pb::CreateApiKeyResponse { api_key: Some(row.into()), secret: secret.secret })
@@ -106,6 +111,38 @@ impl Identity {
         self.forget_credentials(&[hash]).await;
         Ok(row.into())
     }
+
+    async fn update_api_key(
+        &self,
+        caller: &Caller,
+        request: pb::UpdateApiKeyRequest,
+        actor: Actor,
+    ) -> Result<pb::ApiKey> {
+        let principal = &caller.principal;
+        let project_id = fields::id("project_id", &request.project_id)?;
+        let id = fields::id("api_key_id", &request.api_key_id)?;
+        let paths = fields::mask_paths(request.update_mask.as_ref(), &["name", "requests_per_minute"])?;
+        let key = request.api_key.unwrap_or_default();
+        let mut name = None;
+        let mut patch = ApiKeyPatch::default();
+        for path in &paths {
+            match path.as_str() {
+                "name" => name = Some(fields::text("api_key.name", &key.name, MAX_KEY_NAME, true)?),
+                "requests_per_minute" => {
+                    patch.requests_per_minute =
+                        Some(validate_requests_per_minute("api_key.requests_per_minute", key.requests_per_minute)?);
+                }
+                _ => {}
+            }
+        }
+        principal.require_session()?;
+        self.require_role(caller, project_id, ProjectRole::Admin).await?;
+        patch.name = name.as_deref();
+        let (row, hash) = self.store.update_api_key(project_id, id, &patch, &actor).await?;
+        // The cached verification carries the old limit; drop it like a revocation.
+        self.forget_credentials(&[hash]).await;
+        Ok(row.into())
+    }
 }
 
 #[tonic::async_trait]
@@ -136,5 +173,11 @@ impl pb::api_key_service_server::ApiKeyService for ApiKeyApi {
         let caller = Caller::of(&request)?;
         let actor = actor(&request, Some(caller.principal.user_id));
         respond(self.0.revoke_api_key(&caller, request.into_inner(), actor).await)
+    }
+
+    async fn update_api_key(&self, request: Request<pb::UpdateApiKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
+        let caller = Caller::of(&request)?;
+        let actor = actor(&request, Some(caller.principal.user_id));
+        respond(self.0.update_api_key(&caller, request.into_inner(), actor).await)
     }
 }

@@ -12,9 +12,11 @@ use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
 use super::{Identity, actor};
-use crate::domain::{role_field, role_from_db, validate_email};
+use crate::domain::{
+    requests_per_minute_to_proto, role_field, role_from_db, validate_email, validate_requests_per_minute,
+};
 use crate::error::{IdentityError, Result};
-use crate::store::{Actor, MemberRow, ProjectRow};
+use crate::store::{Actor, MemberRow, ProjectPatch, ProjectRow};
 
 const MAX_PROJECT_NAME: usize = 100;
 const MAX_DESCRIPTION: usize = 1000;
@@ -29,6 +31,7 @@ fn project_to_proto(row: ProjectRow, caller_role: ProjectRole) -> pb::Project {
         create_time: Some(proto_json::timestamp(row.created_at)),
         update_time: Some(proto_json::timestamp(row.updated_at)),
         caller_role: caller_role.to_proto().into(),
+        requests_per_minute: requests_per_minute_to_proto(row.requests_per_minute),
     }
 }
 
@@ -100,10 +103,10 @@ impl Identity {
         actor: Actor,
     ) -> Result<pb::Project> {
         let project_id = fields::id("project_id", &request.project_id)?;
-        let paths = fields::mask_paths(request.update_mask.as_ref(), &["name", "description"])?;
+        let paths = fields::mask_paths(request.update_mask.as_ref(), &["name", "description", "requests_per_minute"])?;
         let project = request.project.unwrap_or_default();
-        let mut name = None;
-        let mut description = None;
+        let (mut name, mut description) = (None, None);
+        let mut patch = ProjectPatch::default();
         for path in &paths {
             match path.as_str() {
                 "name" => name = Some(fields::text("project.name", &project.name, MAX_PROJECT_NAME, true)?),
@@ -111,11 +114,22 @@ impl Identity {
                     description =
                         Some(fields::text("project.description", &project.description, MAX_DESCRIPTION, false)?);
                 }
+                "requests_per_minute" => {
+                    patch.requests_per_minute =
+                        Some(validate_requests_per_minute("project.requests_per_minute", project.requests_per_minute)?);
+                }
                 _ => {}
             }
         }
+        if patch.requests_per_minute.is_some() {
+            caller.principal.require_session()?;
+        }
         let role = self.require_role(caller, project_id, ProjectRole::Admin).await?;
-        let row = self.store.update_project(project_id, name.as_deref(), description.as_deref(), &actor).await?;
+        (patch.name, patch.description) = (name.as_deref(), description.as_deref());
+        let (row, live_keys) = self.store.update_project(project_id, &patch, &actor).await?;
+        // The project's keys' cached verifications carry its limit: the new one must replace it
+        // within the revocation bound, like a revocation.
+        self.forget_credentials(&live_keys).await;
         Ok(project_to_proto(row, role))
     }
 
