@@ -6,6 +6,7 @@
 //! Writes `target/bench/report.json` and `target/bench/report.md`.
 
 mod chat;
+mod ratelimit;
 mod report;
 mod scenarios;
 

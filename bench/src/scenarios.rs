@@ -25,14 +25,20 @@ pub enum Scenario {
     /// ListMessages of 50 messages through gRPC: sessions read for the first time (cold
     /// caches) against the same sessions read again (warm).
     ChatList,
+    /// RateLimiter::decide of one limit, against redis-benchmark EVALSHA of the same script.
+    Ratelimit,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] =
-        [Scenario::UsageRecord, Scenario::UsageReserve, Scenario::ChatAppend, Scenario::ChatList];
+    pub const ALL: [Scenario; 5] =
+        [Scenario::UsageRecord, Scenario::UsageReserve, Scenario::ChatAppend, Scenario::ChatList, Scenario::Ratelimit];
 }
 
 pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
+    if scenario == Scenario::Ratelimit {
+        // Only Redis: no mesh to start.
+        return crate::ratelimit::run(load).await;
+    }
     let setup = Setup::start(load).await?;
     let pair = match scenario {
         Scenario::UsageRecord => {
@@ -54,6 +60,7 @@ pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
             let (cold, warm) = crate::chat::list(&setup.mesh, &setup.owner_token, &setup.project, load).await?;
             Pair { scenario: cold, baseline: warm, baseline_is: "the same sessions listed again, caches warm" }
         }
+        Scenario::Ratelimit => anyhow::bail!("the ratelimit scenario runs without a mesh"),
     };
     setup.mesh.stop().await?;
     Ok(pair)
