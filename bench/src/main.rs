@@ -9,6 +9,7 @@ mod analytics;
 mod chat;
 mod files;
 mod gateway;
+mod ratelimit;
 mod report;
 mod scenarios;
 

@@ -38,10 +38,12 @@ pub enum Scenario {
     /// GetUsageTimeSeries daily cost by model over 10 million events (30 days), against the
     /// same question asked of PostgreSQL (an indexed table of the same rows).
     AnalyticsDailyCost,
+    /// RateLimiter::decide of one limit, against redis-benchmark EVALSHA of the same script.
+    Ratelimit,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::UsageRecord,
         Scenario::UsageReserve,
         Scenario::ChatAppend,
@@ -51,6 +53,7 @@ impl Scenario {
         Scenario::Gateway,
         Scenario::AnalyticsPipeline,
         Scenario::AnalyticsDailyCost,
+        Scenario::Ratelimit,
     ];
 }
 
@@ -59,6 +62,8 @@ pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
         // The files scenarios start a mesh of their own, on the S3 backend.
         Scenario::FilesUpload => crate::files::upload_scenario(load).await,
         Scenario::FilesDownload => crate::files::download_scenario(load).await,
+        // Only Redis: no mesh to start.
+        Scenario::Ratelimit => crate::ratelimit::run(load).await,
         Scenario::UsageRecord
         | Scenario::UsageReserve
         | Scenario::ChatAppend
@@ -133,7 +138,9 @@ async fn run_with_setup(scenario: Scenario, load: Load) -> anyhow::Result<Pair> 
                 note: Some("compare the p50s: each figure is one query over the whole data set".into()),
             }
         }
-        Scenario::FilesUpload | Scenario::FilesDownload => anyhow::bail!("the files scenarios set up their own mesh"),
+        Scenario::FilesUpload | Scenario::FilesDownload | Scenario::Ratelimit => {
+            anyhow::bail!("this scenario sets up what it needs itself")
+        }
     };
     setup.mesh.stop().await?;
     Ok(pair)
