@@ -364,3 +364,36 @@ async fn a_file_is_uploaded_as_a_raw_body_and_downloaded_whole_by_range_and_by_l
     let refused = rest.get(&format!("/v1/files/{file_id}:download")).bearer(&stranger).send().await;
     assert_error(&refused, StatusCode::NOT_FOUND, "NOT_FOUND");
 }
+
+#[tokio::test]
+async fn a_rate_limited_key_gets_429_with_the_ratelimit_headers() {
+    let mesh = Mesh::start().await;
+    let rest = mesh.rest();
+    let token = signup(&rest, "hal").await;
+    let project_id = project(&rest, &token).await;
+    let key = rest
+        .post(
+            &format!("/v1/projects/{project_id}/apiKeys"),
+            json!({ "name": "tight", "scopes": ["chat:read"], "requestsPerMinute": 2 }),
+        )
+        .bearer(&token)
+        .send()
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    let secret = key["secret"].as_str().expect("the key's secret").to_owned();
+    let list = format!("/v1/chat/sessions?projectId={project_id}");
+    for _ in 0..2 {
+        let allowed = rest.get(&list).bearer(&secret).send().await.expect(StatusCode::OK);
+        assert_eq!(allowed.header("ratelimit-limit"), Some("2"), "{:?}", allowed.headers);
+        assert!(allowed.header("ratelimit-remaining").is_some());
+    }
+    let refused = rest.get(&list).bearer(&secret).send().await;
+    let body = assert_error(&refused, StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED");
+    assert_eq!(body["reason"], "RATE_LIMITED");
+    assert_eq!(refused.header("ratelimit-remaining"), Some("0"));
+    let retry_after: u64 =
+        refused.header("retry-after").and_then(|s| s.parse().ok()).expect("a Retry-After in seconds");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(body["details"]["retryAfterSeconds"], retry_after);
+}
