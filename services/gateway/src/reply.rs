@@ -10,9 +10,10 @@ use serde::Serialize;
 use tonic_types::StatusExt;
 
 use aimesh_kit::ServiceError;
+use aimesh_kit::ratelimit::{HEADER_LIMIT, HEADER_REMAINING, HEADER_RESET, HEADER_RETRY_AFTER};
 
-/// Response headers a service may set that REST clients should see too.
-const PASSED_BACK: &[&str] = &["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "retry-after"];
+/// Response headers a service may set that REST clients should see too: the rate-limit state.
+pub const PASSED_BACK: [&str; 4] = [HEADER_LIMIT, HEADER_REMAINING, HEADER_RESET, HEADER_RETRY_AFTER];
 
 /// Every failure the gateway reports, in one JSON shape:
 /// `{"code": "NOT_FOUND", "reason": "SESSION_NOT_FOUND", "message": "...", "details": {...}}`,

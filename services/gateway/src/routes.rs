@@ -187,17 +187,20 @@ pub struct Route {
     pub method: MethodDescriptor,
     /// The aimesh service that serves it (`identity` for `aimesh.identity.v1`).
     pub service: String,
+    /// Made once here, not per request.
+    grpc_path: http::uri::PathAndQuery,
+    label: String,
 }
 
 impl Route {
     /// The gRPC path, `/aimesh.chat.v1.ChatService/GetSession`.
-    pub fn grpc_path(&self) -> String {
-        format!("/{}/{}", self.method.parent_service().full_name(), self.method.name())
+    pub fn grpc_path(&self) -> &http::uri::PathAndQuery {
+        &self.grpc_path
     }
 
     /// A stable label for metrics and logs: the template, not the concrete path.
-    pub fn label(&self) -> String {
-        self.template.openapi_path()
+    pub fn label(&self) -> &str {
+        &self.label
     }
 }
 
@@ -247,7 +250,9 @@ impl RouteTable {
         routes.sort_by_key(|route| std::cmp::Reverse(route.template.specificity()));
         let mut seen = HashMap::new();
         for route in &routes {
-            if let Some(other) = seen.insert((route.verb, route.label()), route.method.full_name().to_owned()) {
+            if let Some(other) =
+                seen.insert((route.verb, route.label().to_owned()), route.method.full_name().to_owned())
+            {
                 return Err(format!(
                     "{} and {other} both bind {} {}",
                     route.method.full_name(),
@@ -309,7 +314,11 @@ fn route_of(rule: &DynamicMessage, method: &MethodDescriptor, service: &str) -> 
     if method.is_client_streaming() && raw_body_field(method, &body).is_none() {
         return Err("a client-streaming RPC needs `body` naming a bytes field (the raw upload)".into());
     }
-    Ok(Route { verb, template, body, method: method.clone(), service: service.to_owned() })
+    let grpc_path = format!("/{}/{}", method.parent_service().full_name(), method.name())
+        .parse()
+        .map_err(|e| format!("bad gRPC path: {e}"))?;
+    let label = template.openapi_path();
+    Ok(Route { verb, template, body, method: method.clone(), service: service.to_owned(), grpc_path, label })
 }
 
 /// The bytes field a route's body names, if any: such a route takes the raw request body (any
@@ -365,7 +374,7 @@ mod tests {
     #[test]
     fn every_public_rpc_has_a_route_and_internal_ones_none() {
         let table = table();
-        let bound: Vec<String> = table.routes().iter().map(Route::grpc_path).collect();
+        let bound: Vec<String> = table.routes().iter().map(|route| route.grpc_path().to_string()).collect();
         for internal in [
             "/aimesh.identity.v1.AuthService/Authenticate",
             "/aimesh.identity.v1.AuthService/GetProjectRole",

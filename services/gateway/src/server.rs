@@ -23,7 +23,7 @@ use tracing::Instrument;
 use aimesh_kit::config::CommonConfig;
 
 use crate::config::GatewayConfig;
-use crate::reply::{RestError, json_response, passed_back};
+use crate::reply::{PASSED_BACK, RestError, json_response, passed_back};
 use crate::routes::{Lookup, Route, RouteTable, aimesh_pool, raw_body_field};
 use crate::transcode;
 use crate::upstream::{DynamicCodec, Upstreams};
@@ -108,7 +108,7 @@ fn cors(origins: &[String]) -> anyhow::Result<Option<tower_http::cors::CorsLayer
             .collect::<anyhow::Result<Vec<_>>>()?;
         AllowOrigin::list(list)
     };
-    let exposed = ["x-request-id", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "retry-after"];
+    let exposed = std::iter::once(REQUEST_ID).chain(PASSED_BACK.map(header::HeaderName::from_static));
     Ok(Some(
         CorsLayer::new()
             .allow_origin(allow)
@@ -125,7 +125,7 @@ fn cors(origins: &[String]) -> anyhow::Result<Option<tower_http::cors::CorsLayer
                 REQUEST_ID,
                 header::HeaderName::from_static("traceparent"),
             ])
-            .expose_headers(exposed.map(header::HeaderName::from_static))
+            .expose_headers(exposed.collect::<Vec<_>>())
             .max_age(Duration::from_secs(600)),
     ))
 }
@@ -196,7 +196,7 @@ async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Respon
         .await
         .unwrap_or_else(|error| error.into_response(request_id.as_deref()));
     let labels = [
-        ("route", route.label()),
+        ("route", route.label().to_owned()),
         ("method", method.as_str().to_owned()),
         ("status", response.status().as_u16().to_string()),
     ];
@@ -275,9 +275,7 @@ async fn upstream_call(
 ) -> Result<(Grpc<tonic::transport::Channel>, http::uri::PathAndQuery, DynamicCodec), RestError> {
     let mut grpc = Grpc::new(gateway.upstreams.channel(&route.service)?);
     grpc.ready().await.map_err(|e| RestError::from(aimesh_kit::ServiceError::unavailable(e)))?;
-    let path =
-        route.grpc_path().parse().map_err(|_| RestError::from(aimesh_kit::ServiceError::internal("bad grpc path")))?;
-    Ok((grpc, path, DynamicCodec::new(route.method.output())))
+    Ok((grpc, route.grpc_path().clone(), DynamicCodec::new(route.method.output())))
 }
 
 fn json_reply(response: &tonic::Response<DynamicMessage>) -> Result<Response, RestError> {
