@@ -19,6 +19,7 @@ use aimesh_proto::identity::v1 as pb;
 use aimesh_proto::usage::v1 as usage_pb;
 
 pub mod rest;
+pub mod totals;
 
 /// A running mesh; stops (and drops its databases) when dropped or [`Mesh::stop`]ped.
 pub struct Mesh {

@@ -1,92 +1,14 @@
 //! Analytics end to end: usage recorded through the usage service reaches ClickHouse through
-//! the outbox with the same totals; a ClickHouse outage loses and doubles nothing; a replayed
+//! the outbox with the same totals (a ClickHouse outage: faults_clickhouse.rs); a replayed
 //! batch changes nothing; bad questions and strangers are refused.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use rust_decimal::Decimal;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tonic::Code;
 
 use aimesh_kit::auth::ServiceToken;
 use aimesh_proto::analytics::v1 as pb;
-use aimesh_proto::usage::v1 as usage_pb;
-use aimesh_tests::{Mesh, authed, catalog, expect_code, project_with_key, reason_and_field, record, test_config};
-
-/// Totals of what the usage service answered: requests, input, output, cached tokens, cost.
-#[derive(Debug, Default, Clone, PartialEq)]
-struct Totals {
-    requests: u64,
-    input: i64,
-    output: i64,
-    cached: i64,
-    cost: Decimal,
-}
-
-impl Totals {
-    fn add(&mut self, record: &usage_pb::UsageRecord) {
-        self.requests += 1;
-        self.input += record.input_tokens;
-        self.output += record.output_tokens;
-        self.cached += record.cached_input_tokens;
-        self.cost += record.cost.parse::<Decimal>().expect("cost");
-    }
-}
-
-const METRICS: [&str; 5] = ["requests", "input_tokens", "output_tokens", "cached_input_tokens", "cost"];
-
-/// The project's totals in analytics over the last and next day.
-async fn analytics_totals(mesh: &Mesh, project: &str, credential: &str) -> Totals {
-    let now = chrono::Utc::now();
-    let request = pb::GetUsageBreakdownRequest {
-        project_id: project.into(),
-        start_time: Some(aimesh_kit::proto_json::timestamp(now - chrono::Duration::days(1))),
-        end_time: Some(aimesh_kit::proto_json::timestamp(now + chrono::Duration::days(1))),
-        dimension: "model".into(),
-        metrics: METRICS.iter().map(|m| (*m).to_owned()).collect(),
-        ..Default::default()
-    };
-    let answer = mesh.analytics().get_usage_breakdown(authed(request, credential)).await.expect("breakdown");
-    let total = answer.into_inner().total.expect("total").values;
-    let number = |name: &str| total.get(name).map(String::as_str).unwrap_or("0").to_owned();
-    Totals {
-        requests: number("requests").parse().expect("requests"),
-        input: number("input_tokens").parse().expect("input"),
-        output: number("output_tokens").parse().expect("output"),
-        cached: number("cached_input_tokens").parse().expect("cached"),
-        cost: number("cost").parse().expect("cost"),
-    }
-}
-
-/// Waits until analytics shows `expected` (and then a little longer, so a double count would
-/// show too).
-async fn wait_for_totals(mesh: &Mesh, project: &str, credential: &str, expected: &Totals) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen = analytics_totals(mesh, project, credential).await;
-        if &seen == expected {
-            break;
-        }
-        assert!(seen.requests <= expected.requests, "counted too much: {seen:?} > {expected:?}");
-        assert!(tokio::time::Instant::now() < deadline, "analytics shows {seen:?}, usage recorded {expected:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(&analytics_totals(mesh, project, credential).await, expected, "stable, nothing counted twice");
-}
-
-fn varied_record(project: &str, i: i64) -> usage_pb::RecordUsageRequest {
-    usage_pb::RecordUsageRequest {
-        input_tokens: 1_000 + i * 37,
-        cached_input_tokens: i * 5,
-        output_tokens: 100 + i * 11,
-        duration_ms: 100 + i,
-        status: if i % 7 == 0 { usage_pb::UsageStatus::Error } else { usage_pb::UsageStatus::Success }.into(),
-        ..record(project, &format!("req-{i}"))
-    }
-}
+use aimesh_tests::totals::{Totals, analytics_totals, varied_record, wait_for_totals};
+use aimesh_tests::{Mesh, authed, catalog, expect_code, project_with_key, reason_and_field, test_config};
 
 #[tokio::test]
 async fn usage_recorded_through_the_usage_service_reaches_analytics_to_the_last_token_and_cent() {
@@ -138,98 +60,6 @@ async fn usage_recorded_through_the_usage_service_reaches_analytics_to_the_last_
         .await
         .expect("outbox");
     assert_eq!(undelivered, 0);
-}
-
-/// A TCP proxy in front of ClickHouse that the test can cut: while down it refuses new
-/// connections and drops open ones, which is what analytics sees of a stopped ClickHouse.
-struct Cuttable {
-    url: String,
-    down: Arc<watch::Sender<bool>>,
-}
-
-impl Cuttable {
-    async fn start(upstream: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let url = format!("http://{}", listener.local_addr().expect("proxy address"));
-        let upstream = upstream.trim_start_matches("http://").trim_end_matches('/').to_owned();
-        let down = Arc::new(watch::channel(false).0);
-        let state = Arc::clone(&down);
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if *state.borrow() {
-                    continue;
-                }
-                let mut cut = state.subscribe();
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(&upstream).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.wait_for(|down| *down) => {}
-                    }
-                });
-            }
-        });
-        Self { url, down }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.send_replace(down);
-    }
-}
-
-#[tokio::test]
-async fn a_clickhouse_outage_in_the_middle_of_a_stream_loses_nothing_and_counts_nothing_twice() {
-    let proxy = Cuttable::start(aimesh_tests::clickhouse_url()).await;
-    let (mut config, databases) = test_config();
-    config.analytics.clickhouse_url = proxy.url.clone();
-    config.common.server.health_interval_secs = 1;
-    let token = ServiceToken::generate();
-    config.common.auth.service_token = Some(token.clone());
-    let mesh = Mesh::start_with(config, databases).await;
-    catalog(&mesh).await;
-    let ann = mesh.signup("ann").await;
-    let (project, secret) = project_with_key(&mesh, &ann, &["usage:write", "analytics:read"]).await;
-
-    let mut expected = Totals::default();
-    for i in 0..60 {
-        if i == 20 {
-            proxy.set_down(true);
-        }
-        if i == 25 {
-            // Analytics refuses with UNAVAILABLE, and health says so.
-            let mut request = tonic::Request::new(pb::IngestRequest { events: Vec::new() });
-            token.authorize(&mut request).expect("authorize");
-            let mut probe = pb::Event { event_id: uuid::Uuid::now_v7().to_string(), ..Default::default() };
-            probe.topic = "product".into();
-            probe.event_type = "probe".into();
-            probe.project_id = project.clone();
-            probe.occurred_at = Some(aimesh_kit::proto_json::timestamp(chrono::Utc::now()));
-            probe.payload = "{}".into();
-            request.get_mut().events.push(probe);
-            expect_code("ingest while clickhouse is down", Code::Unavailable, mesh.ingest().ingest(request).await);
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            let mut health = tonic_health::pb::health_client::HealthClient::new(
-                tonic::transport::Channel::from_shared(format!("http://{}", mesh.analytics))
-                    .expect("url")
-                    .connect_lazy(),
-            );
-            let status = health
-                .check(tonic_health::pb::HealthCheckRequest { service: "aimesh.analytics.v1.IngestService".into() })
-                .await
-                .expect("health")
-                .into_inner()
-                .status;
-            assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::NotServing as i32);
-        }
-        if i == 40 {
-            proxy.set_down(false);
-        }
-        let recorded = mesh.usage().record_usage(authed(varied_record(&project, i), &secret)).await.expect("record");
-        expected.add(&recorded.into_inner());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    wait_for_totals(&mesh, &project, &secret, &expected).await;
 }
 
 #[tokio::test]

@@ -104,6 +104,20 @@ pub async fn bind(services: &[ServiceName], config: &MeshConfig) -> anyhow::Resu
     Ok(listeners)
 }
 
+const SHUTDOWN_STAGES: usize = 3;
+
+/// When a service stops within one process, after `shutdown`: callers before the services they
+/// call, so a request in flight can still reach identity and files, and analytics last, so the
+/// final delivery of every other service's outbox relay finds it listening. Each stage has its
+/// own drain and grace period.
+fn shutdown_stage(service: ServiceName) -> usize {
+    match service {
+        ServiceName::Gateway | ServiceName::Chat | ServiceName::Usage => 0,
+        ServiceName::Identity | ServiceName::Files => 1,
+        ServiceName::Analytics => 2,
+    }
+}
+
 /// Runs the given services on their listeners, each on its own port and talking to the others
 /// over gRPC like separate processes would, until `shutdown`. If one fails, the others are
 /// stopped and its error is returned.
@@ -143,11 +157,17 @@ pub async fn run(
         }
         None => tracing::warn!("auth.service_token is not set: internal calls between services will be refused"),
     }
+    // Each stage stops once the stages before it have: see `shutdown_stage`.
+    let stages: Vec<CancellationToken> = (0..SHUTDOWN_STAGES).map(|_| CancellationToken::new()).collect();
+    let mut running = [0usize; SHUTDOWN_STAGES];
+    let mut stage_of = std::collections::HashMap::new();
     let mut tasks = JoinSet::new();
     for (service, listener) in listeners {
         let config = config.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
+        let stage = shutdown_stage(service);
+        let shutdown = stages[stage].clone();
+        running[stage] += 1;
+        let task = tasks.spawn(async move {
             let result = match service {
                 ServiceName::Identity => aimesh_identity::run(listener, config.common, config.identity, shutdown).await,
                 ServiceName::Chat => aimesh_chat::run(listener, config.common, config.chat, shutdown).await,
@@ -160,14 +180,44 @@ pub async fn run(
             };
             result.with_context(|| format!("{} stopped", service.as_str()))
         });
+        stage_of.insert(task.id(), stage);
     }
+    // Cancels every stage whose earlier stages have all ended.
+    let advance = |running: &[usize; SHUTDOWN_STAGES]| {
+        for (stage, token) in stages.iter().enumerate() {
+            if running[..stage].iter().any(|&n| n > 0) {
+                break;
+            }
+            token.cancel();
+        }
+    };
     let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
-        let result = joined.context("a service task panicked").and_then(|r| r);
+    let mut stopping = false;
+    loop {
+        let joined = tokio::select! {
+            () = shutdown.cancelled(), if !stopping => {
+                stopping = true;
+                advance(&running);
+                continue;
+            }
+            joined = tasks.join_next_with_id() => joined,
+        };
+        let Some(joined) = joined else { break };
+        let id = match &joined {
+            Ok((id, _)) => *id,
+            Err(error) => error.id(),
+        };
+        if let Some(stage) = stage_of.remove(&id) {
+            running[stage] -= 1;
+        }
+        let result = joined.context("a service task panicked").and_then(|(_, r)| r);
         if let Err(error) = result {
             tracing::error!(error = format!("{error:#}"), "service failed; stopping the others");
             shutdown.cancel();
             first_error.get_or_insert(error);
+        }
+        if stopping {
+            advance(&running);
         }
     }
     first_error.map_or(Ok(()), Err)

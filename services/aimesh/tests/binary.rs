@@ -3,18 +3,15 @@
 //! SIGTERM. Against the real PostgreSQL and Redis Cluster of the test run.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aimesh_kit::testing::{self, ScratchDatabase};
-use aimesh_proto::identity::v1 as pb;
+use support::{free_address, terminate, wait_serving};
 
-/// A loopback address nobody listens on right now.
-fn free_address() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address")
-}
+mod support;
+use aimesh_proto::identity::v1 as pb;
 
 /// `aimesh <args>` with the test servers and a database and key prefix of its own.
 fn aimesh(args: &[&str], database: &ScratchDatabase, env: &[(&str, String)]) -> Child {
@@ -31,44 +28,6 @@ fn aimesh(args: &[&str], database: &ScratchDatabase, env: &[(&str, String)]) -> 
         command.env(name, value);
     }
     command.spawn().expect("start aimesh")
-}
-
-/// Waits until grpc.health.v1 at `address` says SERVING.
-async fn wait_serving(address: SocketAddr, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(child.try_wait().expect("child status").is_none(), "aimesh exited before serving");
-        if let Ok(channel) =
-            tonic::transport::Endpoint::from_shared(format!("http://{address}")).expect("url").connect().await
-        {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
-            if let Ok(answer) = health.check(request).await
-                && answer.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-            {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "aimesh did not serve at {address} within 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Sends SIGTERM and returns whether the process exited successfully within `within`. Async,
-/// so clients of this test's runtime can still answer the server's graceful HTTP/2 goodbye.
-async fn terminate(child: &mut Child, within: Duration) -> bool {
-    let pid = child.id().to_string();
-    let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
-    assert!(sent.success(), "kill -TERM {pid} failed");
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().expect("child status") {
-            return status.success();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = child.kill();
-    false
 }
 
 fn http_get(address: SocketAddr, path: &str) -> String {

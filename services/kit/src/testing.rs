@@ -1,6 +1,7 @@
 //! Test support: a fresh PostgreSQL database per test, a Redis handle with a key prefix of its
 //! own, both on the real servers `scripts/deps.sh` starts (or those named in the environment),
-//! and a scratch Redis Cluster for tests that kill nodes.
+//! a scratch Redis Cluster for tests that kill nodes, and a TCP proxy a test can cut between a
+//! service and a shared server (a server outage nobody else sees).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -266,4 +267,62 @@ fn free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<std::net::TcpListener> =
         (0..count).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port")).collect();
     listeners.iter().map(|l| l.local_addr().expect("local address").port()).collect()
+}
+
+/// A TCP proxy in front of a server that a test can cut: while down it drops new connections
+/// as soon as it accepts them and closes the open ones, which is what a client sees of a
+/// stopped or restarting server. The shared server itself never notices, so other tests keep
+/// using it. Stops with the test's runtime.
+#[derive(Debug)]
+pub struct CuttableProxy {
+    /// The proxy's `host:port`.
+    pub address: std::net::SocketAddr,
+    down: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl CuttableProxy {
+    /// A proxy on a free loopback port forwarding to `upstream` (`host:port`).
+    pub async fn start(upstream: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let address = listener.local_addr().expect("proxy address");
+        let upstream = upstream.to_owned();
+        let down = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+        let state = std::sync::Arc::clone(&down);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *state.borrow() {
+                    continue;
+                }
+                let mut cut = state.subscribe();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        Self { address, down }
+    }
+
+    /// `url` with its `host:port` (that of `upstream`) replaced by the proxy's.
+    pub fn rewrite(&self, url: &str, upstream: &str) -> String {
+        assert!(url.contains(upstream), "{url} does not name {upstream}");
+        url.replacen(upstream, &self.address.to_string(), 1)
+    }
+
+    /// Cuts (`true`) or restores (`false`) the connection to the server.
+    pub fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
+}
+
+/// The `host:port` of a URL such as `postgres://postgres@127.0.0.1:55432/db` or
+/// `http://127.0.0.1:18123`.
+pub fn authority_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    rest.split(['/', '?']).next().unwrap_or(rest).to_owned()
 }

@@ -1,0 +1,85 @@
+//! Totals of usage as the usage service answered it and as analytics counts it, for the tests
+//! that check that analytics counts every record exactly once.
+
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+
+use aimesh_proto::analytics::v1 as pb;
+use aimesh_proto::usage::v1 as usage_pb;
+
+use crate::{Mesh, authed, record};
+
+/// Totals of what the usage service answered: requests, input, output, cached tokens, cost.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Totals {
+    pub requests: u64,
+    pub input: i64,
+    pub output: i64,
+    pub cached: i64,
+    pub cost: Decimal,
+}
+
+impl Totals {
+    pub fn add(&mut self, record: &usage_pb::UsageRecord) {
+        self.requests += 1;
+        self.input += record.input_tokens;
+        self.output += record.output_tokens;
+        self.cached += record.cached_input_tokens;
+        self.cost += record.cost.parse::<Decimal>().expect("cost");
+    }
+}
+
+const METRICS: [&str; 5] = ["requests", "input_tokens", "output_tokens", "cached_input_tokens", "cost"];
+
+/// The project's totals in analytics over the last and next day.
+pub async fn analytics_totals(mesh: &Mesh, project: &str, credential: &str) -> Totals {
+    let now = chrono::Utc::now();
+    let request = pb::GetUsageBreakdownRequest {
+        project_id: project.into(),
+        start_time: Some(aimesh_kit::proto_json::timestamp(now - chrono::Duration::days(1))),
+        end_time: Some(aimesh_kit::proto_json::timestamp(now + chrono::Duration::days(1))),
+        dimension: "model".into(),
+        metrics: METRICS.iter().map(|m| (*m).to_owned()).collect(),
+        ..Default::default()
+    };
+    let answer = mesh.analytics().get_usage_breakdown(authed(request, credential)).await.expect("breakdown");
+    let total = answer.into_inner().total.expect("total").values;
+    let number = |name: &str| total.get(name).map(String::as_str).unwrap_or("0").to_owned();
+    Totals {
+        requests: number("requests").parse().expect("requests"),
+        input: number("input_tokens").parse().expect("input"),
+        output: number("output_tokens").parse().expect("output"),
+        cached: number("cached_input_tokens").parse().expect("cached"),
+        cost: number("cost").parse().expect("cost"),
+    }
+}
+
+/// Waits until analytics shows `expected` (and then a little longer, so a double count would
+/// show too).
+pub async fn wait_for_totals(mesh: &Mesh, project: &str, credential: &str, expected: &Totals) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = analytics_totals(mesh, project, credential).await;
+        if &seen == expected {
+            break;
+        }
+        assert!(seen.requests <= expected.requests, "counted too much: {seen:?} > {expected:?}");
+        assert!(tokio::time::Instant::now() < deadline, "analytics shows {seen:?}, usage recorded {expected:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(&analytics_totals(mesh, project, credential).await, expected, "stable, nothing counted twice");
+}
+
+/// Record `i` of a stream: amounts that differ per record, every seventh one failed.
+pub fn varied_record(project: &str, i: i64) -> usage_pb::RecordUsageRequest {
+    usage_pb::RecordUsageRequest {
+        input_tokens: 1_000 + i * 37,
+        cached_input_tokens: i * 5,
+        output_tokens: 100 + i * 11,
+        duration_ms: 100 + i,
+        status: if i % 7 == 0 { usage_pb::UsageStatus::Error } else { usage_pb::UsageStatus::Success }.into(),
+        ..record(project, &format!("req-{i}"))
+    }
+}

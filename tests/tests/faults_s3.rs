@@ -1,0 +1,108 @@
+//! Fault: the S3 server stops during an upload. The files service reaches the test run's S3
+//! through a proxy the test cuts after the first multipart part went out (the shared server
+//! keeps serving the other tests): the upload fails with UNAVAILABLE, and nothing is
+//! half-written: no object in the bucket, no file row, no bytes counted against the quota.
+
+use std::time::Duration;
+
+use tonic::Code;
+
+use aimesh_kit::testing::{CuttableProxy, authority_of};
+use aimesh_proto::files::v1 as files_pb;
+use aimesh_proto::identity::v1 as pb;
+use aimesh_tests::{Mesh, authed, expect_code, test_config, use_s3};
+
+const MIB: usize = 1024 * 1024;
+
+async fn count(mesh: &Mesh, sql: &'static str, project: &str) -> i64 {
+    let pool = mesh.files_db().await;
+    let n = sqlx::query_scalar(sql).bind(uuid::Uuid::parse_str(project).expect("uuid")).fetch_one(&pool).await;
+    pool.close().await;
+    n.expect("count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_stopped_during_an_upload_is_unavailable_and_leaves_nothing_half_written() {
+    let (mut config, databases) = test_config();
+    use_s3(&mut config);
+    let direct = config.files.clone();
+    let endpoint = direct.s3.endpoint.clone().expect("s3 endpoint");
+    let proxy = CuttableProxy::start(&authority_of(&endpoint)).await;
+    config.files.s3.endpoint = Some(proxy.rewrite(&endpoint, &authority_of(&endpoint)));
+    config.files.part_size_bytes = 5 * MIB;
+    let mesh = Mesh::start_with(config, databases).await;
+    let owner = mesh.signup("owner").await;
+    let request = pb::CreateProjectRequest { name: "Files".into(), description: String::new() };
+    let project =
+        mesh.projects().create_project(authed(request, &owner.token)).await.expect("create project").into_inner().id;
+
+    let (sender, receiver) = tokio::sync::mpsc::channel(2);
+    let mut client = mesh.files();
+    let request = authed(tokio_stream::wrappers::ReceiverStream::new(receiver), &owner.token);
+    let call = tokio::spawn(async move { client.upload(request).await });
+    let metadata = files_pb::UploadMetadata {
+        project_id: project.clone(),
+        name: "weights.bin".into(),
+        mime_type: "application/octet-stream".into(),
+        ..Default::default()
+    };
+    let first =
+        files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false };
+    sender.send(first).await.expect("send metadata");
+    // 8 MiB: the first 5 MiB part goes to S3 while S3 still answers.
+    for i in 0..8u8 {
+        let part =
+            files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB])), finish: false };
+        sender.send(part).await.expect("send a chunk");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set_down(true);
+    // The rest of the file, then the end; the service may refuse before it has read it all.
+    for i in 8..20u8 {
+        let part =
+            files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB])), finish: false };
+        if sender.send(part).await.is_err() {
+            break;
+        }
+    }
+    let _ = sender.send(files_pb::UploadRequest { part: None, finish: true }).await;
+    let answer =
+        tokio::time::timeout(Duration::from_secs(60), call).await.expect("the upload is answered").expect("join");
+    let status = expect_code("upload while s3 is away", Code::Unavailable, answer);
+    assert!(!status.message().is_empty(), "{status:?}");
+
+    // Nothing half-written, neither while S3 is away nor once it is back.
+    assert_eq!(count(&mesh, "SELECT count(*) FROM files WHERE project_id = $1", &project).await, 0);
+    proxy.set_down(false);
+    let storage = aimesh_files::storage::ObjectStorage::open(&direct).expect("open the store");
+    assert_eq!(storage.keys_under(&project).await.expect("list the bucket"), Vec::<String>::new());
+    assert_eq!(count(&mesh, "SELECT count(*) FROM files WHERE project_id = $1", &project).await, 0);
+    let used: i64 =
+        count(&mesh, "SELECT COALESCE((SELECT used_bytes FROM project_storage WHERE project_id = $1), 0)", &project)
+            .await;
+    assert_eq!(used, 0, "no bytes counted against the quota");
+    // The same upload succeeds once S3 is back.
+    let (sender, receiver) = tokio::sync::mpsc::channel(2);
+    let request = authed(tokio_stream::wrappers::ReceiverStream::new(receiver), &owner.token);
+    let mut client = mesh.files();
+    let call = tokio::spawn(async move { client.upload(request).await });
+    let metadata = files_pb::UploadMetadata {
+        project_id: project.clone(),
+        name: "weights.bin".into(),
+        mime_type: "application/octet-stream".into(),
+        ..Default::default()
+    };
+    sender
+        .send(files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false })
+        .await
+        .expect("send metadata");
+    for i in 0..20u8 {
+        let part =
+            files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB])), finish: false };
+        sender.send(part).await.expect("send a chunk");
+    }
+    sender.send(files_pb::UploadRequest { part: None, finish: true }).await.expect("finish");
+    let file = call.await.expect("join").expect("upload after s3 returned").into_inner();
+    assert_eq!(file.size_bytes, 20 * MIB as i64);
+    assert_eq!(count(&mesh, "SELECT count(*) FROM files WHERE project_id = $1", &project).await, 1);
+}
