@@ -1,7 +1,7 @@
 //! Fault: the S3 server stops during an upload. The files service reaches the test run's S3
-//! through a proxy the test cuts after the first multipart part went out (the shared server
+//! through a proxy the test cuts after the first 5 MiB multipart part went out (the shared server
 //! keeps serving the other tests): the upload fails with UNAVAILABLE, and nothing is
-//! half-written: no object in the bucket, no file row, no bytes counted against the quota.
+//! half-written: no object in the bucket, no file row, no bytes counted against the quota; an upload succeeds once S3 is back.
 
 use std::time::Duration;
 
@@ -19,6 +19,31 @@ async fn count(mesh: &Mesh, sql: &'static str, project: &str) -> i64 {
     let n = sqlx::query_scalar(sql).bind(uuid::Uuid::parse_str(project).expect("uuid")).fetch_one(&pool).await;
     pool.close().await;
     n.expect("count")
+}
+
+/// Uploads 20 MiB as `name` (a multipart upload of 5 MiB parts).
+async fn upload_whole(mesh: &Mesh, token: &str, project: &str, name: &str) -> Result<files_pb::File, tonic::Status> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(2);
+    let request = authed(tokio_stream::wrappers::ReceiverStream::new(receiver), token);
+    let mut client = mesh.files();
+    let call = tokio::spawn(async move { client.upload(request).await });
+    let metadata = files_pb::UploadMetadata {
+        project_id: project.to_owned(),
+        name: name.into(),
+        mime_type: "application/octet-stream".into(),
+        ..Default::default()
+    };
+    let first =
+        files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false };
+    sender.send(first).await.expect("send metadata");
+    for i in 0..20u8 {
+        let part =
+            files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB])), finish: false };
+        sender.send(part).await.expect("send a chunk");
+    }
+    sender.send(files_pb::UploadRequest { part: None, finish: true }).await.expect("finish");
+    drop(sender);
+    call.await.expect("join").map(tonic::Response::into_inner)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,7 +83,7 @@ async fn s3_stopped_during_an_upload_is_unavailable_and_leaves_nothing_half_writ
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.set_down(true);
     // The rest of the file, then the end; the service may refuse before it has read it all.
-    for i in 8..20u8 {
+    for i in 8..12u8 {
         let part =
             files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB])), finish: false };
         if sender.send(part).await.is_err() {
@@ -66,6 +91,7 @@ async fn s3_stopped_during_an_upload_is_unavailable_and_leaves_nothing_half_writ
         }
     }
     let _ = sender.send(files_pb::UploadRequest { part: None, finish: true }).await;
+    drop(sender);
     let answer =
         tokio::time::timeout(Duration::from_secs(60), call).await.expect("the upload is answered").expect("join");
     let status = expect_code("upload while s3 is away", Code::Unavailable, answer);
@@ -82,27 +108,7 @@ async fn s3_stopped_during_an_upload_is_unavailable_and_leaves_nothing_half_writ
             .await;
     assert_eq!(used, 0, "no bytes counted against the quota");
     // The same upload succeeds once S3 is back.
-    let (sender, receiver) = tokio::sync::mpsc::channel(2);
-    let request = authed(tokio_stream::wrappers::ReceiverStream::new(receiver), &owner.token);
-    let mut client = mesh.files();
-    let call = tokio::spawn(async move { client.upload(request).await });
-    let metadata = files_pb::UploadMetadata {
-        project_id: project.clone(),
-        name: "weights.bin".into(),
-        mime_type: "application/octet-stream".into(),
-        ..Default::default()
-    };
-    sender
-        .send(files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false })
-        .await
-        .expect("send metadata");
-    for i in 0..20u8 {
-        let part =
-            files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB])), finish: false };
-        sender.send(part).await.expect("send a chunk");
-    }
-    sender.send(files_pb::UploadRequest { part: None, finish: true }).await.expect("finish");
-    let file = call.await.expect("join").expect("upload after s3 returned").into_inner();
+    let file = upload_whole(&mesh, &owner.token, &project, "after.bin").await.expect("upload after s3 returned");
     assert_eq!(file.size_bytes, 20 * MIB as i64);
     assert_eq!(count(&mesh, "SELECT count(*) FROM files WHERE project_id = $1", &project).await, 1);
 }

@@ -1,7 +1,7 @@
 //! Fault: SIGTERM under load. `aimesh all` runs as a child process while writers create chat
 //! sessions back to back (each one a row and an outbox event in chat's database); the test sends
 //! SIGTERM in the middle. In-flight requests finish (every session answered OK is stored, and
-//! nothing is stored that was not answered), later ones are refused with UNAVAILABLE, the
+//! nothing is stored that was not answered), later ones are refused with UNAVAILABLE (or never sent), the
 //! outboxes are flushed to analytics before the process ends (every event is in ClickHouse,
 //! none left undelivered), and the process exits with 0 within the shutdown grace period.
 
@@ -125,7 +125,13 @@ async fn sigterm_under_load_finishes_in_flight_requests_flushes_outboxes_and_exi
     let mut created = Vec::new();
     while let Some(writer) = writers.join_next().await {
         let (sessions, refusal) = writer.expect("writer");
-        assert_eq!(refusal.code(), tonic::Code::Unavailable, "a request after SIGTERM is refused: {refusal:?}");
+        // Refused by the closing server, or never sent: the client's connection closed before
+        // the request went out (hyper cancels it). Either way it was not processed, which the
+        // stored count below checks.
+        assert!(
+            matches!(refusal.code(), tonic::Code::Unavailable | tonic::Code::Cancelled),
+            "a request after SIGTERM is refused: {refusal:?}"
+        );
         created.extend(sessions);
     }
     assert!(created.len() > WRITERS, "the load ran: {} sessions", created.len());

@@ -9,6 +9,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use object_store::RetryConfig;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
@@ -33,6 +34,15 @@ pub struct ObjectStorage {
     part_size: usize,
 }
 
+/// Retries of an S3 request: object_store's default keeps retrying an unreachable server for
+/// 3 minutes, far past any request's deadline, holding the upload's locks meanwhile; a few
+/// quick retries ride out a blip and then the caller gets UNAVAILABLE.
+static S3_RETRY: std::sync::LazyLock<RetryConfig> = std::sync::LazyLock::new(|| RetryConfig {
+    max_retries: 3,
+    retry_timeout: Duration::from_secs(10),
+    ..RetryConfig::default()
+});
+
 impl ObjectStorage {
     /// Opens the backend `config` names; the fs root is created if missing.
     pub fn open(config: &FilesConfig) -> anyhow::Result<Self> {
@@ -48,7 +58,10 @@ impl ObjectStorage {
             }
             Backend::S3 => {
                 let s3 = &config.s3;
-                let mut builder = AmazonS3Builder::new().with_bucket_name(&s3.bucket).with_region(&s3.region);
+                let mut builder = AmazonS3Builder::new()
+                    .with_bucket_name(&s3.bucket)
+                    .with_region(&s3.region)
+                    .with_retry(S3_RETRY.clone());
                 if let Some(endpoint) = &s3.endpoint {
                     builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
                 }
@@ -80,7 +93,7 @@ impl ObjectStorage {
     pub fn writer(&self, key: &str) -> ObjectWriter {
         let writer = BufWriter::with_capacity(Arc::clone(&self.store), Path::from(key), self.part_size)
             .with_max_concurrency(UPLOAD_CONCURRENCY);
-        ObjectWriter { inner: writer }
+        ObjectWriter { inner: writer, finishing: false }
     }
 
     /// `length` bytes of the object at `key` from `offset`, as they arrive.
@@ -137,6 +150,9 @@ impl ObjectStorage {
 /// drops what was written.
 pub struct ObjectWriter {
     inner: BufWriter,
+    /// Whether `finish` began: the multipart upload then belongs to the finishing step and
+    /// `BufWriter::abort` would panic, so an unfinished object is left to the collector.
+    finishing: bool,
 }
 
 impl ObjectWriter {
@@ -145,6 +161,7 @@ impl ObjectWriter {
     }
 
     pub async fn finish(&mut self) -> Result<(), object_store::Error> {
+        self.finishing = true;
         self.inner
             .shutdown()
             .await
@@ -152,6 +169,10 @@ impl ObjectWriter {
     }
 
     pub async fn abort(&mut self) -> Result<(), object_store::Error> {
+        if self.finishing {
+            let reason = std::io::Error::other("the upload failed while completing; it cannot be aborted");
+            return Err(object_store::Error::Generic { store: "writer", source: Box::new(reason) });
+        }
         self.inner.abort().await
     }
 }
