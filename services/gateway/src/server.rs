@@ -21,8 +21,8 @@ use tonic::codec::Streaming;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tracing::Instrument;
 
-use aimesh_kit::auth::ServiceToken;
 use aimesh_kit::config::CommonConfig;
+use aimesh_kit::ratelimit::client::ClientVoucher;
 use aimesh_kit::ratelimit::{Decision, RateLimiter};
 use aimesh_kit::redis::Redis;
 
@@ -48,7 +48,7 @@ struct Gateway {
     limiter: RateLimiter,
     trusted_proxies: TrustedProxies,
     /// Vouches for the client address on every call (see `aimesh_kit::ratelimit::client`).
-    service_token: Option<ServiceToken>,
+    voucher: Option<ClientVoucher>,
     /// False from the start of a shutdown, so `/readyz` sends load balancers elsewhere.
     ready: AtomicBool,
     shutdown: CancellationToken,
@@ -70,8 +70,8 @@ pub async fn run(
     let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
     redis.log_errors();
     let limiter = RateLimiter::new(redis, &common.rate_limit);
-    let service_token = common.auth.service_token.clone();
-    if service_token.is_none() {
+    let voucher = common.auth.service_token.as_ref().and_then(ClientVoucher::new);
+    if voucher.is_none() {
         tracing::warn!(
             "auth.service_token is not set: the services cannot tell the gateway's clients apart and limit them as one"
         );
@@ -83,7 +83,7 @@ pub async fn run(
         config: config.clone(),
         limiter,
         trusted_proxies,
-        service_token,
+        voucher,
         ready: AtomicBool::new(true),
         shutdown: shutdown.clone(),
     });
@@ -294,8 +294,8 @@ async fn call(
         resume_from_last_event_id(&mut message, &parts.headers)?;
     }
     let mut grpc_request = outgoing(message, &parts.headers);
-    if let Some((client, token)) = client.zip(gateway.service_token.as_ref()) {
-        aimesh_kit::ratelimit::client::attest(&mut grpc_request, client, token);
+    if let Some((client, voucher)) = client.zip(gateway.voucher.as_ref()) {
+        voucher.vouch(&mut grpc_request, client);
     }
     let timeout = Duration::from_secs(gateway.config.request_timeout_secs);
     let (mut grpc, path, codec) = upstream_call(gateway, route).await?;
