@@ -75,6 +75,8 @@ pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
     config.common.outbox.poll_interval_ms = 50;
     config.common.outbox.initial_backoff_ms = 200;
     config.common.outbox.max_backoff_secs = 1;
+    // Known to the test (not made up inside the mesh), so another gateway can join it.
+    config.common.auth.service_token = Some(aimesh_kit::auth::ServiceToken::generate());
     (config, vec![identity_db, usage_db, chat_db, files_db])
 }
 
@@ -138,6 +140,28 @@ impl Mesh {
         mesh.wait_until_serving().await;
         mesh.rest().wait_until_ready().await;
         mesh
+    }
+
+    /// Starts another gateway on its own listener, in front of this mesh's services and with its
+    /// settings but `gateway` (listen address and upstreams are set here); stops with the mesh.
+    pub async fn start_gateway(&self, mut gateway: aimesh_gateway::GatewayConfig) -> rest::Rest {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a gateway");
+        let address = listener.local_addr().expect("gateway address");
+        let url = |address: SocketAddr| format!("http://{address}");
+        gateway.identity_url = url(self.identity);
+        gateway.chat_url = url(self.chat);
+        gateway.usage_url = url(self.usage);
+        gateway.files_url = url(self.files);
+        gateway.analytics_url = url(self.analytics);
+        let (common, shutdown) = (self.config.common.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(error) = aimesh_gateway::run(listener, common, gateway, shutdown).await {
+                eprintln!("an extra gateway failed: {error:#}");
+            }
+        });
+        let rest = rest::Rest::new(address);
+        rest.wait_until_ready().await;
+        rest
     }
 
     /// A REST client of the gateway.

@@ -1,13 +1,19 @@
 //! Rate limits end to end: an API key's own limit, a project's limit over its keys, a person's
 //! limit over every service, the answers (RESOURCE_EXHAUSTED with RetryInfo, `ratelimit-*`
-//! headers) and limit changes taking effect through the revocation path.
+//! headers) and limit changes taking effect through the revocation path; callers without a
+//! credential limited per address by the gateways, which vouch for it to the services.
 
 use std::time::Duration;
 
+use aimesh_gateway::GatewayConfig;
+use aimesh_kit::ratelimit::client::{HEADER_CLIENT_IP, HEADER_CLIENT_IP_TOKEN};
 use aimesh_proto::chat::v1 as chat_pb;
 use aimesh_proto::identity::v1 as pb;
 use aimesh_proto::usage::v1 as usage_pb;
+use aimesh_tests::rest::{Call, Reply, Rest};
 use aimesh_tests::{Account, Mesh, authed, expect_code, reason_and_field, test_config};
+use http::StatusCode;
+use serde_json::json;
 use tonic::Code;
 use tonic::metadata::MetadataMap;
 use tonic_types::StatusExt;
@@ -198,4 +204,122 @@ async fn a_person_is_limited_per_user_across_services() {
     let at_identity = mesh.users().get_user(authed(get, &ann.token)).await.map(|r| r.metadata().clone());
     assert_rate_limited("identity too", at_identity, PER_USER);
     create_project(&mesh, &bob).await;
+}
+
+/// `count` REST calls at once, spread over `gateways` in turn; the replies in call order.
+async fn at_once(gateways: &[Rest], count: usize, call: impl Fn(&Rest) -> Call) -> Vec<Reply> {
+    let calls = (0..count).map(|i| call(&gateways[i % gateways.len()]).send());
+    futures::future::join_all(calls).await
+}
+
+/// Splits REST replies into those let through and 429s, checking each 429 is the shape a
+/// service's denial has: the error body, `RateLimit-*` and `Retry-After`.
+#[track_caller]
+fn let_through(replies: &[Reply], limit: u32) -> usize {
+    let mut through = 0;
+    for reply in replies {
+        if reply.status != StatusCode::TOO_MANY_REQUESTS {
+            through += 1;
+            continue;
+        }
+        let body = reply.json();
+        assert_eq!(body["code"], "RESOURCE_EXHAUSTED", "{body}");
+        assert_eq!(body["reason"], "RATE_LIMITED", "{body}");
+        assert_eq!(reply.header("ratelimit-limit"), Some(limit.to_string().as_str()), "{:?}", reply.headers);
+        assert_eq!(reply.header("ratelimit-remaining"), Some("0"));
+        assert!(reply.header("ratelimit-reset").is_some());
+        let retry_after: u64 = reply.header("retry-after").and_then(|v| v.parse().ok()).expect("retry-after");
+        assert!((1..=60).contains(&retry_after), "retry-after {retry_after}");
+        assert_eq!(body["details"]["retryAfterSeconds"], retry_after);
+    }
+    through
+}
+
+#[tokio::test]
+async fn two_gateways_share_one_per_ip_limit_and_the_services_do_not_count_it_again() {
+    const PER_IP: u32 = 12;
+    let (mut config, databases) = test_config();
+    config.common.rate_limit.per_ip = PER_IP;
+    let mesh = Mesh::start_with(config, databases).await;
+    let gateways = [mesh.rest(), mesh.start_gateway(GatewayConfig::default()).await];
+
+    // Without a credential: each call reaches identity, which refuses it (401) unless the limit
+    // did first. Were the gateway's address counted at identity too, only half would get there
+    // (the test client and the gateways share 127.0.0.1).
+    let replies = at_once(&gateways, 3 * PER_IP as usize, |rest| rest.get("/v1/projects")).await;
+    assert_eq!(let_through(&replies, PER_IP), PER_IP as usize, "exactly the limit, across both gateways");
+    for reply in replies.iter().filter(|r| r.status != StatusCode::TOO_MANY_REQUESTS) {
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "the service decided these: {:?}", reply.body);
+        assert_eq!(reply.header("ratelimit-limit"), Some(PER_IP.to_string().as_str()), "the gateway's own headers");
+    }
+    // Shared with a direct gRPC caller from the same address: the one per-IP budget is spent.
+    let direct = mesh.projects().list_projects(pb::ListProjectsRequest::default()).await.map(|r| r.metadata().clone());
+    assert_eq!(assert_rate_limited("direct, same address", direct, PER_IP), "ip");
+}
+
+#[tokio::test]
+async fn a_client_behind_a_trusted_proxy_has_its_own_budget_and_reaches_identity() {
+    const PER_IP: u32 = 4;
+    let (mut config, databases) = test_config();
+    config.common.rate_limit.per_ip = PER_IP;
+    let mesh = Mesh::start_with(config, databases).await;
+    let behind_ingress =
+        mesh.start_gateway(GatewayConfig { trusted_proxies: vec!["127.0.0.0/8".into()], ..Default::default() }).await;
+    let ann = mesh.signup("ann").await; // two anonymous calls from 127.0.0.1, straight to identity
+    let from = |client: &'static str| move |rest: &Rest| rest.get("/v1/projects").header("x-forwarded-for", client);
+
+    let first = at_once(std::slice::from_ref(&behind_ingress), 2 * PER_IP as usize, from("203.0.113.7")).await;
+    assert_eq!(let_through(&first, PER_IP), PER_IP as usize);
+    let second = at_once(std::slice::from_ref(&behind_ingress), 2 * PER_IP as usize, from("203.0.113.8")).await;
+    assert_eq!(let_through(&second, PER_IP), PER_IP as usize, "another client, its own budget");
+    // The gateway without trusted proxies does not believe the header: 127.0.0.1 has two left.
+    let spoofed = at_once(&[mesh.rest()], PER_IP as usize, from("203.0.113.9")).await;
+    assert_eq!(let_through(&spoofed, PER_IP), PER_IP as usize - 2);
+
+    // The client's address, not the gateway's, is what identity records for a login.
+    let login = json!({ "login": ann.email, "password": ann.password, "deviceName": "laptop" });
+    let logged_in =
+        behind_ingress.post("/v1/auth/login", login).header("x-forwarded-for", "198.51.100.20").send().await;
+    let token = logged_in.expect(StatusCode::OK).json()["accessToken"].as_str().expect("token").to_owned();
+    let sessions = behind_ingress.get("/v1/auth/sessions").bearer(&token).send().await.expect(StatusCode::OK).json();
+    let laptop = sessions["sessions"].as_array().expect("sessions").iter().find(|s| s["deviceName"] == "laptop");
+    assert_eq!(laptop.expect("the new session")["ipAddress"], "198.51.100.20", "{sessions}");
+}
+
+#[tokio::test]
+async fn an_api_key_through_two_gateways_gets_exactly_its_limit() {
+    const LIMIT: u32 = 8;
+    let mesh = Mesh::start().await;
+    let gateways = [mesh.rest(), mesh.start_gateway(GatewayConfig::default()).await];
+    let ann = mesh.signup("ann").await;
+    let project = create_project(&mesh, &ann).await;
+    let (_, secret) = create_key(&mesh, &ann, &project, LIMIT).await;
+    let list = format!("/v1/chat/sessions?projectId={project}");
+    let replies = at_once(&gateways, 3 * LIMIT as usize, |rest| rest.get(&list).bearer(&secret)).await;
+    assert_eq!(let_through(&replies, LIMIT), LIMIT as usize);
+    for reply in replies.iter().filter(|r| r.status != StatusCode::TOO_MANY_REQUESTS) {
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    }
+}
+
+#[tokio::test]
+async fn a_forged_client_address_is_ignored_and_the_per_ip_limit_still_applies() {
+    const PER_IP: u32 = 3;
+    let (mut config, databases) = test_config();
+    config.common.rate_limit.per_ip = PER_IP;
+    let mesh = Mesh::start_with(config, databases).await;
+    let forged = |i: u32| {
+        let mut request = tonic::Request::new(pb::ListProjectsRequest::default());
+        let metadata = request.metadata_mut();
+        metadata.insert(HEADER_CLIENT_IP, format!("203.0.113.{i}").parse().expect("ip"));
+        let guess = format!("amsvc_{}", "0".repeat(64));
+        metadata.insert(HEADER_CLIENT_IP_TOKEN, guess.parse().expect("token"));
+        request
+    };
+    for i in 1..=PER_IP {
+        let refused = mesh.projects().list_projects(forged(i)).await.map(|r| r.metadata().clone());
+        expect_code("no credential", Code::Unauthenticated, refused);
+    }
+    let over = mesh.projects().list_projects(forged(PER_IP + 1)).await.map(|r| r.metadata().clone());
+    assert_eq!(assert_rate_limited("a new address each time, not vouched for", over, PER_IP), "ip");
 }

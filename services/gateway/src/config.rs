@@ -23,6 +23,9 @@ pub struct GatewayConfig {
     pub cors_allowed_origins: Vec<String>,
     /// How often an idle Server-Sent Events stream sends a comment, so proxies keep it open.
     pub sse_keep_alive_secs: u64,
+    /// Proxies in front of the gateway (an ingress), as addresses or CIDR ranges, whose
+    /// `X-Forwarded-For` names the client; empty: the socket peer is the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -38,6 +41,7 @@ impl Default for GatewayConfig {
             request_timeout_secs: 30,
             cors_allowed_origins: Vec::new(),
             sse_keep_alive_secs: 15,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! have one shape, server-streaming RPCs become Server-Sent Events (or a plain download when
 //! they stream a file), and `/openapi.json` describes it all from the same source.
 
+pub mod client;
 pub mod config;
 pub mod openapi;
 pub mod reply;

@@ -2,13 +2,14 @@
 //! `/openapi.json`.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
 use futures::{Stream, StreamExt};
 use http::{HeaderValue, StatusCode, header};
@@ -21,7 +22,11 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId
 use tracing::Instrument;
 
 use aimesh_kit::config::CommonConfig;
+use aimesh_kit::ratelimit::client::ClientVoucher;
+use aimesh_kit::ratelimit::{Decision, RateLimiter};
+use aimesh_kit::redis::Redis;
 
+use crate::client::TrustedProxies;
 use crate::config::GatewayConfig;
 use crate::reply::{PASSED_BACK, RestError, json_response, passed_back};
 use crate::routes::{Lookup, Route, RouteTable, aimesh_pool, raw_body_field};
@@ -39,6 +44,11 @@ struct Gateway {
     upstreams: Upstreams,
     openapi: Bytes,
     config: GatewayConfig,
+    /// Limits callers without a credential per client address, like the services would.
+    limiter: RateLimiter,
+    trusted_proxies: TrustedProxies,
+    /// Vouches for the client address on every call (see `aimesh_kit::ratelimit::client`).
+    voucher: Option<ClientVoucher>,
     /// False from the start of a shutdown, so `/readyz` sends load balancers elsewhere.
     ready: AtomicBool,
     shutdown: CancellationToken,
@@ -56,11 +66,24 @@ pub async fn run(
     let routes = RouteTable::from_pool(&pool).map_err(|e| anyhow::anyhow!(e)).context("building the routes")?;
     let openapi = Bytes::from(serde_json::to_vec(&crate::openapi::document(&routes))?);
     let upstreams = Upstreams::new(config.upstream_urls()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let trusted_proxies = TrustedProxies::parse(&config.trusted_proxies).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
+    redis.log_errors();
+    let limiter = RateLimiter::new(redis, &common.rate_limit);
+    let voucher = common.auth.service_token.as_ref().and_then(ClientVoucher::new);
+    if voucher.is_none() {
+        tracing::warn!(
+            "auth.service_token is not set: the services cannot tell the gateway's clients apart and limit them as one"
+        );
+    }
     let gateway = Arc::new(Gateway {
         routes,
         upstreams,
         openapi,
         config: config.clone(),
+        limiter,
+        trusted_proxies,
+        voucher,
         ready: AtomicBool::new(true),
         shutdown: shutdown.clone(),
     });
@@ -68,6 +91,7 @@ pub async fn run(
     tracing::info!(service = "gateway", %address, routes = gateway.routes.routes().len(), "serving REST");
 
     let stop_accepting = CancellationToken::new();
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
     let not_ready = async move { gateway.ready.store(false, Ordering::Relaxed) };
@@ -191,7 +215,8 @@ async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Respon
     };
     let span = tracing::info_span!("rest", http.method = %method, http.route = %route.label(), request_id = request_id.as_deref().unwrap_or(""));
     aimesh_kit::telemetry::adopt_remote_parent(&span, request.headers());
-    let response = call(&gateway, route, bound, request)
+    let client = client_ip(&gateway, &request);
+    let response = limited_call(&gateway, route, bound, request, client)
         .instrument(span)
         .await
         .unwrap_or_else(|error| error.into_response(request_id.as_deref()));
@@ -205,15 +230,58 @@ async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Respon
     response
 }
 
+/// The client's address: the socket peer, or what a trusted proxy in front of it saw.
+fn client_ip(gateway: &Gateway, request: &Request) -> Option<IpAddr> {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>()?.0.ip();
+    Some(gateway.trusted_proxies.client_ip(peer, request.headers()))
+}
+
+/// [`call`] after the gateway's own rate limit: a request without a credential counts against
+/// its client address here (the services then leave that address alone, as the gateway vouches
+/// for it); a credential's limits are the services' to decide, once they verified it.
+async fn limited_call(
+    gateway: &Gateway,
+    route: &Route,
+    bound: Vec<(Vec<String>, String)>,
+    request: Request,
+    client: Option<IpAddr>,
+) -> Result<Response, RestError> {
+    let decision = if request.headers().contains_key(header::AUTHORIZATION) {
+        Decision::unlimited()
+    } else {
+        let limits = gateway.limiter.limits_for(None, client, route.grpc_path().path());
+        let decision = gateway.limiter.decide(&limits).await?;
+        if !decision.allowed {
+            return Err(RestError::from_status(&decision.status()));
+        }
+        decision
+    };
+    // Like a service's, every answer to a limited request says how much is left, errors too.
+    match call(gateway, route, bound, request, client).await {
+        Ok(mut response) => {
+            decision.write_headers(response.headers_mut());
+            Ok(response)
+        }
+        Err(mut error) => {
+            decision.write_headers(&mut error.headers);
+            Err(error)
+        }
+    }
+}
+
 async fn call(
     gateway: &Gateway,
     route: &Route,
     bound: Vec<(Vec<String>, String)>,
     request: Request,
+    client: Option<IpAddr>,
 ) -> Result<Response, RestError> {
     let (parts, body) = request.into_parts();
     if let Some(chunk_field) = raw_body_field(&route.method, &route.body).filter(|_| route.method.is_client_streaming())
     {
+        // Uploads carry no vouched address (that code is changing elsewhere): they need a
+        // credential, so only a refused anonymous attempt also counts against the gateway's own
+        // address at files.
         return upload(gateway, route, bound, parts, body, chunk_field).await;
     }
     let body = axum::body::to_bytes(body, gateway.config.max_body_bytes).await.map_err(|_| {
@@ -226,6 +294,9 @@ async fn call(
         resume_from_last_event_id(&mut message, &parts.headers)?;
     }
     let mut grpc_request = outgoing(message, &parts.headers);
+    if let Some((client, voucher)) = client.zip(gateway.voucher.as_ref()) {
+        voucher.vouch(&mut grpc_request, client);
+    }
     let timeout = Duration::from_secs(gateway.config.request_timeout_secs);
     let (mut grpc, path, codec) = upstream_call(gateway, route).await?;
     if !route.method.is_server_streaming() {

@@ -328,6 +328,11 @@ impl CredentialVerifier {
         Ok(Principal::clone(&principal))
     }
 
+    /// The deployment's service token, when it has one.
+    pub fn service_token(&self) -> Option<&ServiceToken> {
+        self.service_token.as_ref()
+    }
+
     /// Forgets the cached verification of the credential with this hash, on every replica.
     pub async fn invalidate(&self, hash: &str) {
         if let Err(error) = self.cache.invalidate(hash).await {
@@ -380,7 +385,7 @@ impl ServiceToken {
     }
 
     /// Compares in constant time, so response times leak nothing of the token.
-    fn matches(&self, presented: &str) -> bool {
+    pub(crate) fn matches(&self, presented: &str) -> bool {
         let (a, b) = (self.0.as_bytes(), presented.as_bytes());
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
     }

@@ -85,6 +85,7 @@ pub async fn serve(
     // server stopped, so the last requests' times are kept too.
     let stop_recorder = CancellationToken::new();
     let recorder = tokio::spawn(verifier.last_use().clone().run(LAST_USE_RECORD_INTERVAL, stop_recorder.clone()));
+    let limiter = limiter.trusting_gateway(verifier.service_token().cloned());
     let layers = Layers { auth: AuthLayer::new(verifier), rate_limit: RateLimitLayer::new(limiter) };
     let served = serve_until_shutdown(listener, address, spec, layers, settings, shutdown).await;
     stop_recorder.cancel();

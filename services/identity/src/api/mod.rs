@@ -100,17 +100,16 @@ impl Identity {
     }
 }
 
-/// Who is acting and from where, for audit events. The address is the first hop of
-/// `x-forwarded-for` when the gateway set one, else the peer's.
+/// Who is acting and from where, for audit events and login sessions. The address is the
+/// client the gateway vouched for, else the peer's (see `aimesh_kit::ratelimit::client`); a
+/// plain `x-forwarded-for` is not believed, since any caller can send one.
 fn actor<T>(request: &Request<T>, user_id: Option<Uuid>) -> Actor {
     let metadata = request.metadata();
     let text = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or_default();
-    let forwarded = text("x-forwarded-for").split(',').next().map(str::trim).unwrap_or_default().to_owned();
-    let ip = if forwarded.is_empty() {
-        request.remote_addr().map(|addr| addr.ip().to_string()).unwrap_or_default()
-    } else {
-        forwarded
-    };
+    let ip = aimesh_kit::ratelimit::ClientAddress::of(request)
+        .or_else(|| request.remote_addr().map(|addr| addr.ip()))
+        .map(|ip| ip.to_string())
+        .unwrap_or_default();
     let user_agent: String = text("user-agent").chars().take(512).collect();
     Actor { user_id, ip, user_agent }
 }

@@ -17,8 +17,10 @@
 //! `source` is `redis` or `local`.
 //!
 //! [`RateLimitLayer`] applies it to gRPC services; the gateway calls [`RateLimiter::decide`] and
-//! [`Decision::headers`] itself.
+//! [`Decision::headers`] itself for callers without a credential, and vouches for their address
+//! to the services so they do not count it twice ([`client`]).
 
+pub mod client;
 mod layer;
 mod local;
 
@@ -29,11 +31,12 @@ use std::time::Duration;
 use fred::types::scripts::Script;
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::auth::{CredentialRef, Principal};
+use crate::auth::{CredentialRef, Principal, ServiceToken};
 use crate::config::{RateLimitConfig, RateLimitMode, RedisFailureMode};
 use crate::error::{ERROR_DOMAIN, ServiceError};
 use crate::redis::{Redis, RedisBreaker};
 
+pub use client::ClientAddress;
 pub use layer::RateLimitLayer;
 use local::LocalLimiter;
 
@@ -227,6 +230,8 @@ struct Outcome {
 #[derive(Clone)]
 pub struct RateLimiter {
     inner: Arc<Inner>,
+    /// Whose vouched client addresses to believe (see [`client`]); none believes nobody.
+    gateway_token: Option<Arc<ServiceToken>>,
 }
 
 struct Inner {
@@ -254,7 +259,18 @@ impl RateLimiter {
                 local: LocalLimiter::new(),
                 breaker: RedisBreaker::new(REDIS_RETRY_AFTER),
             }),
+            gateway_token: None,
         }
+    }
+
+    /// Believes the client addresses the gateway vouches for with `token` (the deployment's
+    /// service token) and leaves their per-IP limit to the gateway; see [`client`].
+    pub fn trusting_gateway(self, token: Option<ServiceToken>) -> Self {
+        Self { gateway_token: token.map(Arc::new), ..self }
+    }
+
+    fn gateway_token(&self) -> Option<&ServiceToken> {
+        self.gateway_token.as_deref()
     }
 
     /// The settings it decides with.
