@@ -96,7 +96,7 @@ async fn upload_stream(
     let first =
         files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false };
     let rest = chunks.map(|bytes| files_pb::UploadRequest {
-        part: Some(files_pb::upload_request::Part::Chunk(bytes)),
+        part: Some(files_pb::upload_request::Part::Chunk(bytes.into())),
         finish: false,
     });
     let last = files_pb::UploadRequest { part: None, finish: true };
@@ -327,7 +327,7 @@ async fn interrupted_and_refused_uploads_leave_nothing(backend: Backend) {
     sender.send(first).await.expect("send metadata");
     for i in 0..6 {
         let part = files_pb::UploadRequest {
-            part: Some(files_pb::upload_request::Part::Chunk(chunk(1, i, MIB))),
+            part: Some(files_pb::upload_request::Part::Chunk(chunk(1, i, MIB).into())),
             finish: false,
         };
         sender.send(part).await.expect("send a chunk");
@@ -372,7 +372,7 @@ async fn interrupted_and_refused_uploads_leave_nothing(backend: Backend) {
             finish: false,
         },
         files_pb::UploadRequest {
-            part: Some(files_pb::upload_request::Part::Chunk(b"half a fi".to_vec())),
+            part: Some(files_pb::upload_request::Part::Chunk(bytes::Bytes::from_static(b"half a fi"))),
             finish: false,
         },
     ]);
@@ -381,7 +381,7 @@ async fn interrupted_and_refused_uploads_leave_nothing(backend: Backend) {
     assert_eq!(reason_and_field(&status).1.as_deref(), Some("finish"));
     // The metadata must come first.
     let chunk_first = futures::stream::iter([files_pb::UploadRequest {
-        part: Some(files_pb::upload_request::Part::Chunk(b"x".to_vec())),
+        part: Some(files_pb::upload_request::Part::Chunk(bytes::Bytes::from_static(b"x"))),
         finish: true,
     }]);
     let status =
