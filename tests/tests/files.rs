@@ -10,7 +10,7 @@ use tonic::Code;
 use aimesh::MeshConfig;
 use aimesh_proto::files::v1 as files_pb;
 use aimesh_proto::identity::v1 as pb;
-use aimesh_tests::{Account, Mesh, authed, expect_code, reason_and_field, test_config, use_s3};
+use aimesh_tests::{Account, Mesh, authed, eventually, expect_code, reason_and_field, test_config, use_s3};
 
 const MIB: usize = 1024 * 1024;
 
@@ -169,19 +169,6 @@ async fn count(mesh: &Mesh, sql: &'static str, project: &str) -> i64 {
     let n = sqlx::query_scalar(sql).bind(uuid::Uuid::parse_str(project).expect("uuid")).fetch_one(&pool).await;
     pool.close().await;
     n.expect("count")
-}
-
-/// Waits until `check` holds, for at most 20 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn round_trip_of_50_mib_streams_and_keeps_the_checksum(backend: Backend) {
