@@ -9,6 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     protos.sort();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // File chunks as `bytes::Bytes`, so a chunk is a slice of the buffer it arrived in (or of
+        // the object store's read) rather than a copy into a `Vec` per message.
+        .bytes(".aimesh.files.v1.UploadRequest.chunk")
+        .bytes(".aimesh.files.v1.DownloadResponse.chunk")
         .file_descriptor_set_path(out_dir.join("aimesh_descriptor.bin"))
         .compile_protos(&protos, &[PathBuf::from(".")])?;
     println!("cargo:rerun-if-changed=aimesh");

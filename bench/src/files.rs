@@ -81,7 +81,7 @@ async fn upload(
         files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false };
     // Generated as they are sent, so the client holds a few chunks at most; the last finishes.
     let chunks = (0..size_mib).map(move |i| files_pb::UploadRequest {
-        part: Some(files_pb::upload_request::Part::Chunk(mib(n, i))),
+        part: Some(files_pb::upload_request::Part::Chunk(mib(n, i).into())),
         finish: i + 1 == size_mib,
     });
     let messages = futures::stream::iter(std::iter::once(first).chain(chunks));

@@ -514,3 +514,16 @@ pub fn record(project_id: &str, request_id: &str) -> usage_pb::RecordUsageReques
         ..Default::default()
     }
 }
+
+/// Waits until `check` holds, for at most 20 s (what a test waits for happens in the background).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
@@ -137,6 +138,73 @@ impl Call {
         tokio::spawn(connection);
         let request = self.request.body(Full::new(self.body))?;
         Ok(sender.send_request(request).await?)
+    }
+}
+
+impl Call {
+    /// A `multipart/form-data` body.
+    pub fn form(self, form: Form) -> Self {
+        let content_type = format!("multipart/form-data; boundary={}", Form::BOUNDARY);
+        let mut body = form.body;
+        body.extend_from_slice(format!("--{}--\r\n", Form::BOUNDARY).as_bytes());
+        self.raw(&content_type, body)
+    }
+
+    /// Declares the whole body but sends only its first `kept` bytes, waits for `before_cut`,
+    /// then drops the connection: a client gone in the middle of an upload.
+    pub async fn send_cut_off(self, kept: usize, before_cut: impl Future<Output = ()> + Send + 'static) {
+        let length = self.body.len();
+        let kept = self.body.slice(..kept.min(length.saturating_sub(1)));
+        let sent = futures::stream::once(futures::future::ready(Ok(Frame::data(kept))));
+        let cut = futures::stream::once(async move {
+            before_cut.await;
+            Err(std::io::Error::other("the client went away"))
+        });
+        let body = StreamBody::new(futures::StreamExt::chain(sent, cut));
+        let request = self.request.header("content-length", length).body(body).expect("a request");
+        let stream = tokio::net::TcpStream::connect(self.address).await.expect("connect to the gateway");
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("an HTTP/1.1 connection");
+        let connection = tokio::spawn(connection);
+        let answer = sender.send_request(request).await;
+        assert!(answer.is_err(), "a request cut off mid-body got an answer: {answer:?}");
+        connection.abort();
+    }
+}
+
+/// A `multipart/form-data` body being built.
+#[derive(Debug, Default)]
+pub struct Form {
+    body: Vec<u8>,
+}
+
+impl Form {
+    const BOUNDARY: &'static str = "aimesh-test-boundary-7d1c";
+
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A text part.
+    pub fn text(mut self, name: &str, value: &str) -> Self {
+        self.head(&format!("Content-Disposition: form-data; name=\"{name}\"\r\n"));
+        self.body.extend_from_slice(value.as_bytes());
+        self.body.extend_from_slice(b"\r\n");
+        self
+    }
+
+    /// A file part.
+    pub fn file(mut self, name: &str, file_name: &str, content_type: &str, content: &[u8]) -> Self {
+        self.head(&format!(
+            "Content-Disposition: form-data; name=\"{name}\"; filename=\"{file_name}\"\r\nContent-Type: {content_type}\r\n"
+        ));
+        self.body.extend_from_slice(content);
+        self.body.extend_from_slice(b"\r\n");
+        self
+    }
+
+    fn head(&mut self, headers: &str) {
+        self.body.extend_from_slice(format!("--{}\r\n{headers}\r\n", Self::BOUNDARY).as_bytes());
     }
 }
 

@@ -10,7 +10,7 @@ use tonic::Code;
 use aimesh::MeshConfig;
 use aimesh_proto::files::v1 as files_pb;
 use aimesh_proto::identity::v1 as pb;
-use aimesh_tests::{Account, Mesh, authed, expect_code, reason_and_field, test_config, use_s3};
+use aimesh_tests::{Account, Mesh, authed, eventually, expect_code, reason_and_field, test_config, use_s3};
 
 const MIB: usize = 1024 * 1024;
 
@@ -96,7 +96,7 @@ async fn upload_stream(
     let first =
         files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false };
     let rest = chunks.map(|bytes| files_pb::UploadRequest {
-        part: Some(files_pb::upload_request::Part::Chunk(bytes)),
+        part: Some(files_pb::upload_request::Part::Chunk(bytes.into())),
         finish: false,
     });
     let last = files_pb::UploadRequest { part: None, finish: true };
@@ -169,19 +169,6 @@ async fn count(mesh: &Mesh, sql: &'static str, project: &str) -> i64 {
     let n = sqlx::query_scalar(sql).bind(uuid::Uuid::parse_str(project).expect("uuid")).fetch_one(&pool).await;
     pool.close().await;
     n.expect("count")
-}
-
-/// Waits until `check` holds, for at most 20 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn round_trip_of_50_mib_streams_and_keeps_the_checksum(backend: Backend) {
@@ -327,7 +314,7 @@ async fn interrupted_and_refused_uploads_leave_nothing(backend: Backend) {
     sender.send(first).await.expect("send metadata");
     for i in 0..6 {
         let part = files_pb::UploadRequest {
-            part: Some(files_pb::upload_request::Part::Chunk(chunk(1, i, MIB))),
+            part: Some(files_pb::upload_request::Part::Chunk(chunk(1, i, MIB).into())),
             finish: false,
         };
         sender.send(part).await.expect("send a chunk");
@@ -372,7 +359,7 @@ async fn interrupted_and_refused_uploads_leave_nothing(backend: Backend) {
             finish: false,
         },
         files_pb::UploadRequest {
-            part: Some(files_pb::upload_request::Part::Chunk(b"half a fi".to_vec())),
+            part: Some(files_pb::upload_request::Part::Chunk(bytes::Bytes::from_static(b"half a fi"))),
             finish: false,
         },
     ]);
@@ -381,7 +368,7 @@ async fn interrupted_and_refused_uploads_leave_nothing(backend: Backend) {
     assert_eq!(reason_and_field(&status).1.as_deref(), Some("finish"));
     // The metadata must come first.
     let chunk_first = futures::stream::iter([files_pb::UploadRequest {
-        part: Some(files_pb::upload_request::Part::Chunk(b"x".to_vec())),
+        part: Some(files_pb::upload_request::Part::Chunk(bytes::Bytes::from_static(b"x"))),
         finish: true,
     }]);
     let status =

@@ -31,7 +31,10 @@ async fn upload(
     };
     let messages = [
         files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false },
-        files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Chunk(content.to_vec())), finish: true },
+        files_pb::UploadRequest {
+            part: Some(files_pb::upload_request::Part::Chunk(bytes::Bytes::copy_from_slice(content))),
+            finish: true,
+        },
     ];
     mesh.files().upload(authed(futures::stream::iter(messages), credential)).await.map(tonic::Response::into_inner)
 }

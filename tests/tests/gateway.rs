@@ -8,8 +8,10 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use aimesh_tests::rest::{Events, Rest};
-use aimesh_tests::{Mesh, test_config};
+use sha2::{Digest, Sha256};
+
+use aimesh_tests::rest::{Events, Form, Rest};
+use aimesh_tests::{Mesh, test_config, use_s3};
 
 /// Registers and logs in through REST; returns the access token.
 async fn signup(rest: &Rest, name: &str) -> String {
@@ -363,6 +365,114 @@ async fn a_file_is_uploaded_as_a_raw_body_and_downloaded_whole_by_range_and_by_l
     let stranger = signup(&rest, "gus").await;
     let refused = rest.get(&format!("/v1/files/{file_id}:download")).bearer(&stranger).send().await;
     assert_error(&refused, StatusCode::NOT_FOUND, "NOT_FOUND");
+}
+
+/// Files rows of a project, read from the files database.
+async fn file_rows(mesh: &Mesh, table: &str, project_id: &str) -> i64 {
+    let pool = mesh.files_db().await;
+    let sql = format!("SELECT count(*) FROM {table} WHERE project_id = $1");
+    let project = uuid::Uuid::parse_str(project_id).expect("a project uuid");
+    let count = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(project).fetch_one(&pool).await;
+    pool.close().await;
+    count.expect("a count")
+}
+
+#[tokio::test]
+async fn a_file_is_uploaded_as_a_multipart_form_with_metadata_from_its_text_parts() {
+    let (mut config, databases) = test_config();
+    use_s3(&mut config);
+    let mesh = Mesh::start_with(config, databases).await;
+    let rest = mesh.rest();
+    let token = signup(&rest, "mia").await;
+    let project_id = project(&rest, &token).await;
+    let uploads = format!("/v1/projects/{project_id}/files");
+
+    // Text parts give the name and the checksum; the file part gives the bytes and the type.
+    let content: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i: u32| (i % 251) as u8).collect();
+    let sha256 = hex::encode(Sha256::digest(&content));
+    let form = Form::new().text("metadata.name", "Quarterly report.bin").text("metadata.sha256", &sha256).file(
+        "file",
+        "upload.bin",
+        "application/octet-stream",
+        &content,
+    );
+    let uploaded =
+        rest.call(Method::POST, &uploads).form(form).bearer(&token).send().await.expect(StatusCode::OK).json();
+    assert_eq!(uploaded["displayName"], "Quarterly report.bin");
+    assert_eq!(uploaded["sha256"], sha256.as_str());
+    assert_eq!(uploaded["sizeBytes"], content.len().to_string());
+    let file_id = uploaded["id"].as_str().expect("file id");
+    let download = rest.get(&format!("/v1/files/{file_id}:download")).bearer(&token).send().await;
+    let download = download.expect(StatusCode::OK);
+    assert_eq!(hex::encode(Sha256::digest(&download.body)), sha256);
+    assert_eq!(download.body.as_ref(), content.as_slice());
+
+    // Without text parts the file part's name and Content-Type stand in.
+    let form = Form::new().file("file", "notes.txt", "text/plain", b"plain notes");
+    let notes = rest.call(Method::POST, &uploads).form(form).bearer(&token).send().await.expect(StatusCode::OK).json();
+    assert_eq!(notes["displayName"], "notes.txt");
+    assert_eq!(notes["mimeType"], "text/plain");
+    // A text part is checked as the service checks it: a wrong checksum refuses the upload.
+    let form = Form::new().text("metadata.sha256", &"00".repeat(32)).file("file", "a.txt", "text/plain", b"hello");
+    let refused = rest.call(Method::POST, &uploads).form(form).bearer(&token).send().await;
+    assert_eq!(assert_error(&refused, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT")["details"]["field"], "sha256");
+    assert_eq!(file_rows(&mesh, "files", &project_id).await, 2);
+}
+
+#[tokio::test]
+async fn a_bad_or_cut_off_multipart_upload_is_refused_and_stores_nothing() {
+    let mesh = Mesh::start().await;
+    let rest = mesh.rest();
+    let token = signup(&rest, "ned").await;
+    let project_id = project(&rest, &token).await;
+    let uploads = format!("/v1/projects/{project_id}/files");
+    let file = |form: Form| form.file("file", "a.txt", "text/plain", b"some text");
+
+    let cases = [
+        ("no file part", Form::new().text("metadata.name", "a.txt"), "file"),
+        ("two file parts", file(file(Form::new())), "file"),
+        ("an unknown field", file(Form::new().text("metadata.colour", "blue")), "metadata.colour"),
+        ("the body field as text", file(Form::new().text("chunk", "abc")), "chunk"),
+        ("a text part after the file", file(Form::new()).text("metadata.sha256", "00"), "metadata.sha256"),
+    ];
+    for (case, form, field) in cases {
+        let reply = rest.call(Method::POST, &uploads).form(form).bearer(&token).send().await;
+        let body = assert_error(&reply, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT");
+        assert_eq!(body["details"]["field"], field, "{case}: {body}");
+    }
+    let no_boundary = rest.call(Method::POST, &uploads).raw("multipart/form-data", "x").bearer(&token).send().await;
+    let body = assert_error(&no_boundary, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT");
+    assert_eq!(body["details"]["field"], "Content-Type");
+    assert_eq!(file_rows(&mesh, "files", &project_id).await, 0);
+
+    // A client gone once the upload has begun: the service sees no `finish` and keeps nothing.
+    let begun = {
+        let mesh_files = mesh.files_db().await;
+        let project = uuid::Uuid::parse_str(&project_id).expect("a project uuid");
+        async move {
+            aimesh_tests::eventually("the upload has begun", || async {
+                let pending: Result<i64, _> =
+                    sqlx::query_scalar("SELECT count(*) FROM pending_uploads WHERE project_id = $1")
+                        .bind(project)
+                        .fetch_one(&mesh_files)
+                        .await;
+                pending.expect("a count") == 1
+            })
+            .await;
+            mesh_files.close().await;
+        }
+    };
+    let content = vec![7u8; 512 * 1024];
+    let form = Form::new().file("file", "big.bin", "application/octet-stream", &content);
+    // Cut in the middle of the file part.
+    rest.call(Method::POST, &uploads).form(form).bearer(&token).send_cut_off(content.len() / 2, begun).await;
+    aimesh_tests::eventually("the cut-off upload is abandoned", || async {
+        file_rows(&mesh, "pending_uploads", &project_id).await == 0
+    })
+    .await;
+    assert_eq!(file_rows(&mesh, "files", &project_id).await, 0);
+    let listed = rest.get(&uploads).bearer(&token).send().await.expect(StatusCode::OK).json();
+    assert!(listed["files"].as_array().is_none_or(Vec::is_empty), "{listed}");
 }
 
 #[tokio::test]

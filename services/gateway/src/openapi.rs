@@ -93,6 +93,10 @@ fn operation(route: &Route, schemas: &mut Schemas) -> Json {
         operation["summary"] = Json::String(text.lines().next().unwrap_or_default().to_owned());
         operation["description"] = Json::String(text);
     }
+    if route.method.is_client_streaming() {
+        operation["requestBody"] = upload_body(route, &bound, schemas);
+        return operation;
+    }
     let body_schema = match &route.body {
         BodyRule::Whole => Some(schemas.message(&input)),
         BodyRule::Field(name) => input.get_field_by_name(name).map(|f| schemas.field(&f)),
@@ -103,6 +107,65 @@ fn operation(route: &Route, schemas: &mut Schemas) -> Json {
             json!({ "required": false, "content": { "application/json": { "schema": schema } } });
     }
     operation
+}
+
+/// A client-streaming upload takes the content either as the raw body or as the `file` part of
+/// a form whose text parts carry the fields the query can (see the gateway's `upload_form`).
+fn upload_body(route: &Route, bound: &[&[String]], schemas: &mut Schemas) -> Json {
+    let input = route.method.input();
+    let body_field = match &route.body {
+        BodyRule::Field(name) => Some(name.as_str()),
+        _ => None,
+    };
+    let mut properties = serde_json::Map::new();
+    properties.insert(
+        "file".into(),
+        json!({
+            "type": "string",
+            "format": "binary",
+            "description": "The content; its file name and Content-Type stand in for the name and MIME type when no field gives them.",
+        }),
+    );
+    for field in input.fields() {
+        if Some(field.name()) == body_field || field.is_list() || field.is_map() {
+            continue;
+        }
+        let children: Vec<FieldDescriptor> = match field.kind() {
+            Kind::Message(message) if !string_shaped(message.full_name()) => message.fields().collect(),
+            _ => {
+                if !bound.iter().any(|v| v.len() == 1 && v[0] == field.name()) {
+                    properties.insert(field.json_name().to_owned(), form_field_schema(schemas, &field));
+                }
+                continue;
+            }
+        };
+        for child in children.iter().filter(|child| fits_query(child) && !child.is_list()) {
+            let is_bound = bound.iter().any(|v| v.len() == 2 && v[0] == field.name() && v[1] == child.name());
+            if !is_bound {
+                let name = format!("{}.{}", field.json_name(), child.json_name());
+                properties.insert(name, form_field_schema(schemas, child));
+            }
+        }
+    }
+    json!({
+        "required": true,
+        "content": {
+            "application/octet-stream": { "schema": { "type": "string", "format": "binary" } },
+            "multipart/form-data": {
+                "schema": { "type": "object", "properties": properties, "required": ["file"] },
+                "encoding": { "file": { "contentType": "*/*" } },
+            },
+        },
+    })
+}
+
+/// A form field's schema, with the field's proto comment as its description.
+fn form_field_schema(schemas: &mut Schemas, field: &FieldDescriptor) -> Json {
+    let schema = parameter_schema(schemas, field);
+    match comment(field.parent_message().parent_file_descriptor_proto(), field.path()) {
+        Some(text) => with_description(schema, text),
+        None => schema,
+    }
 }
 
 fn responses(route: &Route, schemas: &mut Schemas) -> Json {

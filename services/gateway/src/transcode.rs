@@ -5,6 +5,8 @@
 //! path variables (path wins, as in grpc-gateway), then decoded once, so every mistake is
 //! reported the same way: 400 with the JSON path of the offending field.
 
+use std::borrow::Cow;
+
 use prost_reflect::{DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions};
 use serde_json::{Map, Value as Json};
 
@@ -43,23 +45,64 @@ pub fn request_message(
             Some(_) => return Err(ServiceError::invalid_field("body", "this route takes no body")),
         },
     };
-    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+    let query = form_urlencoded::parse(query.unwrap_or_default().as_bytes());
+    place_parameters(&mut root, route, query, "is not a query parameter of this route")?;
+    place_bound(&mut root, route, bound)
+}
+
+/// The first message of a multipart upload: the path and query as for a raw-body upload, plus
+/// the form's text parts, named as the query parameters are (`metadata.name`).
+pub fn upload_message(
+    route: &Route,
+    bound: Vec<(Vec<String>, String)>,
+    query: Option<&str>,
+    form: &[(String, String)],
+) -> Result<DynamicMessage, ServiceError> {
+    let mut root = Map::new();
+    let query = form_urlencoded::parse(query.unwrap_or_default().as_bytes());
+    place_parameters(&mut root, route, query, "is not a query parameter of this route")?;
+    let form = form.iter().map(|(name, value)| (name.as_str().into(), value.as_str().into()));
+    place_parameters(&mut root, route, form, "is not a field of this upload form")?;
+    place_bound(&mut root, route, bound)
+}
+
+/// Named scalar values (query parameters, form fields) into `root`; a name that is no field of
+/// the input (or is the body's field) is refused with `unknown`.
+fn place_parameters<'a>(
+    root: &mut Map<String, Json>,
+    route: &Route,
+    parameters: impl Iterator<Item = (Cow<'a, str>, Cow<'a, str>)>,
+    unknown: &str,
+) -> Result<(), ServiceError> {
+    let input = route.method.input();
+    for (name, value) in parameters {
         let path: Vec<String> = name.split('.').map(str::to_owned).collect();
         let field = resolve_json_field(&input, &path)
             .filter(|_| route.body != BodyRule::Whole)
             .filter(|_| !matches!(&route.body, BodyRule::Field(body) if path.first().is_some_and(|p| is_field(&input, p, body))))
-            .ok_or_else(|| ServiceError::invalid_field(name.as_ref(), "is not a query parameter of this route"))?;
+            .ok_or_else(|| ServiceError::invalid_field(name.as_ref(), unknown))?;
         let converted =
             scalar_json(&field, &value).map_err(|message| ServiceError::invalid_field(name.as_ref(), message))?;
-        place(&mut root, &input, &path, converted, field.is_list());
+        place(root, &input, &path, converted, field.is_list());
     }
+    Ok(())
+}
+
+/// The path variables into `root` (they win over the query and the body, as in grpc-gateway),
+/// then the whole decoded as the route's input.
+fn place_bound(
+    root: &mut Map<String, Json>,
+    route: &Route,
+    bound: Vec<(Vec<String>, String)>,
+) -> Result<DynamicMessage, ServiceError> {
+    let input = route.method.input();
     for (path, value) in bound {
         let field = resolve_field(&input, &path).ok_or_else(|| ServiceError::internal("path variable vanished"))?;
         let converted =
             scalar_json(&field, &value).map_err(|message| ServiceError::invalid_field(path.join("."), message))?;
-        place(&mut root, &input, &path, converted, false);
+        place(root, &input, &path, converted, false);
     }
-    decode(&input, Json::Object(root))
+    decode(&input, Json::Object(std::mem::take(root)))
 }
 
 /// Decodes `json` into a message of type `descriptor`; a mistake names its JSON path.

@@ -46,7 +46,7 @@ impl Files {
                 return Err(FilesError::invalid("finish", "no message may follow the one that finishes the upload"));
             }
             match message.part {
-                Some(pb::upload_request::Part::Chunk(chunk)) => Ok(Bytes::from(chunk)),
+                Some(pb::upload_request::Part::Chunk(chunk)) => Ok(chunk),
                 None => Ok(Bytes::new()),
                 Some(pb::upload_request::Part::Metadata(_)) => {
                     Err(FilesError::invalid("chunk", "only the first message carries metadata"))

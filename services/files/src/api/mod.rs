@@ -117,9 +117,7 @@ impl Files {
         let chunks = download.bytes.flat_map(|item| {
             let messages: Vec<Result<pb::DownloadResponse, Status>> = match item {
                 Ok(bytes) => split(bytes)
-                    .map(|chunk| {
-                        Ok(pb::DownloadResponse { part: Some(pb::download_response::Part::Chunk(chunk.to_vec())) })
-                    })
+                    .map(|chunk| Ok(pb::DownloadResponse { part: Some(pb::download_response::Part::Chunk(chunk)) }))
                     .collect(),
                 Err(error) => vec![Err(Status::from(FilesError::from(error)))],
             };
