@@ -3,6 +3,7 @@
 //! same question asked of PostgreSQL).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -20,6 +21,10 @@ const PIPELINE_EVENTS: i64 = 100_000;
 /// Events the query scenario asks about, spread over [`QUERY_DAYS`] days and 10 models.
 const QUERY_EVENTS: u64 = 10_000_000;
 const QUERY_DAYS: i64 = 30;
+
+/// Mean rows per INSERT into `usage_events` in the last pipeline run; the raw insert uses
+/// batches of this size so that it compares like with like (0: no run yet).
+static PIPELINE_ROWS_PER_INSERT: AtomicUsize = AtomicUsize::new(0);
 
 /// Throughput-only figures of a one-off run of `events` in `elapsed`.
 fn throughput(name: &str, events: i64, elapsed: Duration, batch_latencies_ms: &mut [f64]) -> Figures {
@@ -50,6 +55,23 @@ async fn usage_events_in(mesh: &Mesh, database: &str) -> anyhow::Result<u64> {
     Ok(client.query(&format!("SELECT count() FROM {database}.usage_events")).fetch_one().await?)
 }
 
+/// The last block number of `usage_events`: every INSERT takes the next one.
+async fn last_block_of_usage_events(mesh: &Mesh, database: &str) -> anyhow::Result<i64> {
+    let client = clickhouse::Client::default().with_url(&mesh.config.analytics.clickhouse_url);
+    let sql = "SELECT toInt64(max(max_block_number)) FROM system.parts WHERE database = ? AND table = 'usage_events'";
+    Ok(client.query(sql).bind(database).fetch_one().await?)
+}
+
+/// INSERT statements into `usage_events` since block `after` and the rows they wrote: each
+/// INSERT makes one part of its own block number (merged parts span several), and merged
+/// parts stay listed, inactive, for minutes after a merge.
+async fn inserts_into_usage_events_since(mesh: &Mesh, database: &str, after: i64) -> anyhow::Result<(u64, u64)> {
+    let client = clickhouse::Client::default().with_url(&mesh.config.analytics.clickhouse_url);
+    let sql = "SELECT count(), sum(rows) FROM system.parts WHERE database = ? AND table = 'usage_events' \
+               AND min_block_number = max_block_number AND min_block_number > ?";
+    Ok(client.query(sql).bind(database).bind(after).fetch_one().await?)
+}
+
 /// Writes [`PIPELINE_EVENTS`] usage events into usage's outbox in one transaction (as
 /// RecordUsage writes them, one per record) and times until analytics holds them all; the
 /// relays and analytics run as in `aimesh all`.
@@ -58,6 +80,7 @@ pub async fn pipeline(mesh: &Mesh) -> anyhow::Result<Figures> {
     let project = Uuid::new_v4();
     let database = mesh.config.analytics.clickhouse_database.clone();
     let before = usage_events_in(mesh, &database).await?;
+    let last_block = last_block_of_usage_events(mesh, &database).await?;
     let started = Instant::now();
     sqlx::query(
         "INSERT INTO outbox_events (event_id, topic, event_type, project_id, payload, occurred_at) \
@@ -79,18 +102,36 @@ pub async fn pipeline(mesh: &Mesh) -> anyhow::Result<Figures> {
         anyhow::ensure!(Instant::now() < deadline, "the events did not arrive within 10 minutes");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(throughput("outbox -> analytics", PIPELINE_EVENTS, started.elapsed(), &mut []))
+    let elapsed = started.elapsed();
+    let (inserts, rows) = inserts_into_usage_events_since(mesh, &database, last_block).await?;
+    let rows_per_insert = usize::try_from(rows / inserts.max(1))?;
+    PIPELINE_ROWS_PER_INSERT.store(rows_per_insert, Ordering::Relaxed);
+    let outbox = &mesh.config.common.outbox;
+    eprintln!(
+        "bench: pipeline: {inserts} INSERTs into usage_events for {rows} rows ({rows_per_insert} rows per INSERT), \
+         relay batches of {} with {} workers ({} batches)",
+        outbox.batch_size,
+        outbox.workers,
+        (PIPELINE_EVENTS + i64::from(outbox.batch_size.max(1)) - 1) / i64::from(outbox.batch_size.max(1))
+    );
+    let name = format!("outbox -> analytics ({rows_per_insert} rows/INSERT)");
+    Ok(throughput(&name, PIPELINE_EVENTS, elapsed, &mut []))
 }
 
-/// The same number of rows inserted straight into a fresh analytics schema, in batches the
-/// size of the relay's, one after the other (as one relay sends them).
+/// The same number of rows inserted straight into a fresh analytics schema, one INSERT after
+/// the other, each as large as the pipeline's INSERTs were on average in this run (without a
+/// pipeline run, as large as the relay's batches in flight at once).
 pub async fn raw_insert(mesh: &Mesh) -> anyhow::Result<Figures> {
     let mut config = mesh.config.analytics.clone();
     config.clickhouse_database = format!("aimesh_bench_{}", Uuid::new_v4().simple());
     let clickhouse = aimesh_analytics::connect_clickhouse(&config).await?;
     let project = Uuid::new_v4();
     let now = Utc::now();
-    let batch = usize::try_from(mesh.config.common.outbox.batch_size)?;
+    let outbox = &mesh.config.common.outbox;
+    let batch = match PIPELINE_ROWS_PER_INSERT.load(Ordering::Relaxed) {
+        0 => usize::try_from(outbox.batch_size.max(1) * outbox.workers.max(1))?,
+        measured => measured,
+    };
     let rows: Vec<UsageEventRow> = (0..PIPELINE_EVENTS)
         .map(|n| UsageEventRow {
             event_id: Uuid::now_v7(),
@@ -125,7 +166,8 @@ pub async fn raw_insert(mesh: &Mesh) -> anyhow::Result<Figures> {
         insert.end().await?;
         latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
     }
-    let figures = throughput("clickhouse INSERT", PIPELINE_EVENTS, started.elapsed(), &mut latencies);
+    let name = format!("clickhouse INSERT ({batch} rows each)");
+    let figures = throughput(&name, PIPELINE_EVENTS, started.elapsed(), &mut latencies);
     clickhouse.server().query(&format!("DROP DATABASE {}", clickhouse.database())).execute().await?;
     Ok(figures)
 }

@@ -106,6 +106,9 @@ AIMESH_{{ $upper }}__LISTEN: {{ printf "0.0.0.0:%d" (int $c.port) | quote }}
 {{- if $v.components.identity.enabled }}
 AIMESH_AUTH__IDENTITY_URL: {{ include "aimesh.url" (dict "root" $root "component" "identity") | quote }}
 {{- end }}
+{{- if $v.components.analytics.enabled }}
+AIMESH_ANALYTICS_URL: {{ include "aimesh.url" (dict "root" $root "component" "analytics") | quote }}
+{{- end }}
 {{- if and (eq .component "chat") $v.components.files.enabled }}
 AIMESH_CHAT__FILES_URL: {{ include "aimesh.url" (dict "root" $root "component" "files") | quote }}
 {{- end }}

@@ -23,6 +23,9 @@ pub struct AnalyticsConfig {
     pub max_buckets: u32,
     /// Most events one Ingest call may carry.
     pub max_batch_events: u32,
+    /// Ingest calls waiting together are stored with one INSERT per table; a round takes no
+    /// further call once it holds this many events.
+    pub max_insert_events: u32,
 }
 
 impl Default for AnalyticsConfig {
@@ -37,6 +40,7 @@ impl Default for AnalyticsConfig {
             max_range_days: 400,
             max_buckets: 10_000,
             max_batch_events: 10_000,
+            max_insert_events: 20_000,
         }
     }
 }

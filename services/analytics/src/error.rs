@@ -2,7 +2,7 @@
 
 use aimesh_kit::{ErrorCode, ServiceError};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AnalyticsError {
     #[error("{field}: {message}")]
     Invalid { field: &'static str, message: String },
@@ -14,6 +14,12 @@ pub enum AnalyticsError {
     /// ClickHouse answered with an error: a bug or a schema out of step.
     #[error("clickhouse: {0}")]
     ClickHouse(String),
+    /// Redis, which holds the ingest claims, did not answer: the caller retries later.
+    #[error("redis is unavailable: {0}")]
+    RedisUnavailable(String),
+    /// Another replica is storing some of the events right now: the caller retries later.
+    #[error("another analytics replica is storing some of these events")]
+    ClaimedElsewhere,
 }
 
 impl AnalyticsError {
@@ -39,6 +45,9 @@ impl From<AnalyticsError> for ServiceError {
             AnalyticsError::Invalid { field, message } => ServiceError::invalid_field(field, message),
             AnalyticsError::Service(error) => error,
             AnalyticsError::Unavailable(cause) => ServiceError::unavailable(format!("clickhouse: {cause}")),
+            error @ (AnalyticsError::RedisUnavailable(_) | AnalyticsError::ClaimedElsewhere) => {
+                ServiceError::unavailable(error.to_string())
+            }
             AnalyticsError::ClickHouse(cause) => {
                 ServiceError::new(ErrorCode::Internal, "CLICKHOUSE_ERROR", format!("clickhouse: {cause}"))
             }

@@ -16,7 +16,7 @@ use aimesh_kit::server::{self, Dependency, Probe, ServiceSpec};
 
 use crate::api::Analytics;
 use crate::config::AnalyticsConfig;
-use crate::store::{ClickHouse, Store};
+use crate::store::{ClickHouse, IngestClaims, Store};
 
 /// How often each replica rereads the projects' retention (another replica may change one).
 const RETENTION_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
@@ -46,12 +46,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let clickhouse = connect_clickhouse(&config).await?;
-    let store = Store::open(clickhouse.clone(), config.default_retention_days)
+    let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
+    redis.log_errors();
+    let store = Store::open(clickhouse.clone(), IngestClaims::new(redis.clone()), &config)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("reading analytics settings from clickhouse")?;
-    let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
-    redis.log_errors();
     let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
     let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &common.auth)?;
     let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);

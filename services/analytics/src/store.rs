@@ -1,19 +1,29 @@
 //! ClickHouse: the connection, ingestion counted once, the usage and audit queries, retention.
 //!
-//! Exactly once: an event is written only if its id is in none of the event tables yet. The
-//! check and the insert run under one lock per process, so two deliveries of the same event
-//! to one replica cannot both pass; materialized views therefore see each event once and the
-//! rollup counts it once. The event tables are ReplacingMergeTree keyed by event id, and every
-//! raw read uses FINAL, so a duplicate that still got in (two analytics replicas handed the same
-//! event at the same instant) never shows in raw answers; see README, "Analytics".
+//! Exactly once: an event is written only if its id is in none of the event tables yet. One
+//! writer task per process does the check and the insert, and before the check it claims the
+//! events' ids in the shared Redis ([`IngestClaims`]), so neither two deliveries of an event to
+//! one replica nor two replicas handed the same event at the same instant can both find it
+//! new; materialized views therefore see each event once and the rollup counts it once. The
+//! writer takes every Ingest call waiting when it is free and serves them with one claim, one
+//! check and one INSERT per table (group commit), so the INSERT size grows with the load
+//! instead of being the relay's batch. The event tables are ReplacingMergeTree keyed by event
+//! id and every raw read uses FINAL, as a last guard (see [`CLAIM_TTL`]); see README,
+//! "Analytics".
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use fred::interfaces::LuaInterface;
+use tokio::sync::{mpsc, oneshot};
 
 use chrono::{DateTime, Utc};
 use clickhouse::Row;
 use serde::Deserialize;
 use uuid::Uuid;
+
+use aimesh_kit::redis::Redis;
 
 use crate::config::AnalyticsConfig;
 use crate::error::{AnalyticsError, Result};
@@ -152,11 +162,97 @@ struct RetentionRow {
 #[derive(Debug, Clone)]
 pub struct Store {
     ch: ClickHouse,
-    default_retention_days: u16,
-    /// Project retention in days, as last read or set (see [`Store::refresh_retention`]).
-    retention: Arc<RwLock<HashMap<Uuid, u16>>>,
+    retention: Arc<Retention>,
     time_zones: Arc<HashSet<String>>,
-    ingest_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The queue of the process's one ingest writer ([`Writer`]).
+    writer: mpsc::Sender<IngestJob>,
+}
+
+/// Each project's retention in days, as last read or set (see [`Store::refresh_retention`]).
+#[derive(Debug)]
+struct Retention {
+    default_days: u16,
+    custom: RwLock<HashMap<Uuid, u16>>,
+}
+
+impl Retention {
+    /// A project's retention in days, and whether the project set it.
+    fn of(&self, project_id: Uuid) -> (u16, bool) {
+        let custom = self.custom.read().ok().and_then(|r| r.get(&project_id).copied());
+        custom.map_or((self.default_days, false), |days| (days, true))
+    }
+}
+
+/// One Ingest call waiting for the writer, and where its outcomes go.
+struct IngestJob {
+    events: Vec<ValidEvent>,
+    done: oneshot::Sender<Result<Vec<Stored>>>,
+}
+
+/// Ingest calls a replica queues for its writer before a further one waits to be queued.
+const INGEST_QUEUE: usize = 64;
+
+/// How long a replica's claim on the events it stores lasts unless released: far longer than
+/// a check and an INSERT take, so it lapses only when its holder died (then a retry waits at
+/// most this long), or stalled this long mid-INSERT (then FINAL still hides the duplicate in
+/// raw reads).
+pub const CLAIM_TTL: Duration = Duration::from_secs(60);
+
+/// Claims every key for ARGV[1] for ARGV[2] ms, or none if any is claimed already; returns how
+/// many were claimed by others.
+const CLAIM_SCRIPT: &str = "\
+local taken = 0
+for _, key in ipairs(KEYS) do taken = taken + redis.call('EXISTS', key) end
+if taken > 0 then return taken end
+for _, key in ipairs(KEYS) do redis.call('SET', key, ARGV[1], 'PX', ARGV[2]) end
+return 0";
+
+/// Deletes the keys that still hold ARGV[1] (a lapsed claim may be someone else's by now).
+const RELEASE_SCRIPT: &str = "\
+local released = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then released = released + redis.call('DEL', key) end
+end
+return released";
+
+/// Claims on event ids in the shared Redis, taken by a replica's writer for the time it
+/// checks and inserts them. The keys share one hash tag so that one script claims a whole
+/// round atomically on a Redis Cluster.
+#[derive(Debug, Clone)]
+pub struct IngestClaims {
+    redis: Redis,
+}
+
+impl IngestClaims {
+    pub fn new(redis: Redis) -> Self {
+        Self { redis }
+    }
+
+    fn keys(&self, events: &[ValidEvent]) -> Vec<String> {
+        let ids: HashSet<Uuid> = events.iter().map(ValidEvent::event_id).collect();
+        ids.into_iter().map(|id| self.redis.key("analytics", &format!("{{ingest}}:{id}"))).collect()
+    }
+
+    /// Claims all of `events` for `token`, or none: false when another replica holds any.
+    async fn claim(&self, keys: &[String], token: &str) -> Result<bool> {
+        let millis = CLAIM_TTL.as_millis().to_string();
+        let taken: i64 = self
+            .redis
+            .pool()
+            .eval(CLAIM_SCRIPT, keys.to_vec(), vec![token.to_owned(), millis])
+            .await
+            .map_err(|e| AnalyticsError::RedisUnavailable(e.to_string()))?;
+        Ok(taken == 0)
+    }
+
+    async fn release(&self, keys: &[String], token: &str) {
+        let released: std::result::Result<i64, _> =
+            self.redis.pool().eval(RELEASE_SCRIPT, keys.to_vec(), vec![token.to_owned()]).await;
+        if let Err(error) = released {
+            // The claims lapse by themselves; a retry of these events waits until then.
+            tracing::warn!(%error, "cannot release ingest claims");
+        }
+    }
 }
 
 /// ClickHouse's text form of a time, for `DateTime64(6, 'UTC')` parameters.
@@ -165,17 +261,22 @@ fn time_param(time: DateTime<Utc>) -> String {
 }
 
 impl Store {
-    /// The store of `ch`, reading the time zones ClickHouse knows and the projects' retention.
-    pub async fn open(ch: ClickHouse, default_retention_days: u16) -> Result<Self> {
+    /// The store of `ch`, reading the time zones ClickHouse knows and the projects' retention,
+    /// with its ingest writer (claiming events in `claims`) running until the last clone of the
+    /// store is dropped.
+    pub async fn open(ch: ClickHouse, claims: IngestClaims, config: &AnalyticsConfig) -> Result<Self> {
         let zones: Vec<String> = ch.client.query("SELECT time_zone FROM system.time_zones").fetch_all().await?;
-        let store = Self {
-            ch,
-            default_retention_days,
-            retention: Arc::default(),
-            time_zones: Arc::new(zones.into_iter().collect()),
-            ingest_lock: Arc::default(),
-        };
+        let retention = Arc::new(Retention { default_days: config.default_retention_days, custom: RwLock::default() });
+        let (writer, jobs) = mpsc::channel(INGEST_QUEUE);
+        let store = Self { ch, retention, time_zones: Arc::new(zones.into_iter().collect()), writer };
         store.refresh_retention().await?;
+        let writer = Writer {
+            ch: store.ch.clone(),
+            retention: Arc::clone(&store.retention),
+            claims,
+            max_events: config.max_insert_events.max(1) as usize,
+        };
+        tokio::spawn(writer.run(jobs));
         Ok(store)
     }
 
@@ -193,7 +294,7 @@ impl Store {
         let rows: Vec<RetentionRow> =
             self.ch.client.query("SELECT project_id, days FROM project_retention FINAL").fetch_all().await?;
         let map = rows.into_iter().map(|row| (row.project_id, row.days)).collect();
-        if let Ok(mut retention) = self.retention.write() {
+        if let Ok(mut retention) = self.retention.custom.write() {
             *retention = map;
         }
         Ok(())
@@ -201,88 +302,22 @@ impl Store {
 
     /// A project's retention in days, and whether the project set it.
     pub fn retention_of(&self, project_id: Uuid) -> (u16, bool) {
-        let custom = self.retention.read().ok().and_then(|r| r.get(&project_id).copied());
-        custom.map_or((self.default_retention_days, false), |days| (days, true))
+        self.retention.of(project_id)
     }
 
     /// Stores the events not stored before; for each, whether it was new. Duplicates within
-    /// the batch count as seen after their first occurrence.
-    pub async fn ingest(&self, mut events: Vec<ValidEvent>) -> Result<Vec<Stored>> {
-        let _serialised = self.ingest_lock.lock().await;
-        let known = self.known_ids(&events).await?;
-        let mut seen = HashSet::with_capacity(events.len());
-        let outcomes: Vec<Stored> = events
-            .iter()
-            .map(|e| {
-                if !known.contains(&e.event_id()) && seen.insert(e.event_id()) {
-                    Stored::New
-                } else {
-                    Stored::Duplicate
-                }
-            })
-            .collect();
-        let (mut usage, mut audit, mut product) = (Vec::new(), Vec::new(), Vec::new());
-        for (event, outcome) in events.iter_mut().zip(&outcomes) {
-            if *outcome == Stored::Duplicate {
-                continue;
-            }
-            event.set_retention(self.retention_of(event.project_id()).0);
-            match event.clone() {
-                ValidEvent::Usage(row) => usage.push(row),
-                ValidEvent::Audit(row) => audit.push(row),
-                ValidEvent::Product(row) => product.push(row),
-            }
+    /// the batch count as seen after their first occurrence. Done by the writer, together
+    /// with the other calls waiting at the time; the events are stored even if the caller
+    /// stops waiting.
+    pub async fn ingest(&self, events: Vec<ValidEvent>) -> Result<Vec<Stored>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
         }
-        self.insert::<UsageEventRow>("usage_events", &usage).await?;
-        self.insert::<AuditEventRow>("audit_events", &audit).await?;
-        self.insert::<ProductEventRow>("product_events", &product).await?;
-        Ok(outcomes)
+        let stopped = || AnalyticsError::Unavailable("the ingest writer stopped".into());
+        let (done, outcomes) = oneshot::channel();
+        self.writer.send(IngestJob { events, done }).await.map_err(|_| stopped())?;
+        outcomes.await.map_err(|_| stopped())?
     }
-
-    /// Which of `events` are stored already: looked up by id within the batch's time span,
-    /// which the tables' sort key (project, time, id) narrows to a few granules.
-    async fn known_ids(&self, events: &[ValidEvent]) -> Result<HashSet<Uuid>> {
-        let (Some(first), Some(last)) =
-            (events.iter().map(ValidEvent::occurred_at).min(), events.iter().map(ValidEvent::occurred_at).max())
-        else {
-            return Ok(HashSet::new());
-        };
-        let ids: Vec<String> = events.iter().map(|e| e.event_id().to_string()).collect();
-        let select = |table: &str| {
-            format!(
-                "SELECT event_id FROM {table} WHERE occurred_at BETWEEN {{first:DateTime64(6, 'UTC')}} \
-                 AND {{last:DateTime64(6, 'UTC')}} AND event_id IN {{ids:Array(UUID)}}"
-            )
-        };
-        let sql = EVENT_TABLES.iter().map(|t| select(t)).collect::<Vec<_>>().join(" UNION ALL ");
-        let rows: Vec<EventIdRow> = self
-            .ch
-            .client
-            .query(&sql)
-            .param("first", time_param(first))
-            .param("last", time_param(last))
-            .param("ids", ids)
-            .fetch_all()
-            .await?;
-        Ok(rows.into_iter().map(|row| row.event_id).collect())
-    }
-
-    /// One INSERT of `rows` (RowBinary), none when empty.
-    async fn insert<T>(&self, table: &str, rows: &[T]) -> Result<()>
-    where
-        T: clickhouse::RowOwned + clickhouse::RowWrite,
-    {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self.ch.client.insert::<T>(table).await?;
-        for row in rows {
-            insert.write(row).await?;
-        }
-        insert.end().await?;
-        Ok(())
-    }
-
     /// Whether the hourly rollup answers `query` exactly: hour-aligned range, buckets of an
     /// hour or more in a zone whose offset is whole hours at both ends.
     pub async fn rollup_answers(&self, query: &UsageQuery) -> Result<bool> {
@@ -436,7 +471,7 @@ impl Store {
             .param("days", days)
             .execute()
             .await?;
-        if let Ok(mut retention) = self.retention.write() {
+        if let Ok(mut retention) = self.retention.custom.write() {
             retention.insert(project_id, days);
         }
         let tables = EVENT_TABLES.iter().map(|t| (*t, "occurred_at")).chain([("usage_hourly", "hour")]);
@@ -468,6 +503,147 @@ impl Store {
         for table in EVENT_TABLES.iter().chain(&["usage_hourly"]) {
             self.ch.client.query(&format!("OPTIMIZE TABLE {table} FINAL")).execute().await?;
         }
+        Ok(())
+    }
+}
+
+/// The one task per process that checks and inserts events, a round at a time.
+struct Writer {
+    ch: ClickHouse,
+    retention: Arc<Retention>,
+    claims: IngestClaims,
+    /// A round stops taking further waiting calls once it holds this many events.
+    max_events: usize,
+}
+
+impl Writer {
+    /// Until every store is dropped: takes the next call and every call waiting behind it (up
+    /// to about `max_events` events), stores them in one round, answers each.
+    async fn run(self, mut jobs: mpsc::Receiver<IngestJob>) {
+        while let Some(first) = jobs.recv().await {
+            let mut round = vec![first];
+            let mut events = round[0].events.len();
+            while events < self.max_events {
+                let Ok(job) = jobs.try_recv() else { break };
+                events += job.events.len();
+                round.push(job);
+            }
+            let sizes: Vec<usize> = round.iter().map(|job| job.events.len()).collect();
+            let mut replies = Vec::with_capacity(round.len());
+            let mut all = Vec::with_capacity(events);
+            for job in round {
+                all.extend(job.events);
+                replies.push(job.done);
+            }
+            metrics::histogram!("analytics_ingest_round_events").record(events as f64);
+            match self.store_new(all).await {
+                Ok(outcomes) => {
+                    let mut outcomes = outcomes.into_iter();
+                    for (done, size) in replies.into_iter().zip(sizes) {
+                        // A caller that stopped waiting finds its events stored when it retries.
+                        let _ = done.send(Ok(outcomes.by_ref().take(size).collect()));
+                    }
+                }
+                Err(error) => {
+                    for done in replies {
+                        let _ = done.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores the events not stored before, under a claim on them; for each, whether it was
+    /// new. Fails as unavailable (the relay retries) while another replica claims any.
+    async fn store_new(&self, events: Vec<ValidEvent>) -> Result<Vec<Stored>> {
+        let keys = self.claims.keys(&events);
+        let token = Uuid::new_v4().to_string();
+        if !self.claims.claim(&keys, &token).await? {
+            metrics::counter!("analytics_ingest_claim_conflicts_total").increment(1);
+            return Err(AnalyticsError::ClaimedElsewhere);
+        }
+        let stored = self.check_and_insert(events).await;
+        self.claims.release(&keys, &token).await;
+        stored
+    }
+
+    /// Stores the events the tables do not hold yet; for each, whether it was new.
+    async fn check_and_insert(&self, mut events: Vec<ValidEvent>) -> Result<Vec<Stored>> {
+        let known = self.known_ids(&events).await?;
+        let mut seen = HashSet::with_capacity(events.len());
+        let outcomes: Vec<Stored> = events
+            .iter()
+            .map(|e| {
+                if !known.contains(&e.event_id()) && seen.insert(e.event_id()) {
+                    Stored::New
+                } else {
+                    Stored::Duplicate
+                }
+            })
+            .collect();
+        let (mut usage, mut audit, mut product) = (Vec::new(), Vec::new(), Vec::new());
+        for (event, outcome) in events.iter_mut().zip(&outcomes) {
+            if *outcome == Stored::Duplicate {
+                continue;
+            }
+            event.set_retention(self.retention.of(event.project_id()).0);
+            match event.clone() {
+                ValidEvent::Usage(row) => usage.push(row),
+                ValidEvent::Audit(row) => audit.push(row),
+                ValidEvent::Product(row) => product.push(row),
+            }
+        }
+        self.insert::<UsageEventRow>("usage_events", &usage).await?;
+        self.insert::<AuditEventRow>("audit_events", &audit).await?;
+        self.insert::<ProductEventRow>("product_events", &product).await?;
+        Ok(outcomes)
+    }
+
+    /// Which of `events` are stored already: looked up by project, id and the round's time
+    /// span, which the tables' sort key (project, time, id) narrows to a few granules.
+    async fn known_ids(&self, events: &[ValidEvent]) -> Result<HashSet<Uuid>> {
+        let (Some(first), Some(last)) =
+            (events.iter().map(ValidEvent::occurred_at).min(), events.iter().map(ValidEvent::occurred_at).max())
+        else {
+            return Ok(HashSet::new());
+        };
+        let ids: Vec<String> = events.iter().map(|e| e.event_id().to_string()).collect();
+        let projects: HashSet<Uuid> = events.iter().map(ValidEvent::project_id).collect();
+        let projects: Vec<String> = projects.iter().map(Uuid::to_string).collect();
+        let select = |table: &str| {
+            format!(
+                "SELECT event_id FROM {table} WHERE project_id IN {{projects:Array(UUID)}} \
+                 AND occurred_at BETWEEN {{first:DateTime64(6, 'UTC')}} AND {{last:DateTime64(6, 'UTC')}} \
+                 AND event_id IN {{ids:Array(UUID)}}"
+            )
+        };
+        let sql = EVENT_TABLES.iter().map(|t| select(t)).collect::<Vec<_>>().join(" UNION ALL ");
+        let rows: Vec<EventIdRow> = self
+            .ch
+            .client
+            .query(&sql)
+            .param("first", time_param(first))
+            .param("last", time_param(last))
+            .param("projects", projects)
+            .param("ids", ids)
+            .fetch_all()
+            .await?;
+        Ok(rows.into_iter().map(|row| row.event_id).collect())
+    }
+
+    /// One INSERT of `rows` (RowBinary), none when empty.
+    async fn insert<T>(&self, table: &str, rows: &[T]) -> Result<()>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowWrite,
+    {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self.ch.client.insert::<T>(table).await?;
+        for row in rows {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
         Ok(())
     }
 }

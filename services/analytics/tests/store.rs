@@ -5,15 +5,18 @@ use chrono::{DateTime, Duration, DurationRound, Utc};
 use uuid::Uuid;
 
 use aimesh_analytics::AnalyticsConfig;
+use aimesh_analytics::error::AnalyticsError;
 use aimesh_analytics::events::{self, ValidEvent};
 use aimesh_analytics::query::{Bucket, Dimension, TimeRange, UsageFilter, UsageQuery};
-use aimesh_analytics::store::{Source, Store, Stored, UsageAggregate};
+use aimesh_analytics::store::{IngestClaims, Source, Store, Stored, UsageAggregate};
 use aimesh_kit::proto_json;
 use aimesh_proto::analytics::v1 as pb;
 
 /// A store on a database of its own, dropped at the end of the test.
 struct TestStore {
     store: Store,
+    config: AnalyticsConfig,
+    redis_prefix: String,
 }
 
 impl TestStore {
@@ -24,9 +27,20 @@ impl TestStore {
             default_retention_days: 30,
             ..AnalyticsConfig::default()
         };
-        let clickhouse = aimesh_analytics::connect_clickhouse(&config).await.expect("clickhouse (run make test)");
-        let store = Store::open(clickhouse, config.default_retention_days).await.expect("open store");
-        Self { store }
+        let redis_prefix = format!("test-{}", Uuid::new_v4().simple());
+        let store = Self::open(&config, &redis_prefix).await;
+        Self { store, config, redis_prefix }
+    }
+
+    /// A second replica: its own writer and connections, the same ClickHouse database and Redis.
+    async fn replica(&self) -> Store {
+        Self::open(&self.config, &self.redis_prefix).await
+    }
+
+    async fn open(config: &AnalyticsConfig, redis_prefix: &str) -> Store {
+        let clickhouse = aimesh_analytics::connect_clickhouse(config).await.expect("clickhouse (run make test)");
+        let claims = IngestClaims::new(aimesh_kit::testing::redis_with_prefix(redis_prefix).await);
+        Store::open(clickhouse, claims, config).await.expect("open store")
     }
 
     async fn drop_database(self) {
@@ -119,6 +133,71 @@ async fn replayed_and_duplicated_events_change_no_answer() {
     let stored: u64 =
         store.clickhouse().client().query("SELECT count() FROM usage_events").fetch_one().await.expect("count");
     assert_eq!(stored, 41, "no duplicate row stored either");
+    test.drop_database().await;
+}
+
+#[tokio::test]
+async fn calls_ingesting_at_once_share_inserts_and_count_each_event_once() {
+    let test = TestStore::new().await;
+    let store = &test.store;
+    let project = Uuid::new_v4();
+    let model = Uuid::new_v4();
+    let start = Utc::now().duration_trunc(Duration::hours(1)).expect("trunc") - Duration::hours(5);
+    let events: Vec<pb::Event> =
+        (0..225).map(|i| usage_event(project, model, start + Duration::seconds(i), 100, "0.01", "success")).collect();
+    // Eight calls at once, each overlapping the next by half: 225 distinct events in 400.
+    let calls: Vec<Vec<ValidEvent>> = (0..8).map(|i| valid(&events[i * 25..i * 25 + 50])).collect();
+    let outcomes = futures::future::join_all(calls.into_iter().map(|call| store.ingest(call))).await;
+    let mut new = 0;
+    for outcome in outcomes {
+        new += outcome.expect("ingest").iter().filter(|s| **s == Stored::New).count();
+    }
+    assert_eq!(new, 225, "each event new exactly once");
+
+    let query = day_query(project, start - Duration::hours(1), start + Duration::hours(2), None);
+    let raw = totals(&store.usage_from(&query, Source::Raw).await.expect("raw"));
+    let rollup = totals(&store.usage_from(&query, Source::Rollup).await.expect("rollup"));
+    assert_eq!(raw, rollup, "the rollup agrees with the events");
+    assert_eq!(raw.iter().map(|r| r.2).sum::<u64>(), 225);
+    let stored: u64 =
+        store.clickhouse().client().query("SELECT count() FROM usage_events").fetch_one().await.expect("count");
+    assert_eq!(stored, 225, "no duplicate row stored");
+    test.drop_database().await;
+}
+
+#[tokio::test]
+async fn two_replicas_handed_the_same_batch_at_once_count_it_once() {
+    let test = TestStore::new().await;
+    let other = test.replica().await;
+    let project = Uuid::new_v4();
+    let model = Uuid::new_v4();
+    let start = Utc::now().duration_trunc(Duration::hours(1)).expect("trunc") - Duration::hours(3);
+    let batch: Vec<pb::Event> =
+        (0..300).map(|i| usage_event(project, model, start + Duration::seconds(i), 100, "0.01", "success")).collect();
+
+    let (first, second) = tokio::join!(test.store.ingest(valid(&batch)), other.ingest(valid(&batch)));
+    let mut new = 0;
+    for (replica, outcome) in [(&test.store, first), (&other, second)] {
+        // A replica that found the batch claimed answers "retry later", as a relay would.
+        let mut outcome = outcome;
+        let mut retries = 0;
+        while matches!(outcome, Err(AnalyticsError::ClaimedElsewhere)) && retries < 100 {
+            retries += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            outcome = replica.ingest(valid(&batch)).await;
+        }
+        new += outcome.expect("ingest").iter().filter(|s| **s == Stored::New).count();
+    }
+    assert_eq!(new, 300, "each event new on one replica only");
+
+    let query = day_query(project, start - Duration::hours(1), start + Duration::hours(2), None);
+    let rollup = totals(&test.store.usage_from(&query, Source::Rollup).await.expect("rollup"));
+    assert_eq!(rollup.iter().map(|r| r.2).sum::<u64>(), 300, "the rollup counts each event once");
+    let raw = totals(&test.store.usage_from(&query, Source::Raw).await.expect("raw"));
+    assert_eq!(raw, rollup);
+    let stored: u64 =
+        test.store.clickhouse().client().query("SELECT count() FROM usage_events").fetch_one().await.expect("count");
+    assert_eq!(stored, 300, "no duplicate row stored, even before a merge");
     test.drop_database().await;
 }
 

@@ -89,6 +89,9 @@ impl Default for CommonConfig {
 pub struct OutboxConfig {
     /// Most events per delivery.
     pub batch_size: u32,
+    /// Deliveries in flight at once per relay (each its own batch, locked apart), so one
+    /// round trip to analytics does not bound a backlog's pace.
+    pub workers: u32,
     /// Pause after a pass that found less than a full batch.
     pub poll_interval_ms: u64,
     /// First retry delay after a failed delivery; doubles up to `max_backoff_secs`.
@@ -102,6 +105,7 @@ impl Default for OutboxConfig {
     fn default() -> Self {
         Self {
             batch_size: 500,
+            workers: 4,
             poll_interval_ms: 500,
             initial_backoff_ms: 1000,
             max_backoff_secs: 60,

@@ -8,7 +8,8 @@
 //! Delivery is at least once: a relay that crashes after the sink accepted a batch but before
 //! its commit delivers that batch again. The consumer deduplicates by `event_id`. Batches are
 //! in `id` (write) order, but a batch that failed is retried after later events went out, and
-//! several replicas relay side by side, so consumers must not rely on order across batches.
+//! several replicas (and each relay's `workers`) deliver side by side, so consumers must not
+//! rely on order across batches.
 //!
 //! Every service that uses the outbox calls [`migrate`] on its database; the table's schema is
 //! the kit's (`migrations/outbox`), not copied into each service.
@@ -172,6 +173,8 @@ pub enum RelayError {
 pub struct RelaySettings {
     /// Most events per delivery.
     pub batch_size: u32,
+    /// Deliveries in flight at once: workers that each lock and deliver their own batch.
+    pub workers: u32,
     /// Pause after a pass that found less than a full batch.
     pub poll_interval: Duration,
     /// Delay before the first retry of a failed event; doubles with each further failure.
@@ -188,6 +191,7 @@ impl Default for RelaySettings {
     fn default() -> Self {
         Self {
             batch_size: 100,
+            workers: 1,
             poll_interval: Duration::from_secs(1),
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
@@ -208,9 +212,10 @@ struct OutboxRow {
     occurred_at: DateTime<Utc>,
 }
 
-/// Moves events from one database's outbox to a sink. Several replicas may relay the same
-/// table at once: each batch's rows are locked (`FOR UPDATE SKIP LOCKED`) until its delivery
-/// is settled, so no two relays send the same rows concurrently.
+/// Moves events from one database's outbox to a sink. Several replicas, and several workers
+/// of one relay, may relay the same table at once: each batch's rows are locked (`FOR UPDATE
+/// SKIP LOCKED`) until its delivery is settled, so no two deliveries send the same rows
+/// concurrently.
 pub struct OutboxRelay {
     pool: PgPool,
     sink: Arc<dyn OutboxSink>,
@@ -234,18 +239,26 @@ impl OutboxRelay {
         Self { pool, sink, settings, database }
     }
 
-    /// Relays until `shutdown`, then drains what is due and returns. Back to back while batches
-    /// are full, otherwise every `poll_interval`; prunes delivered rows every [`PRUNE_INTERVAL`].
+    /// Relays with `workers` workers until `shutdown`, then drains what is due and returns.
     pub async fn run(self, shutdown: CancellationToken) {
+        let workers = (0..self.settings.workers.max(1)).map(|worker| self.work(worker == 0, &shutdown));
+        futures::future::join_all(workers).await;
+        tracing::info!(database = %self.database, "outbox relay stopped");
+    }
+
+    /// One worker: batches back to back while they are full, otherwise one every
+    /// `poll_interval`. The `housekeeper` (one per relay) also prunes delivered rows every
+    /// [`PRUNE_INTERVAL`] and publishes the pending gauge.
+    async fn work(&self, housekeeper: bool, shutdown: &CancellationToken) {
         let mut last_prune = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
-            if last_prune.elapsed() >= PRUNE_INTERVAL {
+            if housekeeper && last_prune.elapsed() >= PRUNE_INTERVAL {
                 last_prune = tokio::time::Instant::now();
                 if let Err(error) = self.prune().await {
                     tracing::warn!(database = %self.database, %error, "cannot prune delivered outbox events");
                 }
             }
-            if self.pass().await {
+            if self.pass(housekeeper).await {
                 continue;
             }
             tokio::select! {
@@ -254,16 +267,17 @@ impl OutboxRelay {
             }
         }
         // Events written by the last requests should not wait for the next start.
-        while self.pass().await {}
-        tracing::info!(database = %self.database, "outbox relay stopped");
+        while self.pass(housekeeper).await {}
     }
 
     /// One pass that logs its failure; whether a full batch went out (so more may be waiting).
-    async fn pass(&self) -> bool {
+    async fn pass(&self, housekeeper: bool) -> bool {
         match self.relay_once().await {
             Ok(delivered) if delivered >= self.settings.batch_size as usize => true,
             Ok(_) => {
-                self.publish_pending().await;
+                if housekeeper {
+                    self.publish_pending().await;
+                }
                 false
             }
             Err(RelayError::Sink(error)) => {
@@ -379,6 +393,7 @@ impl RelaySettings {
     pub fn from_config(config: &crate::config::OutboxConfig) -> Self {
         Self {
             batch_size: config.batch_size.max(1),
+            workers: config.workers.max(1),
             poll_interval: Duration::from_millis(config.poll_interval_ms),
             initial_backoff: Duration::from_millis(config.initial_backoff_ms),
             max_backoff: Duration::from_secs(config.max_backoff_secs),

@@ -1,7 +1,7 @@
 //! The transactional outbox against the real PostgreSQL.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +23,8 @@ struct RecordingSink {
     delay: Duration,
     in_flight: Arc<Mutex<HashSet<Uuid>>>,
     overlaps: Arc<Mutex<Vec<Uuid>>>,
+    batches_in_flight: AtomicUsize,
+    most_batches_in_flight: AtomicUsize,
 }
 
 impl RecordingSink {
@@ -42,7 +44,10 @@ impl OutboxSink for RecordingSink {
                     }
                 }
             }
+            let batches = self.batches_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_batches_in_flight.fetch_max(batches, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
+            self.batches_in_flight.fetch_sub(1, Ordering::SeqCst);
             {
                 let mut in_flight = self.in_flight.lock().expect("lock");
                 for event in events {
@@ -62,6 +67,7 @@ impl OutboxSink for RecordingSink {
 fn settings(batch_size: u32) -> RelaySettings {
     RelaySettings {
         batch_size,
+        workers: 1,
         poll_interval: Duration::from_millis(50),
         initial_backoff: Duration::from_millis(300),
         max_backoff: Duration::from_millis(600),
@@ -209,6 +215,34 @@ async fn concurrent_relays_deliver_each_event_once() {
     assert!(per_event.values().all(|count| *count == 1), "no event delivered twice");
     assert!(overlaps.lock().expect("lock").is_empty(), "no event in two batches at once");
     assert!(sinks.iter().all(|sink| !sink.delivered().is_empty()), "both relays took part");
+    assert_eq!(pending(&db.pool).await, 0);
+}
+
+#[tokio::test]
+async fn a_relay_with_several_workers_delivers_batches_side_by_side_each_event_once() {
+    let db = TestDatabase::new(&outbox::migrator()).await;
+    let written: Vec<OutboxEvent> = (0..200).map(event).collect();
+    write(&db.pool, &written).await;
+    let sink = Arc::new(RecordingSink { delay: Duration::from_millis(50), ..RecordingSink::default() });
+    let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), RelaySettings { workers: 4, ..settings(10) });
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sink.delivered().len() < written.len() {
+        assert!(tokio::time::Instant::now() < deadline, "the workers should deliver everything");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running).await.expect("run returns").expect("run task");
+
+    let mut per_event: HashMap<Uuid, usize> = HashMap::new();
+    for event in sink.delivered() {
+        *per_event.entry(event.event_id).or_default() += 1;
+    }
+    assert_eq!(per_event.len(), written.len(), "every event delivered");
+    assert!(per_event.values().all(|count| *count == 1), "no event delivered twice");
+    assert!(sink.overlaps.lock().expect("lock").is_empty(), "no event in two batches at once");
+    assert!(sink.most_batches_in_flight.load(Ordering::SeqCst) >= 2, "batches went out side by side");
     assert_eq!(pending(&db.pool).await, 0);
 }
 
