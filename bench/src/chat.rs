@@ -10,7 +10,8 @@ use crate::report::{Figures, Load, measure};
 /// Messages per session in the list scenario: one page as a client reads it.
 const MESSAGES_PER_SESSION: usize = 50;
 
-async fn sessions(mesh: &Mesh, token: &str, project: &str, count: usize) -> anyhow::Result<Vec<String>> {
+/// Creates `count` sessions of `project`; returns their ids.
+pub async fn sessions(mesh: &Mesh, token: &str, project: &str, count: usize) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::with_capacity(count);
     for n in 0..count {
         let request = chat_pb::CreateSessionRequest {

@@ -40,13 +40,8 @@ macro_rules! read_beside_echo {
 /// (analytics), each beside the echo.
 pub async fn reads(subjects: &Subjects<'_>, load: Load) -> anyhow::Result<Vec<Pair>> {
     let Subjects { mesh, token, project, model } = *subjects;
-    let session = chat_pb::CreateSessionRequest {
-        project_id: project.to_owned(),
-        model: "gpt-4o".into(),
-        title: "bench direct".into(),
-        ..Default::default()
-    };
-    let session = mesh.chat().create_session(authed(session, token)).await?.into_inner().id;
+    let session = crate::chat::sessions(mesh, token, project, 1).await?.pop();
+    let session = session.ok_or_else(|| anyhow::anyhow!("no session was created"))?;
     let file = crate::files::upload(mesh.files(), token, project, 0, 1).await?.id;
 
     let mut pairs = Vec::with_capacity(5);
