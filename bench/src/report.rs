@@ -172,12 +172,17 @@ impl Pair {
     /// The headline: throughput and latency of the scenario relative to its baseline (in open
     /// loop both usually keep up with the rate, so latency tells them apart).
     pub fn headline(&self) -> String {
-        format!(
-            "throughput {:.0}% of the baseline; p50 {:.2}x, p99 {:.2}x the baseline's",
-            self.throughput_ratio() * 100.0,
-            ratio(self.scenario.p50_ms, self.baseline.p50_ms),
-            ratio(self.scenario.p99_ms, self.baseline.p99_ms)
-        )
+        let throughput = format!("throughput {:.0}% of the baseline", self.throughput_ratio() * 100.0);
+        // A batch moved end to end has no per-request latency to compare.
+        if self.scenario.p50_ms > 0.0 && self.baseline.p50_ms > 0.0 {
+            format!(
+                "{throughput}; p50 {:.2}x, p99 {:.2}x the baseline's",
+                ratio(self.scenario.p50_ms, self.baseline.p50_ms),
+                ratio(self.scenario.p99_ms, self.baseline.p99_ms)
+            )
+        } else {
+            throughput
+        }
     }
 
     /// Every row: scenario, baseline, references.
