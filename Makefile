@@ -4,7 +4,8 @@
 #   make stop   stop the dev servers
 #   make check  formatting and clippy
 #   make deps   only start the dev servers (and install what they need)
-#   make bench  benchmarks beside same-run baselines (BENCH_ARGS="--seconds 5 --scenario usage-record")
+#   make bench  the whole bench, each figure beside a same-run baseline; report, Markdown summary and
+#               charts in target/bench (BENCH_ARGS="--seconds 5 --scenario usage-record", "--mode open --rate 500")
 #   make k8s-check  the Helm chart and the kustomize manifests, validated offline (part of test)
 #
 # The dev servers are described in scripts/deps.sh; it writes their addresses to .dev/env,
@@ -65,6 +66,7 @@ check:
 k8s-check:
 	scripts/k8s-check.sh
 
-# Release build; figures and reports in target/bench (see bench/src/main.rs).
+# Release build; report.json, report.md and a latency chart per scenario in target/bench
+# (see bench/src/main.rs and README "Benchmarks").
 bench: deps
 	$(LOAD_ENV) && $(CARGO) run --release -p aimesh-bench -- $(BENCH_ARGS)

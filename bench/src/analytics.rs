@@ -14,7 +14,7 @@ use aimesh_kit::testing::ScratchDatabase;
 use aimesh_proto::analytics::v1 as pb;
 use aimesh_tests::{Mesh, authed};
 
-use crate::report::{Figures, Load, closed_loop};
+use crate::report::{Figures, Load, Mode, measure};
 
 /// Events the pipeline scenario moves.
 const PIPELINE_EVENTS: i64 = 100_000;
@@ -26,28 +26,15 @@ const QUERY_DAYS: i64 = 30;
 /// batches of this size so that it compares like with like (0: no run yet).
 static PIPELINE_ROWS_PER_INSERT: AtomicUsize = AtomicUsize::new(0);
 
-/// Throughput-only figures of a one-off run of `events` in `elapsed`.
+/// Figures of one batch of `events` moved in `elapsed`: events per second, and the quantiles
+/// of the batches' latencies where they were timed one by one.
 fn throughput(name: &str, events: i64, elapsed: Duration, batch_latencies_ms: &mut [f64]) -> Figures {
-    batch_latencies_ms.sort_by(f64::total_cmp);
-    let quantile = |q: f64| {
-        if batch_latencies_ms.is_empty() {
-            0.0
-        } else {
-            batch_latencies_ms[((batch_latencies_ms.len() - 1) as f64 * q).round() as usize]
-        }
-    };
-    Figures {
-        name: name.to_owned(),
-        requests: u64::try_from(events).unwrap_or(0),
-        errors: 0,
-        per_second: events as f64 / elapsed.as_secs_f64(),
-        p50_ms: quantile(0.5),
-        p90_ms: quantile(0.9),
-        p99_ms: quantile(0.99),
-        p999_ms: quantile(0.999),
-        mib_per_second: None,
-        first_error: None,
-    }
+    let batch = Load { mode: Mode::Batch, concurrency: 1, rate: 0.0, duration: elapsed, max_requests: None };
+    let succeeded = batch_latencies_ms.len() as u64;
+    let mut figures = Figures::from_latencies_ms(name, batch, batch_latencies_ms, succeeded, elapsed);
+    figures.requests = u64::try_from(events).unwrap_or(0);
+    figures.per_second = events as f64 / elapsed.as_secs_f64();
+    figures
 }
 
 async fn usage_events_in(mesh: &Mesh, database: &str) -> anyhow::Result<u64> {
@@ -198,8 +185,7 @@ pub async fn daily_cost_clickhouse(mesh: &Mesh, token: &str, project: &str, runs
     let analytics = mesh.analytics();
     let (token, project) = (token.to_owned(), project.to_owned());
     let end = Utc::now() + chrono::Duration::hours(1);
-    let load = Load { concurrency: 1, duration: Duration::from_secs(600), max_requests: Some(runs) };
-    Ok(closed_loop("analytics daily cost", load, move |_| {
+    Ok(measure("analytics daily cost", Load::one_at_a_time(runs), move |_| {
         let mut analytics = analytics.clone();
         let request = pb::GetUsageTimeSeriesRequest {
             project_id: project.clone(),
@@ -252,8 +238,7 @@ pub async fn daily_cost_postgres(runs: u64) -> anyhow::Result<Figures> {
     sqlx::query("CREATE INDEX ON usage_records (project_id, request_time)").execute(&pool).await?;
     sqlx::query("VACUUM ANALYZE usage_records").execute(&pool).await?;
     let pool = Arc::new(pool);
-    let load = Load { concurrency: 1, duration: Duration::from_secs(600), max_requests: Some(runs) };
-    let figures = closed_loop("postgres daily cost", load, move |_| {
+    let figures = measure("postgres daily cost", Load::one_at_a_time(runs), move |_| {
         let pool = Arc::clone(&pool);
         async move {
             let rows: Vec<(chrono::DateTime<Utc>, Uuid, rust_decimal::Decimal)> = sqlx::query_as(

@@ -5,12 +5,13 @@ use std::sync::Arc;
 use aimesh_proto::chat::v1 as chat_pb;
 use aimesh_tests::{Mesh, authed};
 
-use crate::report::{Figures, Load, closed_loop};
+use crate::report::{Figures, Load, measure};
 
 /// Messages per session in the list scenario: one page as a client reads it.
 const MESSAGES_PER_SESSION: usize = 50;
 
-async fn sessions(mesh: &Mesh, token: &str, project: &str, count: usize) -> anyhow::Result<Vec<String>> {
+/// Creates `count` sessions of `project`; returns their ids.
+pub async fn sessions(mesh: &Mesh, token: &str, project: &str, count: usize) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::with_capacity(count);
     for n in 0..count {
         let request = chat_pb::CreateSessionRequest {
@@ -38,7 +39,7 @@ fn message(session_id: &str, n: u64) -> chat_pb::AppendMessageRequest {
 pub async fn append(mesh: &Mesh, token: &str, project: &str, load: Load) -> anyhow::Result<Figures> {
     let ids = Arc::new(sessions(mesh, token, project, load.concurrency).await?);
     let (client, token) = (mesh.chat(), token.to_owned());
-    Ok(closed_loop("chat.AppendMessage", load, move |n| {
+    Ok(measure("chat.AppendMessage", load, move |n| {
         let mut client = client.clone();
         let session = &ids[usize::try_from(n).unwrap_or(0) % ids.len()];
         let request = authed(message(session, n), &token);
@@ -62,7 +63,7 @@ pub async fn list(mesh: &Mesh, token: &str, project: &str, load: Load) -> anyhow
     let pass = Load { max_requests: Some(count as u64), ..load };
     let read = |name: &'static str, ids: Arc<Vec<String>>| {
         let (client, token) = (mesh.chat(), token.to_owned());
-        closed_loop(name, pass, move |n| {
+        measure(name, pass, move |n| {
             let mut client = client.clone();
             let session = ids[usize::try_from(n).unwrap_or(0) % ids.len()].clone();
             let request = chat_pb::ListMessagesRequest { session_id: session, page_size: 50, ..Default::default() };

@@ -13,12 +13,13 @@ use aimesh_proto::files::v1 as files_pb;
 use aimesh_proto::identity::v1 as pb;
 use aimesh_tests::{Mesh, authed, test_config, use_s3};
 
-use crate::report::{Figures, Load, Pair, closed_loop};
+use crate::report::{Figures, Load, Pair, measure};
 
 const MIB: usize = 1024 * 1024;
 /// The size of each file of the throughput loops.
 const FILE_MIB: usize = 16;
-/// Uploads or downloads in flight at once: each moves megabytes, so a few fill the machine.
+/// Uploads or downloads in flight at once (the cap of an open loop): each moves megabytes, so a
+/// few fill the machine.
 const MAX_IN_FLIGHT: usize = 4;
 
 /// A mesh whose files service stores in the dev S3, an owner and a project.
@@ -64,7 +65,8 @@ fn mib(n: u64, index: usize) -> Vec<u8> {
     bytes
 }
 
-async fn upload(
+/// Uploads `size_mib` MiB as one file of `project`, made different from others by `n`.
+pub async fn upload(
     mut client: FilesClient,
     token: &str,
     project: &str,
@@ -121,9 +123,9 @@ pub async fn upload_scenario(load: Load) -> anyhow::Result<Pair> {
         1024.0 / seconds
     );
 
-    let load = Load { concurrency: load.concurrency.min(MAX_IN_FLIGHT), ..load };
+    let load = load.at_most_in_flight(MAX_IN_FLIGHT);
     let shared = Arc::new((setup.mesh.files(), setup.token.clone(), setup.project.clone()));
-    let scenario = closed_loop("files.Upload 16 MiB", load, move |n| {
+    let scenario = measure("files.Upload 16 MiB", load, move |n| {
         let shared = Arc::clone(&shared);
         async move {
             let (client, token, project) = &*shared;
@@ -133,7 +135,7 @@ pub async fn upload_scenario(load: Load) -> anyhow::Result<Pair> {
     .await;
     let storage = setup.storage.clone();
     let raw_prefix = format!("bench-raw-{}", setup.project);
-    let baseline = closed_loop("s3 put 16 MiB (raw)", load, move |n| {
+    let baseline = measure("s3 put 16 MiB (raw)", load, move |n| {
         let (storage, key) = (storage.clone(), format!("{raw_prefix}/{n}"));
         async move {
             let mut writer = storage.writer(&key);
@@ -145,12 +147,12 @@ pub async fn upload_scenario(load: Load) -> anyhow::Result<Pair> {
     })
     .await;
     setup.clean_up().await?;
-    Ok(Pair {
-        scenario: with_bytes(scenario, FILE_MIB * MIB),
-        baseline: with_bytes(baseline, FILE_MIB * MIB),
-        baseline_is: "object_store multipart put of the same bytes to the same S3, same part size",
-        note: Some(note),
-    })
+    Ok(Pair::new(
+        with_bytes(scenario, FILE_MIB * MIB),
+        with_bytes(baseline, FILE_MIB * MIB),
+        "object_store multipart put of the same bytes to the same S3, same part size",
+    )
+    .with_note(note))
 }
 
 /// Downloads of one 16 MiB file through the mesh beside raw gets of its object.
@@ -159,11 +161,11 @@ pub async fn download_scenario(load: Load) -> anyhow::Result<Pair> {
     let file = upload(setup.mesh.files(), &setup.token, &setup.project, 1, FILE_MIB).await?;
     let key = setup.storage.keys_under(&setup.project).await?.into_iter().next();
     let key = key.ok_or_else(|| anyhow::anyhow!("the uploaded file has no object"))?;
-    let load = Load { concurrency: load.concurrency.min(MAX_IN_FLIGHT), ..load };
+    let load = load.at_most_in_flight(MAX_IN_FLIGHT);
     let expected = FILE_MIB * MIB;
 
     let (client, token, file_id) = (setup.mesh.files(), setup.token.clone(), file.id.clone());
-    let scenario = closed_loop("files.Download 16 MiB", load, move |_| {
+    let scenario = measure("files.Download 16 MiB", load, move |_| {
         let (mut client, token, file_id) = (client.clone(), token.clone(), file_id.clone());
         async move {
             let request = files_pb::DownloadRequest { file_id, ..Default::default() };
@@ -179,7 +181,7 @@ pub async fn download_scenario(load: Load) -> anyhow::Result<Pair> {
     })
     .await;
     let store = Arc::clone(setup.storage.object_store());
-    let baseline = closed_loop("s3 get 16 MiB (raw)", load, move |_| {
+    let baseline = measure("s3 get 16 MiB (raw)", load, move |_| {
         let (store, path) = (Arc::clone(&store), Path::from(key.as_str()));
         async move {
             let mut stream = store.get(&path).await.map_err(|e| e.to_string())?.into_stream();
@@ -192,10 +194,9 @@ pub async fn download_scenario(load: Load) -> anyhow::Result<Pair> {
     })
     .await;
     setup.clean_up().await?;
-    Ok(Pair {
-        scenario: with_bytes(scenario, FILE_MIB * MIB),
-        baseline: with_bytes(baseline, FILE_MIB * MIB),
-        baseline_is: "object_store streaming get of the same object from the same S3",
-        note: None,
-    })
+    Ok(Pair::new(
+        with_bytes(scenario, FILE_MIB * MIB),
+        with_bytes(baseline, FILE_MIB * MIB),
+        "object_store streaming get of the same object from the same S3",
+    ))
 }

@@ -1,6 +1,8 @@
 //! The `ratelimit` scenario: `RateLimiter::decide` of one limit on the dev Redis Cluster,
 //! beside `redis-benchmark` sending EVALSHA of the same GCRA script to the same cluster, with
-//! as many requests in flight as clients and as many requests in total.
+//! as many requests in flight as clients and as many requests in total. redis-benchmark has no
+//! fixed-rate mode, so in an open loop the baseline is the same EVALSHA sent by this process
+//! (fred, one cluster client) on the same schedule.
 
 use std::process::Command;
 
@@ -10,7 +12,7 @@ use aimesh_kit::config::{CommonConfig, RateLimitConfig};
 use aimesh_kit::ratelimit::{DecisionSource, Dimension, GCRA_SCRIPT, Limit, LimitRequest, RateLimiter};
 use aimesh_kit::redis::Redis;
 
-use crate::report::{Figures, Load, Pair, closed_loop};
+use crate::report::{Figures, Load, Mode, Pair, measure};
 
 /// Limits spread over this many ids (so over the cluster's slots), in both measurements.
 const IDS: u64 = 10_000;
@@ -22,7 +24,7 @@ pub async fn run(load: Load) -> anyhow::Result<Pair> {
     let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let redis = Redis::connect_with_prefix(&common.redis_urls, &common.redis, &prefix).await?;
     let limiter = RateLimiter::new(redis.clone(), &RateLimitConfig::default());
-    let scenario = closed_loop("RateLimiter::decide", load, move |n| {
+    let scenario = measure("RateLimiter::decide", load, move |n| {
         let limiter = limiter.clone();
         async move {
             let request = LimitRequest {
@@ -40,14 +42,36 @@ pub async fn run(load: Load) -> anyhow::Result<Pair> {
     })
     .await;
     let sha: String = redis.pool().script_load_cluster(GCRA_SCRIPT).await?;
+    let (baseline, baseline_is) = match load.mode {
+        Mode::Open => (
+            evalsha_on_schedule(&redis, &prefix, &sha, load).await,
+            "EVALSHA of the same script from this process (fred), same schedule",
+        ),
+        Mode::Closed | Mode::Batch => (
+            redis_benchmark(&common.redis_urls, &prefix, &sha, load, scenario.requests.max(10_000))?,
+            "redis-benchmark --cluster EVALSHA of the same script (p90 column: p95, p99.9: max)",
+        ),
+    };
     redis.quit().await;
-    let baseline = redis_benchmark(&common.redis_urls, &prefix, &sha, load, scenario.requests.max(10_000))?;
-    Ok(Pair {
-        scenario,
-        baseline,
-        baseline_is: "redis-benchmark --cluster EVALSHA of the same script (p90 column: p95, p99.9: max)",
-        note: Some("target: the limiter reaches half of raw Redis".into()),
+    Ok(Pair::new(scenario, baseline, baseline_is).with_note("target: the limiter reaches half of raw Redis"))
+}
+
+/// EVALSHA of the GCRA script with the arguments redis-benchmark sends, driven by `load`.
+async fn evalsha_on_schedule(redis: &Redis, prefix: &str, sha: &str, load: Load) -> Figures {
+    let (redis, prefix, sha) = (redis.clone(), prefix.to_owned(), sha.to_owned());
+    measure("EVALSHA (fred)", load, move |n| {
+        let (redis, key, sha) = (redis.clone(), format!("{prefix}:rl:{}", n % IDS), sha.clone());
+        async move {
+            let args = vec![PER_MINUTE.to_string(), "60000000".to_owned(), "1".to_owned()];
+            redis
+                .pool()
+                .evalsha::<fred::types::Value, _, _, _>(sha, key, args)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
     })
+    .await
 }
 
 /// Runs `redis-benchmark` against the first seed node and reads its CSV line.
@@ -94,8 +118,10 @@ fn redis_benchmark(urls: &str, prefix: &str, sha: &str, load: Load, requests: u6
     };
     Ok(Figures {
         name: "redis-benchmark EVALSHA".into(),
+        load,
         requests,
         errors: 0,
+        dropped: 0,
         per_second: *rps,
         p50_ms: *p50,
         p90_ms: *p95,

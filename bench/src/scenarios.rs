@@ -10,7 +10,7 @@ use aimesh_proto::identity::v1 as pb;
 use aimesh_proto::usage::v1 as usage_pb;
 use aimesh_tests::{Mesh, authed, test_config};
 
-use crate::report::{Load, Pair, closed_loop};
+use crate::report::{Load, Pair, measure};
 
 /// What can be measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,8 +30,13 @@ pub enum Scenario {
     FilesUpload,
     /// Downloads of a 16 MiB file through the files service against raw S3 gets.
     FilesDownload,
-    /// GetSession through the REST gateway, against the same call over gRPC directly.
+    /// GetSession through the REST gateway, against the same call over gRPC directly, and the
+    /// bare tonic echo below both.
     Gateway,
+    /// One cheap read of each service over gRPC straight to it (identity GetProject, chat
+    /// GetSession, usage GetModel, files GetFile, analytics GetRetention), each against the bare
+    /// tonic echo (an in-process tonic server with no layers answering grpc.health.v1 Check).
+    GrpcDirect,
     /// Usage events from usage's outbox to queryable in analytics (relay, Ingest, ClickHouse),
     /// against a raw ClickHouse INSERT of the same rows in batches of the relay's size.
     AnalyticsPipeline,
@@ -43,13 +48,14 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::UsageRecord,
         Scenario::UsageReserve,
         Scenario::ChatAppend,
         Scenario::ChatList,
         Scenario::FilesUpload,
         Scenario::FilesDownload,
+        Scenario::GrpcDirect,
         Scenario::Gateway,
         Scenario::AnalyticsPipeline,
         Scenario::AnalyticsDailyCost,
@@ -57,93 +63,91 @@ impl Scenario {
     ];
 }
 
-pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
+/// Measures `scenario` and its baseline under `load`: one pair, or one per service for
+/// `grpc-direct`.
+pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Vec<Pair>> {
     match scenario {
         // The files scenarios start a mesh of their own, on the S3 backend.
-        Scenario::FilesUpload => crate::files::upload_scenario(load).await,
-        Scenario::FilesDownload => crate::files::download_scenario(load).await,
+        Scenario::FilesUpload => Ok(vec![crate::files::upload_scenario(load).await?]),
+        Scenario::FilesDownload => Ok(vec![crate::files::download_scenario(load).await?]),
         // Only Redis: no mesh to start.
-        Scenario::Ratelimit => crate::ratelimit::run(load).await,
+        Scenario::Ratelimit => Ok(vec![crate::ratelimit::run(load).await?]),
         Scenario::UsageRecord
         | Scenario::UsageReserve
         | Scenario::ChatAppend
         | Scenario::ChatList
         | Scenario::Gateway
+        | Scenario::GrpcDirect
         | Scenario::AnalyticsPipeline
         | Scenario::AnalyticsDailyCost => run_with_setup(scenario, load).await,
     }
 }
 
-async fn run_with_setup(scenario: Scenario, load: Load) -> anyhow::Result<Pair> {
-    let setup = Setup::start(load).await?;
+async fn run_with_setup(scenario: Scenario, load: Load) -> anyhow::Result<Vec<Pair>> {
+    let setup = Setup::start().await?;
     let pair = match scenario {
         Scenario::UsageRecord => {
             let scenario = setup.record_usage(load).await;
             let baseline = postgres_insert(load, setup.pool_size).await?;
-            Pair { scenario, baseline, baseline_is: "INSERT of a usage row with sqlx, same pool size", note: None }
+            Pair::new(scenario, baseline, "INSERT of a usage row with sqlx, same pool size")
         }
         Scenario::UsageReserve => {
             let scenario = setup.reserve(load).await;
             let baseline = redis_evalsha(&setup.mesh, load).await?;
-            Pair { scenario, baseline, baseline_is: "EVALSHA of a one-INCRBY script on the Redis Cluster", note: None }
+            Pair::new(scenario, baseline, "EVALSHA of a one-INCRBY script on the Redis Cluster")
         }
         Scenario::ChatAppend => {
             let scenario = crate::chat::append(&setup.mesh, &setup.owner_token, &setup.project, load).await?;
             let baseline = postgres_insert(load, setup.pool_size).await?;
-            Pair { scenario, baseline, baseline_is: "INSERT of a usage row with sqlx, same pool size", note: None }
+            Pair::new(scenario, baseline, "INSERT of a usage row with sqlx, same pool size")
         }
         Scenario::ChatList => {
             let (cold, warm) = crate::chat::list(&setup.mesh, &setup.owner_token, &setup.project, load).await?;
-            Pair {
-                scenario: cold,
-                baseline: warm,
-                baseline_is: "the same sessions listed again, caches warm",
-                note: None,
-            }
+            Pair::new(cold, warm, "the same sessions listed again, caches warm")
         }
         Scenario::Gateway => {
             let (rest, grpc) =
                 crate::gateway::get_session(&setup.mesh, &setup.owner_token, &setup.project, load).await?;
+            let echo = crate::echo::measure_once(load).await?;
             let note = format!(
                 "gateway adds {:.2} ms at p50 and {:.2} ms at p99 (target: under 0.5 ms at p50, at least 70% of direct throughput)",
                 rest.p50_ms - grpc.p50_ms,
                 rest.p99_ms - grpc.p99_ms
             );
-            Pair {
-                scenario: rest,
-                baseline: grpc,
-                baseline_is: "the same GetSession over gRPC, straight to chat",
-                note: Some(note),
-            }
+            Pair::new(rest, grpc, "the same GetSession over gRPC, straight to chat")
+                .with_reference(echo, crate::echo::ECHO_IS)
+                .with_note(note)
         }
         Scenario::AnalyticsPipeline => {
             let scenario = crate::analytics::pipeline(&setup.mesh).await?;
             let baseline = crate::analytics::raw_insert(&setup.mesh).await?;
-            Pair {
-                scenario,
-                baseline,
-                baseline_is: "RowBinary INSERT of the same rows, relay-sized batches",
-                note: None,
-            }
+            Pair::new(scenario, baseline, "RowBinary INSERT of the same rows, relay-sized batches")
         }
         Scenario::AnalyticsDailyCost => {
             let runs = 10;
             let scenario =
                 crate::analytics::daily_cost_clickhouse(&setup.mesh, &setup.owner_token, &setup.project, runs).await?;
             let baseline = crate::analytics::daily_cost_postgres(runs).await?;
-            Pair {
-                scenario,
-                baseline,
-                baseline_is: "the same question of PostgreSQL, 10M rows indexed by project and time",
-                note: Some("compare the p50s: each figure is one query over the whole data set".into()),
-            }
+            Pair::new(scenario, baseline, "the same question of PostgreSQL, 10M rows indexed by project and time")
+                .with_note("compare the p50s: each figure is one query over the whole data set, one at a time (closed loop whatever the mode)")
+        }
+        Scenario::GrpcDirect => {
+            let subjects = crate::direct::Subjects {
+                mesh: &setup.mesh,
+                token: &setup.owner_token,
+                project: &setup.project,
+                model: &setup.model,
+            };
+            let pairs = crate::direct::reads(&subjects, load).await?;
+            setup.mesh.stop().await?;
+            return Ok(pairs);
         }
         Scenario::FilesUpload | Scenario::FilesDownload | Scenario::Ratelimit => {
             anyhow::bail!("this scenario sets up what it needs itself")
         }
     };
     setup.mesh.stop().await?;
-    Ok(pair)
+    Ok(vec![pair])
 }
 
 /// A mesh with a priced model, a project with a generous quota, and a key that records usage.
@@ -152,11 +156,13 @@ struct Setup {
     project: String,
     secret: String,
     owner_token: String,
+    /// The priced model's id.
+    model: String,
     pool_size: u32,
 }
 
 impl Setup {
-    async fn start(load: Load) -> anyhow::Result<Self> {
+    async fn start() -> anyhow::Result<Self> {
         let (mut config, databases) = test_config();
         let pool_size = 20;
         config.common.database.max_connections = pool_size;
@@ -189,7 +195,8 @@ impl Setup {
             effective_time: Some(prost_timestamp(now.as_secs())),
             ..Default::default()
         };
-        let set = usage_pb::SetModelPriceRequest { model_id: model.into_inner().id, price: Some(price) };
+        let model = model.into_inner().id;
+        let set = usage_pb::SetModelPriceRequest { model_id: model.clone(), price: Some(price) };
         mesh.models().set_model_price(authed(set, &admin.token)).await?;
 
         let owner = mesh.signup("owner").await;
@@ -218,8 +225,7 @@ impl Setup {
             requests_per_minute: 0,
         };
         let secret = mesh.api_keys().create_api_key(authed(key, &owner.token)).await?.into_inner().secret;
-        let _ = load;
-        Ok(Self { mesh, project, secret, owner_token: owner.token, pool_size })
+        Ok(Self { mesh, project, secret, owner_token: owner.token, model, pool_size })
     }
 
     fn client(
@@ -235,7 +241,7 @@ impl Setup {
         let (client, _) = self.client();
         let (project, secret) = (self.project.clone(), self.secret.clone());
         let run = uuid::Uuid::new_v4().simple().to_string();
-        closed_loop("usage.RecordUsage", load, move |n| {
+        measure("usage.RecordUsage", load, move |n| {
             let mut client = client.clone();
             let request = usage_pb::RecordUsageRequest {
                 request_id: format!("{run}-{n}"),
@@ -258,7 +264,7 @@ impl Setup {
     async fn reserve(&self, load: Load) -> crate::report::Figures {
         let (_, client) = self.client();
         let (project, secret) = (self.project.clone(), self.secret.clone());
-        closed_loop("usage.Reserve", load, move |_| {
+        measure("usage.Reserve", load, move |_| {
             let mut client = client.clone();
             let request = usage_pb::ReserveRequest {
                 project_id: project.clone(),
@@ -295,7 +301,7 @@ async fn postgres_insert(load: Load, pool_size: u32) -> anyhow::Result<crate::re
     .await?;
     let pool = Arc::new(pool);
     let (project, user, model) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-    let figures = closed_loop("postgres INSERT", load, move |_| {
+    let figures = measure("postgres INSERT", load, move |_| {
         let pool = Arc::clone(&pool);
         async move {
             sqlx::query(
@@ -324,7 +330,7 @@ async fn redis_evalsha(mesh: &Mesh, load: Load) -> anyhow::Result<crate::report:
     let script = "return redis.call('INCRBY', KEYS[1], ARGV[1])";
     let sha: String = redis.pool().script_load_cluster(script).await?;
     let redis = Arc::new(redis);
-    Ok(closed_loop("redis EVALSHA", load, move |_| {
+    Ok(measure("redis EVALSHA", load, move |_| {
         let (redis, key, sha) = (Arc::clone(&redis), key.clone(), sha.clone());
         async move { redis.pool().evalsha::<i64, _, _, _>(sha, key, 1).await.map(drop).map_err(|e| e.to_string()) }
     })
