@@ -224,7 +224,7 @@ impl Conversations {
         if !message.attachment_ids.is_empty() {
             self.attachments.check(session.project_id, session.id, &message.attachment_ids).await?;
         }
-        let appended = self.store.append(session.id, message).await?;
+        let appended = self.store.append(session.id, session.project_id, message).await?;
         if let Appended::Stored(stored) = &appended {
             self.hub.publish(stored).await;
         }
@@ -251,7 +251,7 @@ impl Conversations {
             attachment_ids: original.attachment_ids,
             user_id: edit.user_id,
         };
-        let appended = self.store.append(session.id, &message).await?;
+        let appended = self.store.append(session.id, session.project_id, &message).await?;
         if let Appended::Stored(stored) = &appended {
             self.hub.publish(stored).await;
         }

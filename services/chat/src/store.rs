@@ -309,93 +309,88 @@ impl Store {
 
     // ---- messages ----
 
-    /// Appends `message` to a live session with the next sequence number, its
+    /// Appends `message` to a live session of `project_id` with the next sequence number, its
     /// "chat.message_appended" event in the same transaction; or returns the message the session
     /// already has under the same client message id. `Err(SessionNotFound)` if the session is
     /// not live.
     ///
-    /// The counter update takes the session row's lock first: appenders of one session (on any
-    /// replica) queue on it, each sees the count its predecessor committed, and a rollback
-    /// releases the number unused, so sequences stay gap-free. The insert runs as a statement of
-    /// its own so its snapshot, taken after the lock was granted, sees the predecessor's message
-    /// (the default parent).
-    pub async fn append(&self, session_id: Uuid, message: &NewMessage) -> Result<Appended> {
-        let mut tx = self.pool.begin().await?;
-        let counted: Option<(i64, Uuid)> = sqlx::query_as(
-            "UPDATE chat_sessions SET message_count = message_count + 1, total_tokens = total_tokens + $2 \
-             WHERE id = $1 AND deleted_at IS NULL RETURNING message_count, project_id",
-        )
-        .bind(session_id)
-        .bind(i64::from(message.tokens))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((sequence, project_id)) = counted else { return Err(ChatError::SessionNotFound) };
-
+    /// One statement, so one round trip and the session row locked only while it runs: the
+    /// counter update takes the row's lock first, appenders of one session (on any replica) queue
+    /// on it, and each sees the count and latest message its predecessor committed (the row's
+    /// newest version, re-read after the wait; the rest of the statement's snapshot is older, so
+    /// the default parent comes from the row, not from a look at chat_messages). A duplicate
+    /// client message id fails the whole statement with a unique violation, so its number is
+    /// never used and sequences stay gap-free.
+    pub async fn append(&self, session_id: Uuid, project_id: Uuid, message: &NewMessage) -> Result<Appended> {
         let (latest, parent) = match message.parent {
             Parent::Latest => (true, None),
             Parent::Exactly(parent) => (false, parent),
         };
-        // The message and its product event in one statement: an append's latency is its round
-        // trips. The event knows everything beforehand but the parent, which it does not carry.
         let message_id = Uuid::now_v7();
+        // The sequence is added by the statement, the one thing not known beforehand.
         let payload = serde_json::json!({
             "session_id": session_id,
             "project_id": project_id,
             "message_id": message_id,
-            "sequence": sequence,
             "role": message.role.as_str(),
             "tokens": message.tokens,
             "user_id": message.user_id,
         });
         let event = OutboxEvent::new("product", "chat.message_appended", Some(project_id), payload);
+        // `before` locks the row and yields its values as they were: PostgreSQL before 18 has no
+        // RETURNING OLD.
         let statement = sqlx::query_as(sql(format!(
-            "WITH stored AS (INSERT INTO chat_messages (id, session_id, sequence, role, content, content_type, \
+            "WITH counted AS (UPDATE chat_sessions s SET message_count = s.message_count + 1, \
+               total_tokens = s.total_tokens + $8, last_message_id = $1 \
+             FROM (SELECT id, last_message_id FROM chat_sessions WHERE id = $2 AND deleted_at IS NULL FOR UPDATE) \
+               AS before \
+             WHERE s.id = before.id \
+             RETURNING s.message_count AS sequence, before.last_message_id AS previous), \
+             stored AS (INSERT INTO chat_messages (id, session_id, sequence, role, content, content_type, \
                metadata, tokens, parent_message_id, client_message_id, attachment_ids, user_id) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, \
-               CASE WHEN $9 THEN (SELECT id FROM chat_messages WHERE session_id = $2 AND sequence = $3 - 1) \
-                    ELSE $10 END, \
-               $11, $12, $13 \
-             ON CONFLICT (session_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING \
+             SELECT $1, $2, counted.sequence, $3, $4, $5, $6, $7, \
+               CASE WHEN $9 THEN counted.previous ELSE $10 END, $11, $12, $13 FROM counted \
              RETURNING {MESSAGE_COLUMNS}), \
-             event AS (INSERT INTO outbox_events ({EVENT_COLUMNS}) SELECT $14, $15, $16, $17, $18, $19 FROM stored) \
+             event AS (INSERT INTO outbox_events ({EVENT_COLUMNS}) \
+               SELECT $14, $15, $16, $17, $18::jsonb || jsonb_build_object('sequence', stored.sequence), $19 \
+               FROM stored) \
              SELECT {MESSAGE_COLUMNS} FROM stored"
         )))
         .bind(message_id)
         .bind(session_id)
-        .bind(sequence)
         .bind(message.role.as_str())
         .bind(&message.content)
         .bind(&message.content_type)
         .bind(&message.metadata)
         .bind(message.tokens)
+        .bind(i64::from(message.tokens))
         .bind(latest)
         .bind(parent)
         .bind(message.client_message_id.as_deref())
         .bind(&message.attachment_ids)
         .bind(message.user_id);
-        let inserted: Result<Option<MessageRow>, sqlx::Error> = event.bind_to(statement).fetch_optional(&mut *tx).await;
-        let stored = match inserted {
-            Ok(Some(row)) => row,
-            Ok(None) => {
-                // A message with this client id is committed (an earlier try, or a concurrent
-                // one that held the lock first): give its number back and answer with it.
-                tx.rollback().await?;
+        let inserted: Result<Option<MessageRow>, sqlx::Error> =
+            event.bind_to(statement).fetch_optional(&self.pool).await;
+        match inserted {
+            Ok(Some(row)) => Ok(Appended::Stored(row)),
+            Ok(None) => Err(ChatError::SessionNotFound),
+            Err(error) if is_sqlstate(&error, "23505") && message.client_message_id.is_some() => {
+                // A message with this client id is committed (an earlier try, or a concurrent one
+                // that held the lock first): answer with it.
                 let client_id = message.client_message_id.as_deref().unwrap_or_default();
-                return match self.message_by_client_id(session_id, client_id).await? {
+                match self.message_by_client_id(session_id, client_id).await? {
                     Some(first) => Ok(Appended::Duplicate(first)),
                     None => {
                         Err(aimesh_kit::ServiceError::internal("a client message id conflict without its message")
                             .into())
                     }
-                };
+                }
             }
             Err(error) if is_sqlstate(&error, "23503") => {
-                return Err(ChatError::invalid("parent_message_id", "is not a message of this session"));
+                Err(ChatError::invalid("parent_message_id", "is not a message of this session"))
             }
-            Err(error) => return Err(error.into()),
-        };
-        tx.commit().await?;
-        Ok(Appended::Stored(stored))
+            Err(error) => Err(error.into()),
+        }
     }
 
     pub async fn message(&self, session_id: Uuid, id: Uuid) -> Result<Option<MessageRow>> {
