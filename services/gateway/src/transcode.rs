@@ -44,6 +44,9 @@ pub fn request_message(
         },
     };
     for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if name.is_empty() {
+            return Err(ServiceError::invalid_field("query", "has a parameter without a name"));
+        }
         let path: Vec<String> = name.split('.').map(str::to_owned).collect();
         let field = resolve_json_field(&input, &path)
             .filter(|_| route.body != BodyRule::Whole)
@@ -276,6 +279,8 @@ mod tests {
             Some("tokens".into())
         );
         assert_eq!(field(transcode(http::Method::GET, "/v1/chat/sessions?nope=1", "")), Some("nope".into()));
+        // Found by the transcode fuzz target: the error named the empty string.
+        assert_eq!(field(transcode(http::Method::GET, "/v1/chat/sessions?pageSize=5&=true", "")), Some("query".into()));
         assert_eq!(field(transcode(http::Method::GET, "/v1/chat/sessions?allUsers=yes", "")), Some("allUsers".into()));
         assert_eq!(field(transcode(http::Method::POST, "/v1/chat/sessions?title=x", "{}")), Some("title".into()));
         assert_eq!(field(transcode(http::Method::POST, "/v1/chat/sessions", "[1]")), Some("body".into()));
