@@ -5,15 +5,11 @@
 #![no_main]
 
 use aimesh_files::content_disposition;
-use aimesh_files::domain::FileName;
+use aimesh_files::domain::{FileName, RESERVED_STEMS};
 use aimesh_kit::{ErrorCode, ServiceError};
 use libfuzzer_sys::fuzz_target;
 
 const FORBIDDEN: [char; 9] = ['/', '\\', '<', '>', ':', '"', '|', '?', '*'];
-const RESERVED_STEMS: [&str; 22] = [
-    "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8", "COM9", "LPT1", "LPT2",
-    "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
-];
 
 fn assert_safe(safe: &str) {
     assert!(!safe.is_empty());

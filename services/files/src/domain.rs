@@ -15,7 +15,7 @@ pub struct FileName {
 }
 
 /// Windows device names, refused as a file's stem by some systems whatever the extension.
-const RESERVED_STEMS: [&str; 22] = [
+pub const RESERVED_STEMS: [&str; 22] = [
     "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8", "COM9", "LPT1", "LPT2",
     "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
 ];
