@@ -7,6 +7,8 @@
 #   make bench  the whole bench, each figure beside a same-run baseline; report, Markdown summary and
 #               charts in target/bench (BENCH_ARGS="--seconds 5 --scenario usage-record", "--mode open --rate 500")
 #   make k8s-check  the Helm chart and the kustomize manifests, validated offline (part of test)
+#   make fuzz   every cargo-fuzz target for FUZZ_SECONDS each (default 60); `make test` runs each
+#               for a few seconds (scripts/fuzz.sh --smoke)
 #
 # The dev servers are described in scripts/deps.sh; it writes their addresses to .dev/env,
 # which each recipe below loads itself, so no shell state is needed.
@@ -16,7 +18,7 @@ CARGO ?= cargo
 # Loads the addresses scripts/deps.sh wrote; a recipe line starts with it.
 LOAD_ENV := set -a && . ./.dev/env && set +a
 
-.PHONY: run test stop check deps status bench k8s-check
+.PHONY: run test stop check deps status bench k8s-check fuzz
 
 deps:
 	scripts/deps.sh up
@@ -49,6 +51,7 @@ test: deps k8s-check
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
+	scripts/fuzz.sh --smoke
 
 # Building the proto crate needs protoc and its well-known types: deps.sh installs both.
 check:
@@ -65,6 +68,11 @@ check:
 # hardening and probe checks (scripts/k8s-check.sh); tools go to .dev/k8s on first use.
 k8s-check:
 	scripts/k8s-check.sh
+
+# The fuzz targets in fuzz/ (installs cargo-fuzz when missing; see scripts/fuzz.sh). Longer:
+# `make fuzz FUZZ_SECONDS=600`; one target: `scripts/fuzz.sh transcode`.
+fuzz:
+	scripts/fuzz.sh
 
 # Release build; report.json, report.md and a latency chart per scenario in target/bench
 # (see bench/src/main.rs and README "Benchmarks").

@@ -15,7 +15,7 @@ pub struct FileName {
 }
 
 /// Windows device names, refused as a file's stem by some systems whatever the extension.
-const RESERVED_STEMS: [&str; 22] = [
+pub const RESERVED_STEMS: [&str; 22] = [
     "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8", "COM9", "LPT1", "LPT2",
     "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
 ];
@@ -23,7 +23,7 @@ const RESERVED_STEMS: [&str; 22] = [
 impl FileName {
     /// Refuses what cannot be a file's name (empty, a path, control characters, `.` or `..`);
     /// anything else is kept as given and also made safe: characters some systems forbid become
-    /// `_`, leading and trailing dots and spaces go, a reserved device name gets a `_` prefix.
+    /// `_`, leading and trailing dots and whitespace go, a reserved device name gets a `_` prefix.
     pub fn parse(field: &'static str, value: &str) -> Result<Self> {
         let original = value.trim();
         if original.is_empty() {
@@ -48,7 +48,9 @@ impl FileName {
 fn safe_name(name: &str) -> String {
     let replaced: String =
         name.chars().map(|c| if matches!(c, '<' | '>' | ':' | '"' | '|' | '?' | '*') { '_' } else { c }).collect();
-    let trimmed = replaced.trim_matches(|c: char| c == '.' || c == ' ');
+    // Any whitespace, not only ' ': parse trims Unicode whitespace, so the safe name of a safe
+    // name must not lose an ideographic space the first pass left at an end.
+    let trimmed = replaced.trim_matches(|c: char| c == '.' || c.is_whitespace());
     let mut safe = if trimmed.is_empty() { "file".to_owned() } else { trimmed.to_owned() };
     let stem = safe.split('.').next().unwrap_or_default().trim_end();
     if RESERVED_STEMS.iter().any(|reserved| reserved.eq_ignore_ascii_case(stem)) {
@@ -155,6 +157,14 @@ pub fn looks_like_text(head: &[u8]) -> bool {
     }
 }
 
+/// Whether `head` is text a person wrote: text without control characters other than
+/// whitespace. Two or three printable bytes such as `BM`, `MZ` or `ID3` start some binary
+/// formats, but also words: such content is still text.
+fn is_plain_text(head: &[u8]) -> bool {
+    looks_like_text(head)
+        && String::from_utf8_lossy(head).chars().all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r' | '\x0c'))
+}
+
 /// Types whose content must be text.
 fn is_textual(mime: &str) -> bool {
     mime.starts_with("text/")
@@ -189,6 +199,7 @@ pub fn check_content(declared: &str, head: &[u8]) -> Result<()> {
     }
     let detected = sniff(head);
     let fits = match detected {
+        Some(_) if is_textual(declared) && is_plain_text(head) => true,
         Some(detected) => detected == declared || same_container(declared, detected),
         None if is_textual(declared) => looks_like_text(head),
         // A declared format we know the signature of must carry it.
@@ -282,6 +293,17 @@ mod tests {
         assert_eq!(FileName::parse("name", "报告.md").expect("a name").safe, "报告.md");
     }
 
+    /// Found by the file_name fuzz target: a safe name kept an ideographic space at its start,
+    /// so it was not its own safe name.
+    #[test]
+    fn safe_names_trim_any_whitespace_and_are_their_own_safe_name() {
+        let name = FileName::parse("name", ".\u{3000}.. *").expect("a name");
+        assert_eq!(name.safe, "_");
+        let name = FileName::parse("name", "a\u{2003}.").expect("a name");
+        assert_eq!(name.safe, "a");
+        assert_eq!(FileName::parse("name", &name.safe).expect("a name").safe, name.safe);
+    }
+
     #[test]
     fn types_and_families() {
         assert_eq!(mime_type("mime_type", "Image/PNG; charset=x").ok().as_deref(), Some("image/png"));
@@ -312,6 +334,11 @@ mod tests {
         );
         assert!(check_content("image/webp", b"RIFF\0\0\0\0WEBPVP8 ").is_ok());
         assert!(check_content("image/webp", b"RIFF\0\0\0\0WAVEfmt ").is_err());
+        // Found by the mime_sniff fuzz target: text that starts like a binary signature is text.
+        assert!(check_content("text/plain", b"BMW service report").is_ok());
+        assert!(check_content("text/csv", b"MZ,1\nAB,2\n").is_ok());
+        assert!(check_content("text/plain", b"\x7fELF\x02\x01").is_err());
+        assert!(check_content("image/bmp", b"BMW service report").is_ok());
         // Unknown formats cannot be checked; a type we know nothing of passes.
         assert!(check_content("application/x-custom", b"\x00\x01").is_ok());
     }

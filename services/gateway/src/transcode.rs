@@ -46,7 +46,7 @@ pub fn request_message(
         },
     };
     let query = form_urlencoded::parse(query.unwrap_or_default().as_bytes());
-    place_parameters(&mut root, route, query, "is not a query parameter of this route")?;
+    place_parameters(&mut root, route, query, "query", "is not a query parameter of this route")?;
     place_bound(&mut root, route, bound)
 }
 
@@ -60,9 +60,9 @@ pub fn upload_message(
 ) -> Result<DynamicMessage, ServiceError> {
     let mut root = Map::new();
     let query = form_urlencoded::parse(query.unwrap_or_default().as_bytes());
-    place_parameters(&mut root, route, query, "is not a query parameter of this route")?;
+    place_parameters(&mut root, route, query, "query", "is not a query parameter of this route")?;
     let form = form.iter().map(|(name, value)| (name.as_str().into(), value.as_str().into()));
-    place_parameters(&mut root, route, form, "is not a field of this upload form")?;
+    place_parameters(&mut root, route, form, "form", "is not a field of this upload form")?;
     place_bound(&mut root, route, bound)
 }
 
@@ -72,10 +72,14 @@ fn place_parameters<'a>(
     root: &mut Map<String, Json>,
     route: &Route,
     parameters: impl Iterator<Item = (Cow<'a, str>, Cow<'a, str>)>,
+    source: &'static str,
     unknown: &str,
 ) -> Result<(), ServiceError> {
     let input = route.method.input();
     for (name, value) in parameters {
+        if name.is_empty() {
+            return Err(ServiceError::invalid_field(source, "has a parameter without a name"));
+        }
         let path: Vec<String> = name.split('.').map(str::to_owned).collect();
         let field = resolve_json_field(&input, &path)
             .filter(|_| route.body != BodyRule::Whole)
@@ -319,6 +323,8 @@ mod tests {
             Some("tokens".into())
         );
         assert_eq!(field(transcode(http::Method::GET, "/v1/chat/sessions?nope=1", "")), Some("nope".into()));
+        // Found by the transcode fuzz target: the error named the empty string.
+        assert_eq!(field(transcode(http::Method::GET, "/v1/chat/sessions?pageSize=5&=true", "")), Some("query".into()));
         assert_eq!(field(transcode(http::Method::GET, "/v1/chat/sessions?allUsers=yes", "")), Some("allUsers".into()));
         assert_eq!(field(transcode(http::Method::POST, "/v1/chat/sessions?title=x", "{}")), Some("title".into()));
         assert_eq!(field(transcode(http::Method::POST, "/v1/chat/sessions", "[1]")), Some("body".into()));

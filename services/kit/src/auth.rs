@@ -517,7 +517,9 @@ impl Gate for CredentialVerifier {
     }
 }
 
-fn bearer(value: &http::HeaderValue) -> Option<&str> {
+/// The credential of an `authorization: Bearer <credential>` header (scheme case-insensitive,
+/// surrounding spaces dropped), or `None` for any other shape.
+pub fn bearer(value: &http::HeaderValue) -> Option<&str> {
     let value = value.to_str().ok()?;
     let (scheme, credential) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| credential.trim()).filter(|c| !c.is_empty())

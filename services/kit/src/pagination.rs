@@ -38,14 +38,20 @@ impl Cursor {
         URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).unwrap_or_default())
     }
 
-    /// Reads a `page_token`; an empty one means the first page.
+    /// Reads a `page_token`; an empty one means the first page. Only the exact token a cursor
+    /// encodes to is taken: the JSON and time parsers accept other spellings of the same cursor
+    /// (`T 0:00:00`, braced UUIDs, spaces), which no list ever returned.
     pub fn decode(token: &str) -> Result<Option<Self>, ServiceError> {
         if token.is_empty() {
             return Ok(None);
         }
         let invalid = || ServiceError::invalid_field("page_token", "is not a token this list returned");
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
-        serde_json::from_slice(&bytes).map(Some).map_err(|_| invalid())
+        let cursor: Self = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+        if cursor.encode() != token {
+            return Err(invalid());
+        }
+        Ok(Some(cursor))
     }
 }
 
@@ -72,6 +78,24 @@ mod tests {
         assert_eq!(Cursor::decode("").ok().flatten(), None);
         let error = Cursor::decode("not-a-token!").err().map(|e| e.field);
         assert_eq!(error, Some(Some("page_token".to_owned())));
+    }
+
+    /// Found by the page_token fuzz target: another spelling of a cursor's time was accepted.
+    #[test]
+    fn only_the_canonical_token_is_taken() {
+        let spelled = |json: &str| URL_SAFE_NO_PAD.encode(json);
+        let id = "00000000-0000-0000-0000-000000000000";
+        let canonical = spelled(&format!(r#"{{"t":"2024-02-29T00:00:00Z","i":"{id}"}}"#));
+        assert!(Cursor::decode(&canonical).is_ok_and(|cursor| cursor.is_some()));
+        for other in [
+            format!(r#"{{"t":"2024-02-29T 0:00:00Z","i":"{id}"}}"#),
+            format!(r#"{{"i":"{id}","t":"2024-02-29T00:00:00Z"}}"#),
+            format!(r#"{{ "t":"2024-02-29T00:00:00Z","i":"{id}"}}"#),
+            format!(r#"{{"t":"2024-02-29T01:00:00+01:00","i":"{id}"}}"#),
+        ] {
+            let error = Cursor::decode(&spelled(&other)).err().and_then(|e| e.field);
+            assert_eq!(error.as_deref(), Some("page_token"), "{other}");
+        }
     }
 
     #[test]
