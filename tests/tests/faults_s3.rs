@@ -37,8 +37,10 @@ async fn upload_whole(mesh: &Mesh, token: &str, project: &str, name: &str) -> Re
         files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false };
     sender.send(first).await.expect("send metadata");
     for i in 0..20u8 {
-        let part =
-            files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB])), finish: false };
+        let part = files_pb::UploadRequest {
+            part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB].into())),
+            finish: false,
+        };
         sender.send(part).await.expect("send a chunk");
     }
     sender.send(files_pb::UploadRequest { part: None, finish: true }).await.expect("finish");
@@ -76,16 +78,20 @@ async fn s3_stopped_during_an_upload_is_unavailable_and_leaves_nothing_half_writ
     sender.send(first).await.expect("send metadata");
     // 8 MiB: the first 5 MiB part goes to S3 while S3 still answers.
     for i in 0..8u8 {
-        let part =
-            files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB])), finish: false };
+        let part = files_pb::UploadRequest {
+            part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB].into())),
+            finish: false,
+        };
         sender.send(part).await.expect("send a chunk");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.set_down(true);
     // The rest of the file, then the end; the service may refuse before it has read it all.
     for i in 8..12u8 {
-        let part =
-            files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB])), finish: false };
+        let part = files_pb::UploadRequest {
+            part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB].into())),
+            finish: false,
+        };
         if sender.send(part).await.is_err() {
             break;
         }
