@@ -38,7 +38,7 @@ pub enum Scenario {
     /// tonic echo (an in-process tonic server with no layers answering grpc.health.v1 Check).
     GrpcDirect,
     /// Usage events from usage's outbox to queryable in analytics (relay, Ingest, ClickHouse),
-    /// against a raw ClickHouse INSERT of the same rows in batches of the relay's size.
+    /// against a raw ClickHouse INSERT of the same rows in batches as large as the pipeline's own INSERTs were in the same run.
     AnalyticsPipeline,
     /// GetUsageTimeSeries daily cost by model over 10 million events (30 days), against the
     /// same question asked of PostgreSQL (an indexed table of the same rows).
@@ -121,7 +121,11 @@ async fn run_with_setup(scenario: Scenario, load: Load) -> anyhow::Result<Vec<Pa
         Scenario::AnalyticsPipeline => {
             let scenario = crate::analytics::pipeline(&setup.mesh).await?;
             let baseline = crate::analytics::raw_insert(&setup.mesh).await?;
-            Pair::new(scenario, baseline, "RowBinary INSERT of the same rows, relay-sized batches")
+            Pair::new(
+                scenario,
+                baseline,
+                "RowBinary INSERT of the same rows, batches the size of the pipeline's INSERTs",
+            )
         }
         Scenario::AnalyticsDailyCost => {
             let runs = 10;
