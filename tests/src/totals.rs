@@ -55,17 +55,36 @@ pub async fn analytics_totals(mesh: &Mesh, project: &str, credential: &str) -> T
     }
 }
 
+/// What usage's outbox still holds, for a failure message: why events did not arrive.
+async fn usage_outbox_state(mesh: &Mesh) -> String {
+    let state: Result<(i64, i64, Option<String>), _> = sqlx::query_as(
+        "SELECT count(*)::int8, coalesce(max(attempts), 0)::int8, max(last_error) FROM outbox_events \
+         WHERE delivered_at IS NULL",
+    )
+    .fetch_one(&mesh.usage_db().await)
+    .await;
+    match state {
+        Ok((waiting, attempts, error)) => {
+            format!("{waiting} undelivered, up to {attempts} attempts, last error {error:?}")
+        }
+        Err(error) => format!("unreadable ({error})"),
+    }
+}
+
 /// Waits until analytics shows `expected` (and then a little longer, so a double count would
-/// show too).
+/// show too); the time allowed covers a relay retrying with backoff on a loaded machine.
 pub async fn wait_for_totals(mesh: &Mesh, project: &str, credential: &str, expected: &Totals) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let seen = analytics_totals(mesh, project, credential).await;
         if &seen == expected {
             break;
         }
         assert!(seen.requests <= expected.requests, "counted too much: {seen:?} > {expected:?}");
-        assert!(tokio::time::Instant::now() < deadline, "analytics shows {seen:?}, usage recorded {expected:?}");
+        if tokio::time::Instant::now() >= deadline {
+            let outbox = usage_outbox_state(mesh).await;
+            panic!("analytics shows {seen:?}, usage recorded {expected:?}; usage's outbox: {outbox}");
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;

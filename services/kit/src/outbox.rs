@@ -135,6 +135,33 @@ impl OutboxEvent {
             .bind_value(&self.payload)
             .bind_value(self.occurred_at)
     }
+
+    /// The rows of many events, for a statement that writes them together with the changes
+    /// they report, in one round trip: `INSERT INTO outbox_events ({EVENT_COLUMNS}) SELECT * FROM
+    /// {unnest(n)}`, the six columns bound as arrays from `$n` on by [`OutboxEvent::bind_all`].
+    pub fn unnest(first_parameter: usize) -> String {
+        let n = first_parameter;
+        format!(
+            "unnest(${n}::uuid[], ${}::text[], ${}::text[], ${}::uuid[], ${}::jsonb[], ${}::timestamptz[])",
+            n + 1,
+            n + 2,
+            n + 3,
+            n + 4,
+            n + 5
+        )
+    }
+
+    /// Binds the columns of `events` as six arrays to the next six parameters of `query`, in
+    /// [`EVENT_COLUMNS`] order (see [`OutboxEvent::unnest`]).
+    pub fn bind_all<'q, Q: Bind<'q>>(events: &[OutboxEvent], query: Q) -> Q {
+        query
+            .bind_value(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
+            .bind_value(events.iter().map(|e| e.topic.clone()).collect::<Vec<_>>())
+            .bind_value(events.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>())
+            .bind_value(events.iter().map(|e| e.project_id).collect::<Vec<_>>())
+            .bind_value(events.iter().map(|e| e.payload.clone()).collect::<Vec<_>>())
+            .bind_value(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
+    }
 }
 
 /// Why a sink did not take a batch; the whole batch is retried later.

@@ -146,23 +146,16 @@ redis.call('PEXPIRE', KEYS[6], ARGV[14])
 return {'OK', unpack(warnings)}
 "#;
 
-/// ARGV[9] the reservation it settles or '', [10] total tokens, [11] cost, [12] input and
-/// [13] output tokens, [14] quota subjects (JSON list), [15] stats subjects (JSON list).
-/// Counts actual usage whatever the limits: it happened.
+/// ARGV[9] the reservations the records settle (JSON list of ids), [10..12] what the records
+/// add to the day, month and minute windows, as flat JSON lists [field, amount, ...]. Counts
+/// actual usage whatever the limits: it happened.
 const RECORD: &str = r#"
 if not ensure_windows() then return {'REBUILD'} end
 purge()
-if ARGV[9] ~= '' then take(ARGV[9]) end
-local tokens = tonumber(ARGV[10])
-local cost = tonumber(ARGV[11])
-local input = tonumber(ARGV[12])
-local output = tonumber(ARGV[13])
-count(cjson.decode(ARGV[14]), tokens, cost)
-for _, f in ipairs(cjson.decode(ARGV[15])) do
-  add(KEYS[2], 's:r:' .. f, 1)
-  add(KEYS[2], 's:i:' .. f, input)
-  add(KEYS[2], 's:o:' .. f, output)
-  add(KEYS[2], 's:c:' .. f, cost)
+for _, id in ipairs(cjson.decode(ARGV[9])) do take(id) end
+for i, key in ipairs({KEYS[2], KEYS[3], KEYS[4]}) do
+  local flat = cjson.decode(ARGV[9 + i])
+  for j = 1, #flat, 2 do add(key, flat[j], tonumber(flat[j + 1])) end
 end
 return {'OK'}
 "#;
@@ -311,6 +304,11 @@ fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "[]".to_owned())
 }
 
+/// The fields of a window as a flat JSON list `[field, value, ...]`, values as decimal strings.
+fn flat(map: &BTreeMap<String, i64>) -> String {
+    json(&map.iter().flat_map(|(k, v)| [k.clone(), v.to_string()]).collect::<Vec<_>>())
+}
+
 impl Counters {
     pub fn new(redis: Redis) -> Self {
         Self {
@@ -413,31 +411,23 @@ impl Counters {
         })
     }
 
-    /// Counts actual usage for `subjects` (quotas) and `stats` (project, user, model), first
-    /// giving back the reservation it settles, if that is still held.
-    #[allow(clippy::too_many_arguments)]
+    /// Counts the actual usage of records: `usage` holds what they add to the current day,
+    /// month and minute windows (its reservations are not read), `settles` the reservations
+    /// they settle, given back first if the counters still hold them.
     pub async fn record(
         &self,
         project_id: Uuid,
         now: DateTime<Utc>,
-        settles: Option<Uuid>,
-        input_tokens: i64,
-        output_tokens: i64,
-        cost_nanos: i64,
-        subjects: &[QuotaSubject],
-        stats: &[String],
+        settles: &[Uuid],
+        usage: &CounterSnapshot,
     ) -> Result<Outcome, RedisError> {
         let windows = Windows::at(now);
-        let fields: Vec<String> = subjects.iter().map(|s| s.counter_field()).collect();
         let mut args = Self::common_args(now, &windows);
         args.extend([
-            settles.map(|id| id.to_string()).unwrap_or_default(),
-            (input_tokens + output_tokens).to_string(),
-            cost_nanos.to_string(),
-            input_tokens.to_string(),
-            output_tokens.to_string(),
-            json(&fields),
-            json(&stats),
+            json(&settles.iter().map(Uuid::to_string).collect::<Vec<_>>()),
+            flat(&usage.day),
+            flat(&usage.month),
+            flat(&usage.minute),
         ]);
         let reply = self.run(&self.record, self.keys(project_id, &windows), args).await?;
         Ok(outcome(&reply))
@@ -466,9 +456,6 @@ impl Counters {
         snapshot: &CounterSnapshot,
     ) -> Result<(), RedisError> {
         let windows = Windows::at(now);
-        let flat = |map: &BTreeMap<String, i64>| {
-            json(&map.iter().flat_map(|(k, v)| [k.clone(), v.to_string()]).collect::<Vec<_>>())
-        };
         let reservations: Vec<String> = snapshot
             .reservations
             .iter()

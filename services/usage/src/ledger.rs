@@ -19,7 +19,7 @@
 //! back afterwards, so a failure between the two keeps the room reserved until expiry. Nothing
 //! in this module resets a budget: lost counters are rebuilt from PostgreSQL before any decision.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
@@ -38,6 +39,7 @@ use crate::catalog::Catalog;
 use crate::counters::{CounterSnapshot, Counters, Decision, LimitedSubject, Outcome, ReservationEntry};
 use crate::domain::{NewReservation, NewUsage, QuotaLimits, QuotaSubject, Windows, cost_nanos, nanos_to_usd};
 use crate::error::{Result, UsageError};
+use crate::group_commit::{Pending, RecordQueues};
 use crate::store::{self, QuotaRow, ReservationRow, Store, UsageRow};
 
 /// How often one operation rebuilds the counters and tries again before giving up.
@@ -91,6 +93,15 @@ pub struct DayStats {
     pub by_model: BTreeMap<String, Totals>,
 }
 
+/// What became of one record of a batch.
+enum BatchOutcome {
+    Recorded(Box<UsageRow>),
+    /// Its request id was recorded before: the record stored then is the answer.
+    Duplicate,
+    /// Refused alone (no price, a reservation that is not open); the rest of the batch went on.
+    Refused(UsageError),
+}
+
 /// The result of one try of an operation.
 enum Attempt<T> {
     Done(T),
@@ -104,6 +115,7 @@ pub struct Ledger {
     catalog: Catalog,
     quotas: TwoLevelCache<ProjectQuotas>,
     counters: Counters,
+    queues: Arc<RecordQueues>,
 }
 
 /// PostgreSQL keeps microseconds: times written are truncated first, so what a call returns is
@@ -138,6 +150,7 @@ impl Ledger {
             catalog: Catalog::new(store.clone(), redis.clone(), bus),
             quotas: TwoLevelCache::new("quotas", "usage", redis.clone(), bus, settings),
             counters: Counters::new(redis),
+            queues: Arc::default(),
             store,
         }
     }
@@ -157,8 +170,9 @@ impl Ledger {
     // ---- usage records ----
 
     /// Stores a usage record and counts it, or returns the record stored first for the same
-    /// (project, request id) without counting anything again.
-    pub async fn record(&self, usage: &NewUsage) -> Result<UsageRow> {
+    /// (project, request id) without counting anything again. Concurrent records of a project
+    /// share transactions (see [`crate::group_commit`]); each still gets its own answer.
+    pub async fn record(&self, usage: NewUsage) -> Result<UsageRow> {
         // Duplicates are found by the claim inside the transaction, so a first record costs no
         // extra query; only when the model cannot be resolved (retired or renamed since the
         // first try) is a stored record looked for first.
@@ -171,80 +185,156 @@ impl Ledger {
                 };
             }
         };
-        for _ in 0..MAX_REBUILDS {
-            match self.try_record(usage, model.model.id).await? {
-                Attempt::Done(row) => return Ok(row),
-                Attempt::Rebuild => self.rebuild(usage.project_id).await?,
-            }
+        let project_id = usage.project_id;
+        let (answer, answered) = oneshot::channel();
+        if self.queues.push(Pending { usage, model_id: model.model.id, answer }) {
+            // A task of its own: the batch answers other callers too, so it must not stop when
+            // this caller goes away.
+            let ledger = self.clone();
+            tokio::spawn(async move {
+                while let Some(batch) = ledger.queues.next_batch(project_id) {
+                    ledger.record_batch(project_id, batch).await;
+                }
+            });
         }
-        Err(gave_up())
+        answered.await.map_err(|_| ServiceError::internal("the usage record was dropped unanswered"))?
     }
 
-    async fn try_record(&self, usage: &NewUsage, model_id: Uuid) -> Result<Attempt<UsageRow>> {
-        let now = now();
-        let mut tx = self.store.pool().begin().await?;
-        let id = Uuid::now_v7();
-        let claim = store::claim_record(&mut tx, usage.project_id, &usage.request_id, id, usage.request_time, model_id);
-        let price = match claim.await? {
-            store::RecordClaim::Claimed(price) => price.ok_or(UsageError::NoPrice(usage.request_time))?,
-            store::RecordClaim::Duplicate => {
-                // A concurrent duplicate committed first (the claim waited for it): its record stands.
-                tx.rollback().await?;
-                let first = self.store.claimed_usage(usage.project_id, &usage.request_id).await?;
-                return first
-                    .map(Attempt::Done)
-                    .ok_or_else(|| ServiceError::internal("a usage claim without its record").into());
+    /// Writes a batch of records of one project and answers each. A request id already in the
+    /// batch goes back to the queue for the next batch, where the first one's record is its
+    /// answer (or, if that was refused, its own try).
+    async fn record_batch(&self, project_id: Uuid, batch: Vec<Pending>) {
+        let mut seen = HashSet::with_capacity(batch.len());
+        let (firsts, repeats): (Vec<Pending>, Vec<Pending>) =
+            batch.into_iter().partition(|pending| seen.insert(pending.usage.request_id.clone()));
+        let answers = self.write_batch(project_id, &firsts).await;
+        for (first, answer) in firsts.into_iter().zip(answers) {
+            // A caller that went away needs no answer.
+            let _ = first.answer.send(answer);
+        }
+        self.queues.requeue(project_id, repeats);
+    }
+
+    /// One answer per record, in order; a failure of the whole batch (database, Redis) is every
+    /// record's answer.
+    async fn write_batch(&self, project_id: Uuid, batch: &[Pending]) -> Vec<Result<UsageRow>> {
+        let attempt = async {
+            for _ in 0..MAX_REBUILDS {
+                match self.try_batch(project_id, batch).await? {
+                    Attempt::Done(outcomes) => return Ok(outcomes),
+                    Attempt::Rebuild => self.rebuild(project_id).await?,
+                }
+            }
+            Err(gave_up())
+        };
+        let outcomes = match attempt.await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                let error = ServiceError::from(error);
+                return batch.iter().map(|_| Err(error.clone().into())).collect();
             }
         };
-        if let Some(reservation_id) = usage.reservation_id {
-            let reservation = store::reservation_for_update(&mut tx, reservation_id).await?;
-            open_reservation(reservation, usage.project_id, now)?;
-            store::close_reservation(&mut tx, reservation_id, "settled", Some(id), now).await?;
+        let mut answers = Vec::with_capacity(outcomes.len());
+        for (pending, outcome) in batch.iter().zip(outcomes) {
+            answers.push(match outcome {
+                BatchOutcome::Recorded(row) => Ok(*row),
+                BatchOutcome::Refused(error) => Err(error),
+                // A concurrent duplicate committed first (the claim waited for it): its record stands.
+                BatchOutcome::Duplicate => {
+                    match self.store.claimed_usage(project_id, &pending.usage.request_id).await {
+                        Ok(Some(row)) => Ok(row),
+                        Ok(None) => Err(ServiceError::internal("a usage claim without its record").into()),
+                        Err(error) => Err(error),
+                    }
+                }
+            });
         }
-        let cost = price.price().cost(&usage.tokens);
-        let row = UsageRow {
-            id,
-            request_id: usage.request_id.clone(),
-            project_id: usage.project_id,
-            user_id: usage.user_id,
-            api_key_id: usage.api_key_id,
-            model_id,
-            chat_session_id: usage.chat_session_id,
-            reservation_id: usage.reservation_id,
-            request_type: usage.request_type.as_str().to_owned(),
-            input_tokens: usage.tokens.input,
-            output_tokens: usage.tokens.output,
-            cached_input_tokens: usage.tokens.cached_input,
-            total_tokens: usage.tokens.total(),
-            cost,
-            duration_ms: usage.duration_ms,
-            status: usage.status.as_str().to_owned(),
-            error_message: usage.error_message.clone(),
-            request_time: usage.request_time,
-            created_at: now,
-        };
-        store::insert_usage(&mut tx, &row, &usage_event(&row)).await?;
-        let stats = ["p".to_owned(), format!("u:{}", row.user_id), format!("m:{model_id}")];
-        let outcome = self
-            .counters
-            .record(
-                usage.project_id,
-                now,
-                usage.reservation_id,
-                row.input_tokens,
-                row.output_tokens,
-                cost_nanos(cost),
-                &subjects(row.user_id, row.api_key_id),
-                &stats,
-            )
-            .await?;
-        if outcome == Outcome::Rebuild {
-            // Rolled back explicitly, not on drop: the rebuild next needs this shared lock gone.
-            tx.rollback().await?;
-            return Ok(Attempt::Rebuild);
+        answers
+    }
+
+    async fn try_batch(&self, project_id: Uuid, batch: &[Pending]) -> Result<Attempt<Vec<BatchOutcome>>> {
+        let now = now();
+        let ids: Vec<Uuid> = batch.iter().map(|_| Uuid::now_v7()).collect();
+        let claims: Vec<store::ClaimRequest<'_>> = batch
+            .iter()
+            .zip(&ids)
+            .map(|(p, &usage_id)| store::ClaimRequest {
+                request_id: &p.usage.request_id,
+                usage_id,
+                request_time: p.usage.request_time,
+                model_id: p.model_id,
+            })
+            .collect();
+        let mut tx = self.store.pool().begin().await?;
+        let claims = store::claim_records(&mut tx, project_id, &claims).await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let (mut rows, mut unclaimed, mut settles) = (Vec::new(), Vec::new(), Vec::new());
+        for ((pending, id), claim) in batch.iter().zip(ids).zip(claims) {
+            let usage = &pending.usage;
+            let price = match claim {
+                store::RecordClaim::Duplicate => {
+                    outcomes.push(BatchOutcome::Duplicate);
+                    continue;
+                }
+                store::RecordClaim::Claimed(price) => price,
+            };
+            let accepted = match (price, usage.reservation_id) {
+                (None, _) => Err(UsageError::NoPrice(usage.request_time)),
+                (Some(price), None) => Ok(price),
+                (Some(price), Some(reservation_id)) => {
+                    let reservation = store::reservation_for_update(&mut tx, reservation_id).await?;
+                    match open_reservation(reservation, project_id, now) {
+                        Ok(_) => {
+                            store::close_reservation(&mut tx, reservation_id, "settled", Some(id), now).await?;
+                            settles.push(reservation_id);
+                            Ok(price)
+                        }
+                        Err(error) => Err(error),
+                    }
+                }
+            };
+            match accepted {
+                Ok(price) => {
+                    let row = usage_row(id, usage, pending.model_id, price.price().cost(&usage.tokens), now);
+                    outcomes.push(BatchOutcome::Recorded(Box::new(row.clone())));
+                    rows.push(row);
+                }
+                Err(error) => {
+                    unclaimed.push(usage.request_id.clone());
+                    outcomes.push(BatchOutcome::Refused(error));
+                }
+            }
+        }
+        if !unclaimed.is_empty() {
+            store::unclaim(&mut tx, project_id, &unclaimed).await?;
+        }
+        if !rows.is_empty() {
+            let events: Vec<OutboxEvent> = rows.iter().map(usage_event).collect();
+            store::insert_usage(&mut tx, &rows, &events).await?;
+            let mut counted = CounterSnapshot::default();
+            for row in &rows {
+                let group = store::UsageGroup {
+                    user_id: row.user_id,
+                    api_key_id: row.api_key_id,
+                    model_id: row.model_id,
+                    in_day: true,
+                    in_minute: true,
+                    requests: 1,
+                    input_tokens: row.input_tokens,
+                    output_tokens: row.output_tokens,
+                    total_tokens: row.total_tokens,
+                    cost_nanos: cost_nanos(row.cost),
+                };
+                count_usage(&mut counted, &group);
+            }
+            if self.counters.record(project_id, now, &settles, &counted).await? == Outcome::Rebuild {
+                // Rolled back explicitly, not on drop: the rebuild next needs this shared lock gone.
+                tx.rollback().await?;
+                return Ok(Attempt::Rebuild);
+            }
         }
         tx.commit().await?;
-        Ok(Attempt::Done(row))
+        Ok(Attempt::Done(outcomes))
     }
 
     // ---- reservations ----
@@ -470,25 +560,7 @@ fn open_reservation(
 fn snapshot_of(windows: &Windows, groups: &[store::UsageGroup], reservations: &[ReservationRow]) -> CounterSnapshot {
     let mut s = CounterSnapshot::default();
     for g in groups {
-        for subject in subjects(g.user_id, g.api_key_id) {
-            let f = subject.counter_field();
-            CounterSnapshot::add(&mut s.month, format!("c:{f}"), g.cost_nanos);
-            if g.in_day {
-                CounterSnapshot::add(&mut s.day, format!("t:{f}"), g.total_tokens);
-            }
-            if g.in_minute {
-                CounterSnapshot::add(&mut s.minute, format!("r:{f}"), g.requests);
-                CounterSnapshot::add(&mut s.minute, format!("t:{f}"), g.total_tokens);
-            }
-        }
-        if g.in_day {
-            for f in ["p".to_owned(), format!("u:{}", g.user_id), format!("m:{}", g.model_id)] {
-                CounterSnapshot::add(&mut s.day, format!("s:r:{f}"), g.requests);
-                CounterSnapshot::add(&mut s.day, format!("s:i:{f}"), g.input_tokens);
-                CounterSnapshot::add(&mut s.day, format!("s:o:{f}"), g.output_tokens);
-                CounterSnapshot::add(&mut s.day, format!("s:c:{f}"), g.cost_nanos);
-            }
-        }
+        count_usage(&mut s, g);
     }
     for r in reservations {
         let held = Windows::at(r.created_at);
@@ -513,6 +585,56 @@ fn snapshot_of(windows: &Windows, groups: &[store::UsageGroup], reservations: &[
         ));
     }
     s
+}
+
+/// Adds a group of records to the counters as they are held: quota counters per subject, stats
+/// per project, user and model. Records count in the month they were accepted in, and in the
+/// day and minute when `g` says so.
+fn count_usage(s: &mut CounterSnapshot, g: &store::UsageGroup) {
+    for subject in subjects(g.user_id, g.api_key_id) {
+        let f = subject.counter_field();
+        CounterSnapshot::add(&mut s.month, format!("c:{f}"), g.cost_nanos);
+        if g.in_day {
+            CounterSnapshot::add(&mut s.day, format!("t:{f}"), g.total_tokens);
+        }
+        if g.in_minute {
+            CounterSnapshot::add(&mut s.minute, format!("r:{f}"), g.requests);
+            CounterSnapshot::add(&mut s.minute, format!("t:{f}"), g.total_tokens);
+        }
+    }
+    if g.in_day {
+        for f in ["p".to_owned(), format!("u:{}", g.user_id), format!("m:{}", g.model_id)] {
+            CounterSnapshot::add(&mut s.day, format!("s:r:{f}"), g.requests);
+            CounterSnapshot::add(&mut s.day, format!("s:i:{f}"), g.input_tokens);
+            CounterSnapshot::add(&mut s.day, format!("s:o:{f}"), g.output_tokens);
+            CounterSnapshot::add(&mut s.day, format!("s:c:{f}"), g.cost_nanos);
+        }
+    }
+}
+
+/// A record accepted at `now` with the id its claim won.
+fn usage_row(id: Uuid, usage: &NewUsage, model_id: Uuid, cost: Decimal, now: DateTime<Utc>) -> UsageRow {
+    UsageRow {
+        id,
+        request_id: usage.request_id.clone(),
+        project_id: usage.project_id,
+        user_id: usage.user_id,
+        api_key_id: usage.api_key_id,
+        model_id,
+        chat_session_id: usage.chat_session_id,
+        reservation_id: usage.reservation_id,
+        request_type: usage.request_type.as_str().to_owned(),
+        input_tokens: usage.tokens.input,
+        output_tokens: usage.tokens.output,
+        cached_input_tokens: usage.tokens.cached_input,
+        total_tokens: usage.tokens.total(),
+        cost,
+        duration_ms: usage.duration_ms,
+        status: usage.status.as_str().to_owned(),
+        error_message: usage.error_message.clone(),
+        request_time: usage.request_time,
+        created_at: now,
+    }
 }
 
 /// The outbox event of a record: every field, the cost as a decimal string.

@@ -6,6 +6,7 @@ pub mod config;
 pub mod counters;
 pub mod domain;
 pub mod error;
+pub mod group_commit;
 pub mod ledger;
 pub mod store;
 

@@ -483,80 +483,124 @@ struct ClaimWithPrice {
     created_at: Option<DateTime<Utc>>,
 }
 
-/// The start of a record, in one round trip since a record's latency is its round trips: takes
-/// the project's counters lock in shared mode (see the ledger), claims (project, request id)
-/// for `usage_id` (a concurrent duplicate makes this wait for its transaction, then see it),
-/// and reads the price in force at `request_time`.
-pub async fn claim_record(
+/// One record of a batch, as its claim needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    pub request_id: &'a str,
+    /// The id the record gets if this claim wins.
+    pub usage_id: Uuid,
+    pub request_time: DateTime<Utc>,
+    pub model_id: Uuid,
+}
+
+/// The start of a batch of records of one project, in one round trip since a record's latency
+/// is its round trips: takes the project's counters lock in shared mode (see the ledger),
+/// claims each (project, request id) for its `usage_id` (a concurrent duplicate in another
+/// transaction makes this wait for it, then see it), and reads each model's price in force at
+/// the request time. One answer per request, in order. Claims are inserted in request id
+/// order, so two batches that share request ids wait for each other instead of deadlocking.
+/// A request id twice in one batch is claimed once (the ledger sends each only once).
+pub async fn claim_records(
     conn: &mut PgConnection,
     project_id: Uuid,
-    request_id: &str,
-    usage_id: Uuid,
-    request_time: DateTime<Utc>,
-    model_id: Uuid,
-) -> Result<RecordClaim> {
-    let row: ClaimWithPrice = sqlx::query_as(sql(format!(
+    requests: &[ClaimRequest<'_>],
+) -> Result<Vec<RecordClaim>> {
+    let rows: Vec<ClaimWithPrice> = sqlx::query_as(sql(format!(
         "WITH counters_lock AS (SELECT pg_advisory_xact_lock_shared($1)), \
+         input AS (SELECT * FROM unnest($3::text[], $4::uuid[], $5::timestamptz[], $6::uuid[]) \
+                   WITH ORDINALITY AS i (request_id, usage_id, request_time, model_id, n)), \
          claim AS (INSERT INTO usage_requests (project_id, request_id, usage_id, request_time) \
-                   SELECT $2, $3, $4, $5 FROM counters_lock \
+                   SELECT $2, i.request_id, i.usage_id, i.request_time FROM input AS i, counters_lock \
+                   ORDER BY i.request_id \
                    ON CONFLICT (project_id, request_id) DO NOTHING RETURNING usage_id) \
-         SELECT EXISTS (SELECT 1 FROM claim) AS claimed, p.* FROM (SELECT 1) AS one LEFT JOIN LATERAL \
-         (SELECT {PRICE_COLUMNS} FROM model_prices WHERE model_id = $6 AND effective_at <= $5 \
-          ORDER BY effective_at DESC LIMIT 1) AS p ON true"
+         SELECT c.usage_id IS NOT NULL AS claimed, p.* FROM input AS i \
+         LEFT JOIN claim AS c ON c.usage_id = i.usage_id \
+         LEFT JOIN LATERAL (SELECT {PRICE_COLUMNS} FROM model_prices \
+                            WHERE model_id = i.model_id AND effective_at <= i.request_time \
+                            ORDER BY effective_at DESC LIMIT 1) AS p ON true \
+         ORDER BY i.n"
     )))
     .bind(lock_key(project_id))
     .bind(project_id)
-    .bind(request_id)
-    .bind(usage_id)
-    .bind(request_time)
-    .bind(model_id)
-    .fetch_one(&mut *conn)
+    .bind(requests.iter().map(|r| r.request_id.to_owned()).collect::<Vec<_>>())
+    .bind(requests.iter().map(|r| r.usage_id).collect::<Vec<_>>())
+    .bind(requests.iter().map(|r| r.request_time).collect::<Vec<_>>())
+    .bind(requests.iter().map(|r| r.model_id).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
     .await?;
-    if !row.claimed {
-        return Ok(RecordClaim::Duplicate);
+    if rows.len() != requests.len() {
+        return Err(aimesh_kit::ServiceError::internal("the usage claim answered a different number of rows").into());
     }
-    let price = match (row.model_id, row.input_per_million, row.output_per_million, row.cached_input_per_million) {
-        (Some(model_id), Some(input), Some(output), Some(cached)) => Some(PriceRow {
-            model_id,
-            input_per_million: input,
-            output_per_million: output,
-            cached_input_per_million: cached,
-            effective_at: row.effective_at.unwrap_or(request_time),
-            created_at: row.created_at.unwrap_or(request_time),
-        }),
-        _ => None,
-    };
-    Ok(RecordClaim::Claimed(price))
+    Ok(rows.into_iter().zip(requests).map(|(row, request)| row.into_claim(request.request_time)).collect())
 }
 
-/// Stores a usage record and its outbox event, in one statement: a record's latency is its
-/// round trips.
-pub async fn insert_usage(conn: &mut PgConnection, row: &UsageRow, event: &OutboxEvent) -> Result<()> {
+impl ClaimWithPrice {
+    fn into_claim(self, request_time: DateTime<Utc>) -> RecordClaim {
+        if !self.claimed {
+            return RecordClaim::Duplicate;
+        }
+        let price =
+            match (self.model_id, self.input_per_million, self.output_per_million, self.cached_input_per_million) {
+                (Some(model_id), Some(input), Some(output), Some(cached)) => Some(PriceRow {
+                    model_id,
+                    input_per_million: input,
+                    output_per_million: output,
+                    cached_input_per_million: cached,
+                    effective_at: self.effective_at.unwrap_or(request_time),
+                    created_at: self.created_at.unwrap_or(request_time),
+                }),
+                _ => None,
+            };
+        RecordClaim::Claimed(price)
+    }
+}
+
+/// Takes back the claims of records of this transaction that failed (no price, a reservation
+/// that is not open), so a later try of the same request id may record.
+pub async fn unclaim(conn: &mut PgConnection, project_id: Uuid, request_ids: &[String]) -> Result<()> {
+    sqlx::query("DELETE FROM usage_requests WHERE project_id = $1 AND request_id = ANY($2)")
+        .bind(project_id)
+        .bind(request_ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Stores usage records and their outbox events (`events[i]` reports `rows[i]`), in one
+/// statement whatever their number.
+pub async fn insert_usage(conn: &mut PgConnection, rows: &[UsageRow], events: &[OutboxEvent]) -> Result<()> {
     let statement = sqlx::query(sql(format!(
-        "WITH stored AS (INSERT INTO model_usage_logs ({USAGE_COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)) \
-         INSERT INTO outbox_events ({EVENT_COLUMNS}) VALUES ($20, $21, $22, $23, $24, $25)"
-    )))
-    .bind(row.id)
-    .bind(&row.request_id)
-    .bind(row.project_id)
-    .bind(row.user_id)
-    .bind(row.api_key_id)
-    .bind(row.model_id)
-    .bind(row.chat_session_id)
-    .bind(row.reservation_id)
-    .bind(&row.request_type)
-    .bind(row.input_tokens)
-    .bind(row.output_tokens)
-    .bind(row.cached_input_tokens)
-    .bind(row.total_tokens)
-    .bind(row.cost)
-    .bind(row.duration_ms)
-    .bind(&row.status)
-    .bind(&row.error_message)
-    .bind(row.request_time)
-    .bind(row.created_at);
-    event.bind_to(statement).execute(&mut *conn).await?;
+        "WITH stored AS (INSERT INTO model_usage_logs ({USAGE_COLUMNS}) SELECT * FROM unnest(\
+         $1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::uuid[], $7::uuid[], $8::uuid[], \
+         $9::text[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::numeric[], $15::int8[], \
+         $16::text[], $17::text[], $18::timestamptz[], $19::timestamptz[])) \
+         INSERT INTO outbox_events ({EVENT_COLUMNS}) SELECT * FROM {}",
+        OutboxEvent::unnest(20)
+    )));
+    fn column<T>(rows: &[UsageRow], f: impl Fn(&UsageRow) -> T) -> Vec<T> {
+        rows.iter().map(f).collect()
+    }
+    let statement = statement
+        .bind(column(rows, |r| r.id))
+        .bind(column(rows, |r| r.request_id.clone()))
+        .bind(column(rows, |r| r.project_id))
+        .bind(column(rows, |r| r.user_id))
+        .bind(column(rows, |r| r.api_key_id))
+        .bind(column(rows, |r| r.model_id))
+        .bind(column(rows, |r| r.chat_session_id))
+        .bind(column(rows, |r| r.reservation_id))
+        .bind(column(rows, |r| r.request_type.clone()))
+        .bind(column(rows, |r| r.input_tokens))
+        .bind(column(rows, |r| r.output_tokens))
+        .bind(column(rows, |r| r.cached_input_tokens))
+        .bind(column(rows, |r| r.total_tokens))
+        .bind(column(rows, |r| r.cost))
+        .bind(column(rows, |r| r.duration_ms))
+        .bind(column(rows, |r| r.status.clone()))
+        .bind(column(rows, |r| r.error_message.clone()))
+        .bind(column(rows, |r| r.request_time))
+        .bind(column(rows, |r| r.created_at));
+    OutboxEvent::bind_all(events, statement).execute(&mut *conn).await?;
     Ok(())
 }
 

@@ -221,8 +221,8 @@ async fn a_retried_record_counts_once_even_when_retries_race() {
     let (project, user) = (Uuid::new_v4(), Uuid::new_v4());
 
     let call = Call::new(project, user, "req-1", "gpt-4o");
-    let first = a.ledger.record(&call.usage().expect("valid")).await.expect("record");
-    let again = b.ledger.record(&call.usage().expect("valid")).await.expect("retry");
+    let first = a.ledger.record(call.usage().expect("valid")).await.expect("record");
+    let again = b.ledger.record(call.usage().expect("valid")).await.expect("retry");
     assert_eq!(first, again, "a retry returns the first record");
 
     // Twenty concurrent copies of another request on two replicas.
@@ -231,7 +231,7 @@ async fn a_retried_record_counts_once_even_when_retries_race() {
     for i in 0..20 {
         let ledger = if i % 2 == 0 { a.ledger.clone() } else { b.ledger.clone() };
         let usage = usage.clone();
-        tasks.push(tokio::spawn(async move { ledger.record(&usage).await }));
+        tasks.push(tokio::spawn(async move { ledger.record(usage).await }));
     }
     let mut ids = std::collections::HashSet::new();
     for task in tasks {
@@ -257,7 +257,7 @@ async fn a_price_change_applies_only_to_later_requests() {
 
     let mut before = Call::new(project, user, "before", "gpt-4o");
     (before.input, before.output, before.at) = (1_000_000, 0, Some(now - chrono::Duration::minutes(10)));
-    let first = a.ledger.record(&before.usage().expect("valid")).await.expect("record");
+    let first = a.ledger.record(before.usage().expect("valid")).await.expect("record");
     assert_eq!(first.cost.to_string(), "2.5000000000");
 
     // The new price takes effect five minutes ago (only an admin tool could backdate it this far;
@@ -268,11 +268,11 @@ async fn a_price_change_applies_only_to_later_requests() {
     // A late record of a call made before the change still pays the old price...
     let mut late = Call::new(project, user, "late", "gpt-4o");
     (late.input, late.output, late.at) = (1_000_000, 0, Some(now - chrono::Duration::minutes(6)));
-    assert_eq!(b.ledger.record(&late.usage().expect("valid")).await.expect("record").cost.to_string(), "2.5000000000");
+    assert_eq!(b.ledger.record(late.usage().expect("valid")).await.expect("record").cost.to_string(), "2.5000000000");
     // ...a call after it pays the new one, on either replica.
     let mut after = Call::new(project, user, "after", "gpt-4o");
     (after.input, after.output) = (1_000_000, 0);
-    assert_eq!(b.ledger.record(&after.usage().expect("valid")).await.expect("record").cost.to_string(), "5.0000000000");
+    assert_eq!(b.ledger.record(after.usage().expect("valid")).await.expect("record").cost.to_string(), "5.0000000000");
     // The first record did not change.
     let rows = a.ledger.store().list_usage(project, &UsageFilter::default(), None, 10).await.expect("list");
     let stored = rows.iter().find(|r| r.request_id == "before").map(|r| r.cost.to_string());
@@ -291,7 +291,7 @@ async fn costs_with_cached_tokens_are_right_to_the_last_decimal() {
     let (project, user) = (Uuid::new_v4(), Uuid::new_v4());
     let mut call = Call::new(project, user, "cached", "gpt-4o-2024-08-06");
     (call.input, call.cached, call.output) = (1_000_000, 400_000, 10_000);
-    let row = a.ledger.record(&call.usage().expect("valid")).await.expect("record");
+    let row = a.ledger.record(call.usage().expect("valid")).await.expect("record");
     // 600,000 × 2.50 + 400,000 × 1.25 + 10,000 × 10.00, per million: 1.5 + 0.5 + 0.1.
     assert_eq!(row.cost.to_string(), "2.1000000000");
     let stored: Decimal =
@@ -336,12 +336,12 @@ async fn flushed_counters_are_rebuilt_from_postgres_with_the_same_figures() {
     }
     for (id, call) in &mut calls {
         call.request_id = id;
-        a.ledger.record(&call.usage().expect("valid")).await.expect("record");
+        a.ledger.record(call.usage().expect("valid")).await.expect("record");
     }
     let settled = a.ledger.reserve(&reservation(project, ann, "gpt-4o", 1000, 1000, 600)).await.expect("reserve");
     let mut settle = Call::new(project, ann, "settle", "gpt-4o");
     settle.reservation = Some(settled.reservation.id);
-    b.ledger.record(&settle.usage().expect("valid")).await.expect("settle");
+    b.ledger.record(settle.usage().expect("valid")).await.expect("settle");
     let released = b.ledger.reserve(&reservation(project, bob, "gpt-4o", 500, 500, 600)).await.expect("reserve");
     a.ledger.release(project, released.reservation.id).await.expect("release");
     a.ledger.reserve(&reservation(project, bob, "gpt-4o-mini", 700, 300, 600)).await.expect("open reservation");
@@ -416,7 +416,7 @@ async fn reservations_expire_release_and_settle() {
     );
     let mut call = Call::new(project, user, "settles", "gpt-4o");
     call.reservation = Some(held.reservation.id);
-    a.ledger.record(&call.usage().expect("valid")).await.expect("settle");
+    a.ledger.record(call.usage().expect("valid")).await.expect("settle");
     assert_eq!(
         a.ledger.counters().read(project, Utc::now()).await.expect("counters").day.get(&format!("t:u:{user}")),
         Some(&150)
@@ -432,7 +432,7 @@ async fn reservations_expire_release_and_settle() {
     // Usage that happened counts even above the limit.
     let mut big = Call::new(project, user, "big", "gpt-4o");
     (big.input, big.output) = (5_000, 0);
-    a.ledger.record(&big.usage().expect("valid")).await.expect("record above the limit");
+    a.ledger.record(big.usage().expect("valid")).await.expect("record above the limit");
     assert_eq!(
         a.ledger.counters().read(project, Utc::now()).await.expect("counters").day.get(&format!("t:u:{user}")),
         Some(&5_850)
@@ -446,7 +446,7 @@ async fn reservations_expire_release_and_settle() {
     for (id, reservation_id) in [("late-settle", short.reservation.id), ("double-settle", held.reservation.id)] {
         let mut call = Call::new(project, user, id, "gpt-4o");
         call.reservation = Some(reservation_id);
-        let result = a.ledger.record(&call.usage().expect("valid")).await;
+        let result = a.ledger.record(call.usage().expect("valid")).await;
         assert!(matches!(result, Err(UsageError::NotFound { what: "reservation", .. })), "{result:?}");
     }
     assert_eq!(count(&db.pool, "model_usage_logs").await, records);
@@ -477,21 +477,21 @@ async fn bad_input_writes_nothing() {
     let others = a.ledger.reserve(&reservation(other, user, "gpt-4o", 10, 10, 60)).await.expect("reserve");
     let outbox_before = count(&db.pool, "outbox_events").await;
 
-    expect(a.ledger.record(&Call::new(project, user, "x1", "llama-9").usage().expect("valid")).await, |e| {
+    expect(a.ledger.record(Call::new(project, user, "x1", "llama-9").usage().expect("valid")).await, |e| {
         matches!(e, UsageError::ModelNotFound { field: "model", .. })
     });
-    expect(a.ledger.record(&Call::new(project, user, "x2", "gpt-3").usage().expect("valid")).await, |e| {
+    expect(a.ledger.record(Call::new(project, user, "x2", "gpt-3").usage().expect("valid")).await, |e| {
         matches!(e, UsageError::ModelRetired(_))
     });
-    expect(a.ledger.record(&Call::new(project, user, "x3", "free-lunch").usage().expect("valid")).await, |e| {
+    expect(a.ledger.record(Call::new(project, user, "x3", "free-lunch").usage().expect("valid")).await, |e| {
         matches!(e, UsageError::NoPrice(_))
     });
     let mut foreign = Call::new(project, user, "x4", "gpt-4o");
     foreign.reservation = Some(others.reservation.id);
-    expect(a.ledger.record(&foreign.usage().expect("valid")).await, |e| matches!(e, UsageError::Forbidden(_)));
+    expect(a.ledger.record(foreign.usage().expect("valid")).await, |e| matches!(e, UsageError::Forbidden(_)));
     let mut unknown = Call::new(project, user, "x5", &gpt.to_string()).usage().expect("valid");
     unknown.reservation_id = Some(Uuid::new_v4());
-    expect(a.ledger.record(&unknown).await, |e| matches!(e, UsageError::NotFound { what: "reservation", .. }));
+    expect(a.ledger.record(unknown).await, |e| matches!(e, UsageError::NotFound { what: "reservation", .. }));
     expect(a.ledger.reserve(&reservation(project, user, "free-lunch", 1, 1, 60)).await, |e| {
         matches!(e, UsageError::NoPrice(_))
     });
@@ -533,7 +533,7 @@ async fn late_records_land_in_their_month_and_list_newest_first() {
         let id = format!("late-{i}");
         let mut call = Call::new(project, if i == 1 { other_user } else { user }, &id, "gpt-4o");
         call.at = Some(now - chrono::Duration::days(days));
-        a.ledger.record(&call.usage().expect("valid")).await.expect("record");
+        a.ledger.record(call.usage().expect("valid")).await.expect("record");
     }
     let in_default: i64 =
         sqlx::query_scalar("SELECT count(*) FROM model_usage_logs_default").fetch_one(&db.pool).await.expect("count");
@@ -547,4 +547,66 @@ async fn late_records_land_in_their_month_and_list_newest_first() {
     let filter = UsageFilter { user_id: Some(other_user), ..UsageFilter::default() };
     let only = a.ledger.store().list_usage(project, &filter, None, 10).await.expect("list");
     assert_eq!(only.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_records_share_transactions_and_each_gets_its_own_answer() {
+    let (db, a, b) = setup().await;
+    model(&a.ledger, "gpt-4o", price("2.50", "10", "1.25")).await;
+    let (project, user) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        open.push(a.ledger.reserve(&reservation(project, user, "gpt-4o", 1000, 1000, 600)).await.expect("reserve"));
+    }
+
+    // 400 records at once over two replicas: most plain, some settling a reservation, some
+    // refused alone (no price in force two hours ago; a reservation that does not exist), and
+    // each request id twice.
+    let ids: Vec<String> = (0..200).map(|i| format!("batch-{i}")).collect();
+    let mut tasks = Vec::new();
+    for (i, id) in ids.iter().enumerate().flat_map(|(i, id)| [(i, id), (i, id)]) {
+        let mut call = Call::new(project, user, id, "gpt-4o");
+        call.input = 100 + i as i64;
+        match i % 10 {
+            3 => call.at = Some(Utc::now() - chrono::Duration::hours(2)),
+            5 => call.reservation = Some(Uuid::now_v7()),
+            7 => call.reservation = Some(open[i / 10].reservation.id),
+            _ => {}
+        }
+        let ledger = if tasks.len() % 2 == 0 { a.ledger.clone() } else { b.ledger.clone() };
+        let usage = call.usage().expect("valid");
+        tasks.push(tokio::spawn(async move { (i, ledger.record(usage).await) }));
+    }
+    let mut recorded = std::collections::HashMap::new();
+    for task in tasks {
+        let (i, answer) = task.await.expect("task");
+        match (i % 10, answer) {
+            (3, Err(error)) => assert!(matches!(error, UsageError::NoPrice(_)), "{error:?}"),
+            (5, Err(error)) => assert!(matches!(error, UsageError::NotFound { what: "reservation", .. }), "{error:?}"),
+            (_, Ok(row)) => {
+                assert_eq!(row.input_tokens, 100 + i as i64);
+                let first = recorded.entry(i).or_insert_with(|| row.clone());
+                assert_eq!(*first, row, "both copies of a request get the one record");
+            }
+            (kind, answer) => panic!("record {i} (kind {kind}) answered {answer:?}"),
+        }
+    }
+    assert_eq!(recorded.len(), 160);
+    assert_eq!(count(&db.pool, "model_usage_logs").await, 160);
+    assert_eq!(count(&db.pool, "usage_requests").await, 160, "refused records leave no claim");
+    assert_eq!(count(&db.pool, "outbox_events").await, 160);
+    let settled: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_reservations WHERE state = 'settled'")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(settled, 20);
+
+    // The counters hold exactly what PostgreSQL says, and a refused request id may try again.
+    let now = Utc::now();
+    let counters = a.ledger.counters().read(project, now).await.expect("counters");
+    let expected = a.ledger.expected_counters(project, now).await.expect("expected");
+    assert_eq!((&counters.day, &counters.month), (&expected.day, &expected.month));
+    assert_eq!(counters.day.get("s:r:p"), Some(&160));
+    let retry = Call::new(project, user, "batch-3", "gpt-4o");
+    b.ledger.record(retry.usage().expect("valid")).await.expect("a refused request id records later");
 }

@@ -80,7 +80,7 @@ impl Usage {
         };
         let usage = NewUsage::validate(&draft, Utc::now())?;
         self.require_usage_writer(caller, usage.project_id, usage.user_id).await?;
-        usage_to_proto(self.ledger.record(&usage).await?)
+        usage_to_proto(self.ledger.record(usage).await?)
     }
 
     async fn list_usage(&self, caller: &Caller, request: pb::ListUsageRequest) -> Result<pb::ListUsageResponse> {
