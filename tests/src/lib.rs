@@ -477,6 +477,17 @@ pub async fn catalog(mesh: &Mesh) -> (Account, usage_pb::Model) {
     (admin, model)
 }
 
+/// Sets the project-wide quota of `project` to `tokens` per day, as its owner `token`.
+pub async fn set_daily_token_budget(mesh: &Mesh, token: &str, project: &str, tokens: i64) {
+    let quota = usage_pb::Quota {
+        project_id: project.to_owned(),
+        scope: usage_pb::QuotaScope::Project.into(),
+        tokens_per_day: tokens,
+        ..Default::default()
+    };
+    mesh.quotas().set_quota(authed(usage_pb::SetQuotaRequest { quota: Some(quota) }, token)).await.expect("set quota");
+}
+
 /// A project of `owner` and a key in it with the given scopes; returns (project id, secret).
 pub async fn project_with_key(mesh: &Mesh, owner: &Account, scopes: &[&str]) -> (String, String) {
     let project = mesh

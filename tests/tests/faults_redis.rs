@@ -13,7 +13,7 @@ use tonic::Code;
 
 use aimesh_kit::testing::ScratchCluster;
 use aimesh_proto::usage::v1 as usage_pb;
-use aimesh_tests::{Mesh, authed, catalog, project_with_key, reason_and_field, test_config};
+use aimesh_tests::{Mesh, authed, catalog, project_with_key, reason_and_field, set_daily_token_budget, test_config};
 
 const BUDGET: i64 = 100_000;
 const TOKENS_PER_RESERVATION: i64 = 500;
@@ -50,16 +50,7 @@ async fn a_killed_primary_under_load_fails_over_and_no_budget_is_overspent() {
     catalog(&mesh).await;
     let ann = mesh.signup("ann").await;
     let (project, secret) = project_with_key(&mesh, &ann, &["usage:write", "usage:read"]).await;
-    let quota = usage_pb::Quota {
-        project_id: project.clone(),
-        scope: usage_pb::QuotaScope::Project.into(),
-        tokens_per_day: BUDGET,
-        ..Default::default()
-    };
-    mesh.quotas()
-        .set_quota(authed(usage_pb::SetQuotaRequest { quota: Some(quota) }, &ann.token))
-        .await
-        .expect("set quota");
+    set_daily_token_budget(&mesh, &ann.token, &project, BUDGET).await;
     let reserve = usage_pb::ReserveRequest {
         project_id: project.clone(),
         model: "gpt-4o".into(),

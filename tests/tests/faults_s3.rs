@@ -21,31 +21,54 @@ async fn count(mesh: &Mesh, sql: &'static str, project: &str) -> i64 {
     n.expect("count")
 }
 
-/// Uploads 20 MiB as `name` (a multipart upload of 5 MiB parts).
-async fn upload_whole(mesh: &Mesh, token: &str, project: &str, name: &str) -> Result<files_pb::File, tonic::Status> {
-    let (sender, receiver) = tokio::sync::mpsc::channel(2);
-    let request = authed(tokio_stream::wrappers::ReceiverStream::new(receiver), token);
-    let mut client = mesh.files();
-    let call = tokio::spawn(async move { client.upload(request).await });
-    let metadata = files_pb::UploadMetadata {
-        project_id: project.to_owned(),
-        name: name.into(),
-        mime_type: "application/octet-stream".into(),
-        ..Default::default()
-    };
-    let first =
-        files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false };
-    sender.send(first).await.expect("send metadata");
-    for i in 0..20u8 {
+/// An upload in progress: metadata sent, chunks sent as the test chooses.
+struct UploadInProgress {
+    sender: tokio::sync::mpsc::Sender<files_pb::UploadRequest>,
+    call: tokio::task::JoinHandle<Result<tonic::Response<files_pb::File>, tonic::Status>>,
+}
+
+impl UploadInProgress {
+    /// Starts uploading `name` (binary) into `project` and sends its metadata.
+    async fn start(mesh: &Mesh, token: &str, project: &str, name: &str) -> Self {
+        let (sender, receiver) = tokio::sync::mpsc::channel(2);
+        let request = authed(tokio_stream::wrappers::ReceiverStream::new(receiver), token);
+        let mut client = mesh.files();
+        let call = tokio::spawn(async move { client.upload(request).await });
+        let metadata = files_pb::UploadMetadata {
+            project_id: project.to_owned(),
+            name: name.into(),
+            mime_type: "application/octet-stream".into(),
+            ..Default::default()
+        };
+        let first =
+            files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false };
+        sender.send(first).await.expect("send metadata");
+        Self { sender, call }
+    }
+
+    /// Sends chunk `i` (1 MiB of the byte `i`); false when the service stopped reading.
+    async fn chunk(&self, i: u8) -> bool {
         let part = files_pb::UploadRequest {
             part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB].into())),
             finish: false,
         };
-        sender.send(part).await.expect("send a chunk");
+        self.sender.send(part).await.is_ok()
     }
-    sender.send(files_pb::UploadRequest { part: None, finish: true }).await.expect("finish");
-    drop(sender);
-    call.await.expect("join").map(tonic::Response::into_inner)
+
+    /// Sends the end (if the service still reads) and returns the call, not yet awaited.
+    async fn finish(self) -> tokio::task::JoinHandle<Result<tonic::Response<files_pb::File>, tonic::Status>> {
+        let _ = self.sender.send(files_pb::UploadRequest { part: None, finish: true }).await;
+        self.call
+    }
+}
+
+/// Uploads 20 MiB as `name` (a multipart upload of 5 MiB parts).
+async fn upload_whole(mesh: &Mesh, token: &str, project: &str, name: &str) -> Result<files_pb::File, tonic::Status> {
+    let upload = UploadInProgress::start(mesh, token, project, name).await;
+    for i in 0..20u8 {
+        assert!(upload.chunk(i).await, "send a chunk");
+    }
+    upload.finish().await.await.expect("join").map(tonic::Response::into_inner)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,41 +86,20 @@ async fn s3_stopped_during_an_upload_is_unavailable_and_leaves_nothing_half_writ
     let project =
         mesh.projects().create_project(authed(request, &owner.token)).await.expect("create project").into_inner().id;
 
-    let (sender, receiver) = tokio::sync::mpsc::channel(2);
-    let mut client = mesh.files();
-    let request = authed(tokio_stream::wrappers::ReceiverStream::new(receiver), &owner.token);
-    let call = tokio::spawn(async move { client.upload(request).await });
-    let metadata = files_pb::UploadMetadata {
-        project_id: project.clone(),
-        name: "weights.bin".into(),
-        mime_type: "application/octet-stream".into(),
-        ..Default::default()
-    };
-    let first =
-        files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false };
-    sender.send(first).await.expect("send metadata");
+    let upload = UploadInProgress::start(&mesh, &owner.token, &project, "weights.bin").await;
     // 8 MiB: the first 5 MiB part goes to S3 while S3 still answers.
     for i in 0..8u8 {
-        let part = files_pb::UploadRequest {
-            part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB].into())),
-            finish: false,
-        };
-        sender.send(part).await.expect("send a chunk");
+        assert!(upload.chunk(i).await, "send a chunk");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.set_down(true);
     // The rest of the file, then the end; the service may refuse before it has read it all.
     for i in 8..12u8 {
-        let part = files_pb::UploadRequest {
-            part: Some(files_pb::upload_request::Part::Chunk(vec![i; MIB].into())),
-            finish: false,
-        };
-        if sender.send(part).await.is_err() {
+        if !upload.chunk(i).await {
             break;
         }
     }
-    let _ = sender.send(files_pb::UploadRequest { part: None, finish: true }).await;
-    drop(sender);
+    let call = upload.finish().await;
     let answer =
         tokio::time::timeout(Duration::from_secs(60), call).await.expect("the upload is answered").expect("join");
     let status = expect_code("upload while s3 is away", Code::Unavailable, answer);

@@ -3,7 +3,9 @@
 
 use aimesh_proto::identity::v1 as pb;
 use aimesh_proto::usage::v1 as usage_pb;
-use aimesh_tests::{Mesh, authed, catalog, expect_code, normalized, project_with_key, reason_and_field, record};
+use aimesh_tests::{
+    Mesh, authed, catalog, expect_code, normalized, project_with_key, reason_and_field, record, set_daily_token_budget,
+};
 use tonic::Code;
 
 #[tokio::test]
@@ -175,16 +177,7 @@ async fn a_daily_token_budget_is_reserved_settled_and_released() {
     catalog(&mesh).await;
     let ann = mesh.signup("ann").await;
     let (project, secret) = project_with_key(&mesh, &ann, &["usage:write", "usage:read"]).await;
-    let quota = usage_pb::Quota {
-        project_id: project.clone(),
-        scope: usage_pb::QuotaScope::Project.into(),
-        tokens_per_day: 1000,
-        ..Default::default()
-    };
-    mesh.quotas()
-        .set_quota(authed(usage_pb::SetQuotaRequest { quota: Some(quota) }, &ann.token))
-        .await
-        .expect("set quota");
+    set_daily_token_budget(&mesh, &ann.token, &project, 1000).await;
 
     let reserve = |tokens: i64| usage_pb::ReserveRequest {
         project_id: project.clone(),
