@@ -38,13 +38,13 @@ fn throughput(name: &str, events: i64, elapsed: Duration, batch_latencies_ms: &m
 }
 
 async fn usage_events_in(mesh: &Mesh, database: &str) -> anyhow::Result<u64> {
-    let client = clickhouse::Client::default().with_url(&mesh.config.analytics.clickhouse_url);
+    let client = aimesh_analytics::store::client_of(&mesh.config.analytics.clickhouse_url);
     Ok(client.query(&format!("SELECT count() FROM {database}.usage_events")).fetch_one().await?)
 }
 
 /// The last block number of `usage_events`: every INSERT takes the next one.
 async fn last_block_of_usage_events(mesh: &Mesh, database: &str) -> anyhow::Result<i64> {
-    let client = clickhouse::Client::default().with_url(&mesh.config.analytics.clickhouse_url);
+    let client = aimesh_analytics::store::client_of(&mesh.config.analytics.clickhouse_url);
     let sql = "SELECT toInt64(max(max_block_number)) FROM system.parts WHERE database = ? AND table = 'usage_events'";
     Ok(client.query(sql).bind(database).fetch_one().await?)
 }
@@ -53,7 +53,7 @@ async fn last_block_of_usage_events(mesh: &Mesh, database: &str) -> anyhow::Resu
 /// INSERT makes one part of its own block number (merged parts span several), and merged
 /// parts stay listed, inactive, for minutes after a merge.
 async fn inserts_into_usage_events_since(mesh: &Mesh, database: &str, after: i64) -> anyhow::Result<(u64, u64)> {
-    let client = clickhouse::Client::default().with_url(&mesh.config.analytics.clickhouse_url);
+    let client = aimesh_analytics::store::client_of(&mesh.config.analytics.clickhouse_url);
     let sql = "SELECT count(), sum(rows) FROM system.parts WHERE database = ? AND table = 'usage_events' \
                AND min_block_number = max_block_number AND min_block_number > ?";
     Ok(client.query(sql).bind(database).bind(after).fetch_one().await?)
@@ -162,8 +162,7 @@ pub async fn raw_insert(mesh: &Mesh) -> anyhow::Result<Figures> {
 /// Fills analytics with [`QUERY_EVENTS`] events of `project` (ClickHouse generates them), then
 /// asks GetUsageTimeSeries for the daily cost by model of the whole period, one at a time.
 pub async fn daily_cost_clickhouse(mesh: &Mesh, token: &str, project: &str, runs: u64) -> anyhow::Result<Figures> {
-    let client = clickhouse::Client::default()
-        .with_url(&mesh.config.analytics.clickhouse_url)
+    let client = aimesh_analytics::store::client_of(&mesh.config.analytics.clickhouse_url)
         .with_database(&mesh.config.analytics.clickhouse_database);
     eprintln!("bench: generating {QUERY_EVENTS} events in ClickHouse");
     client

@@ -92,6 +92,12 @@ pub async fn run(
 
     let stop_accepting = CancellationToken::new();
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    // Replies leave at once rather than waiting behind Nagle's algorithm for the client's ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::warn!(%error, "cannot set TCP_NODELAY on a REST connection");
+        }
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
     let not_ready = async move { gateway.ready.store(false, Ordering::Relaxed) };
