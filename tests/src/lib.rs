@@ -364,7 +364,7 @@ impl Drop for Mesh {
             let dropper = std::thread::spawn(move || {
                 let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
                 runtime.block_on(async move {
-                    let client = clickhouse::Client::default().with_url(url);
+                    let client = aimesh_analytics::store::client_of(&url);
                     let _ = client.query(&format!("DROP DATABASE IF EXISTS {database}")).execute().await;
                 });
             });

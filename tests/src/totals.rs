@@ -71,6 +71,31 @@ async fn usage_outbox_state(mesh: &Mesh) -> String {
     }
 }
 
+/// The queries running on the ClickHouse server (asked directly, not through any proxy of the
+/// test), for a failure message: whether analytics' INSERTs or checks hang there.
+async fn clickhouse_queries() -> String {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Running {
+        elapsed: f64,
+        query: String,
+    }
+    let client = aimesh_analytics::store::client_of(&crate::clickhouse_url());
+    let running = client
+        .query(
+            "SELECT elapsed, substring(replaceRegexpAll(query, '\\s+', ' '), 1, 160) FROM system.processes \
+             WHERE query NOT LIKE '%system.processes%' AND query NOT LIKE '%sleepEachRow%' ORDER BY elapsed DESC",
+        )
+        .fetch_all::<Running>()
+        .await;
+    match running {
+        Ok(running) if running.is_empty() => "none".into(),
+        Ok(running) => {
+            running.iter().map(|q| format!("[{:.1} s] {}", q.elapsed, q.query)).collect::<Vec<_>>().join("; ")
+        }
+        Err(error) => format!("unreadable ({error})"),
+    }
+}
+
 /// Waits until analytics shows `expected` (and then a little longer, so a double count would
 /// show too); the time allowed covers a relay retrying with backoff on a loaded machine.
 pub async fn wait_for_totals(mesh: &Mesh, project: &str, credential: &str, expected: &Totals) {
@@ -82,8 +107,11 @@ pub async fn wait_for_totals(mesh: &Mesh, project: &str, credential: &str, expec
         }
         assert!(seen.requests <= expected.requests, "counted too much: {seen:?} > {expected:?}");
         if tokio::time::Instant::now() >= deadline {
-            let outbox = usage_outbox_state(mesh).await;
-            panic!("analytics shows {seen:?}, usage recorded {expected:?}; usage's outbox: {outbox}");
+            let (outbox, queries) = (usage_outbox_state(mesh).await, clickhouse_queries().await);
+            panic!(
+                "analytics shows {seen:?}, usage recorded {expected:?}; usage's outbox: {outbox}; \
+                 queries running on ClickHouse: {queries}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

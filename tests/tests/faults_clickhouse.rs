@@ -2,7 +2,8 @@
 //! proxy between analytics and the test run's ClickHouse is cut (the shared server keeps serving
 //! the other tests): analytics refuses ingestion with UNAVAILABLE and reports NOT_SERVING, the
 //! events wait in usage's outbox, and once ClickHouse answers again every record is in
-//! ClickHouse exactly once, to the last token and cent.
+//! ClickHouse exactly once, to the last token and cent. And ClickHouse stalled (connections open,
+//! no answers): ingestion is refused as UNAVAILABLE after the writer's round timeout, not held.
 
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ async fn ingest_health(mesh: &Mesh) -> i32 {
 /// Rows of the project in ClickHouse's raw usage table, without FINAL: a duplicate insert
 /// would show here even where queries hide it.
 async fn raw_usage_rows(mesh: &Mesh, project: &str) -> u64 {
-    let client = clickhouse::Client::default().with_url(aimesh_tests::clickhouse_url());
+    let client = aimesh_analytics::store::client_of(&aimesh_tests::clickhouse_url());
     let database = &mesh.config.analytics.clickhouse_database;
     client
         .query(&format!("SELECT count() FROM {database}.usage_events WHERE project_id = toUUID(?)"))
@@ -55,8 +56,9 @@ async fn raw_usage_rows(mesh: &Mesh, project: &str) -> u64 {
         .expect("count raw rows")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clickhouse_stopped_for_30_seconds_under_a_stream_of_records_loses_and_doubles_nothing() {
+/// A mesh whose analytics reaches the test run's ClickHouse through a proxy the test controls,
+/// health checked every second, and the service token that may call Ingest.
+async fn mesh_behind_proxy() -> (CuttableProxy, Mesh, ServiceToken) {
     let clickhouse = aimesh_tests::clickhouse_url();
     let proxy = CuttableProxy::start(&authority_of(&clickhouse)).await;
     let (mut config, databases) = test_config();
@@ -64,7 +66,12 @@ async fn clickhouse_stopped_for_30_seconds_under_a_stream_of_records_loses_and_d
     config.common.server.health_interval_secs = 1;
     let token = ServiceToken::generate();
     config.common.auth.service_token = Some(token.clone());
-    let mesh = Mesh::start_with(config, databases).await;
+    (proxy, Mesh::start_with(config, databases).await, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_stopped_for_30_seconds_under_a_stream_of_records_loses_and_doubles_nothing() {
+    let (proxy, mesh, token) = mesh_behind_proxy().await;
     catalog(&mesh).await;
     let ann = mesh.signup("ann").await;
     let (project, secret) = project_with_key(&mesh, &ann, &["usage:write", "analytics:read"]).await;
@@ -117,4 +124,26 @@ async fn clickhouse_stopped_for_30_seconds_under_a_stream_of_records_loses_and_d
         .expect("outbox");
     assert_eq!(undelivered, 0, "the outbox is empty again");
     assert_eq!(ingest_health(&mesh).await, ServingStatus::Serving as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_clickhouse_gets_ingest_refused_instead_of_hanging_and_then_served_again() {
+    let (proxy, mesh, token) = mesh_behind_proxy().await;
+    let project = uuid::Uuid::new_v4().to_string();
+    mesh.ingest().ingest(probe(&project, &token)).await.expect("ingest while clickhouse answers");
+
+    // ClickHouse accepts the writer's requests and never answers. Past the writer's round
+    // timeout (20 s) and before the service's request timeout (30 s), which would answer
+    // CANCELLED, the call is refused as UNAVAILABLE so the relay retries later.
+    proxy.set_stalled(true);
+    expect_code(
+        "ingest while clickhouse stalls",
+        Code::Unavailable,
+        mesh.ingest().ingest(probe(&project, &token)).await,
+    );
+
+    // The writer is free again: once ClickHouse answers, the next call is served.
+    proxy.set_stalled(false);
+    let answer = mesh.ingest().ingest(probe(&project, &token)).await.expect("ingest after the stall").into_inner();
+    assert_eq!(answer.accepted, 1, "the event after the stall is stored: {answer:?}");
 }

@@ -144,7 +144,7 @@ async fn sigterm_under_load_finishes_in_flight_requests_flushes_outboxes_and_exi
         let waiting = undelivered(database).await;
         assert_eq!(waiting, 0, "{name}'s outbox was flushed before the process ended");
     }
-    let clickhouse = clickhouse::Client::default().with_url(&clickhouse_url);
+    let clickhouse = aimesh_analytics::store::client_of(&clickhouse_url);
     let delivered: u64 = clickhouse
         .query(&format!(
             "SELECT count() FROM {clickhouse_database}.product_events WHERE project_id = toUUID(?) \

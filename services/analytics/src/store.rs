@@ -213,6 +213,12 @@ const INGEST_QUEUE: usize = 64;
 /// raw reads).
 pub const CLAIM_TTL: Duration = Duration::from_secs(60);
 
+/// The longest a writer round (check and INSERTs) may take. A connection that stalls without
+/// closing (a partition, a server that stopped answering) would otherwise hold the process's
+/// one writer, and with it every Ingest call, until TCP gives up minutes later. Shorter than
+/// the relays' delivery timeout, so callers get an answer, and than [`CLAIM_TTL`].
+const ROUND_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Claims every key for ARGV[1] for ARGV[2] ms, or none if any is claimed already; returns how
 /// many were claimed by others.
 const CLAIM_SCRIPT: &str = "\
@@ -577,7 +583,12 @@ impl Writer {
             metrics::counter!("analytics_ingest_claim_conflicts_total").increment(1);
             return Err(AnalyticsError::ClaimedElsewhere);
         }
-        let stored = self.check_and_insert(events).await;
+        let Ok(stored) = tokio::time::timeout(ROUND_TIMEOUT, self.check_and_insert(events)).await else {
+            // The INSERT may still complete on the server: the claims stay until they lapse,
+            // so no round stores these events again meanwhile; a retry then finds them stored.
+            metrics::counter!("analytics_ingest_round_timeouts_total").increment(1);
+            return Err(AnalyticsError::Unavailable(format!("no answer within {ROUND_TIMEOUT:?}")));
+        };
         self.claims.release(&keys, &token).await;
         stored
     }

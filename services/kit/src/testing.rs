@@ -269,15 +269,26 @@ fn free_ports(count: usize) -> Vec<u16> {
     listeners.iter().map(|l| l.local_addr().expect("local address").port()).collect()
 }
 
-/// A TCP proxy in front of a server that a test can cut: while down it drops new connections
-/// as soon as it accepts them and closes the open ones, which is what a client sees of a
-/// stopped or restarting server. The shared server itself never notices, so other tests keep
-/// using it. Stops with the test's runtime.
+/// A TCP proxy in front of a server that a test can cut or stall. Cut (down), it drops new
+/// connections as soon as it accepts them and closes the open ones, which is what a client sees
+/// of a stopped or restarting server. Stalled, it keeps every connection open and passes
+/// nothing, which is what a client sees of a partition or a server that stopped answering:
+/// the connections open at the time stay silent for good (until the proxy is cut or dropped),
+/// new ones wait and are served once the stall ends. The shared server itself never notices,
+/// so other tests keep using it. Stops with the test's runtime.
 #[derive(Debug)]
 pub struct CuttableProxy {
     /// The proxy's `host:port`.
     pub address: std::net::SocketAddr,
-    down: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    link: std::sync::Arc<tokio::sync::watch::Sender<Link>>,
+}
+
+/// What a [`CuttableProxy`] does with the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Up,
+    Down,
+    Stalled,
 }
 
 impl CuttableProxy {
@@ -286,25 +297,34 @@ impl CuttableProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let address = listener.local_addr().expect("proxy address");
         let upstream = upstream.to_owned();
-        let down = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
-        let state = std::sync::Arc::clone(&down);
+        let link = std::sync::Arc::new(tokio::sync::watch::channel(Link::Up).0);
+        let state = std::sync::Arc::clone(&link);
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
-                if *state.borrow() {
+                if *state.borrow() == Link::Down {
                     continue;
                 }
-                let mut cut = state.subscribe();
+                let (mut down, mut stalled) = (state.subscribe(), state.subscribe());
                 let upstream = upstream.clone();
                 tokio::spawn(async move {
+                    let Ok(link) = down.wait_for(|link| *link != Link::Stalled).await.map(|link| *link) else { return };
+                    if link == Link::Down {
+                        return;
+                    }
                     let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.wait_for(|down| *down) => {}
+                    let stalled = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        _ = down.wait_for(|link| *link == Link::Down) => false,
+                        _ = stalled.wait_for(|link| *link == Link::Stalled) => true,
+                    };
+                    if stalled {
+                        // Silent, both ends open, until the link goes down or the proxy is gone.
+                        let _ = down.wait_for(|link| *link == Link::Down).await.map(drop);
                     }
                 });
             }
         });
-        Self { address, down }
+        Self { address, link }
     }
 
     /// `url` with its `host:port` (that of `upstream`) replaced by the proxy's.
@@ -315,7 +335,12 @@ impl CuttableProxy {
 
     /// Cuts (`true`) or restores (`false`) the connection to the server.
     pub fn set_down(&self, down: bool) {
-        self.down.send_replace(down);
+        self.link.send_replace(if down { Link::Down } else { Link::Up });
+    }
+
+    /// Stalls (`true`) the connections to the server, or lets new ones through again (`false`).
+    pub fn set_stalled(&self, stalled: bool) {
+        self.link.send_replace(if stalled { Link::Stalled } else { Link::Up });
     }
 }
 
