@@ -106,6 +106,11 @@ impl Mesh {
         Self::start_with(config, databases).await
     }
 
+    /// The token with which the mesh's services call each other's internal RPCs (`Ingest`).
+    pub fn service_token(&self) -> aimesh_kit::auth::ServiceToken {
+        self.config.common.auth.service_token.clone().expect("test_config gives the mesh a service token")
+    }
+
     /// A mesh with `config`, owning `databases` (dropped with it). Two meshes given the same
     /// databases and key prefix are two replicas of one deployment.
     pub async fn start_with(config: MeshConfig, databases: Vec<ScratchDatabase>) -> Self {

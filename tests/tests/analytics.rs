@@ -8,7 +8,7 @@ use tonic::Code;
 use aimesh_kit::auth::ServiceToken;
 use aimesh_proto::analytics::v1 as pb;
 use aimesh_tests::totals::{Totals, analytics_totals, varied_record, wait_for_totals};
-use aimesh_tests::{Mesh, authed, catalog, expect_code, project_with_key, reason_and_field, test_config};
+use aimesh_tests::{Mesh, authed, catalog, expect_code, project_with_key, reason_and_field};
 
 #[tokio::test]
 async fn usage_recorded_through_the_usage_service_reaches_analytics_to_the_last_token_and_cent() {
@@ -62,37 +62,49 @@ async fn usage_recorded_through_the_usage_service_reaches_analytics_to_the_last_
     assert_eq!(undelivered, 0);
 }
 
+/// A usage event of `project` as usage's outbox sends it: `tokens` input tokens, one output
+/// token, `error_message` as given.
+fn usage_event(
+    project: &str,
+    user: &str,
+    tokens: i64,
+    error_message: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> pb::Event {
+    pb::Event {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        topic: "usage".into(),
+        event_type: "usage.recorded".into(),
+        project_id: project.to_owned(),
+        occurred_at: Some(aimesh_kit::proto_json::timestamp(now)),
+        payload: serde_json::json!({
+            "id": uuid::Uuid::now_v7(), "request_id": "r", "user_id": user, "model_id": uuid::Uuid::new_v4(),
+            "request_type": "chat", "input_tokens": tokens, "output_tokens": 1, "total_tokens": tokens + 1,
+            "cost": "0.0000000001", "duration_ms": 5, "status": "success", "error_message": error_message,
+        })
+        .to_string(),
+    }
+}
+
+/// One Ingest call of `events` with the service token.
+async fn ingest_as(mesh: &Mesh, token: &ServiceToken, events: Vec<pb::Event>) -> pb::IngestResponse {
+    let mut request = tonic::Request::new(pb::IngestRequest { events });
+    token.authorize(&mut request).expect("authorize");
+    mesh.ingest().ingest(request).await.expect("ingest").into_inner()
+}
+
 #[tokio::test]
 async fn a_replayed_batch_changes_nothing_and_malformed_events_are_refused_one_by_one() {
-    let (mut config, databases) = test_config();
-    let token = ServiceToken::generate();
-    config.common.auth.service_token = Some(token.clone());
-    let mesh = Mesh::start_with(config, databases).await;
+    let mesh = Mesh::start().await;
+    let token = mesh.service_token();
     let ann = mesh.signup("ann").await;
     let (project, secret) = project_with_key(&mesh, &ann, &["analytics:read"]).await;
 
     let now = chrono::Utc::now();
-    let usage = |tokens: i64| pb::Event {
-        event_id: uuid::Uuid::now_v7().to_string(),
-        topic: "usage".into(),
-        event_type: "usage.recorded".into(),
-        project_id: project.clone(),
-        occurred_at: Some(aimesh_kit::proto_json::timestamp(now)),
-        payload: serde_json::json!({
-            "id": uuid::Uuid::now_v7(), "request_id": "r", "user_id": ann.user_id, "model_id": uuid::Uuid::new_v4(),
-            "request_type": "chat", "input_tokens": tokens, "output_tokens": 1, "total_tokens": tokens + 1,
-            "cost": "0.0000000001", "duration_ms": 5, "status": "success",
-        })
-        .to_string(),
-    };
+    let usage = |tokens: i64| usage_event(&project, &ann.user_id, tokens, "", now);
     let malformed = pb::Event { payload: r#"{"input_tokens": "many"}"#.into(), ..usage(1) };
     let batch = vec![usage(10), malformed, usage(20)];
-    let ingest = |events: Vec<pb::Event>| {
-        let mut request = tonic::Request::new(pb::IngestRequest { events });
-        token.authorize(&mut request).expect("authorize");
-        let mut client = mesh.ingest();
-        async move { client.ingest(request).await.expect("ingest").into_inner() }
-    };
+    let ingest = |events: Vec<pb::Event>| ingest_as(&mesh, &token, events);
     let first = ingest(batch.clone()).await;
     assert_eq!((first.accepted, first.duplicates, first.rejected), (2, 0, 1));
     assert_eq!(first.results[1].outcome, pb::EventOutcome::Rejected as i32);
@@ -114,6 +126,25 @@ async fn a_replayed_batch_changes_nothing_and_malformed_events_are_refused_one_b
     let mut request = tonic::Request::new(pb::IngestRequest { events: vec![usage(1)] });
     request.metadata_mut().insert("authorization", format!("Bearer {}", ann.token).parse().expect("header"));
     expect_code("a person ingesting", Code::PermissionDenied, mesh.ingest().ingest(request).await);
+}
+
+/// A relay's batch may be far larger than gRPC's default 4 MiB message limit (batch size times
+/// event size); analytics takes what the relay may send instead of refusing it for good.
+#[tokio::test]
+async fn a_batch_over_four_mebibytes_is_taken_whole_and_its_replay_found_whole() {
+    let mesh = Mesh::start().await;
+    let token = mesh.service_token();
+    let (project, user) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+    let (events, detail) = (4_000, "x".repeat(1_000));
+    let now = chrono::Utc::now();
+    let batch: Vec<pb::Event> = (0..events).map(|_| usage_event(&project, &user, 1, &detail, now)).collect();
+    let size = prost::Message::encoded_len(&pb::IngestRequest { events: batch.clone() });
+    assert!(size > 4 << 20, "the batch is {size} bytes");
+    let answer = ingest_as(&mesh, &token, batch.clone()).await;
+    assert_eq!((answer.accepted, answer.rejected), (events, 0));
+    // Its replay is recognised whole, though the ids are looked up in several queries.
+    let replay = ingest_as(&mesh, &token, batch).await;
+    assert_eq!((replay.accepted, replay.duplicates), (0, events));
 }
 
 #[tokio::test]

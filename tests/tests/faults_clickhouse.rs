@@ -64,9 +64,9 @@ async fn mesh_behind_proxy() -> (CuttableProxy, Mesh, ServiceToken) {
     let (mut config, databases) = test_config();
     config.analytics.clickhouse_url = proxy.rewrite(&clickhouse, &authority_of(&clickhouse));
     config.common.server.health_interval_secs = 1;
-    let token = ServiceToken::generate();
-    config.common.auth.service_token = Some(token.clone());
-    (proxy, Mesh::start_with(config, databases).await, token)
+    let mesh = Mesh::start_with(config, databases).await;
+    let token = mesh.service_token();
+    (proxy, mesh, token)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

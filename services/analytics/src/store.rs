@@ -219,6 +219,11 @@ pub const CLAIM_TTL: Duration = Duration::from_secs(60);
 /// the relays' delivery timeout, so callers get an answer, and than [`CLAIM_TTL`].
 const ROUND_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Event ids asked about in one query. They travel as a query parameter, in the URL, and
+/// ClickHouse's HTTP interface refuses a parameter over about 100 KB ("Field value too long"):
+/// 1,000 ids are 37 KB, while a writer round may hold `max_insert_events` (20,000) events.
+const KNOWN_IDS_PER_QUERY: usize = 1_000;
+
 /// Claims every key for ARGV[1] for ARGV[2] ms, or none if any is claimed already; returns how
 /// many were claimed by others.
 const CLAIM_SCRIPT: &str = "\
@@ -625,9 +630,18 @@ impl Writer {
         Ok(outcomes)
     }
 
-    /// Which of `events` are stored already: looked up by project, id and the round's time
-    /// span, which the tables' sort key (project, time, id) narrows to a few granules.
+    /// Which of `events` are stored already, asked [`KNOWN_IDS_PER_QUERY`] events at a time.
     async fn known_ids(&self, events: &[ValidEvent]) -> Result<HashSet<Uuid>> {
+        let mut known = HashSet::new();
+        for chunk in events.chunks(KNOWN_IDS_PER_QUERY) {
+            known.extend(self.known_ids_of_chunk(chunk).await?);
+        }
+        Ok(known)
+    }
+
+    /// Which of `events` are stored already: looked up by project, id and the events' time
+    /// span, which the tables' sort key (project, time, id) narrows to a few granules.
+    async fn known_ids_of_chunk(&self, events: &[ValidEvent]) -> Result<HashSet<Uuid>> {
         let (Some(first), Some(last)) =
             (events.iter().map(ValidEvent::occurred_at).min(), events.iter().map(ValidEvent::occurred_at).max())
         else {

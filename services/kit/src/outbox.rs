@@ -47,6 +47,11 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 /// How often a running relay prunes delivered rows.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
+/// The largest Ingest message a relay sends and analytics takes (gRPC's default is 4 MiB, which
+/// a batch of a few thousand events passes): a batch larger than the receiver accepts would be
+/// refused on every retry and never delivered.
+pub const MAX_INGEST_MESSAGE_BYTES: usize = 64 << 20;
+
 /// Longest `last_error` kept, so a sink that returns a whole response body cannot bloat rows.
 const MAX_ERROR_LEN: usize = 1000;
 
@@ -450,8 +455,8 @@ impl AnalyticsSink {
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
         let client = analytics_pb::ingest_service_client::IngestServiceClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+            .max_decoding_message_size(MAX_INGEST_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_INGEST_MESSAGE_BYTES);
         Ok(Self { client, token })
     }
 }

@@ -36,10 +36,10 @@ impl Analytics {
 
     /// Every gRPC service of analytics, ready for the server.
     pub fn routes(self: &Arc<Self>) -> tonic::service::Routes {
-        tonic::service::Routes::new(pb::ingest_service_server::IngestServiceServer::new(ingest::IngestApi(Arc::clone(
-            self,
-        ))))
-        .add_service(pb::analytics_service_server::AnalyticsServiceServer::new(queries::QueryApi(Arc::clone(self))))
+        let ingest = pb::ingest_service_server::IngestServiceServer::new(ingest::IngestApi(Arc::clone(self)))
+            .max_decoding_message_size(aimesh_kit::outbox::MAX_INGEST_MESSAGE_BYTES);
+        tonic::service::Routes::new(ingest)
+            .add_service(pb::analytics_service_server::AnalyticsServiceServer::new(queries::QueryApi(Arc::clone(self))))
     }
 
     /// The fully qualified names of those services, for grpc.health.v1.
