@@ -83,6 +83,7 @@ pub async fn pipeline(mesh: &Mesh) -> anyhow::Result<Figures> {
     .bind(PIPELINE_EVENTS)
     .execute(&pool)
     .await?;
+    let written = started.elapsed();
     let expected = before + u64::try_from(PIPELINE_EVENTS)?;
     let deadline = Instant::now() + Duration::from_secs(600);
     while usage_events_in(mesh, &database).await? < expected {
@@ -95,8 +96,9 @@ pub async fn pipeline(mesh: &Mesh) -> anyhow::Result<Figures> {
     PIPELINE_ROWS_PER_INSERT.store(rows_per_insert, Ordering::Relaxed);
     let outbox = &mesh.config.common.outbox;
     eprintln!(
-        "bench: pipeline: {inserts} INSERTs into usage_events for {rows} rows ({rows_per_insert} rows per INSERT), \
-         relay batches of {} with {} workers ({} batches)",
+        "bench: pipeline: outbox written in {written:.2?}, all queryable {:.2?} later; {inserts} INSERTs into \
+         usage_events for {rows} rows ({rows_per_insert} rows per INSERT), relay batches of {} with {} workers ({} batches)",
+        elapsed - written,
         outbox.batch_size,
         outbox.workers,
         (PIPELINE_EVENTS + i64::from(outbox.batch_size.max(1)) - 1) / i64::from(outbox.batch_size.max(1))
