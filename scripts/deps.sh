@@ -697,6 +697,12 @@ write_env() {
         printf 'export AIMESH_REDIS_URLS=%s\n' "$(shq "${REDIS_EXT:-$OUR_REDIS_URLS}")"
         printf 'export AIMESH_CLICKHOUSE_URL=%s\n' "$(shq "${CH_EXT:-$OUR_CH_URL}")"
         printf 'export AIMESH_SCHEMATHESIS=%s\n' "$(shq "$VENV/bin/st")"
+        # For tests that run a PostgreSQL server of their own (to restart it): the binaries,
+        # and the user to run them as when this script runs as root (PostgreSQL refuses root).
+        if [[ -n $PG_BIN ]]; then
+            printf 'export AIMESH_PG_BIN=%s\n' "$(shq "$PG_BIN")"
+            ((${#PG_AS[@]} == 0)) || printf 'export AIMESH_PG_USER=%s\n' "$(shq "$PG_USER")"
+        fi
         # The key the analytics service reads (analytics.clickhouse_url).
         printf 'export AIMESH_ANALYTICS__CLICKHOUSE_URL=%s\n' "$(shq "${CH_EXT:-$OUR_CH_URL}")"
         if [[ -n $S3_EXT ]]; then

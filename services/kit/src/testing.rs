@@ -247,6 +247,118 @@ impl Drop for ScratchCluster {
     }
 }
 
+/// A PostgreSQL server of a test's own, which the test may stop and start: the shared dev server
+/// must never restart under the other tests. Made with `initdb` in a temporary directory,
+/// listening on a free loopback port with trust authentication; stopped and removed on drop.
+/// Needs `AIMESH_PG_BIN` (and, when tests run as root, `AIMESH_PG_USER`), which
+/// `scripts/deps.sh up` writes to `.dev/env`.
+#[derive(Debug)]
+pub struct ScratchPostgres {
+    dir: std::path::PathBuf,
+    port: u16,
+    bin: std::path::PathBuf,
+    user: Option<String>,
+}
+
+impl ScratchPostgres {
+    /// Creates and starts the server.
+    pub fn start() -> Self {
+        let bin = std::env::var("AIMESH_PG_BIN").expect("AIMESH_PG_BIN names PostgreSQL's binaries (. .dev/env)");
+        let user = std::env::var("AIMESH_PG_USER").ok().filter(|user| !user.is_empty());
+        // Under /var/tmp, which the PostgreSQL user can reach whoever owns the checkout.
+        let dir = std::path::PathBuf::from("/var/tmp").join(format!("aimesh-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("create the scratch server's directory");
+        let server = Self { dir, port: free_ports(1)[0], bin: bin.into(), user };
+        if let Some(user) = &server.user {
+            let owned = std::process::Command::new("chown").arg(user).arg(&server.dir).status();
+            assert!(owned.is_ok_and(|s| s.success()), "chown {user} {}", server.dir.display());
+        }
+        let data = server.dir.join("data");
+        server.run(
+            "initdb",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "--auth=trust".as_ref(),
+                "--no-sync".as_ref(),
+            ],
+        );
+        server.start_again();
+        server
+    }
+
+    /// `postgres://postgres@127.0.0.1:port`, without a database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended, as in a restart).
+    pub fn stop(&self) {
+        let data = self.dir.join("data");
+        self.run(
+            "pg_ctl",
+            &["-D".as_ref(), data.as_os_str(), "-m".as_ref(), "fast".as_ref(), "-w".as_ref(), "stop".as_ref()],
+        );
+    }
+
+    /// Starts the stopped server on the same port and data, waiting until it accepts connections.
+    pub fn start_again(&self) {
+        let (data, log) = (self.dir.join("data"), self.dir.join("server.log"));
+        let options = format!(
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c max_connections=100",
+            self.port,
+            self.dir.display()
+        );
+        self.run(
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-l".as_ref(),
+                log.as_os_str(),
+                "-o".as_ref(),
+                options.as_ref(),
+                "-w".as_ref(),
+                "start".as_ref(),
+            ],
+        );
+    }
+
+    /// One of PostgreSQL's programs, to be run as its user.
+    fn command(&self, program: &str) -> std::process::Command {
+        let program = self.bin.join(program);
+        let Some(user) = &self.user else { return std::process::Command::new(program) };
+        let mut command = std::process::Command::new("setpriv");
+        command
+            .arg(format!("--reuid={user}"))
+            .arg(format!("--regid={user}"))
+            .args(["--init-groups", "--"])
+            .arg(program);
+        command
+    }
+
+    /// Runs one of PostgreSQL's programs, panicking with its output if it fails.
+    fn run(&self, program: &str, args: &[&std::ffi::OsStr]) {
+        let output = self.command(program).args(args).output().unwrap_or_else(|e| panic!("run {program}: {e}"));
+        assert!(
+            output.status.success(),
+            "{program} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+impl Drop for ScratchPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = self.command("pg_ctl").arg("-D").arg(&data).args(["-m", "immediate", "stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// `redis-cli -p port args...`, its output trimmed; none if it failed.
 fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
     let output = std::process::Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().ok()?;
