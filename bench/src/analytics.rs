@@ -209,6 +209,33 @@ pub async fn daily_cost_clickhouse(mesh: &Mesh, token: &str, project: &str, runs
     .await)
 }
 
+/// The same question asked of ClickHouse itself: SQL over the raw `usage_events` rows of
+/// `project`, with no service, no rollup and no FINAL (what the service's answer costs beside
+/// the cheapest raw read).
+pub async fn daily_cost_raw_clickhouse(mesh: &Mesh, project: &str, runs: u64) -> anyhow::Result<Figures> {
+    let client = aimesh_analytics::store::client_of(&mesh.config.analytics.clickhouse_url)
+        .with_database(&mesh.config.analytics.clickhouse_database);
+    let project = project.to_owned();
+    Ok(measure("clickhouse SQL daily cost", Load::one_at_a_time(runs), move |_| {
+        let (client, project) = (client.clone(), project.clone());
+        async move {
+            let groups: u64 = client
+                .query(
+                    "SELECT count() FROM (SELECT toStartOfDay(occurred_at, 'UTC') AS day, model_id, sum(cost) \
+                     FROM usage_events WHERE project_id = {project:UUID} \
+                     AND occurred_at >= now64(6) - toIntervalDay({days:UInt32}) GROUP BY day, model_id)",
+                )
+                .param("project", project)
+                .param("days", u32::try_from(QUERY_DAYS + 1).unwrap_or(31))
+                .fetch_one()
+                .await
+                .map_err(|e| e.to_string())?;
+            if groups < 300 { Err(format!("only {groups} groups")) } else { Ok(()) }
+        }
+    })
+    .await)
+}
+
 /// The same rows and question in PostgreSQL: a table indexed by (project, time), the daily
 /// cost by model over the whole period.
 pub async fn daily_cost_postgres(runs: u64) -> anyhow::Result<Figures> {

@@ -131,8 +131,10 @@ async fn run_with_setup(scenario: Scenario, load: Load) -> anyhow::Result<Vec<Pa
             let runs = 10;
             let scenario =
                 crate::analytics::daily_cost_clickhouse(&setup.mesh, &setup.owner_token, &setup.project, runs).await?;
+            let raw = crate::analytics::daily_cost_raw_clickhouse(&setup.mesh, &setup.project, runs).await?;
             let baseline = crate::analytics::daily_cost_postgres(runs).await?;
             Pair::new(scenario, baseline, "the same question of PostgreSQL, 10M rows indexed by project and time")
+                .with_reference(raw, "the same question as SQL over ClickHouse's raw rows, no service, no rollup")
                 .with_note("compare the p50s: each figure is one query over the whole data set, one at a time (closed loop whatever the mode)")
         }
         Scenario::GrpcDirect => {
