@@ -37,14 +37,12 @@ fn throughput(name: &str, events: i64, elapsed: Duration, batch_latencies_ms: &m
     figures
 }
 
-async fn usage_events_in(mesh: &Mesh, database: &str) -> anyhow::Result<u64> {
-    let client = aimesh_analytics::store::client_of(&mesh.config.analytics.clickhouse_url);
+async fn usage_events_in(client: &clickhouse::Client, database: &str) -> anyhow::Result<u64> {
     Ok(client.query(&format!("SELECT count() FROM {database}.usage_events")).fetch_one().await?)
 }
 
 /// The last block number of `usage_events`: every INSERT takes the next one.
-async fn last_block_of_usage_events(mesh: &Mesh, database: &str) -> anyhow::Result<i64> {
-    let client = aimesh_analytics::store::client_of(&mesh.config.analytics.clickhouse_url);
+async fn last_block_of_usage_events(client: &clickhouse::Client, database: &str) -> anyhow::Result<i64> {
     let sql = "SELECT toInt64(max(max_block_number)) FROM system.parts WHERE database = ? AND table = 'usage_events'";
     Ok(client.query(sql).bind(database).fetch_one().await?)
 }
@@ -52,8 +50,11 @@ async fn last_block_of_usage_events(mesh: &Mesh, database: &str) -> anyhow::Resu
 /// INSERT statements into `usage_events` since block `after` and the rows they wrote: each
 /// INSERT makes one part of its own block number (merged parts span several), and merged
 /// parts stay listed, inactive, for minutes after a merge.
-async fn inserts_into_usage_events_since(mesh: &Mesh, database: &str, after: i64) -> anyhow::Result<(u64, u64)> {
-    let client = aimesh_analytics::store::client_of(&mesh.config.analytics.clickhouse_url);
+async fn inserts_into_usage_events_since(
+    client: &clickhouse::Client,
+    database: &str,
+    after: i64,
+) -> anyhow::Result<(u64, u64)> {
     let sql = "SELECT count(), sum(rows) FROM system.parts WHERE database = ? AND table = 'usage_events' \
                AND min_block_number = max_block_number AND min_block_number > ?";
     Ok(client.query(sql).bind(database).bind(after).fetch_one().await?)
@@ -66,8 +67,10 @@ pub async fn pipeline(mesh: &Mesh) -> anyhow::Result<Figures> {
     let pool = mesh.usage_db().await;
     let project = Uuid::new_v4();
     let database = mesh.config.analytics.clickhouse_database.clone();
-    let before = usage_events_in(mesh, &database).await?;
-    let last_block = last_block_of_usage_events(mesh, &database).await?;
+    // One client (one connection pool) for every count, polled every 20 ms below.
+    let clickhouse = aimesh_analytics::store::client_of(&mesh.config.analytics.clickhouse_url);
+    let before = usage_events_in(&clickhouse, &database).await?;
+    let last_block = last_block_of_usage_events(&clickhouse, &database).await?;
     let started = Instant::now();
     sqlx::query(
         "INSERT INTO outbox_events (event_id, topic, event_type, project_id, payload, occurred_at) \
@@ -86,12 +89,12 @@ pub async fn pipeline(mesh: &Mesh) -> anyhow::Result<Figures> {
     let written = started.elapsed();
     let expected = before + u64::try_from(PIPELINE_EVENTS)?;
     let deadline = Instant::now() + Duration::from_secs(600);
-    while usage_events_in(mesh, &database).await? < expected {
+    while usage_events_in(&clickhouse, &database).await? < expected {
         anyhow::ensure!(Instant::now() < deadline, "the events did not arrive within 10 minutes");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
-    let (inserts, rows) = inserts_into_usage_events_since(mesh, &database, last_block).await?;
+    let (inserts, rows) = inserts_into_usage_events_since(&clickhouse, &database, last_block).await?;
     let rows_per_insert = usize::try_from(rows / inserts.max(1))?;
     PIPELINE_ROWS_PER_INSERT.store(rows_per_insert, Ordering::Relaxed);
     let outbox = &mesh.config.common.outbox;

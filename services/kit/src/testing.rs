@@ -274,17 +274,9 @@ impl ScratchPostgres {
             assert!(owned.is_ok_and(|s| s.success()), "chown {user} {}", server.dir.display());
         }
         let data = server.dir.join("data");
-        server.run(
-            "initdb",
-            &[
-                "-D".as_ref(),
-                data.as_os_str(),
-                "-U".as_ref(),
-                "postgres".as_ref(),
-                "--auth=trust".as_ref(),
-                "--no-sync".as_ref(),
-            ],
-        );
+        let mut initdb = server.command("initdb");
+        initdb.arg("-D").arg(&data).args(["-U", "postgres", "--auth=trust", "--no-sync"]);
+        run_checked(initdb);
         server.start_again();
         server
     }
@@ -296,34 +288,28 @@ impl ScratchPostgres {
 
     /// Stops the server (fast shutdown: sessions are ended, as in a restart).
     pub fn stop(&self) {
-        let data = self.dir.join("data");
-        self.run(
-            "pg_ctl",
-            &["-D".as_ref(), data.as_os_str(), "-m".as_ref(), "fast".as_ref(), "-w".as_ref(), "stop".as_ref()],
-        );
+        let mut stop = self.pg_ctl();
+        stop.args(["-m", "fast", "-w", "stop"]);
+        run_checked(stop);
     }
 
     /// Starts the stopped server on the same port and data, waiting until it accepts connections.
     pub fn start_again(&self) {
-        let (data, log) = (self.dir.join("data"), self.dir.join("server.log"));
         let options = format!(
             "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c max_connections=100",
             self.port,
             self.dir.display()
         );
-        self.run(
-            "pg_ctl",
-            &[
-                "-D".as_ref(),
-                data.as_os_str(),
-                "-l".as_ref(),
-                log.as_os_str(),
-                "-o".as_ref(),
-                options.as_ref(),
-                "-w".as_ref(),
-                "start".as_ref(),
-            ],
-        );
+        let mut start = self.pg_ctl();
+        start.arg("-l").arg(self.dir.join("server.log")).arg("-o").arg(options).args(["-w", "start"]);
+        run_checked(start);
+    }
+
+    /// `pg_ctl -D <data directory>`, to be run as PostgreSQL's user.
+    fn pg_ctl(&self) -> std::process::Command {
+        let mut command = self.command("pg_ctl");
+        command.arg("-D").arg(self.dir.join("data"));
+        command
     }
 
     /// One of PostgreSQL's programs, to be run as its user.
@@ -338,23 +324,22 @@ impl ScratchPostgres {
             .arg(program);
         command
     }
+}
 
-    /// Runs one of PostgreSQL's programs, panicking with its output if it fails.
-    fn run(&self, program: &str, args: &[&std::ffi::OsStr]) {
-        let output = self.command(program).args(args).output().unwrap_or_else(|e| panic!("run {program}: {e}"));
-        assert!(
-            output.status.success(),
-            "{program} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+/// Runs `command`, panicking with its output if it fails.
+fn run_checked(mut command: std::process::Command) {
+    let output = command.output().unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 impl Drop for ScratchPostgres {
     fn drop(&mut self) {
-        let data = self.dir.join("data");
-        let _ = self.command("pg_ctl").arg("-D").arg(&data).args(["-m", "immediate", "stop"]).output();
+        let _ = self.pg_ctl().args(["-m", "immediate", "stop"]).output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
