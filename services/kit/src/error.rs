@@ -195,14 +195,37 @@ impl From<sqlx::Error> for ServiceError {
     fn from(error: sqlx::Error) -> Self {
         match error {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => Self::unavailable(error),
+            sqlx::Error::Database(ref database) if database.code().is_some_and(|code| server_unavailable(&code)) => {
+                Self::unavailable(error)
+            }
             other => Self::internal(other),
         }
     }
 }
 
+/// SQLSTATEs of a server that cannot serve right now rather than of a wrong statement: class 08
+/// (connection exception), 57P01-57P03 (shutting down, crashed, not yet accepting: what a
+/// restart sends to open connections and new ones) and 53300 (too many connections).
+fn server_unavailable(sqlstate: &str) -> bool {
+    sqlstate.starts_with("08") || matches!(sqlstate, "57P01" | "57P02" | "57P03" | "53300")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a session killed by a server shutdown or an administrator gets (57P01).
+    #[tokio::test]
+    async fn a_terminated_database_session_is_unavailable_not_internal() {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&crate::testing::postgres_url()).await.expect("connect");
+        let error = sqlx::query("SELECT pg_terminate_backend(pg_backend_pid())")
+            .execute(&mut conn)
+            .await
+            .expect_err("the session ends");
+        assert!(matches!(&error, sqlx::Error::Database(e) if e.code().as_deref() == Some("57P01")), "{error:?}");
+        assert_eq!(ServiceError::from(error).code, ErrorCode::Unavailable);
+    }
 
     #[test]
     fn status_round_trip_keeps_reason_and_field() {
