@@ -41,7 +41,9 @@ struct Outcomes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_under_load_no_request_hangs_health_flips_and_services_reconnect() {
     let postgres = ScratchPostgres::start();
-    let (mut config, databases) = test_config();
+    // test_config's scratch databases are on the shared server, which this test does not use:
+    // its databases live and go with its own server.
+    let (mut config, _shared_server_databases) = test_config();
     config.common.postgres_url = postgres.url();
     for (url, name) in [
         (&mut config.identity.database_url, "identity"),
@@ -55,7 +57,7 @@ async fn postgres_restarted_under_load_no_request_hangs_health_flips_and_service
     config.common.database.acquire_timeout_secs = 1;
     // The writers go as fast as the mesh answers; the fault under test is PostgreSQL's.
     config.common.rate_limit.enabled = false;
-    let mesh = Mesh::start_with(config, databases).await;
+    let mesh = Mesh::start_with(config, Vec::new()).await;
     catalog(&mesh).await;
     let ann = mesh.signup("ann").await;
     let (project, secret) = project_with_key(&mesh, &ann, &["usage:write", "usage:read"]).await;
