@@ -150,14 +150,22 @@ impl Mesh {
     /// Starts another gateway on its own listener, in front of this mesh's services and with its
     /// settings but `gateway` (listen address and upstreams are set here); stops with the mesh.
     pub async fn start_gateway(&self, mut gateway: aimesh_gateway::GatewayConfig) -> rest::Rest {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a gateway");
-        let address = listener.local_addr().expect("gateway address");
         let url = |address: SocketAddr| format!("http://{address}");
         gateway.identity_url = url(self.identity);
         gateway.chat_url = url(self.chat);
         gateway.usage_url = url(self.usage);
         gateway.files_url = url(self.files);
         gateway.analytics_url = url(self.analytics);
+        let rest = self.start_gateway_as_given(gateway).await;
+        rest.wait_until_ready().await;
+        rest
+    }
+
+    /// Starts another gateway on its own listener with this mesh's settings but `gateway`, its
+    /// upstreams as given; returns once it is live (`/healthz`), ready or not; stops with the mesh.
+    pub async fn start_gateway_as_given(&self, gateway: aimesh_gateway::GatewayConfig) -> rest::Rest {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a gateway");
+        let address = listener.local_addr().expect("gateway address");
         let (common, shutdown) = (self.config.common.clone(), self.shutdown.clone());
         tokio::spawn(async move {
             if let Err(error) = aimesh_gateway::run(listener, common, gateway, shutdown).await {
@@ -165,7 +173,7 @@ impl Mesh {
             }
         });
         let rest = rest::Rest::new(address);
-        rest.wait_until_ready().await;
+        rest.wait_until_live().await;
         rest
     }
 

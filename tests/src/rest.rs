@@ -82,14 +82,23 @@ impl Rest {
 
     /// Waits until `/readyz` answers 200.
     pub async fn wait_until_ready(&self) {
+        self.wait_for_ok("/readyz", "ready").await;
+    }
+
+    /// Waits until the gateway answers `/healthz`, whatever its services' state.
+    pub async fn wait_until_live(&self) {
+        self.wait_for_ok("/healthz", "live").await;
+    }
+
+    async fn wait_for_ok(&self, path: &str, state: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(reply) = self.get("/readyz").try_send().await
+            if let Ok(reply) = self.get(path).try_send().await
                 && reply.status == StatusCode::OK
             {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "the gateway did not become ready within 30 s");
+            assert!(tokio::time::Instant::now() < deadline, "the gateway did not become {state} within 30 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

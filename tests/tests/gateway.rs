@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use sha2::{Digest, Sha256};
 
+use aimesh_gateway::GatewayConfig;
 use aimesh_tests::rest::{Events, Form, Rest};
 use aimesh_tests::{Mesh, test_config, use_s3};
 
@@ -280,6 +281,40 @@ async fn request_ids_gzip_health_and_the_openapi_document() {
     assert_eq!(plain["openapi"], "3.0.3");
     assert!(plain["paths"]["/v1/chat/sessions/{session_id}:watch"]["get"]["responses"]["200"]["content"]["text/event-stream"].is_object());
     assert!(plain["paths"].get("/v1/usage:record").is_none(), "internal RPCs have no route");
+}
+
+#[tokio::test]
+async fn a_service_that_cannot_be_reached_is_503_unavailable_and_the_gateway_not_ready() {
+    let mesh = Mesh::start().await;
+    let rest = mesh.rest();
+    let token = signup(&rest, "unreached").await;
+    let project_id = project(&rest, &token).await;
+    let session = chat_session(&rest, &token, &project_id).await;
+    // A port nothing listens on: bound, its address taken, released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
+    let url = |address: std::net::SocketAddr| format!("http://{address}");
+    let cut_off = mesh
+        .start_gateway_as_given(GatewayConfig {
+            identity_url: url(mesh.identity),
+            chat_url: url(closed),
+            usage_url: url(mesh.usage),
+            files_url: url(mesh.files),
+            analytics_url: url(mesh.analytics),
+            ..Default::default()
+        })
+        .await;
+
+    let reply = cut_off.get(&format!("/v1/chat/sessions/{session}")).bearer(&token).send().await;
+    let body = assert_error(&reply, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE");
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains("reach")),
+        "says the service cannot be reached: {body}"
+    );
+    let ready = cut_off.get("/readyz").send().await.expect(StatusCode::SERVICE_UNAVAILABLE).json();
+    assert_eq!(ready["services"]["chat"], "NOT_SERVING", "{ready}");
+    assert_eq!(ready["services"]["identity"], "SERVING", "{ready}");
+    // The other services stay reachable through the same gateway.
+    cut_off.get(&format!("/v1/projects/{project_id}")).bearer(&token).send().await.expect(StatusCode::OK);
 }
 
 #[tokio::test]

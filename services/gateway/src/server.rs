@@ -31,7 +31,7 @@ use crate::config::GatewayConfig;
 use crate::reply::{PASSED_BACK, RestError, json_response, passed_back};
 use crate::routes::{Lookup, Route, RouteTable, aimesh_pool, raw_body_field};
 use crate::transcode;
-use crate::upstream::{DynamicCodec, Upstreams};
+use crate::upstream::{Connection, DynamicCodec, Upstreams};
 
 const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 /// Headers forwarded to the services as gRPC metadata. The credential is forwarded, never
@@ -166,22 +166,16 @@ async fn openapi(State(gateway): State<Arc<Gateway>>) -> Response {
 
 /// Ready when every service answers grpc.health.v1 with SERVING and no shutdown has begun.
 async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
+    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let checks = gateway.upstreams.services().map(|(service, _)| {
-        let channel = gateway.upstreams.channel(service);
+    let checks = gateway.upstreams.iter().map(|(service, upstream)| {
+        let mut client = upstream.health();
         async move {
-            let serving = match channel {
-                Ok(channel) => {
-                    let mut client = HealthClient::new(channel);
-                    let check = client.check(HealthCheckRequest { service: String::new() });
-                    matches!(
-                        tokio::time::timeout(Duration::from_secs(1), check).await,
-                        Ok(Ok(response)) if response.get_ref().status() == ServingStatus::Serving
-                    )
-                }
-                Err(_) => false,
-            };
+            let check = client.check(HealthCheckRequest { service: String::new() });
+            let serving = matches!(
+                tokio::time::timeout(Duration::from_secs(1), check).await,
+                Ok(Ok(response)) if response.get_ref().status() == ServingStatus::Serving
+            );
             (service.to_owned(), serving)
         }
     });
@@ -352,8 +346,8 @@ fn outgoing<T>(message: T, headers: &http::HeaderMap) -> tonic::Request<T> {
 async fn upstream_call(
     gateway: &Gateway,
     route: &Route,
-) -> Result<(Grpc<tonic::transport::Channel>, http::uri::PathAndQuery, DynamicCodec), RestError> {
-    let mut grpc = Grpc::new(gateway.upstreams.channel(&route.service)?);
+) -> Result<(Grpc<Connection>, http::uri::PathAndQuery, DynamicCodec), RestError> {
+    let mut grpc = gateway.upstreams.get(&route.service)?.grpc();
     grpc.ready().await.map_err(|e| RestError::from(aimesh_kit::ServiceError::unavailable(e)))?;
     Ok((grpc, route.grpc_path().clone(), DynamicCodec::new(route.method.output())))
 }

@@ -1,42 +1,68 @@
-//! Calling the services: one lazily connected HTTP/2 channel per service, and a codec that
-//! sends and receives dynamic messages, so any RPC in the descriptor set can be called.
+//! Calling the services: one HTTP/2 connection per service, opened on first use and shared by
+//! every call, and a codec that sends and receives dynamic messages, so any RPC in the
+//! descriptor set can be called.
+//!
+//! The connection is hyper's HTTP/2 client, not tonic's `Channel`: a `Channel` queues every call
+//! through a buffer task before it reaches the connection, one more task hop per request on the
+//! gateway's hot path; hyper's client hands the request to the connection directly.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use http::Uri;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prost::Message as _;
 use prost_reflect::{DynamicMessage, MessageDescriptor};
+use tonic::client::Grpc;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_client::HealthClient;
 
 use aimesh_kit::ServiceError;
 
-/// The channel of each service the gateway fronts, by short name (`identity`, `chat`, ...).
+/// The HTTP/2 client every service is called through, failures already classified as statuses.
+pub type Connection = tower::util::MapErr<
+    Client<HttpConnector, tonic::body::Body>,
+    fn(hyper_util::client::legacy::Error) -> tonic::Status,
+>;
+
+/// The service of each REST route, by short name (`identity`, `chat`, ...).
 #[derive(Debug, Clone, Default)]
 pub struct Upstreams {
-    channels: HashMap<String, Channel>,
-    urls: HashMap<String, String>,
+    upstreams: HashMap<String, Upstream>,
+}
+
+/// One service: the connection to it and where it is.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    connection: Connection,
+    origin: Uri,
 }
 
 impl Upstreams {
-    /// Channels to `urls` (short name to `http://host:port`); they connect on first use.
+    /// Clients of `urls` (short name to `http://host:port`); they connect on first use.
     pub fn new(urls: impl IntoIterator<Item = (String, String)>) -> Result<Self, ServiceError> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .build(connector);
+        let connection: Connection = tower::ServiceExt::map_err(client, classify);
         let mut upstreams = Self::default();
         for (service, url) in urls {
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| ServiceError::invalid_field(format!("gateway.{service}_url"), e.to_string()))?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(30));
-            upstreams.channels.insert(service.clone(), endpoint.connect_lazy());
-            upstreams.urls.insert(service, url);
+            let origin = origin(&url).map_err(|e| ServiceError::invalid_field(format!("gateway.{service}_url"), e))?;
+            upstreams.upstreams.insert(service, Upstream { connection: connection.clone(), origin });
         }
         Ok(upstreams)
     }
 
-    /// The channel of `service`, or UNAVAILABLE when the gateway was given none.
-    pub fn channel(&self, service: &str) -> Result<Channel, ServiceError> {
-        self.channels.get(service).cloned().ok_or_else(|| {
+    /// The client of `service`, or UNAVAILABLE when the gateway was given no address for it.
+    pub fn get(&self, service: &str) -> Result<&Upstream, ServiceError> {
+        self.upstreams.get(service).ok_or_else(|| {
             ServiceError::new(
                 aimesh_kit::ErrorCode::Unavailable,
                 "SERVICE_NOT_CONFIGURED",
@@ -45,10 +71,44 @@ impl Upstreams {
         })
     }
 
-    /// Every configured service and its URL.
-    pub fn services(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.urls.iter().map(|(name, url)| (name.as_str(), url.as_str()))
+    /// Every configured service by short name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Upstream)> {
+        self.upstreams.iter().map(|(name, upstream)| (name.as_str(), upstream))
     }
+}
+
+impl Upstream {
+    /// A gRPC client of this service.
+    pub fn grpc(&self) -> Grpc<Connection> {
+        Grpc::with_origin(self.connection.clone(), self.origin.clone())
+    }
+
+    /// A grpc.health.v1 client of this service.
+    pub fn health(&self) -> HealthClient<Connection> {
+        HealthClient::with_origin(self.connection.clone(), self.origin.clone())
+    }
+}
+
+/// `url` as an origin (`http://host:port`): a scheme and an authority, nothing more.
+fn origin(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(format!("{url:?} is not an http://host:port address"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(format!("{url:?} has a path; give only http://host:port"));
+    }
+    Ok(uri)
+}
+
+/// A failure of the connection, not of the call: what tonic recognises in it (a reset stream, a
+/// keep-alive timeout, a cancellation) keeps its code; the rest (no connection could be made, or
+/// it was lost before the answer) is UNAVAILABLE, so callers retry, as Envoy answers 503 to an
+/// upstream connect failure or reset.
+fn classify(error: hyper_util::client::legacy::Error) -> tonic::Status {
+    tonic::Status::try_from_error(Box::new(error)).unwrap_or_else(|error| {
+        tonic::Status::unavailable(format!("the service cannot be reached or the connection to it was lost: {error}"))
+    })
 }
 
 /// A tonic codec for messages known only by their descriptor.
@@ -104,5 +164,22 @@ impl Decoder for DynamicDecoder {
         DynamicMessage::decode(self.0.clone(), src)
             .map(Some)
             .map_err(|e| tonic::Status::internal(format!("decoding the response: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_url_is_an_http_origin_and_a_bad_one_names_its_setting() {
+        let urls = [("chat".to_owned(), "http://aimesh-chat:7102".to_owned())];
+        let upstreams = Upstreams::new(urls).expect("an origin");
+        assert_eq!(upstreams.get("chat").expect("chat").origin, "http://aimesh-chat:7102");
+        assert!(upstreams.get("usage").is_err(), "a service without an address is not made up");
+        for bad in ["aimesh-chat:7102", "https://aimesh-chat:7102", "http://aimesh-chat:7102/v1", "http://"] {
+            let error = Upstreams::new([("chat".to_owned(), bad.to_owned())]).expect_err(bad);
+            assert_eq!(error.field.as_deref(), Some("gateway.chat_url"), "{bad}");
+        }
     }
 }
