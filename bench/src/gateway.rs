@@ -11,7 +11,11 @@ use tokio::sync::Mutex;
 use aimesh_proto::chat::v1 as chat_pb;
 use aimesh_tests::{Mesh, authed};
 
-use crate::report::{Figures, Load, measure};
+use crate::report::{Figures, Load, measure_alternating};
+
+/// The two are measured in alternating slices of the run, so that a shared machine's drift
+/// during the run does not favour either.
+const SLICES: u32 = 10;
 
 /// GetSession of one session: through the gateway (REST/JSON, keep-alive HTTP/1.1 connections,
 /// one per request in flight) and straight to chat over gRPC (one HTTP/2 channel).
@@ -34,7 +38,7 @@ pub async fn get_session(mesh: &Mesh, token: &str, project: &str, load: Load) ->
     }
     let (path, authorization, host) =
         (format!("/v1/chat/sessions/{session}"), format!("Bearer {token}"), mesh.gateway.to_string());
-    let rest = measure("REST GET session", load, move |_| {
+    let rest = move |_| {
         let (connections, path, authorization, host) =
             (Arc::clone(&connections), path.clone(), authorization.clone(), host.clone());
         async move {
@@ -54,15 +58,12 @@ pub async fn get_session(mesh: &Mesh, token: &str, project: &str, load: Load) ->
             connections.lock().await.push(sender);
             outcome
         }
-    })
-    .await;
-
+    };
     let (client, token) = (mesh.chat(), token.to_owned());
-    let grpc = measure("gRPC GetSession", load, move |_| {
+    let grpc = move |_| {
         let mut client = client.clone();
         let request = authed(chat_pb::GetSessionRequest { session_id: session.clone() }, &token);
         async move { client.get_session(request).await.map(drop).map_err(|s| s.to_string()) }
-    })
-    .await;
-    Ok((rest, grpc))
+    };
+    Ok(measure_alternating(load, SLICES, ("REST GET session", rest), ("gRPC GetSession", grpc)).await)
 }

@@ -293,29 +293,87 @@ where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
-    match load.mode {
-        Mode::Open => open_loop(name, load, op).await,
-        Mode::Closed | Mode::Batch => closed_loop(name, load, op).await,
+    drive(load, &Arc::new(op), &Arc::new(AtomicU64::new(0))).await.into_figures(name, load)
+}
+
+/// Measures `a` and `b` under the same load in alternating slices of its duration (a b, b a,
+/// a b, ...), so that drift of a shared machine (a neighbour's burst, a background merge) falls
+/// on both alike instead of on whichever ran second, and their ratio holds from run to run. Each
+/// op's numbers stay unique across its slices.
+pub async fn measure_alternating<A, FutA, B, FutB>(
+    load: Load,
+    slices: u32,
+    (name_a, op_a): (&str, A),
+    (name_b, op_b): (&str, B),
+) -> (Figures, Figures)
+where
+    A: Fn(u64) -> FutA + Send + Sync + 'static,
+    FutA: Future<Output = Result<(), String>> + Send + 'static,
+    B: Fn(u64) -> FutB + Send + Sync + 'static,
+    FutB: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let slice = Load { duration: load.duration / slices.max(1), ..load };
+    let (op_a, numbers_a, mut run_a) = (Arc::new(op_a), Arc::new(AtomicU64::new(0)), Run::default());
+    let (op_b, numbers_b, mut run_b) = (Arc::new(op_b), Arc::new(AtomicU64::new(0)), Run::default());
+    for round in 0..slices.max(1) {
+        if round % 2 == 0 {
+            run_a.merge(drive(slice, &op_a, &numbers_a).await);
+            run_b.merge(drive(slice, &op_b, &numbers_b).await);
+        } else {
+            run_b.merge(drive(slice, &op_b, &numbers_b).await);
+            run_a.merge(drive(slice, &op_a, &numbers_a).await);
+        }
+    }
+    (run_a.into_figures(name_a, load), run_b.into_figures(name_b, load))
+}
+
+/// What a stretch of load produced, before it is summed up as figures.
+#[derive(Default)]
+struct Run {
+    tally: Tally,
+    dropped: u64,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn merge(&mut self, other: Run) {
+        self.tally.merge(other.tally);
+        self.dropped += other.dropped;
+        self.elapsed += other.elapsed;
+    }
+
+    fn into_figures(self, name: &str, load: Load) -> Figures {
+        self.tally.into_figures(name, load, self.dropped, self.elapsed)
     }
 }
 
-/// `load.concurrency` tasks, each starting its next request as soon as the last answered.
-async fn closed_loop<F, Fut>(name: &str, load: Load, op: F) -> Figures
+/// Drives `op` under `load` in its mode, numbering requests from `numbers`.
+async fn drive<F, Fut>(load: Load, op: &Arc<F>, numbers: &Arc<AtomicU64>) -> Run
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
-    let op = Arc::new(op);
-    let counter = Arc::new(AtomicU64::new(0));
+    match load.mode {
+        Mode::Open => open_loop(load, op, numbers).await,
+        Mode::Closed | Mode::Batch => closed_loop(load, op, numbers).await,
+    }
+}
+
+/// `load.concurrency` tasks, each starting its next request as soon as the last answered.
+async fn closed_loop<F, Fut>(load: Load, op: &Arc<F>, numbers: &Arc<AtomicU64>) -> Run
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
     let started = Instant::now();
     let deadline = started + load.duration;
     let workers: Vec<_> = (0..load.concurrency.max(1))
         .map(|_| {
-            let (op, counter) = (Arc::clone(&op), Arc::clone(&counter));
+            let (op, numbers) = (Arc::clone(op), Arc::clone(numbers));
             tokio::spawn(async move {
                 let mut tally = Tally::default();
                 while Instant::now() < deadline {
-                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let n = numbers.fetch_add(1, Ordering::Relaxed);
                     if load.max_requests.is_some_and(|max| n >= max) {
                         break;
                     }
@@ -334,26 +392,29 @@ where
             Err(error) => tally.record_joined(Err(error)),
         }
     }
-    tally.into_figures(name, load, 0, started.elapsed())
+    Run { tally, dropped: 0, elapsed: started.elapsed() }
 }
 
-/// Request `n` starts at `n / load.rate` seconds whatever earlier requests do; its latency runs
+/// Request `i` starts at `i / load.rate` seconds whatever earlier requests do; its latency runs
 /// from that scheduled instant, so time spent waiting behind a stall counts. A request due while
 /// `load.concurrency` are in flight is dropped rather than queued.
-async fn open_loop<F, Fut>(name: &str, load: Load, op: F) -> Figures
+async fn open_loop<F, Fut>(load: Load, op: &Arc<F>, numbers: &Arc<AtomicU64>) -> Run
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
-    let op = Arc::new(op);
     let in_flight = Arc::new(Semaphore::new(load.concurrency.max(1)));
     let mut running = JoinSet::new();
     let (mut tally, mut dropped) = (Tally::default(), 0);
     let rate = load.rate.max(f64::MIN_POSITIVE);
     let started = Instant::now();
-    for n in 0.. {
-        let scheduled = started + Duration::from_secs_f64(n as f64 / rate);
-        if scheduled >= started + load.duration || load.max_requests.is_some_and(|max| n >= max) {
+    for i in 0u64.. {
+        let scheduled = started + Duration::from_secs_f64(i as f64 / rate);
+        if scheduled >= started + load.duration {
+            break;
+        }
+        let n = numbers.fetch_add(1, Ordering::Relaxed);
+        if load.max_requests.is_some_and(|max| n >= max) {
             break;
         }
         tokio::time::sleep_until(scheduled.into()).await;
@@ -364,7 +425,7 @@ where
             dropped += 1;
             continue;
         };
-        let op = Arc::clone(&op);
+        let op = Arc::clone(op);
         running.spawn(async move {
             let outcome = op(n).await;
             drop(permit);
@@ -374,7 +435,7 @@ where
     while let Some(joined) = running.join_next().await {
         tally.record_joined(joined);
     }
-    tally.into_figures(name, load, dropped, started.elapsed())
+    Run { tally, dropped, elapsed: started.elapsed() }
 }
 
 /// What the figures were measured on.
