@@ -149,16 +149,21 @@ impl Mesh {
 
     /// Starts another gateway on its own listener, in front of this mesh's services and with its
     /// settings but `gateway` (listen address and upstreams are set here); stops with the mesh.
-    pub async fn start_gateway(&self, mut gateway: aimesh_gateway::GatewayConfig) -> rest::Rest {
+    pub async fn start_gateway(&self, gateway: aimesh_gateway::GatewayConfig) -> rest::Rest {
+        let rest = self.start_gateway_as_given(self.upstreams_of(gateway)).await;
+        rest.wait_until_ready().await;
+        rest
+    }
+
+    /// `gateway` with this mesh's services as its upstreams.
+    pub fn upstreams_of(&self, mut gateway: aimesh_gateway::GatewayConfig) -> aimesh_gateway::GatewayConfig {
         let url = |address: SocketAddr| format!("http://{address}");
         gateway.identity_url = url(self.identity);
         gateway.chat_url = url(self.chat);
         gateway.usage_url = url(self.usage);
         gateway.files_url = url(self.files);
         gateway.analytics_url = url(self.analytics);
-        let rest = self.start_gateway_as_given(gateway).await;
-        rest.wait_until_ready().await;
-        rest
+        gateway
     }
 
     /// Starts another gateway on its own listener with this mesh's settings but `gateway`, its

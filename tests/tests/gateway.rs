@@ -292,17 +292,8 @@ async fn a_service_that_cannot_be_reached_is_503_unavailable_and_the_gateway_not
     let session = chat_session(&rest, &token, &project_id).await;
     // A port nothing listens on: bound, its address taken, released.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
-    let url = |address: std::net::SocketAddr| format!("http://{address}");
-    let cut_off = mesh
-        .start_gateway_as_given(GatewayConfig {
-            identity_url: url(mesh.identity),
-            chat_url: url(closed),
-            usage_url: url(mesh.usage),
-            files_url: url(mesh.files),
-            analytics_url: url(mesh.analytics),
-            ..Default::default()
-        })
-        .await;
+    let config = GatewayConfig { chat_url: format!("http://{closed}"), ..mesh.upstreams_of(GatewayConfig::default()) };
+    let cut_off = mesh.start_gateway_as_given(config).await;
 
     let reply = cut_off.get(&format!("/v1/chat/sessions/{session}")).bearer(&token).send().await;
     let body = assert_error(&reply, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE");
