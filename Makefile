@@ -7,8 +7,8 @@
 #   make bench  the whole bench, each figure beside a same-run baseline; report, Markdown summary and
 #               charts in target/bench (BENCH_ARGS="--seconds 5 --scenario usage-record", "--mode open --rate 500")
 #   make k8s-check  the Helm chart and the kustomize manifests, validated offline (part of test)
-#   make fuzz   every cargo-fuzz target for FUZZ_SECONDS each (default 60); `make test` runs each
-#               for a few seconds (scripts/fuzz.sh --smoke)
+#   make fuzz   every cargo-fuzz target for FUZZ_SECONDS each (default 60), random seeds; `make test`
+#               replays each target's committed corpus deterministically (scripts/fuzz.sh --replay)
 #
 # The dev servers are described in scripts/deps.sh; it writes their addresses to .dev/env,
 # which each recipe below loads itself, so no shell state is needed.
@@ -51,7 +51,7 @@ test: deps k8s-check
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
-	scripts/fuzz.sh --smoke
+	scripts/fuzz.sh --replay
 
 # Building the proto crate needs protoc and its well-known types: deps.sh installs both.
 check:

@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Runs the cargo-fuzz targets in fuzz/ (see README, "Fuzzing").
 #
-#   scripts/fuzz.sh [--smoke] [TARGET...]
+#   scripts/fuzz.sh [--replay] [TARGET...]
 #
-# Every target (or the ones named) runs for FUZZ_SECONDS seconds (default 60); --smoke runs each
-# for FUZZ_SMOKE_SECONDS (default 10), as `make test` does. The seeds in fuzz/corpus/<target> are
-# read but never written: what a run discovers goes to fuzz/target/corpus/<target> (git-ignored,
-# kept between runs), a crash to fuzz/artifacts/<target>, and the script then fails.
+# Exploration (`make fuzz`): every target (or the ones named) runs for FUZZ_SECONDS seconds
+# (default 60) with a random seed, which libFuzzer prints ("Seed: N"; FUZZ_SEED=N repeats a run).
+# The seeds in fuzz/corpus/<target> are read but never written: what a run discovers goes to
+# fuzz/target/corpus/<target> (git-ignored, kept between runs), a crash to fuzz/artifacts/<target>,
+# and the script then fails.
+#
+# --replay (`make test`): deterministic. Each target runs every committed input of
+# fuzz/corpus/<target> (the seeds and every crash found so far, kept there as regression inputs),
+# then FUZZ_REPLAY_RUNS (default 5000) mutations of them from the fixed seed FUZZ_SEED (default
+# 1), and nothing else: the scratch corpus of earlier explorations is not read, and what the run
+# finds is thrown away. The same commit gives the same run on any machine.
 #
 # cargo-fuzz is installed with `cargo install --locked cargo-fuzz` when missing. It passes -Z flags
 # to rustc, which the stable toolchain accepts under RUSTC_BOOTSTRAP=1 (set here, for the fuzz
@@ -18,20 +25,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
 
-smoke=false
+replay=false
 targets=()
 for arg in "$@"; do
   case "$arg" in
-    --smoke) smoke=true ;;
-    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    --replay) replay=true ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
     -*) echo "fuzz.sh: unknown option $arg" >&2; exit 2 ;;
     *) targets+=("$arg") ;;
   esac
 done
-if $smoke; then
-  seconds=${FUZZ_SMOKE_SECONDS:-10}
-else
-  seconds=${FUZZ_SECONDS:-60}
+seconds=${FUZZ_SECONDS:-60}
+replay_runs=${FUZZ_REPLAY_RUNS:-5000}
+seed_flags=()
+if $replay; then
+  seed_flags=("-seed=${FUZZ_SEED:-1}")
+  echo "fuzz.sh: replay of the committed corpora, seed ${FUZZ_SEED:-1}, $replay_runs runs per target"
+elif [ -n "${FUZZ_SEED:-}" ]; then
+  seed_flags=("-seed=$FUZZ_SEED")
 fi
 
 if ! $CARGO fuzz --version >/dev/null 2>&1; then
@@ -54,22 +65,31 @@ echo "fuzz.sh: built in $((SECONDS - started)) s"
 failed=()
 for target in "${targets[@]}"; do
   seeds=fuzz/corpus/$target
-  found=fuzz/target/corpus/$target
   [ -d "$seeds" ] || { echo "fuzz.sh: no seed corpus $seeds" >&2; exit 1; }
-  mkdir -p "$found"
   dictionary=()
   [ -f "fuzz/dictionaries/$target.dict" ] && dictionary=("-dict=fuzz/dictionaries/$target.dict")
-  echo "fuzz.sh: $target for ${seconds} s"
-  # The first corpus directory is where libFuzzer writes new inputs: the scratch one.
+  # The first corpus directory is where libFuzzer writes new inputs: a scratch one.
+  if $replay; then
+    found=$(mktemp -d)
+    budget=(-runs="$replay_runs")
+    echo "fuzz.sh: $target: $(find "$seeds" -type f | wc -l) committed inputs, then $replay_runs runs"
+  else
+    found=fuzz/target/corpus/$target
+    mkdir -p "$found"
+    budget=(-max_total_time="$seconds")
+    echo "fuzz.sh: $target for ${seconds} s"
+  fi
   if ! $CARGO fuzz run "${fuzz_flags[@]}" "$target" "$found" "$seeds" -- \
-      -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${dictionary[@]}"; then
+      "${budget[@]}" "${seed_flags[@]}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${dictionary[@]}"; then
     failed+=("$target")
   fi
+  if $replay; then rm -rf "$found"; fi
 done
 
 echo "fuzz.sh: ${#targets[@]} targets in $((SECONDS - started)) s"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "fuzz.sh: failed: ${failed[*]} (inputs in fuzz/artifacts/<target>; replay with" \
-       "RUSTC_BOOTSTRAP=1 cargo fuzz run ${fuzz_flags[*]} <target> <file>)" >&2
+       "RUSTC_BOOTSTRAP=1 cargo fuzz run ${fuzz_flags[*]} <target> <file>; once fixed, keep the input" \
+       "in fuzz/corpus/<target>/ as a regression input and its fix in a unit test)" >&2
   exit 1
 fi

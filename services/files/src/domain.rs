@@ -51,12 +51,20 @@ fn safe_name(name: &str) -> String {
     // Any whitespace, not only ' ': parse trims Unicode whitespace, so the safe name of a safe
     // name must not lose an ideographic space the first pass left at an end.
     let trimmed = replaced.trim_matches(|c: char| c == '.' || c.is_whitespace());
-    let mut safe = if trimmed.is_empty() { "file".to_owned() } else { trimmed.to_owned() };
-    let stem = safe.split('.').next().unwrap_or_default().trim_end();
-    if RESERVED_STEMS.iter().any(|reserved| reserved.eq_ignore_ascii_case(stem)) {
-        safe.insert(0, '_');
+    let safe = if trimmed.is_empty() { "file" } else { trimmed };
+    let raw_stem = safe.split('.').next().unwrap_or_default();
+    let stem = raw_stem.trim_end();
+    if !RESERVED_STEMS.iter().any(|reserved| reserved.eq_ignore_ascii_case(stem)) {
+        return safe.to_owned();
     }
-    safe
+    // `_CON.txt`: the prefix makes the stem no device name. The whitespace that hid the device
+    // name goes, and a name that the prefix makes too long loses characters at its end, so the
+    // safe name still fits MAX_NAME_CHARS and is its own safe name.
+    let mut prefixed = format!("_{stem}{}", &safe[raw_stem.len()..]);
+    while prefixed.chars().count() > MAX_NAME_CHARS {
+        prefixed.pop();
+    }
+    prefixed.trim_end_matches(|c: char| c == '.' || c.is_whitespace()).to_owned()
 }
 
 /// Why a file was uploaded, which decides what releasing a chat session does to it.
@@ -302,6 +310,26 @@ mod tests {
         let name = FileName::parse("name", "a\u{2003}.").expect("a name");
         assert_eq!(name.safe, "a");
         assert_eq!(FileName::parse("name", &name.safe).expect("a name").safe, name.safe);
+    }
+
+    /// Found by the file_name fuzz target: a name of 255 characters with a device-name stem got a
+    /// safe name of 256, which parse then refused.
+    #[test]
+    fn a_device_name_stem_at_full_length_keeps_the_safe_name_within_the_limit() {
+        let padded = format!("CON{}.t", "\u{3000}".repeat(250));
+        let exact = format!("con.{}", "a".repeat(251));
+        for name in [padded, exact] {
+            assert_eq!(name.chars().count(), MAX_NAME_CHARS);
+            let safe = FileName::parse("name", &name).expect("a name").safe;
+            assert!(safe.chars().count() <= MAX_NAME_CHARS, "{} characters", safe.chars().count());
+            assert!(safe.starts_with("_CON") || safe.starts_with("_con"), "{safe:?}");
+            assert_eq!(FileName::parse("name", &safe).expect("the safe name").safe, safe);
+        }
+        assert_eq!(
+            FileName::parse("name", &format!("CON{}.t", "\u{3000}".repeat(250))).expect("a name").safe,
+            "_CON.t"
+        );
+        assert_eq!(FileName::parse("name", "nul \u{3000}.tar.gz").expect("a name").safe, "_nul.tar.gz");
     }
 
     #[test]
