@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use aimesh_kit::pagination::Cursor;
+use aimesh_kit::pagination::{Cursor, Page};
 
 use crate::error::{ChatError, Result};
 use crate::store::{MessageRow, SessionFilter, SessionRow, Store};
@@ -216,11 +216,11 @@ pub async fn export_session(
 /// measuring pass and the writing pass must not change what is written.
 pub async fn export_project(store: &Store, project_id: Uuid, mut out: ChunkWriter) -> Result<(), Stopped> {
     let filter = SessionFilter::default();
-    let mut after: Option<Cursor> = None;
+    let mut page = Page::first(PAGE);
     loop {
-        let page = store.list_sessions(project_id, &filter, after, PAGE).await?;
-        let full = page.len() as i64 > PAGE;
-        for listed in page.iter().take(PAGE as usize) {
+        let rows = store.list_sessions(project_id, &filter, &page).await?;
+        let (sessions, next) = page.split(rows, |last| Cursor { time: last.created_at, id: last.id });
+        for listed in &sessions {
             let mut tx = store.pool().begin().await?;
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
             // Re-read in the snapshot: the listing is older, and the session may be gone.
@@ -243,9 +243,9 @@ pub async fn export_project(store: &Store, project_id: Uuid, mut out: ChunkWrite
             }
             tx.commit().await?;
         }
-        match page.get(PAGE as usize - 1) {
-            Some(last) if full => after = Some(Cursor { time: last.created_at, id: last.id }),
-            _ => break,
+        match next {
+            Some(next) => page = next,
+            None => break,
         }
     }
     // The end of an archive: two zero blocks.

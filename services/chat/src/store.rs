@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use aimesh_kit::db::is_sqlstate;
 use aimesh_kit::outbox::{self, EVENT_COLUMNS, OutboxEvent};
-use aimesh_kit::pagination::Cursor;
+use aimesh_kit::pagination::Page;
 
 use crate::domain::{NewMessage, NewSession, Parent, SessionPatch, SessionStatus};
 use crate::error::{ChatError, Result};
@@ -174,32 +174,32 @@ impl Store {
         Ok(row)
     }
 
-    /// Sessions of a project, newest first, after `after`; `limit + 1` rows for pagination.
+    /// Sessions of a project, newest first, for `page`; one row more than it holds.
     pub async fn list_sessions(
         &self,
         project_id: Uuid,
         filter: &SessionFilter,
-        after: Option<Cursor>,
-        limit: i64,
+        page: &Page,
     ) -> Result<Vec<SessionRow>> {
         // Literal predicates, so the planner picks the partial index of live or deleted sessions.
         let deleted = if filter.deleted { "deleted_at IS NOT NULL" } else { "deleted_at IS NULL" };
+        let (time, id) = page.bounds();
         let rows = sqlx::query_as(sql(format!(
             "SELECT {SESSION_COLUMNS} FROM chat_sessions \
              WHERE project_id = $1 AND {deleted} \
                AND ($2::uuid IS NULL OR user_id = $2) \
                AND ($3::text IS NULL OR status = $3) \
                AND ($4::text IS NULL OR model = $4) \
-               AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6)) \
+               AND (created_at, id) < ($5, $6) \
              ORDER BY created_at DESC, id DESC LIMIT $7"
         )))
         .bind(project_id)
         .bind(filter.user_id)
         .bind(filter.status.map(SessionStatus::as_str))
         .bind(filter.model.as_deref())
-        .bind(after.map(|c| c.time))
-        .bind(after.map(|c| c.id))
-        .bind(limit + 1)
+        .bind(time)
+        .bind(id)
+        .bind(page.fetch_limit())
         .fetch_all(&self.pool)
         .await?;
         Ok(rows)

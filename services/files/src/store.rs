@@ -7,7 +7,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use aimesh_kit::outbox::{self, OutboxEvent};
-use aimesh_kit::pagination::Cursor;
+use aimesh_kit::pagination::Page;
 
 use crate::error::{FilesError, Result};
 
@@ -232,14 +232,9 @@ impl Store {
         key.ok_or(FilesError::FileNotFound { field: "file_id" })
     }
 
-    /// A page of a project's live files, newest first, after `cursor`.
-    pub async fn list(
-        &self,
-        project_id: Uuid,
-        filter: &ListFilter,
-        cursor: Option<Cursor>,
-        limit: i64,
-    ) -> Result<Vec<FileRow>> {
+    /// A page of a project's live files, newest first; one row more than the page holds.
+    pub async fn list(&self, project_id: Uuid, filter: &ListFilter, page: &Page) -> Result<Vec<FileRow>> {
+        let (time, id) = page.bounds();
         let statement = format!(
             "SELECT {FILE_COLUMNS} FROM files f WHERE f.project_id = $1 AND f.deleted_at IS NULL \
                AND ($2::text IS NULL OR f.mime_type = $2) \
@@ -247,7 +242,7 @@ impl Store {
                AND ($4::uuid IS NULL OR f.user_id = $4) \
                AND ($5::uuid IS NULL OR EXISTS (SELECT 1 FROM file_attachments a WHERE a.file_id = f.id AND a.session_id = $5)) \
                AND ($6::text IS NULL OR f.purpose = $6) \
-               AND ($7::timestamptz IS NULL OR (f.created_at, f.id) < ($7, $8)) \
+               AND (f.created_at, f.id) < ($7, $8) \
              ORDER BY f.created_at DESC, f.id DESC LIMIT $9"
         );
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(statement))
@@ -257,9 +252,9 @@ impl Store {
             .bind(filter.user_id)
             .bind(filter.session_id)
             .bind(filter.purpose)
-            .bind(cursor.map(|c| c.time))
-            .bind(cursor.map(|c| c.id))
-            .bind(limit + 1)
+            .bind(time)
+            .bind(id)
+            .bind(page.fetch_limit())
             .fetch_all(&self.pool)
             .await?)
     }

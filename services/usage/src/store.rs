@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use aimesh_kit::db::unique_violation;
 use aimesh_kit::outbox::{EVENT_COLUMNS, OutboxEvent};
-use aimesh_kit::pagination::Cursor;
+use aimesh_kit::pagination::Page;
 
 use crate::domain::{ModelStatus, Price, QuotaLimits, QuotaSubject, Windows};
 use crate::error::{Result, UsageError};
@@ -308,14 +308,8 @@ impl Store {
     }
 
     /// A page of a project's records, newest request first.
-    pub async fn list_usage(
-        &self,
-        project_id: Uuid,
-        filter: &UsageFilter,
-        after: Option<Cursor>,
-        limit: i64,
-    ) -> Result<Vec<UsageRow>> {
-        let (time, id) = after.map(|c| (c.time, c.id)).unwrap_or((DateTime::<Utc>::MAX_UTC, Uuid::max()));
+    pub async fn list_usage(&self, project_id: Uuid, filter: &UsageFilter, page: &Page) -> Result<Vec<UsageRow>> {
+        let (time, id) = page.bounds();
         Ok(sqlx::query_as(sql(format!(
             "SELECT {USAGE_COLUMNS} FROM model_usage_logs WHERE project_id = $1 \
              AND ($2::uuid IS NULL OR user_id = $2) AND ($3::uuid IS NULL OR model_id = $3) \
@@ -332,7 +326,7 @@ impl Store {
         .bind(filter.end_time)
         .bind(time)
         .bind(id)
-        .bind(limit + 1)
+        .bind(page.fetch_limit())
         .fetch_all(&self.pool)
         .await?)
     }

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::{DatabaseConfig, RedisConfig};
+use aimesh_kit::pagination::{Cursor, Page};
 use aimesh_kit::redis::Redis;
 use aimesh_kit::testing::{self, TestDatabase};
 use aimesh_usage::domain::{
@@ -274,7 +275,7 @@ async fn a_price_change_applies_only_to_later_requests() {
     (after.input, after.output) = (1_000_000, 0);
     assert_eq!(b.ledger.record(after.usage().expect("valid")).await.expect("record").cost.to_string(), "5.0000000000");
     // The first record did not change.
-    let rows = a.ledger.store().list_usage(project, &UsageFilter::default(), None, 10).await.expect("list");
+    let rows = a.ledger.store().list_usage(project, &UsageFilter::default(), &Page::first(10)).await.expect("list");
     let stored = rows.iter().find(|r| r.request_id == "before").map(|r| r.cost.to_string());
     assert_eq!(stored.as_deref(), Some("2.5000000000"));
     // The price history, newest first, on the other replica's catalog (invalidated by broadcast).
@@ -539,13 +540,13 @@ async fn late_records_land_in_their_month_and_list_newest_first() {
         sqlx::query_scalar("SELECT count(*) FROM model_usage_logs_default").fetch_one(&db.pool).await.expect("count");
     assert_eq!(in_default, 0, "every month of the last 35 days has its partition");
 
-    let first = a.ledger.store().list_usage(project, &UsageFilter::default(), None, 2).await.expect("list");
+    let first = a.ledger.store().list_usage(project, &UsageFilter::default(), &Page::first(2)).await.expect("list");
     assert_eq!(first.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), ["late-2", "late-1", "late-0"]);
-    let cursor = aimesh_kit::pagination::Cursor { time: first[1].request_time, id: first[1].id };
-    let rest = a.ledger.store().list_usage(project, &UsageFilter::default(), Some(cursor), 2).await.expect("list");
+    let next = Page::starting_after(Some(Cursor { time: first[1].request_time, id: first[1].id }), 2);
+    let rest = a.ledger.store().list_usage(project, &UsageFilter::default(), &next).await.expect("list");
     assert_eq!(rest.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), ["late-0"]);
     let filter = UsageFilter { user_id: Some(other_user), ..UsageFilter::default() };
-    let only = a.ledger.store().list_usage(project, &filter, None, 10).await.expect("list");
+    let only = a.ledger.store().list_usage(project, &filter, &Page::first(10)).await.expect("list");
     assert_eq!(only.len(), 1);
 }
 

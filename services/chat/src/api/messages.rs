@@ -1,13 +1,25 @@
 //! Messages: append, read, list, branches, edits, search.
 
+use aimesh_kit::ServiceError;
 use aimesh_kit::access::{Caller, ProjectRole};
 use aimesh_kit::fields;
-use aimesh_kit::pagination;
+use aimesh_kit::pagination::{Page, PageKey};
 use aimesh_proto::chat::v1 as pb;
 
 use super::{CHAT_READ, Chat, Deleted, Need, message_to_proto};
 use crate::domain::{self, MessageEdit, NewMessage, PageToken};
 use crate::error::{ChatError, Result};
+
+/// The lists of messages page by position: a sequence number, or an offset into search hits.
+impl PageKey for PageToken {
+    fn encode(&self) -> String {
+        PageToken::encode(self.position)
+    }
+
+    fn decode(token: &str) -> Result<Option<Self>, ServiceError> {
+        Ok(PageToken::decode(token)?.map(|position| Self { position }))
+    }
+}
 
 impl Chat {
     pub(super) async fn append_message(
@@ -38,17 +50,12 @@ impl Chat {
         if request.after_sequence < 0 {
             return Err(ChatError::invalid("after_sequence", "must not be negative"));
         }
-        let limit = pagination::page_size(request.page_size)?;
+        let page = Page::<PageToken>::new(&request.page_token, request.page_size)?;
         // The token holds the last sequence of the previous page, so it replaces after_sequence.
-        let after = PageToken::decode(&request.page_token)?.unwrap_or(request.after_sequence);
+        let after = page.after().map_or(request.after_sequence, |token| token.position);
         self.session_for(caller, session_id, Need::Read, Deleted::NotFound).await?;
-        let mut rows = self.conversations.store().messages_after(session_id, after, None, limit + 1).await?;
-        let next_page_token = if rows.len() as i64 > limit {
-            rows.truncate(limit as usize);
-            rows.last().map(|last| PageToken::encode(last.sequence)).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let rows = self.conversations.store().messages_after(session_id, after, None, page.fetch_limit()).await?;
+        let (rows, next_page_token) = page.finish(rows, |last| PageToken { position: last.sequence });
         let messages = rows.into_iter().map(message_to_proto).collect::<Result<_>>()?;
         Ok(pb::ListMessagesResponse { messages, next_page_token })
     }
@@ -80,17 +87,13 @@ impl Chat {
         let project_id = fields::id("project_id", &request.project_id)?;
         let query = domain::search_query("query", &request.query)?;
         let session_id = fields::optional_id("session_id", &request.session_id)?;
-        let limit = pagination::page_size(request.page_size)?;
+        let page = Page::<PageToken>::new(&request.page_token, request.page_size)?;
         // An offset: ranks are floats shared by many rows, a poor key for a keyset.
-        let offset = PageToken::decode(&request.page_token)?.unwrap_or(0);
+        let offset = page.after().map_or(0, |token| token.position);
         self.require(caller, project_id, ProjectRole::Viewer, CHAT_READ).await?;
-        let mut rows = self.conversations.store().search(project_id, &query, session_id, offset, limit).await?;
-        let next_page_token = if rows.len() as i64 > limit {
-            rows.truncate(limit as usize);
-            PageToken::encode(offset + limit)
-        } else {
-            String::new()
-        };
+        let rows = self.conversations.store().search(project_id, &query, session_id, offset, page.limit()).await?;
+        // The next page starts after this one's hits, whichever they are.
+        let (rows, next_page_token) = page.finish(rows, |_| PageToken { position: offset + page.limit() });
         let hits = rows
             .into_iter()
             .map(|row| {

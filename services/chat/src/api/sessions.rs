@@ -2,7 +2,7 @@
 
 use aimesh_kit::access::{Caller, ProjectRole};
 use aimesh_kit::fields;
-use aimesh_kit::pagination::{self, Cursor};
+use aimesh_kit::pagination::{Cursor, Page};
 use aimesh_proto::chat::v1 as pb;
 
 use super::{CHAT_READ, CHAT_WRITE, Chat, Deleted, Need, session_to_proto};
@@ -42,11 +42,10 @@ impl Chat {
             model: if request.model.is_empty() { None } else { Some(domain::model("model", &request.model)?) },
             deleted: request.deleted,
         };
-        let limit = pagination::page_size(request.page_size)?;
-        let after = Cursor::decode(&request.page_token)?;
+        let page = Page::new(&request.page_token, request.page_size)?;
         self.require(caller, project_id, ProjectRole::Viewer, CHAT_READ).await?;
-        let rows = self.conversations.store().list_sessions(project_id, &filter, after, limit).await?;
-        let (rows, next_page_token) = pagination::paginate(rows, limit, |r| Cursor { time: r.created_at, id: r.id });
+        let rows = self.conversations.store().list_sessions(project_id, &filter, &page).await?;
+        let (rows, next_page_token) = page.finish(rows, |r| Cursor { time: r.created_at, id: r.id });
         let sessions = rows.into_iter().map(session_to_proto).collect::<Result<_>>()?;
         Ok(pb::ListSessionsResponse { sessions, next_page_token })
     }

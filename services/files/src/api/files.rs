@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use aimesh_kit::access::{Caller, ProjectRole};
 use aimesh_kit::error::respond;
-use aimesh_kit::pagination::{self, Cursor};
+use aimesh_kit::pagination::{Cursor, Page};
 use aimesh_kit::{ServiceError, fields, proto_json};
 use aimesh_proto::files::v1 as pb;
 
@@ -86,8 +86,7 @@ impl Files {
 
     async fn list_files(&self, caller: &Caller, request: pb::ListFilesRequest) -> Result<pb::ListFilesResponse> {
         let project_id = fields::id("project_id", &request.project_id)?;
-        let limit = pagination::page_size(request.page_size)?;
-        let cursor = Cursor::decode(&request.page_token)?;
+        let page = Page::new(&request.page_token, request.page_size)?;
         let mut filter = ListFilter {
             user_id: fields::optional_id("user_id", &request.user_id)?,
             session_id: fields::optional_id("session_id", &request.session_id)?,
@@ -101,9 +100,8 @@ impl Files {
             }
         }
         self.require(caller, project_id, ProjectRole::Viewer, FILES_READ).await?;
-        let rows = self.library.store().list(project_id, &filter, cursor, limit).await?;
-        let (rows, next_page_token) =
-            pagination::paginate(rows, limit, |row| Cursor { time: row.created_at, id: row.id });
+        let rows = self.library.store().list(project_id, &filter, &page).await?;
+        let (rows, next_page_token) = page.finish(rows, |row| Cursor { time: row.created_at, id: row.id });
         Ok(pb::ListFilesResponse { files: rows.into_iter().map(file_to_proto).collect(), next_page_token })
     }
 

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use aimesh_kit::access::{Caller, ProjectRole};
 use aimesh_kit::error::respond;
 use aimesh_kit::fields;
-use aimesh_kit::pagination::{self, Cursor};
+use aimesh_kit::pagination::{Cursor, Page};
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
@@ -81,11 +81,10 @@ impl Identity {
 
     async fn list_api_keys(&self, caller: &Caller, request: pb::ListApiKeysRequest) -> Result<pb::ListApiKeysResponse> {
         let project_id = fields::id("project_id", &request.project_id)?;
-        let limit = pagination::page_size(request.page_size)?;
-        let after = Cursor::decode(&request.page_token)?;
+        let page = Page::new(&request.page_token, request.page_size)?;
         self.require_role(caller, project_id, ProjectRole::Viewer).await?;
-        let rows = self.store.list_api_keys(project_id, request.include_revoked, after, limit).await?;
-        let (rows, next_page_token) = pagination::paginate(rows, limit, |k| Cursor { time: k.created_at, id: k.id });
+        let rows = self.store.list_api_keys(project_id, request.include_revoked, &page).await?;
+        let (rows, next_page_token) = page.finish(rows, |k| Cursor { time: k.created_at, id: k.id });
         Ok(pb::ListApiKeysResponse { api_keys: rows.into_iter().map(Into::into).collect(), next_page_token })
     }
 

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use aimesh_kit::access::{Caller, ProjectRole};
 use aimesh_kit::error::respond;
 use aimesh_kit::fields;
-use aimesh_kit::pagination::{self, Cursor};
+use aimesh_kit::pagination::{Cursor, Page};
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
@@ -84,11 +84,9 @@ impl Identity {
     ) -> Result<pb::ListProjectsResponse> {
         let principal = &caller.principal;
         principal.require_session()?;
-        let limit = pagination::page_size(request.page_size)?;
-        let after = Cursor::decode(&request.page_token)?;
-        let rows = self.store.list_projects(principal.user_id, after, limit).await?;
-        let (rows, next_page_token) =
-            pagination::paginate(rows, limit, |(p, _)| Cursor { time: p.created_at, id: p.id });
+        let page = Page::new(&request.page_token, request.page_size)?;
+        let rows = self.store.list_projects(principal.user_id, &page).await?;
+        let (rows, next_page_token) = page.finish(rows, |(p, _)| Cursor { time: p.created_at, id: p.id });
         let projects = rows
             .into_iter()
             .map(|(row, role)| Ok(project_to_proto(row, role_from_db(&role)?)))
@@ -159,12 +157,10 @@ impl Identity {
 
     async fn list_members(&self, caller: &Caller, request: pb::ListMembersRequest) -> Result<pb::ListMembersResponse> {
         let project_id = fields::id("project_id", &request.project_id)?;
-        let limit = pagination::page_size(request.page_size)?;
-        let after = Cursor::decode(&request.page_token)?;
+        let page = Page::new(&request.page_token, request.page_size)?;
         self.require_role(caller, project_id, ProjectRole::Viewer).await?;
-        let rows = self.store.list_members(project_id, after, limit).await?;
-        let (rows, next_page_token) =
-            pagination::paginate(rows, limit, |m| Cursor { time: m.created_at, id: m.user_id });
+        let rows = self.store.list_members(project_id, &page).await?;
+        let (rows, next_page_token) = page.finish(rows, |m| Cursor { time: m.created_at, id: m.user_id });
         let members = rows.into_iter().map(member_to_proto).collect::<Result<_>>()?;
         Ok(pb::ListMembersResponse { members, next_page_token })
     }

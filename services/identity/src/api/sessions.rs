@@ -9,7 +9,7 @@ use aimesh_kit::access::Caller;
 use aimesh_kit::auth::{Principal, REFRESH_TOKEN_PREFIX, check_credential_shape, credential_hash};
 use aimesh_kit::error::respond;
 use aimesh_kit::fields;
-use aimesh_kit::pagination::{self, Cursor};
+use aimesh_kit::pagination::{Cursor, Page};
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
@@ -127,10 +127,9 @@ impl Identity {
         principal: &Principal,
         request: pb::ListSessionsRequest,
     ) -> Result<pb::ListSessionsResponse> {
-        let limit = pagination::page_size(request.page_size)?;
-        let after = Cursor::decode(&request.page_token)?;
-        let rows = self.store.list_sessions(principal.user_id, after, limit).await?;
-        let (rows, next_page_token) = pagination::paginate(rows, limit, |r| Cursor { time: r.created_at, id: r.id });
+        let page = Page::new(&request.page_token, request.page_size)?;
+        let rows = self.store.list_sessions(principal.user_id, &page).await?;
+        let (rows, next_page_token) = page.finish(rows, |r| Cursor { time: r.created_at, id: r.id });
         let current = principal.session_id();
         Ok(pb::ListSessionsResponse {
             sessions: rows.into_iter().map(|row| session_to_proto(row, current)).collect(),

@@ -4,15 +4,13 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::access::Caller;
 use aimesh_kit::auth::Principal;
 use aimesh_kit::error::respond;
 use aimesh_kit::fields;
-use aimesh_kit::pagination;
+use aimesh_kit::pagination::Page;
 use aimesh_kit::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
@@ -38,13 +36,6 @@ fn require_admin(principal: Option<&Principal>) -> Result<&Principal> {
         return Err(IdentityError::forbidden("only a system admin may do this"));
     }
     Ok(principal)
-}
-
-/// The settings list is ordered by key; its page token is the last key returned.
-fn decode_key_token(token: &str) -> Result<String> {
-    let invalid = || IdentityError::invalid("page_token", "is not a token this list returned");
-    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
-    String::from_utf8(bytes).map_err(|_| invalid())
 }
 
 impl Identity {
@@ -84,16 +75,11 @@ impl Identity {
         principal: Option<&Principal>,
         request: pb::ListSettingsRequest,
     ) -> Result<pb::ListSettingsResponse> {
-        let limit = pagination::page_size(request.page_size)?;
-        let after = decode_key_token(&request.page_token)?;
+        // The settings list is ordered by key; its page token is the last key returned.
+        let page = Page::<String>::new(&request.page_token, request.page_size)?;
         let category = (!request.category.is_empty()).then_some(request.category.as_str());
-        let mut rows = self.store.list_settings(category, is_admin(principal), &after, limit).await?;
-        let next_page_token = if rows.len() as i64 > limit {
-            rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-            rows.last().map(|row| URL_SAFE_NO_PAD.encode(&row.key)).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let rows = self.store.list_settings(category, is_admin(principal), &page).await?;
+        let (rows, next_page_token) = page.finish(rows, |last| last.key.clone());
         let settings = rows.into_iter().map(|row| self.setting_to_proto(row)).collect::<Result<_>>()?;
         Ok(pb::ListSettingsResponse { settings, next_page_token })
     }

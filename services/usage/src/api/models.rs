@@ -3,17 +3,16 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use aimesh_kit::ServiceError;
 use aimesh_kit::access::Caller;
 use aimesh_kit::error::respond;
 use aimesh_kit::fields;
-use aimesh_kit::pagination;
+use aimesh_kit::pagination::{self, Page, PageKey};
 use aimesh_kit::proto_json;
 use aimesh_proto::usage::v1 as pb;
 
@@ -131,18 +130,15 @@ impl ModelCursor {
     fn key(&self) -> (&str, &str, &str, Uuid) {
         (&self.p, &self.n, &self.v, self.i)
     }
+}
 
+impl PageKey for ModelCursor {
     fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).unwrap_or_default())
+        pagination::encode_json(self)
     }
 
-    fn decode(token: &str) -> Result<Option<Self>> {
-        if token.is_empty() {
-            return Ok(None);
-        }
-        let invalid = || UsageError::invalid("page_token", "is not a token this list returned");
-        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
-        serde_json::from_slice(&bytes).map(Some).map_err(|_| invalid())
+    fn decode(token: &str) -> Result<Option<Self>, ServiceError> {
+        pagination::decode_json(token)
     }
 }
 
@@ -186,8 +182,7 @@ impl Usage {
             0 => None,
             value => Some(ModelType::require_proto(value, "type")?.as_str()),
         };
-        let limit = usize::try_from(pagination::page_size(request.page_size)?).unwrap_or(usize::MAX);
-        let after = ModelCursor::decode(&request.page_token)?;
+        let page = Page::<ModelCursor>::new(&request.page_token, request.page_size)?;
         let catalog = self.ledger.catalog().snapshot().await?;
         let mut models: Vec<&CatalogModel> = catalog
             .models
@@ -200,15 +195,13 @@ impl Usage {
             let c = ModelCursor::of(m);
             (c.p, c.n, c.v, c.i)
         });
-        let start = after.map_or(0, |cursor| models.partition_point(|m| ModelCursor::of(m).key() <= cursor.key()));
-        let page: Vec<&CatalogModel> = models.iter().skip(start).take(limit).copied().collect();
-        let more = models.len() > start + page.len();
-        let next_page_token = match page.last() {
-            Some(last) if more => ModelCursor::of(last).encode(),
-            _ => String::new(),
-        };
+        let start =
+            page.after().map_or(0, |cursor| models.partition_point(|m| ModelCursor::of(m).key() <= cursor.key()));
+        let fetch = usize::try_from(page.fetch_limit()).unwrap_or(usize::MAX);
+        let fetched: Vec<&CatalogModel> = models.into_iter().skip(start).take(fetch).collect();
+        let (listed, next_page_token) = page.finish(fetched, |last| ModelCursor::of(last));
         let now = Utc::now();
-        let models = page.into_iter().map(|m| model_to_proto(m, now)).collect::<Result<_>>()?;
+        let models = listed.into_iter().map(|m| model_to_proto(m, now)).collect::<Result<_>>()?;
         Ok(pb::ListModelsResponse { models, next_page_token })
     }
 

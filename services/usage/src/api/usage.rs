@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use aimesh_kit::access::{Caller, ProjectRole};
 use aimesh_kit::error::respond;
 use aimesh_kit::fields;
-use aimesh_kit::pagination::{self, Cursor};
+use aimesh_kit::pagination::{Cursor, Page};
 use aimesh_kit::proto_json;
 use aimesh_proto::usage::v1 as pb;
 
@@ -98,11 +98,10 @@ impl Usage {
         {
             return Err(UsageError::invalid("end_time", "must be after start_time"));
         }
-        let limit = pagination::page_size(request.page_size)?;
-        let after = Cursor::decode(&request.page_token)?;
+        let page = Page::new(&request.page_token, request.page_size)?;
         self.require(caller, project_id, ProjectRole::Viewer, USAGE_READ).await?;
-        let rows = self.ledger.store().list_usage(project_id, &filter, after, limit).await?;
-        let (rows, next_page_token) = pagination::paginate(rows, limit, |r| Cursor { time: r.request_time, id: r.id });
+        let rows = self.ledger.store().list_usage(project_id, &filter, &page).await?;
+        let (rows, next_page_token) = page.finish(rows, |r| Cursor { time: r.request_time, id: r.id });
         let records = rows.into_iter().map(usage_to_proto).collect::<Result<_>>()?;
         Ok(pb::ListUsageResponse { records, next_page_token })
     }

@@ -1,0 +1,92 @@
+//! The identity database. Every write that matters for security also writes its audit event to
+//! the outbox in the same transaction.
+//!
+//! One file per entity, beside the API file of the same name: `users`, `sessions`, `projects`
+//! (with their memberships), `api_keys` and `settings`.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use aimesh_kit::outbox::{self, OutboxEvent};
+
+use crate::error::Result;
+
+mod api_keys;
+mod projects;
+mod sessions;
+mod settings;
+mod users;
+
+pub use api_keys::{ApiKeyCredential, ApiKeyPatch, ApiKeyRow, NewApiKey};
+pub use projects::{MemberRow, ProjectPatch, ProjectRow};
+pub use sessions::{NewSession, SessionCredential, SessionRow};
+pub use settings::SettingRow;
+pub use users::{NewUser, UserPatch, UserRow};
+
+/// Who did something, from where: the fields every audit event carries.
+#[derive(Debug, Clone, Default)]
+pub struct Actor {
+    pub user_id: Option<Uuid>,
+    pub ip: String,
+    pub user_agent: String,
+}
+
+/// One security-relevant action, written to the outbox (topic `audit`).
+#[derive(Debug)]
+pub struct Audit<'a> {
+    pub actor: &'a Actor,
+    pub action: &'static str,
+    pub resource_type: &'static str,
+    pub resource_id: String,
+    pub project_id: Option<Uuid>,
+    pub details: serde_json::Value,
+}
+
+async fn audit(conn: &mut PgConnection, audit: Audit<'_>) -> Result<()> {
+    let payload = serde_json::json!({
+        "actor_user_id": audit.actor.user_id,
+        "action": audit.action,
+        "resource_type": audit.resource_type,
+        "resource_id": audit.resource_id,
+        "ip_address": audit.actor.ip,
+        "user_agent": audit.actor.user_agent,
+        "details": audit.details,
+    });
+    let event = OutboxEvent::new("audit", audit.action, audit.project_id, payload);
+    outbox::enqueue(conn, &event).await?;
+    Ok(())
+}
+
+fn sql(statement: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(statement)
+}
+
+/// The identity store over its PostgreSQL pool.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies last-use times collected in Redis; never moves a time backwards.
+    pub async fn apply_last_use(&self, sessions: bool, ids: &[Uuid], times: &[DateTime<Utc>]) -> Result<()> {
+        let statement = if sessions {
+            "UPDATE user_sessions s SET last_used_at = GREATEST(s.last_used_at, u.at) \
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, at) WHERE s.id = u.id"
+        } else {
+            "UPDATE api_keys k SET last_used_at = GREATEST(COALESCE(k.last_used_at, u.at), u.at) \
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, at) WHERE k.id = u.id"
+        };
+        sqlx::query(statement).bind(ids).bind(times).execute(&self.pool).await?;
+        Ok(())
+    }
+}
