@@ -11,7 +11,11 @@ pub mod routes;
 pub mod transcode;
 pub mod upstream;
 
+mod dispatch;
+mod downloads;
 mod server;
+mod streams;
+mod uploads;
 
 pub use config::GatewayConfig;
 pub use server::run;

@@ -1,0 +1,204 @@
+//! The request path of an ordinary JSON route: find its RPC, build the request, call the service in time, answer.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::Response;
+use http::{StatusCode, header};
+use prost_reflect::DynamicMessage;
+use tonic::client::Grpc;
+use tower_http::request_id::RequestId;
+use tracing::Instrument;
+
+use aimesh_kit::ratelimit::Decision;
+
+use crate::downloads::{DownloadShape, apply_range, download};
+use crate::reply::{RestError, json_response, passed_back};
+use crate::routes::{Lookup, Route, raw_body_field};
+use crate::server::Gateway;
+use crate::streams::{resume_from_last_event_id, server_sent_events};
+use crate::transcode;
+use crate::uploads::{form_boundary, upload, upload_form};
+use crate::upstream::{Connection, DynamicCodec};
+
+/// Headers forwarded to the services as gRPC metadata. The credential is forwarded, never
+/// replaced: every service verifies it itself.
+const FORWARDED: &[&str] = &["authorization", "traceparent", "tracestate", "x-request-id", "user-agent"];
+
+/// Every REST route: find the RPC, build its request, call the service, answer.
+pub(crate) async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let started = Instant::now();
+    let request_id =
+        request.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).map(str::to_owned);
+    let method = request.method().clone();
+    let (route, bound) = match gateway.routes.lookup(&method, request.uri().path()) {
+        Lookup::Found(route, bound) => (route, bound),
+        Lookup::WrongMethod => {
+            let error = RestError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNIMPLEMENTED",
+                "METHOD_NOT_ALLOWED",
+                format!("{method} is not allowed here"),
+            );
+            return error.into_response(request_id.as_deref());
+        }
+        Lookup::NotFound => {
+            let message = format!("no route for {method} {}", request.uri().path());
+            return RestError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "NO_ROUTE", message)
+                .into_response(request_id.as_deref());
+        }
+    };
+    let span = tracing::info_span!("rest", http.method = %method, http.route = %route.label(), request_id = request_id.as_deref().unwrap_or(""));
+    aimesh_kit::telemetry::adopt_remote_parent(&span, request.headers());
+    let client = client_ip(&gateway, &request);
+    let response = limited_call(&gateway, route, bound, request, client)
+        .instrument(span)
+        .await
+        .unwrap_or_else(|error| error.into_response(request_id.as_deref()));
+    let labels = [
+        ("route", route.label().to_owned()),
+        ("method", method.as_str().to_owned()),
+        ("status", response.status().as_u16().to_string()),
+    ];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels[..2]).record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The client's address: the socket peer, or what a trusted proxy in front of it saw.
+fn client_ip(gateway: &Gateway, request: &Request) -> Option<IpAddr> {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>()?.0.ip();
+    Some(gateway.trusted_proxies.client_ip(peer, request.headers()))
+}
+
+/// [`call`] after the gateway's own rate limit: a request without a credential counts against
+/// its client address here (the services then leave that address alone, as the gateway vouches
+/// for it); a credential's limits are the services' to decide, once they verified it.
+async fn limited_call(
+    gateway: &Gateway,
+    route: &Route,
+    bound: Vec<(Vec<String>, String)>,
+    request: Request,
+    client: Option<IpAddr>,
+) -> Result<Response, RestError> {
+    let decision = if request.headers().contains_key(header::AUTHORIZATION) {
+        Decision::unlimited()
+    } else {
+        let limits = gateway.limiter.limits_for(None, client, route.grpc_path().path());
+        let decision = gateway.limiter.decide(&limits).await?;
+        if !decision.allowed {
+            return Err(RestError::from_status(&decision.status()));
+        }
+        decision
+    };
+    // Like a service's, every answer to a limited request says how much is left, errors too.
+    match call(gateway, route, bound, request, client).await {
+        Ok(mut response) => {
+            decision.write_headers(response.headers_mut());
+            Ok(response)
+        }
+        Err(mut error) => {
+            decision.write_headers(&mut error.headers);
+            Err(error)
+        }
+    }
+}
+
+async fn call(
+    gateway: &Gateway,
+    route: &Route,
+    bound: Vec<(Vec<String>, String)>,
+    request: Request,
+    client: Option<IpAddr>,
+) -> Result<Response, RestError> {
+    let (parts, body) = request.into_parts();
+    if let Some(chunk_field) = raw_body_field(&route.method, &route.body).filter(|_| route.method.is_client_streaming())
+    {
+        // Uploads carry no vouched address (that code is changing elsewhere): they need a
+        // credential, so only a refused anonymous attempt also counts against the gateway's own
+        // address at files.
+        if let Some(boundary) = form_boundary(&parts.headers) {
+            return upload_form(gateway, route, bound, parts, body, boundary?, chunk_field).await;
+        }
+        return upload(gateway, route, bound, parts, body, chunk_field).await;
+    }
+    let body = axum::body::to_bytes(body, gateway.config.max_body_bytes).await.map_err(|_| {
+        let message = format!("the body is larger than {} bytes or was cut off", gateway.config.max_body_bytes);
+        RestError::new(StatusCode::PAYLOAD_TOO_LARGE, "INVALID_ARGUMENT", "BODY_TOO_LARGE", message)
+    })?;
+    let mut message = transcode::request_message(route, bound, parts.uri.query(), &body)?;
+    let ranged = route.method.is_server_streaming() && apply_range(&mut message, &parts.headers);
+    if route.method.is_server_streaming() {
+        resume_from_last_event_id(&mut message, &parts.headers)?;
+    }
+    let mut grpc_request = outgoing(message, &parts.headers);
+    if let Some((client, voucher)) = client.zip(gateway.voucher.as_ref()) {
+        voucher.vouch(&mut grpc_request, client);
+    }
+    let timeout = Duration::from_secs(gateway.config.request_timeout_secs);
+    let (mut grpc, path, codec) = upstream_call(gateway, route).await?;
+    if !route.method.is_server_streaming() {
+        grpc_request.set_timeout(timeout);
+        let response = match tokio::time::timeout(timeout, grpc.unary(grpc_request, path, codec)).await {
+            Ok(result) => result.map_err(|status| RestError::from_status(&status))?,
+            Err(_) => return Err(deadline_exceeded()),
+        };
+        return json_reply(&response);
+    }
+    // A stream has no overall deadline (a watch lasts as long as the client wants), but it must
+    // start within the timeout.
+    let response = match tokio::time::timeout(timeout, grpc.server_streaming(grpc_request, path, codec)).await {
+        Ok(result) => result.map_err(|status| RestError::from_status(&status))?,
+        Err(_) => return Err(deadline_exceeded()),
+    };
+    let headers = passed_back(response.metadata().as_ref());
+    let stream = response.into_inner();
+    let mut reply = if let Some(shape) = DownloadShape::of(&route.method.output()) {
+        download(stream, shape, ranged).await?
+    } else {
+        let keep_alive = Duration::from_secs(gateway.config.sse_keep_alive_secs.max(1));
+        server_sent_events(stream, keep_alive, gateway.shutdown.clone())
+    };
+    reply.headers_mut().extend(headers);
+    Ok(reply)
+}
+
+/// `message` as a gRPC request carrying the forwarded headers.
+pub(crate) fn outgoing<T>(message: T, headers: &http::HeaderMap) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    for name in FORWARDED {
+        if let Some(value) = headers.get(*name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+            request.metadata_mut().insert(*name, value);
+        }
+    }
+    // When tracing is on, the gateway's span becomes the parent; otherwise the caller's
+    // traceparent passes through unchanged (copied above).
+    aimesh_kit::telemetry::inject_current_context(request.metadata_mut());
+    request
+}
+
+/// A ready client of the route's service, the RPC's path and its codec.
+pub(crate) async fn upstream_call(
+    gateway: &Gateway,
+    route: &Route,
+) -> Result<(Grpc<Connection>, http::uri::PathAndQuery, DynamicCodec), RestError> {
+    let mut grpc = gateway.upstreams.get(&route.service)?.grpc();
+    grpc.ready().await.map_err(|e| RestError::from(aimesh_kit::ServiceError::unavailable(e)))?;
+    Ok((grpc, route.grpc_path().clone(), DynamicCodec::new(route.method.output())))
+}
+
+pub(crate) fn json_reply(response: &tonic::Response<DynamicMessage>) -> Result<Response, RestError> {
+    let mut reply = json_response(StatusCode::OK, transcode::encode(response.get_ref())?);
+    reply.headers_mut().extend(passed_back(response.metadata().as_ref()));
+    Ok(reply)
+}
+
+fn deadline_exceeded() -> RestError {
+    RestError::from(aimesh_kit::ServiceError::new(
+        aimesh_kit::ErrorCode::DeadlineExceeded,
+        "DEADLINE_EXCEEDED",
+        "the service did not answer in time",
+    ))
+}
