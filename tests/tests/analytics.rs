@@ -7,8 +7,9 @@ use tonic::Code;
 
 use aimesh_kit::auth::ServiceToken;
 use aimesh_proto::analytics::v1 as pb;
+use aimesh_proto::identity::v1 as identity_pb;
 use aimesh_tests::totals::{Totals, analytics_totals, varied_record, wait_for_totals};
-use aimesh_tests::{Mesh, authed, catalog, expect_code, project_with_key, reason_and_field};
+use aimesh_tests::{Account, Mesh, authed, catalog, eventually, expect_code, project_with_key, reason_and_field};
 
 #[tokio::test]
 async fn usage_recorded_through_the_usage_service_reaches_analytics_to_the_last_token_and_cent() {
@@ -216,4 +217,164 @@ async fn bad_questions_and_strangers_are_refused() {
     );
     let set = mesh.analytics().set_retention(authed(retention, &ann.token)).await.expect("owner sets retention");
     assert_eq!((set.get_ref().days, set.get_ref().custom), (7, true));
+}
+
+/// What an audit event says happened: (action, actor, resource type, resource id).
+type Happened = (String, String, String, String);
+
+fn happened(events: &[pb::AuditEvent]) -> Vec<Happened> {
+    events
+        .iter()
+        .map(|e| (e.action.clone(), e.actor_user_id.clone(), e.resource_type.clone(), e.resource_id.clone()))
+        .collect()
+}
+
+/// A time as a comparable pair.
+fn instant(event: &pb::AuditEvent) -> (i64, i32) {
+    let time = event.occurred_at.expect("occurred_at");
+    (time.seconds, time.nanos)
+}
+
+#[tokio::test]
+async fn the_audit_log_is_searched_by_action_actor_time_and_page_within_the_project_only() {
+    let mesh = Mesh::start().await;
+    let (ann, bob, carol) = (mesh.signup("ann").await, mesh.signup("bob").await, mesh.signup("carol").await);
+    // Carol's own project and key: events of another project, and a caller from it.
+    let (_, carols_key) = project_with_key(&mesh, &carol, &["analytics:read"]).await;
+    let (project, reader) = project_with_key(&mesh, &ann, &["analytics:read"]).await;
+    let verified = mesh.auth().authenticate(identity_pb::AuthenticateRequest { credential: reader.clone() }).await;
+    let reader_id = verified.expect("the reader key verifies").into_inner().api_key_id;
+    let add_bob = identity_pb::AddMemberRequest {
+        project_id: project.clone(),
+        email: bob.email.clone(),
+        role: identity_pb::ProjectRole::Admin.into(),
+    };
+    mesh.projects().add_member(authed(add_bob, &ann.token)).await.expect("ann adds bob as an admin");
+    let new_key = |name: &str, scopes: &[&str]| identity_pb::CreateApiKeyRequest {
+        project_id: project.clone(),
+        name: name.into(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    };
+    let doomed = mesh.api_keys().create_api_key(authed(new_key("doomed", &["chat:read"]), &bob.token)).await;
+    let doomed = doomed.expect("bob creates a key").into_inner();
+    let doomed_id = doomed.api_key.as_ref().expect("the key").id.clone();
+    let revoke = identity_pb::RevokeApiKeyRequest { project_id: project.clone(), api_key_id: doomed_id.clone() };
+    mesh.api_keys().revoke_api_key(authed(revoke, &bob.token)).await.expect("bob revokes it");
+    let unscoped = mesh.api_keys().create_api_key(authed(new_key("usage", &["usage:read"]), &ann.token)).await;
+    let unscoped = unscoped.expect("ann creates a key without analytics:read").into_inner();
+    let unscoped_key = unscoped.api_key.as_ref().expect("the key");
+
+    let event = |action: &str, actor: &Account, resource_type: &str, resource_id: &str| -> Happened {
+        (action.to_owned(), actor.user_id.clone(), resource_type.to_owned(), resource_id.to_owned())
+    };
+    // Newest first, as the log answers.
+    let expected = [
+        event("api_key.created", &ann, "api_key", &unscoped_key.id),
+        event("api_key.revoked", &bob, "api_key", &doomed_id),
+        event("api_key.created", &bob, "api_key", &doomed_id),
+        event("member.added", &ann, "membership", &bob.user_id),
+        event("api_key.created", &ann, "api_key", &reader_id),
+        event("project.created", &ann, "project", &project),
+    ];
+    let all = pb::SearchAuditLogRequest { project_id: project.clone(), page_size: 100, ..Default::default() };
+    let search = |request: pb::SearchAuditLogRequest, credential: &str| {
+        let (mut analytics, request) = (mesh.analytics(), authed(request, credential));
+        async move { analytics.search_audit_log(request).await.map(tonic::Response::into_inner) }
+    };
+    // Once identity's outbox is delivered, analytics has stored every event (it answers a
+    // delivery after its INSERT), so the log holds all it ever will.
+    let identity_db = mesh.identity_db().await;
+    eventually("identity's outbox is delivered", || async {
+        let undelivered = "SELECT count(*) FROM outbox_events WHERE delivered_at IS NULL";
+        sqlx::query_scalar::<_, i64>(undelivered).fetch_one(&identity_db).await.is_ok_and(|n| n == 0)
+    })
+    .await;
+
+    let found = search(all.clone(), &reader).await.expect("search everything");
+    assert_eq!(happened(&found.events), expected, "the project's events only, newest first");
+    assert!(found.next_page_token.is_empty(), "one page holds them all");
+    assert!(found.events.iter().all(|e| e.project_id == project));
+    let details: serde_json::Value = serde_json::from_str(&found.events[0].details).expect("details are JSON");
+    assert_eq!(details["display_prefix"], unscoped_key.display_prefix.as_str(), "{details}");
+    let shown = format!("{:?}", found.events);
+    for secret in [&reader, &doomed.secret, &unscoped.secret] {
+        assert!(!shown.contains(secret.as_str()), "the audit log shows a key: {shown}");
+    }
+    // A member's session gets the same answer as the project's key.
+    let by_bob = search(all.clone(), &bob.token).await.expect("an admin searches");
+    assert_eq!(by_bob.events, found.events);
+
+    let with_reader = |request: pb::SearchAuditLogRequest| search(request, &reader);
+    let expect_found = |matches: &dyn Fn(&Happened) -> bool| -> Vec<Happened> {
+        expected.iter().filter(|e| matches(e)).cloned().collect()
+    };
+    // By action: exactly, or by a prefix ending in ".".
+    let revoked = with_reader(pb::SearchAuditLogRequest { action: "api_key.revoked".into(), ..all.clone() }).await;
+    assert_eq!(happened(&revoked.expect("by action").events), expect_found(&|e| e.0 == "api_key.revoked"));
+    let keys = with_reader(pb::SearchAuditLogRequest { action: "api_key.".into(), ..all.clone() }).await;
+    assert_eq!(happened(&keys.expect("by prefix").events), expect_found(&|e| e.0.starts_with("api_key.")));
+    let no_dot = with_reader(pb::SearchAuditLogRequest { action: "api_key".into(), ..all.clone() }).await;
+    assert_eq!(happened(&no_dot.expect("no prefix without a dot").events), []);
+    // By actor.
+    for actor in [&ann, &bob] {
+        let by_actor = pb::SearchAuditLogRequest { actor_user_id: actor.user_id.clone(), ..all.clone() };
+        let found = with_reader(by_actor).await.expect("by actor");
+        assert_eq!(happened(&found.events), expect_found(&|e| e.1 == actor.user_id), "{}", actor.email);
+    }
+    let by_carol = pb::SearchAuditLogRequest { actor_user_id: carol.user_id.clone(), ..all.clone() };
+    assert_eq!(happened(&with_reader(by_carol).await.expect("by a stranger").events), []);
+
+    // By time: from the second oldest event (included) to the newest (excluded).
+    let times: Vec<(i64, i32)> = found.events.iter().map(instant).collect();
+    assert!(times.windows(2).all(|pair| pair[0] > pair[1]), "events at distinct times: {times:?}");
+    let between = pb::SearchAuditLogRequest {
+        start_time: found.events[4].occurred_at,
+        end_time: found.events[0].occurred_at,
+        ..all.clone()
+    };
+    let between = with_reader(between).await.expect("by time");
+    assert_eq!(happened(&between.events), expected[1..5]);
+    let backwards = pb::SearchAuditLogRequest {
+        start_time: found.events[0].occurred_at,
+        end_time: found.events[4].occurred_at,
+        ..all.clone()
+    };
+    let status = expect_code("an end before the start", Code::InvalidArgument, with_reader(backwards).await);
+    assert_eq!(reason_and_field(&status).1.as_deref(), Some("end_time"));
+
+    // Pages of two, each continuing where the last ended, the last without a token; a filter
+    // holds across pages.
+    for (request, want) in [
+        (pb::SearchAuditLogRequest { page_size: 2, ..all.clone() }, expected.to_vec()),
+        (
+            pb::SearchAuditLogRequest { page_size: 2, actor_user_id: ann.user_id.clone(), ..all.clone() },
+            expect_found(&|e| e.1 == ann.user_id),
+        ),
+    ] {
+        let (mut pages, mut token) = (Vec::new(), String::new());
+        loop {
+            let page = with_reader(pb::SearchAuditLogRequest { page_token: token, ..request.clone() }).await;
+            let page = page.expect("a page");
+            assert!(page.events.len() <= 2, "{:?}", happened(&page.events));
+            pages.push(happened(&page.events));
+            token = page.next_page_token;
+            if token.is_empty() {
+                break;
+            }
+            assert!(pages.len() < expected.len(), "pagination does not end");
+        }
+        let want_pages: Vec<Vec<Happened>> = want.chunks(2).map(<[Happened]>::to_vec).collect();
+        assert_eq!(pages, want_pages);
+    }
+
+    // Strangers: a person without a role in the project, a key of another project, a key of
+    // this project without analytics:read.
+    for (who, credential) in [
+        ("carol", carol.token.as_str()),
+        ("carol's key", carols_key.as_str()),
+        ("a usage key", unscoped.secret.as_str()),
+    ] {
+        expect_code(who, Code::PermissionDenied, search(all.clone(), credential).await);
+    }
 }

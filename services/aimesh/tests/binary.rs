@@ -2,6 +2,7 @@
 //! flags (in that order of precedence), serving gRPC and `/metrics`, and stopping cleanly on
 //! SIGTERM. Against the real PostgreSQL and Redis Cluster of the test run.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -30,6 +31,19 @@ fn aimesh(args: &[&str], database: &ScratchDatabase, env: &[(&str, String)]) -> 
     command.spawn().expect("start aimesh")
 }
 
+/// A child process killed if the test ends without stopping it (a failed assertion), so that no
+/// server outlives its test holding ports and connections.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn http_get(address: SocketAddr, path: &str) -> String {
     let mut stream = TcpStream::connect(address).expect("connect to the metrics endpoint");
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("send request");
@@ -38,12 +52,55 @@ fn http_get(address: SocketAddr, path: &str) -> String {
     body
 }
 
+/// The value of every sample of gauge `name` in the Prometheus text, by its `database` label
+/// (a sample with other labels is kept under its whole label set, so it shows in a mismatch).
+fn pool_gauge(scraped: &str, name: &str) -> BTreeMap<String, f64> {
+    scraped
+        .lines()
+        .filter_map(|line| {
+            let (labels, value) = line.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
+            let database = labels.strip_prefix("database=\"").and_then(|rest| rest.strip_suffix('"'));
+            Some((database.unwrap_or(labels).to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits until `/metrics` at `address` shows `db_pool_connections` and
+/// `db_pool_idle_connections` of exactly `databases`, each with an open pool no larger than the
+/// default `database.max_connections` and no more idle connections than that.
+async fn assert_pool_metrics(address: SocketAddr, databases: &[&str]) {
+    const MAX_CONNECTIONS: f64 = 20.0;
+    // The gauges are published every few seconds from the start on.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let scraped = http_get(address, "/metrics");
+        let (size, idle) =
+            (pool_gauge(&scraped, "db_pool_connections"), pool_gauge(&scraped, "db_pool_idle_connections"));
+        let named = |gauge: &BTreeMap<String, f64>| gauge.keys().map(String::as_str).eq(databases.iter().copied());
+        if named(&size) && named(&idle) {
+            for database in databases {
+                let (size, idle) = (size[*database], idle[*database]);
+                assert!((1.0..=MAX_CONNECTIONS).contains(&size), "{database}: db_pool_connections {size}");
+                assert!((0.0..=MAX_CONNECTIONS).contains(&idle), "{database}: db_pool_idle_connections {idle}");
+            }
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pool gauges of {databases:?} expected, got db_pool_connections {size:?}, db_pool_idle_connections {idle:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn all_serves_grpc_and_metrics_from_the_environment_and_stops_on_sigterm() {
     let (database, usage_database, chat_database, files_database) =
         (ScratchDatabase::new(), ScratchDatabase::new(), ScratchDatabase::new(), ScratchDatabase::new());
     let (grpc, usage, chat, files, metrics) =
         (free_address(), free_address(), free_address(), free_address(), free_address());
+    // Not the default ports, which a mesh run by hand may hold.
+    let (analytics, gateway) = (free_address(), free_address());
     let files_root = std::env::temp_dir().join(format!("aimesh-binary-test-{}", uuid::Uuid::new_v4().simple()));
     let env = [
         ("AIMESH_IDENTITY__LISTEN", grpc.to_string()),
@@ -54,13 +111,14 @@ async fn all_serves_grpc_and_metrics_from_the_environment_and_stops_on_sigterm()
         ("AIMESH_FILES__LISTEN", files.to_string()),
         ("AIMESH_FILES__DATABASE_URL", files_database.url.clone()),
         ("AIMESH_FILES__FS_ROOT", files_root.display().to_string()),
+        ("AIMESH_ANALYTICS__LISTEN", analytics.to_string()),
+        ("AIMESH_GATEWAY__LISTEN", gateway.to_string()),
         ("AIMESH_METRICS__LISTEN", metrics.to_string()),
     ];
-    let mut child = aimesh(&["all"], &database, &env);
-    wait_serving(grpc, &mut child).await;
-    wait_serving(usage, &mut child).await;
-    wait_serving(chat, &mut child).await;
-    wait_serving(files, &mut child).await;
+    let mut child = KillOnDrop(aimesh(&["all"], &database, &env));
+    for address in [grpc, usage, chat, files, analytics] {
+        wait_serving(address, &mut child.0).await;
+    }
 
     let mut users =
         pb::user_service_client::UserServiceClient::connect(format!("http://{grpc}")).await.expect("connect");
@@ -81,9 +139,9 @@ async fn all_serves_grpc_and_metrics_from_the_environment_and_stops_on_sigterm()
         .find(|line| line.starts_with("rpc_requests_total") && line.contains("method=\"RegisterUser\""))
         .unwrap_or_else(|| panic!("no RegisterUser request counted in:\n{scraped}"));
     assert!(line.contains("code=\"Ok\""), "{line}");
-    assert!(scraped.contains("db_pool_connections") || scraped.contains("dependency_up"), "{scraped}");
+    assert_pool_metrics(metrics, &["chat", "files", "identity", "usage"]).await;
 
-    assert!(terminate(&mut child, Duration::from_secs(20)).await, "aimesh did not exit cleanly after SIGTERM");
+    assert!(terminate(&mut child.0, Duration::from_secs(20)).await, "aimesh did not exit cleanly after SIGTERM");
     let _ = std::fs::remove_dir_all(&files_root);
 }
 

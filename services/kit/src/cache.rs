@@ -104,8 +104,12 @@ impl Default for CacheSettings {
 
 /// `ttl` scaled by a random factor in [0.9, 1.1], at least one millisecond (Redis rejects `PX 0`).
 pub fn jitter(ttl: Duration) -> Duration {
-    let factor = rand::thread_rng().gen_range(0.9..=1.1);
-    ttl.mul_f64(factor).max(Duration::from_millis(1))
+    jitter_with(ttl, &mut rand::thread_rng())
+}
+
+/// [`jitter`] drawing from `rng` (a seeded one in tests).
+pub fn jitter_with(ttl: Duration, rng: &mut impl Rng) -> Duration {
+    ttl.mul_f64(rng.gen_range(0.9..=1.1)).max(Duration::from_millis(1))
 }
 
 /// What L1 holds for a key: the value, or `None` when the source said it does not exist.

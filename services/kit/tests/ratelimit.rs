@@ -167,32 +167,80 @@ async fn without_redis_fail_open_limits_locally_fail_closed_refuses_and_both_rec
     until_redis_decides(&closed, &request, Duration::from_secs(20)).await;
 }
 
+/// How far `primary` has replicated to its replica and what the replica acknowledged:
+/// `(master_repl_offset, the replica's offset)` from `INFO replication`.
+fn replication_offsets(primary: u16) -> Option<(u64, u64)> {
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", &primary.to_string(), "INFO", "replication"])
+        .output()
+        .ok()?;
+    let info = String::from_utf8(output.stdout).ok()?;
+    let field = |line: &str, name: &str| line.split(',').find_map(|part| part.strip_prefix(name)?.trim().parse().ok());
+    let own = info.lines().find_map(|line| field(line, "master_repl_offset:"))?;
+    let replica = info.lines().filter(|line| line.starts_with("slave0:")).find_map(|line| field(line, "offset="))?;
+    Some((own, replica))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_primary_fails_over_and_the_limiter_keeps_deciding() {
+    // One request comes back per hour, so no remaining count below moves during the test.
+    const LIMIT: u32 = 100_000;
+    let request = [LimitRequest {
+        dimension: Dimension::Project,
+        id: "failover".to_owned(),
+        limit: Limit { count: LIMIT, period: Duration::from_secs(3600) * LIMIT },
+        cost: 1,
+    }];
+    let local_allowed = ["dimension=\"project\"", "outcome=\"allowed\"", "source=\"local\""];
+    let local_before = counter(&metrics().render(), "rate_limit_decisions_total", &local_allowed);
     let mut cluster = ScratchCluster::start().await;
     let limiter = RateLimiter::new(connect(&cluster).await, &RateLimitConfig::default());
-    let request = [per_hour(Dimension::Project, "failover", 100_000)];
-    assert_eq!(limiter.decide(&request).await.expect("decide").source, DecisionSource::Redis);
+    let first = limiter.decide(&request).await.expect("decide");
+    assert_eq!((first.source, first.remaining), (DecisionSource::Redis, LIMIT - 1));
 
     let key = limiter.redis_key(&request[0]);
     let primary = cluster.primary_of(&key).expect("the slot has a primary");
+    // The bucket reaches the replica before the primary dies (replication is asynchronous), so
+    // what the replica decides after the failover must continue it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while replication_offsets(primary).is_none_or(|(own, replica)| replica < own) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replica did not catch up: {:?}",
+            replication_offsets(primary)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     cluster.kill(primary);
     let started = tokio::time::Instant::now();
-    let (mut local, mut redis_after_failover) = (0, 0);
-    // Decide all along the failover: every decision answers (from the fallback while the slot
-    // has no primary), and Redis decides again once the replica took over.
-    while started.elapsed() < Duration::from_secs(30) && redis_after_failover < 20 {
+    // Every decision along the failover, in order: its source and what it said was left.
+    let mut decisions: Vec<(DecisionSource, u32)> = Vec::new();
+    let redis_decisions = |decisions: &[(DecisionSource, u32)]| {
+        decisions.iter().filter(|(source, _)| *source == DecisionSource::Redis).count()
+    };
+    while started.elapsed() < Duration::from_secs(30) && redis_decisions(&decisions) < 20 {
         let decision = limiter.decide(&request).await.expect("fail open keeps deciding");
-        assert!(decision.allowed);
-        match decision.source {
-            DecisionSource::Local => local += 1,
-            DecisionSource::Redis if cluster.primary_of(&key).is_some_and(|now| now != primary) => {
-                redis_after_failover += 1;
-            }
-            DecisionSource::Redis | DecisionSource::None => {}
-        }
+        assert!(decision.allowed, "{decision:?}");
+        decisions.push((decision.source, decision.remaining));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(redis_after_failover, 20, "redis decides again after the failover ({local} local decisions)");
-    assert!(local > 0 || redis_after_failover > 0);
+    let local: Vec<u32> =
+        decisions.iter().filter(|(source, _)| *source == DecisionSource::Local).map(|(_, left)| *left).collect();
+    let redis: Vec<u32> =
+        decisions.iter().filter(|(source, _)| *source == DecisionSource::Redis).map(|(_, left)| *left).collect();
+    assert_eq!(local.len() + redis.len(), decisions.len(), "every decision came from redis or the fallback");
+    // The fallback: the dead primary's slot answers nothing, so the very next decision is the
+    // fallback's, which counts a bucket of this process's own from full, one by one.
+    assert_eq!(decisions[0].0, DecisionSource::Local, "the fallback takes over at once: {decisions:?}");
+    let expected_local: Vec<u32> = (1..=local.len() as u32).map(|n| LIMIT - n).collect();
+    assert_eq!(local, expected_local, "the fallback counts its own bucket");
+    let local_after = counter(&metrics().render(), "rate_limit_decisions_total", &local_allowed);
+    assert_eq!(local_after - local_before, local.len() as u64, "and each of its decisions is counted as local");
+    // The failover: Redis decides again, on the replica that took over, and it continues the
+    // bucket the dead primary held (one request before the kill).
+    assert_eq!(redis.len(), 20, "redis did not decide again within 30 s of the kill: {decisions:?}");
+    let expected_redis: Vec<u32> = (2..=21).map(|n| LIMIT - n).collect();
+    assert_eq!(redis, expected_redis, "redis after the failover continues the bucket");
+    let now = cluster.primary_of(&key).expect("the slot has a primary again");
+    assert_ne!(now, primary, "the replica took over");
 }
