@@ -115,6 +115,7 @@ impl Mesh {
     /// databases and key prefix are two replicas of one deployment.
     pub async fn start_with(config: MeshConfig, databases: Vec<ScratchDatabase>) -> Self {
         let listeners = aimesh::bind(&ServiceName::ALL, &config).await.expect("bind the services");
+        let config = config.in_one_process(&listeners).expect("the listeners' addresses");
         let (mut identity, mut chat, mut usage, mut files, mut analytics, mut gateway) =
             (None, None, None, None, None, None);
         for (service, listener) in &listeners {
@@ -148,30 +149,25 @@ impl Mesh {
     }
 
     /// Starts another gateway on its own listener, in front of this mesh's services and with its
-    /// settings but `gateway` (listen address and upstreams are set here); stops with the mesh.
+    /// settings but `gateway` (the listen address is set here); stops with the mesh.
     pub async fn start_gateway(&self, gateway: aimesh_gateway::GatewayConfig) -> rest::Rest {
-        let rest = self.start_gateway_as_given(self.upstreams_of(gateway)).await;
+        let rest = self.start_gateway_calling(self.config.common.services.clone(), gateway).await;
         rest.wait_until_ready().await;
         rest
     }
 
-    /// `gateway` with this mesh's services as its upstreams.
-    pub fn upstreams_of(&self, mut gateway: aimesh_gateway::GatewayConfig) -> aimesh_gateway::GatewayConfig {
-        let url = |address: SocketAddr| format!("http://{address}");
-        gateway.identity_url = url(self.identity);
-        gateway.chat_url = url(self.chat);
-        gateway.usage_url = url(self.usage);
-        gateway.files_url = url(self.files);
-        gateway.analytics_url = url(self.analytics);
-        gateway
-    }
-
-    /// Starts another gateway on its own listener with this mesh's settings but `gateway`, its
-    /// upstreams as given; returns once it is live (`/healthz`), ready or not; stops with the mesh.
-    pub async fn start_gateway_as_given(&self, gateway: aimesh_gateway::GatewayConfig) -> rest::Rest {
+    /// Starts another gateway on its own listener with this mesh's settings but `gateway`,
+    /// calling the services at `services`; returns once it is live (`/healthz`), ready or not;
+    /// stops with the mesh.
+    pub async fn start_gateway_calling(
+        &self,
+        services: aimesh_kit::config::ServiceUrls,
+        gateway: aimesh_gateway::GatewayConfig,
+    ) -> rest::Rest {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a gateway");
         let address = listener.local_addr().expect("gateway address");
-        let (common, shutdown) = (self.config.common.clone(), self.shutdown.clone());
+        let common = aimesh_kit::config::CommonConfig { services, ..self.config.common.clone() };
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             if let Err(error) = aimesh_gateway::run(listener, common, gateway, shutdown).await {
                 eprintln!("an extra gateway failed: {error:#}");

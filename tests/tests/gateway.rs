@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use sha2::{Digest, Sha256};
 
 use aimesh_gateway::GatewayConfig;
+use aimesh_kit::config::ServiceUrls;
 use aimesh_tests::rest::{Events, Form, Rest};
 use aimesh_tests::{Mesh, test_config, use_s3};
 
@@ -177,11 +178,7 @@ async fn a_watch_is_server_sent_events_that_resume_and_end_with_an_error_event()
     // A gateway of its own in front of the mesh's services, so the services can stop while the
     // gateway keeps streaming to its client.
     let (mut config, _databases) = test_config();
-    config.gateway.identity_url = format!("http://{}", mesh.identity);
-    config.gateway.chat_url = format!("http://{}", mesh.chat);
-    config.gateway.usage_url = format!("http://{}", mesh.usage);
-    config.gateway.files_url = format!("http://{}", mesh.files);
-    config.gateway.analytics_url = format!("http://{}", mesh.analytics);
+    config.common.services = mesh.config.common.services.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let own_gateway = Rest::new(listener.local_addr().expect("address"));
     let stop_gateway = CancellationToken::new();
@@ -292,8 +289,8 @@ async fn a_service_that_cannot_be_reached_is_503_unavailable_and_the_gateway_not
     let session = chat_session(&rest, &token, &project_id).await;
     // A port nothing listens on: bound, its address taken, released.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
-    let config = GatewayConfig { chat_url: format!("http://{closed}"), ..mesh.upstreams_of(GatewayConfig::default()) };
-    let cut_off = mesh.start_gateway_as_given(config).await;
+    let services = ServiceUrls { chat: format!("http://{closed}"), ..mesh.config.common.services.clone() };
+    let cut_off = mesh.start_gateway_calling(services, GatewayConfig::default()).await;
 
     let reply = cut_off.get(&format!("/v1/chat/sessions/{session}")).bearer(&token).send().await;
     let body = assert_error(&reply, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE");

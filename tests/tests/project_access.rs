@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use aimesh_kit::access::{Access, BearerCredential, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::auth::CredentialVerifier;
 use aimesh_kit::cache::InvalidationBus;
-use aimesh_kit::config::AuthConfig;
 use aimesh_kit::redis::Redis;
 use aimesh_kit::{ErrorCode, ServiceError};
 use aimesh_proto::identity::v1 as pb;
@@ -26,8 +25,9 @@ impl OtherService {
         let common = &mesh.config.common;
         let redis = Redis::connect(&common.redis_urls, &common.redis).await.expect("redis");
         let bus = InvalidationBus::start(&redis).await.expect("bus");
-        let settings = AuthConfig { identity_url: format!("http://{}", mesh.identity), ..common.auth.clone() };
-        let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &settings).expect("identity client");
+        let identity = format!("http://{}", mesh.identity);
+        let (verifier, access) =
+            aimesh_kit::access::remote(&redis, &bus, &common.auth, &identity).expect("identity client");
         Self { verifier, access, _bus: bus }
     }
 

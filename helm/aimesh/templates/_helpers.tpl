@@ -103,20 +103,10 @@ float64, which would otherwise print as 2.592e+06).
 {{- include "aimesh.settingsEnv" (dict "prefix" "AIMESH_" "map" $v.config) }}
 AIMESH_METRICS__LISTEN: {{ printf "0.0.0.0:%d" (int $v.metrics.port) | quote }}
 AIMESH_{{ $upper }}__LISTEN: {{ printf "0.0.0.0:%d" (int $c.port) | quote }}
-{{- if $v.components.identity.enabled }}
-AIMESH_AUTH__IDENTITY_URL: {{ include "aimesh.url" (dict "root" $root "component" "identity") | quote }}
-{{- end }}
-{{- if $v.components.analytics.enabled }}
-AIMESH_ANALYTICS_URL: {{ include "aimesh.url" (dict "root" $root "component" "analytics") | quote }}
-{{- end }}
-{{- if and (eq .component "chat") $v.components.files.enabled }}
-AIMESH_CHAT__FILES_URL: {{ include "aimesh.url" (dict "root" $root "component" "files") | quote }}
-{{- end }}
-{{- if eq .component "gateway" }}
-{{- range $upstream := list "identity" "chat" "usage" "files" "analytics" }}
-{{- if (index $v.components $upstream).enabled }}
-AIMESH_GATEWAY__{{ upper $upstream }}_URL: {{ include "aimesh.url" (dict "root" $root "component" $upstream) | quote }}
-{{- end }}
+{{- /* The one table of peer addresses (services.<name>): each component reads what it calls. */}}
+{{- range $peer := list "identity" "chat" "usage" "files" "analytics" }}
+{{- if (index $v.components $peer).enabled }}
+AIMESH_SERVICES__{{ upper $peer }}: {{ include "aimesh.url" (dict "root" $root "component" $peer) | quote }}
 {{- end }}
 {{- end }}
 {{- include "aimesh.settingsEnv" (dict "prefix" (printf "AIMESH_%s__" $upper) "map" $c.config) }}

@@ -13,6 +13,7 @@ use aimesh_chat::ChatConfig;
 use aimesh_files::FilesConfig;
 use aimesh_gateway::GatewayConfig;
 use aimesh_identity::IdentityConfig;
+use aimesh_kit::ServiceError;
 use aimesh_kit::auth::ServiceToken;
 use aimesh_kit::config::{CommonConfig, Configuration};
 use aimesh_usage::UsageConfig;
@@ -31,9 +32,10 @@ pub struct MeshConfig {
 }
 
 impl MeshConfig {
-    /// Reads every section from `sources`.
-    pub fn load(sources: &Configuration) -> Result<Self, Box<figment::Error>> {
-        Ok(Self {
+    /// Reads every section from `sources` and validates the whole: a bad setting stops the
+    /// start here, named, before anything connects or listens.
+    pub fn load(sources: &Configuration) -> anyhow::Result<Self> {
+        let config = Self {
             common: sources.section("")?,
             identity: sources.section("identity")?,
             chat: sources.section("chat")?,
@@ -41,7 +43,34 @@ impl MeshConfig {
             gateway: sources.section("gateway")?,
             files: sources.section("files")?,
             analytics: sources.section("analytics")?,
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses settings no process could work with, naming the first bad one.
+    pub fn validate(&self) -> Result<(), ServiceError> {
+        self.common.validate()?;
+        self.gateway.validate()
+    }
+
+    /// The configuration of services that run in one process on `listeners` (`aimesh all`, the
+    /// tests): each calls the others where they listen, and, unless one is set, they share a
+    /// service token made up for this process (they only call each other).
+    pub fn in_one_process(mut self, listeners: &[(ServiceName, TcpListener)]) -> anyhow::Result<Self> {
+        for (service, listener) in listeners {
+            let url = format!("http://{}", listener.local_addr()?);
+            match service {
+                ServiceName::Identity => self.common.services.identity = url,
+                ServiceName::Chat => self.common.services.chat = url,
+                ServiceName::Usage => self.common.services.usage = url,
+                ServiceName::Files => self.common.services.files = url,
+                ServiceName::Analytics => self.common.services.analytics = url,
+                ServiceName::Gateway => {}
+            }
+        }
+        self.common.auth.service_token.get_or_insert_with(ServiceToken::generate);
+        Ok(self)
     }
 }
 
@@ -119,43 +148,16 @@ fn shutdown_stage(service: ServiceName) -> usize {
 }
 
 /// Runs the given services on their listeners, each on its own port and talking to the others
-/// over gRPC like separate processes would, until `shutdown`. If one fails, the others are
+/// over gRPC at `services` like separate processes would (see [`MeshConfig::in_one_process`]),
+/// until `shutdown`. If one fails, the others are
 /// stopped and its error is returned.
 pub async fn run(
     listeners: Vec<(ServiceName, TcpListener)>,
-    mut config: MeshConfig,
+    config: MeshConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // In one process the services ask the identity (chat the files service, the outbox relays
-    // analytics) running beside them, and the gateway calls the services beside it, wherever
-    // they listen.
-    for (service, listener) in &listeners {
-        let url = format!("http://{}", listener.local_addr()?);
-        match service {
-            ServiceName::Identity => {
-                config.common.auth.identity_url = url.clone();
-                config.gateway.identity_url = url;
-            }
-            ServiceName::Chat => config.gateway.chat_url = url,
-            ServiceName::Usage => config.gateway.usage_url = url,
-            ServiceName::Files => {
-                config.chat.files_url = Some(url.clone());
-                config.gateway.files_url = url;
-            }
-            ServiceName::Analytics => {
-                config.common.analytics_url = url.clone();
-                config.gateway.analytics_url = url;
-            }
-            ServiceName::Gateway => {}
-        }
-    }
-    match &config.common.auth.service_token {
-        Some(token) => token.validate()?,
-        // Services in one process only call each other: a token made up here is enough.
-        None if listeners.len() == ServiceName::ALL.len() => {
-            config.common.auth.service_token = Some(ServiceToken::generate());
-        }
-        None => tracing::warn!("auth.service_token is not set: internal calls between services will be refused"),
+    if config.common.auth.service_token.is_none() {
+        tracing::warn!("auth.service_token is not set: internal calls between services will be refused");
     }
     // Each stage stops once the stages before it have: see `shutdown_stage`.
     let stages: Vec<CancellationToken> = (0..SHUTDOWN_STAGES).map(|_| CancellationToken::new()).collect();

@@ -38,31 +38,31 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
-    /// Runs the chat service (it asks identity at `auth.identity_url`).
+    /// Runs the chat service (it asks identity at `services.identity`).
     Chat {
         /// Where its gRPC server listens.
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
-    /// Runs the usage service (it asks identity at `auth.identity_url`).
+    /// Runs the usage service (it asks identity at `services.identity`).
     Usage {
         /// Where its gRPC server listens.
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
-    /// Runs the files service (it asks identity at `auth.identity_url`).
+    /// Runs the files service (it asks identity at `services.identity`).
     Files {
         /// Where its gRPC server listens.
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
-    /// Runs the analytics service (it asks identity at `auth.identity_url`).
+    /// Runs the analytics service (it asks identity at `services.identity`).
     Analytics {
         /// Where its gRPC server listens.
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
-    /// Runs the REST gateway (it calls the services at `gateway.*_url`).
+    /// Runs the REST gateway (it calls the services at `services.*`).
     Gateway {
         /// Where its HTTP server listens.
         #[arg(long)]
@@ -156,6 +156,10 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
             | Command::All => {}
         }
         let listeners = aimesh::bind(&services, &config).await?;
+        let config = match cli.command {
+            Command::All => config.in_one_process(&listeners)?,
+            _ => config,
+        };
         for (service, listener) in &listeners {
             tracing::info!(service = service.as_str(), address = %listener.local_addr()?, "listening");
         }

@@ -8,17 +8,15 @@ use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
-use aimesh_kit::ratelimit::RateLimiter;
-use aimesh_kit::redis::Redis;
-use aimesh_kit::server::{self, Dependency, Probe, ServiceSpec};
+use aimesh_kit::runtime::ServiceRuntime;
+use aimesh_kit::server::Probe;
 
 use crate::api::Analytics;
 use crate::config::AnalyticsConfig;
 use crate::store::{ClickHouse, IngestClaims, Store};
 
-/// How often each replica rereads the projects' retention (another replica may change one).
+/// How often each replica rereads the projects' retention.
 const RETENTION_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Connects to ClickHouse, creates the database if missing and applies the migrations.
@@ -46,42 +44,20 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let clickhouse = connect_clickhouse(&config).await?;
-    let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
-    redis.log_errors();
-    let store = Store::open(clickhouse.clone(), IngestClaims::new(redis.clone()), &config)
+    let mut runtime = ServiceRuntime::start("analytics", common).await?.depending_on(Arc::new(clickhouse.clone()));
+    let store = Store::open(clickhouse, IngestClaims::new(runtime.redis().clone()), &config)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("reading analytics settings from clickhouse")?;
-    let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
-    let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &common.auth)?;
-    let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);
+    let (verifier, access) = runtime.identity_access()?;
     let analytics = Analytics::new(store.clone(), access, config);
-    let stop_refresh = CancellationToken::new();
-    let refresh = tokio::spawn(refresh_retention(store, stop_refresh.clone()));
-
-    let spec = ServiceSpec {
-        name: "analytics",
-        routes: analytics.routes(),
-        grpc_services: Analytics::GRPC_SERVICES.to_vec(),
-        dependencies: vec![Dependency::Other(Arc::new(clickhouse)), Dependency::Redis(redis.clone())],
-    };
-    let served = server::serve(listener, spec, verifier, limiter, common.server.clone(), shutdown).await;
-    stop_refresh.cancel();
-    let _ = refresh.await;
-    redis.quit().await;
-    served
+    runtime.every(RETENTION_REFRESH_INTERVAL, move || refresh_retention(store.clone()));
+    runtime.serve(listener, analytics.routes(), &Analytics::GRPC_SERVICES, verifier, shutdown).await
 }
 
-/// Every [`RETENTION_REFRESH_INTERVAL`] until `stop`, rereads the projects' retention.
-async fn refresh_retention(store: Store, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(RETENTION_REFRESH_INTERVAL);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        if let Err(error) = store.refresh_retention().await {
-            tracing::warn!(%error, "cannot reread project retention");
-        }
+/// Rereads the projects' retention: another replica may have changed one.
+async fn refresh_retention(store: Store) {
+    if let Err(error) = store.refresh_retention().await {
+        tracing::warn!(%error, "cannot reread project retention");
     }
 }

@@ -57,10 +57,10 @@ pub struct FilesService {
 }
 
 impl FilesService {
-    /// A lazily connecting client of the files service at `url` (`chat.files_url`).
+    /// A lazily connecting client of the files service at `url` (`services.files`).
     pub fn connect(url: &str, token: ServiceToken) -> Result<Self, ServiceError> {
         let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|e| ServiceError::internal(format!("chat.files_url: {e}")))?
+            .map_err(|e| ServiceError::internal(format!("services.files: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
             .connect_lazy();

@@ -20,9 +20,6 @@ pub struct ChatConfig {
     pub watch_poll_ms: u64,
     /// How often each replica looks for sessions past their purge time.
     pub purge_interval_secs: u64,
-    /// The files service, asked to check and link attachments and to release a purged
-    /// session's files (with `auth.service_token`); none refuses every attachment.
-    pub files_url: Option<String>,
 }
 
 impl Default for ChatConfig {
@@ -34,7 +31,6 @@ impl Default for ChatConfig {
             purge_after_days: 30,
             watch_poll_ms: 5_000,
             purge_interval_secs: 300,
-            files_url: Some("http://127.0.0.1:7104".into()),
         }
     }
 }

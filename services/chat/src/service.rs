@@ -8,12 +8,9 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::db;
-use aimesh_kit::ratelimit::RateLimiter;
-use aimesh_kit::redis::Redis;
-use aimesh_kit::server::{self, Dependency, ServiceSpec};
+use aimesh_kit::runtime::ServiceRuntime;
 
 use crate::api::Chat;
 use crate::attachments::{Attachments, FilesService, NoFilesService};
@@ -36,72 +33,46 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let pool = connect_database(&common, &config).await?;
-    db::spawn_pool_metrics(pool.clone(), "chat");
-    let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
-    redis.log_errors();
-    let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
-    let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &common.auth)?;
-    let attachments = attachments(&common, &config)?;
+    let mut runtime = ServiceRuntime::start("chat", common).await?.with_database(pool.clone())?;
+    let (verifier, access) = runtime.identity_access()?;
+    let attachments = attachments(runtime.common())?;
     let conversations =
-        Conversations::new(pool.clone(), redis.clone(), &bus, attachments, Settings::from_config(&config))
+        Conversations::new(pool, runtime.redis().clone(), runtime.bus(), attachments, Settings::from_config(&config))
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("starting live message delivery")?;
     let chat = Chat::new(conversations.clone(), access, shutdown.clone());
-    let stop_purging = CancellationToken::new();
-    let interval = Duration::from_secs(config.purge_interval_secs.max(1));
-    let purging = tokio::spawn(run_purge(conversations, interval, stop_purging.clone()));
-
-    let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);
-    let spec = ServiceSpec {
-        name: "chat",
-        routes: chat.routes(),
-        grpc_services: Chat::GRPC_SERVICES.to_vec(),
-        dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
-    };
-    // Events of this service's outbox go to analytics until the server stops, then once more.
-    let relay = aimesh_kit::outbox::spawn_relay(pool.clone(), &common)?;
-    let served = server::serve(listener, spec, verifier, limiter, common.server.clone(), shutdown).await;
-    relay.stop().await;
-    stop_purging.cancel();
-    let _ = purging.await;
-    redis.quit().await;
-    pool.close().await;
-    served
+    let purging = shutdown.clone();
+    runtime.every(Duration::from_secs(config.purge_interval_secs.max(1)), move || {
+        purge_due(conversations.clone(), purging.clone())
+    });
+    runtime.serve(listener, chat.routes(), &Chat::GRPC_SERVICES, verifier, shutdown).await
 }
 
-/// The files service when one is configured and can be called (it needs the service token);
+/// The files service (`services.files`) when it can be called (that needs the service token);
 /// otherwise attachments are refused.
-fn attachments(common: &CommonConfig, config: &ChatConfig) -> anyhow::Result<Arc<dyn Attachments>> {
-    match (&config.files_url, &common.auth.service_token) {
-        (Some(url), Some(token)) => Ok(Arc::new(FilesService::connect(url, token.clone())?)),
-        (Some(_), None) => {
+fn attachments(common: &CommonConfig) -> anyhow::Result<Arc<dyn Attachments>> {
+    match &common.auth.service_token {
+        Some(token) => Ok(Arc::new(FilesService::connect(&common.services.files, token.clone())?)),
+        None => {
             tracing::warn!(
                 "auth.service_token is not set: chat cannot call the files service; attachments are refused"
             );
             Ok(Arc::new(NoFilesService))
         }
-        (None, _) => Ok(Arc::new(NoFilesService)),
     }
 }
 
-/// Every `interval` until `stop`: purges the sessions whose grace period is over, a batch at a
-/// time. Every replica runs it; `SKIP LOCKED` gives each batch to one of them.
-async fn run_purge(conversations: Conversations, interval: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
+/// Purges the sessions whose grace period is over, a batch at a time, until none is due or
+/// `shutdown` begins. Every replica runs it; `SKIP LOCKED` gives each batch to one of them.
+async fn purge_due(conversations: Conversations, shutdown: CancellationToken) {
     loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        loop {
-            match conversations.purge_due(PURGE_BATCH).await {
-                Ok(purged) if purged as i64 == PURGE_BATCH && !stop.is_cancelled() => {}
-                Ok(_) => break,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot purge sessions past their grace period; will retry");
-                    break;
-                }
+        match conversations.purge_due(PURGE_BATCH).await {
+            Ok(purged) if purged as i64 == PURGE_BATCH && !shutdown.is_cancelled() => {}
+            Ok(_) => break,
+            Err(error) => {
+                tracing::warn!(%error, "cannot purge sessions past their grace period; will retry");
+                break;
             }
         }
     }

@@ -2,17 +2,13 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::db;
-use aimesh_kit::ratelimit::RateLimiter;
-use aimesh_kit::redis::Redis;
-use aimesh_kit::server::{self, Dependency, ServiceSpec};
+use aimesh_kit::runtime::ServiceRuntime;
 
 use crate::api::Files;
 use crate::config::FilesConfig;
@@ -48,52 +44,28 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let pool = connect_database(&common, &config).await?;
-    db::spawn_pool_metrics(pool.clone(), "files");
     let library = library(&common, &config, pool.clone())?;
     tracing::info!(backend = library.storage().backend().as_str(), "files object store ready");
-    let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
-    redis.log_errors();
-    let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
-    let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &common.auth)?;
-    let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);
-    let stop_collecting = CancellationToken::new();
-    let interval = Duration::from_secs(config.gc_interval_secs.max(1));
-    let collecting = tokio::spawn(run_gc(library.clone(), interval, stop_collecting.clone()));
+    let mut runtime = ServiceRuntime::start("files", common).await?.with_database(pool)?;
+    let (verifier, access) = runtime.identity_access()?;
+    let collector = library.clone();
+    runtime.every(Duration::from_secs(config.gc_interval_secs.max(1)), move || collect_garbage(collector.clone()));
     let files = Files::new(library, access);
-
-    let spec = ServiceSpec {
-        name: "files",
-        routes: files.routes(),
-        grpc_services: Files::GRPC_SERVICES.to_vec(),
-        dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
-    };
-    let served = server::serve(listener, spec, verifier, limiter, common.server.clone(), shutdown).await;
-    stop_collecting.cancel();
-    let _ = collecting.await;
-    redis.quit().await;
-    pool.close().await;
-    served
+    runtime.serve(listener, files.routes(), &Files::GRPC_SERVICES, verifier, shutdown).await
 }
 
-/// Every `interval` until `stop`: deletes unused objects and abandoned uploads. Every replica
-/// runs it; `SKIP LOCKED` gives each object to one of them.
-async fn run_gc(library: Library, interval: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            _ = tick.tick() => {}
+/// Deletes unused objects and abandoned uploads. Every replica runs it; `SKIP LOCKED` gives each
+/// object to one of them.
+async fn collect_garbage(library: Library) {
+    match library.collect_garbage().await {
+        Ok(collected) if collected.objects + collected.abandoned_uploads > 0 => {
+            tracing::info!(
+                objects = collected.objects,
+                abandoned_uploads = collected.abandoned_uploads,
+                "collected unused objects"
+            );
         }
-        match library.collect_garbage().await {
-            Ok(collected) if collected.objects + collected.abandoned_uploads > 0 => {
-                tracing::info!(
-                    objects = collected.objects,
-                    abandoned_uploads = collected.abandoned_uploads,
-                    "collected unused objects"
-                );
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "cannot collect unused objects; will retry"),
-        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot collect unused objects; will retry"),
     }
 }

@@ -9,12 +9,6 @@ use serde::{Deserialize, Serialize};
 pub struct GatewayConfig {
     /// Where the HTTP server listens.
     pub listen: SocketAddr,
-    /// Where each service answers gRPC; `aimesh all` points them at its own listeners.
-    pub identity_url: String,
-    pub chat_url: String,
-    pub usage_url: String,
-    pub files_url: String,
-    pub analytics_url: String,
     /// Largest request body accepted, in bytes; larger gets 413.
     pub max_body_bytes: usize,
     /// Upper bound of a unary call, passed to the service as its gRPC deadline.
@@ -32,11 +26,6 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            identity_url: "http://127.0.0.1:7101".into(),
-            chat_url: "http://127.0.0.1:7102".into(),
-            usage_url: "http://127.0.0.1:7103".into(),
-            files_url: "http://127.0.0.1:7104".into(),
-            analytics_url: "http://127.0.0.1:7105".into(),
             max_body_bytes: 4 * 1024 * 1024,
             request_timeout_secs: 30,
             cors_allowed_origins: Vec::new(),
@@ -47,14 +36,15 @@ impl Default for GatewayConfig {
 }
 
 impl GatewayConfig {
-    /// The upstream URL of every service, by short name.
-    pub fn upstream_urls(&self) -> Vec<(String, String)> {
-        vec![
-            ("identity".into(), self.identity_url.clone()),
-            ("chat".into(), self.chat_url.clone()),
-            ("usage".into(), self.usage_url.clone()),
-            ("files".into(), self.files_url.clone()),
-            ("analytics".into(), self.analytics_url.clone()),
-        ]
+    /// Refuses settings the gateway could not start with, naming the first bad one.
+    pub fn validate(&self) -> Result<(), aimesh_kit::ServiceError> {
+        crate::client::TrustedProxies::parse(&self.trusted_proxies)?;
+        for origin in self.cors_allowed_origins.iter().filter(|origin| *origin != "*") {
+            if http::HeaderValue::from_str(origin).is_err() {
+                let message = format!("{origin:?} is not an origin (scheme://host[:port])");
+                return Err(aimesh_kit::ServiceError::invalid_field("gateway.cors_allowed_origins", message));
+            }
+        }
+        Ok(())
     }
 }

@@ -56,7 +56,7 @@ pub async fn run(
     let pool = aimesh_pool().context("reading the descriptor set")?;
     let routes = RouteTable::from_pool(&pool).map_err(|e| anyhow::anyhow!(e)).context("building the routes")?;
     let openapi = Bytes::from(serde_json::to_vec(&crate::openapi::document(&routes))?);
-    let upstreams = Upstreams::new(config.upstream_urls()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let upstreams = Upstreams::new(&common.services).map_err(|e| anyhow::anyhow!("{e}"))?;
     let trusted_proxies = TrustedProxies::parse(&config.trusted_proxies).map_err(|e| anyhow::anyhow!("{e}"))?;
     let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
     redis.log_errors();

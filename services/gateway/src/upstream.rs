@@ -20,6 +20,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic_health::pb::health_client::HealthClient;
 
 use aimesh_kit::ServiceError;
+use aimesh_kit::config::{ServiceUrls, service_origin};
 
 /// The HTTP/2 client every service is called through, failures already classified as statuses.
 pub type Connection = tower::util::MapErr<
@@ -41,8 +42,8 @@ pub struct Upstream {
 }
 
 impl Upstreams {
-    /// Clients of `urls` (short name to `http://host:port`); they connect on first use.
-    pub fn new(urls: impl IntoIterator<Item = (String, String)>) -> Result<Self, ServiceError> {
+    /// Clients of the services at `urls`; they connect on first use.
+    pub fn new(urls: &ServiceUrls) -> Result<Self, ServiceError> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         connector.set_nodelay(true);
@@ -53,9 +54,10 @@ impl Upstreams {
             .build(connector);
         let connection: Connection = tower::ServiceExt::map_err(client, classify);
         let mut upstreams = Self::default();
-        for (service, url) in urls {
-            let origin = origin(&url).map_err(|e| ServiceError::invalid_field(format!("gateway.{service}_url"), e))?;
-            upstreams.upstreams.insert(service, Upstream { connection: connection.clone(), origin });
+        for (service, url) in urls.all() {
+            let origin =
+                service_origin(url).map_err(|e| ServiceError::invalid_field(format!("services.{service}"), e))?;
+            upstreams.upstreams.insert(service.to_owned(), Upstream { connection: connection.clone(), origin });
         }
         Ok(upstreams)
     }
@@ -87,18 +89,6 @@ impl Upstream {
     pub fn health(&self) -> HealthClient<Connection> {
         HealthClient::with_origin(self.connection.clone(), self.origin.clone())
     }
-}
-
-/// `url` as an origin (`http://host:port`): a scheme and an authority, nothing more.
-fn origin(url: &str) -> Result<Uri, String> {
-    let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err(format!("{url:?} is not an http://host:port address"));
-    }
-    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
-        return Err(format!("{url:?} has a path; give only http://host:port"));
-    }
-    Ok(uri)
 }
 
 /// A failure of the connection, not of the call: what tonic recognises in it (a reset stream, a
@@ -173,13 +163,13 @@ mod tests {
 
     #[test]
     fn a_service_url_is_an_http_origin_and_a_bad_one_names_its_setting() {
-        let urls = [("chat".to_owned(), "http://aimesh-chat:7102".to_owned())];
-        let upstreams = Upstreams::new(urls).expect("an origin");
+        let urls = ServiceUrls { chat: "http://aimesh-chat:7102".into(), ..ServiceUrls::default() };
+        let upstreams = Upstreams::new(&urls).expect("origins");
         assert_eq!(upstreams.get("chat").expect("chat").origin, "http://aimesh-chat:7102");
-        assert!(upstreams.get("usage").is_err(), "a service without an address is not made up");
+        assert!(upstreams.get("search").is_err(), "a service without an address is not made up");
         for bad in ["aimesh-chat:7102", "https://aimesh-chat:7102", "http://aimesh-chat:7102/v1", "http://"] {
-            let error = Upstreams::new([("chat".to_owned(), bad.to_owned())]).expect_err(bad);
-            assert_eq!(error.field.as_deref(), Some("gateway.chat_url"), "{bad}");
+            let error = Upstreams::new(&ServiceUrls { chat: bad.into(), ..urls.clone() }).expect_err(bad);
+            assert_eq!(error.field.as_deref(), Some("services.chat"), "{bad}");
         }
     }
 }

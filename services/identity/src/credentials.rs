@@ -7,7 +7,6 @@ use chrono::{DateTime, Utc};
 use fred::interfaces::SortedSetsInterface;
 use fred::types::Value;
 use futures::future::BoxFuture;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
@@ -159,23 +158,6 @@ fn scored_members(reply: Value) -> Vec<(String, f64)> {
     let mut flat = Vec::new();
     flatten(reply, &mut flat);
     flat.chunks_exact(2).filter_map(|pair| Some((pair[0].as_string()?, pair[1].as_f64()?))).collect()
-}
-
-/// Drains every `every` until `shutdown`, then once more so the last times are kept.
-pub async fn run_last_use_drain(store: Store, redis: Redis, every: std::time::Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.cancelled() => break,
-        }
-        if let Err(error) = drain_last_use(&store, &redis).await {
-            tracing::warn!(%error, "could not store last-use times; retrying later");
-        }
-    }
-    if let Err(error) = drain_last_use(&store, &redis).await {
-        tracing::warn!(%error, "could not store last-use times at shutdown");
-    }
 }
 
 #[cfg(test)]

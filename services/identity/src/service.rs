@@ -10,16 +10,13 @@ use tokio_util::sync::CancellationToken;
 
 use aimesh_kit::access::ProjectAccess;
 use aimesh_kit::auth::CredentialVerifier;
-use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::db;
-use aimesh_kit::ratelimit::RateLimiter;
-use aimesh_kit::redis::Redis;
-use aimesh_kit::server::{self, Dependency, ServiceSpec};
+use aimesh_kit::runtime::ServiceRuntime;
 
 use crate::api::Identity;
 use crate::config::IdentityConfig;
-use crate::credentials::{StoreCredentialSource, StoreRoleSource, run_last_use_drain};
+use crate::credentials::{StoreCredentialSource, StoreRoleSource, drain_last_use};
 use crate::domain::validate_email;
 use crate::error::IdentityError;
 use crate::store::{Actor, Store, UserPatch};
@@ -38,44 +35,26 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let pool = connect_database(&common, &config).await?;
-    db::spawn_pool_metrics(pool.clone(), "identity");
-    let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
-    redis.log_errors();
-    let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
-    let store = Store::new(pool.clone());
+    let mut runtime = ServiceRuntime::start("identity", common).await?.with_database(pool.clone())?;
+    let (redis, bus, auth) = (runtime.redis().clone(), runtime.bus(), &runtime.common().auth);
+    let store = Store::new(pool);
     let source = Arc::new(StoreCredentialSource::new(store.clone()));
-    let verifier = CredentialVerifier::new(redis.clone(), &bus, &common.auth, source);
+    let verifier = CredentialVerifier::new(redis.clone(), bus, auth, source);
     let roles = Arc::new(StoreRoleSource::new(store.clone()));
-    let access = ProjectAccess::new(redis.clone(), &bus, &common.auth, roles);
+    let access = ProjectAccess::new(redis.clone(), bus, auth, roles);
     let identity =
         Identity::new(store.clone(), verifier.clone(), access, config.clone()).context("identity.settings_key")?;
-
-    let stop_drain = CancellationToken::new();
-    let drain = tokio::spawn(run_last_use_drain(
-        store,
-        redis.clone(),
-        Duration::from_secs(config.last_use_flush_secs.max(1)),
-        stop_drain.clone(),
-    ));
-
-    let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);
-    let spec = ServiceSpec {
-        name: "identity",
-        routes: identity.routes(),
-        grpc_services: Identity::GRPC_SERVICES.to_vec(),
-        dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
-    };
-    // `serve` writes the last requests' use times to Redis before it returns; the drain after it
-    // takes them to PostgreSQL.
-    // Events of this service's outbox go to analytics until the server stops, then once more.
-    let relay = aimesh_kit::outbox::spawn_relay(pool.clone(), &common)?;
-    let served = server::serve(listener, spec, verifier, limiter, common.server.clone(), shutdown).await;
-    relay.stop().await;
-    stop_drain.cancel();
-    let _ = drain.await;
-    redis.quit().await;
-    pool.close().await;
-    served
+    // The server writes the last requests' use times to Redis before it returns; the drain at
+    // the stop takes them to PostgreSQL.
+    runtime.every_and_at_stop(Duration::from_secs(config.last_use_flush_secs.max(1)), move || {
+        let (store, redis) = (store.clone(), redis.clone());
+        async move {
+            if let Err(error) = drain_last_use(&store, &redis).await {
+                tracing::warn!(%error, "could not store last-use times; retrying later");
+            }
+        }
+    });
+    runtime.serve(listener, identity.routes(), &Identity::GRPC_SERVICES, verifier, shutdown).await
 }
 
 /// Makes the account with `email` a system admin: the operator's way to get the first admin

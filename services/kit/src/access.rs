@@ -158,14 +158,15 @@ impl RoleSource for RemoteRoleSource {
 }
 
 /// What a service other than identity verifies callers with: credentials and session roles
-/// both asked of identity at `settings.identity_url`, through the shared caches.
+/// both asked of identity at `identity_url` (`services.identity`), through the shared caches.
 pub fn remote(
     redis: &Redis,
     bus: &InvalidationBus,
     settings: &AuthConfig,
+    identity_url: &str,
 ) -> Result<(crate::auth::CredentialVerifier, ProjectAccess), ServiceError> {
     // One connection to identity for both.
-    let client = crate::auth::identity_client(&settings.identity_url)?;
+    let client = crate::auth::identity_client(identity_url)?;
     let credentials = Arc::new(crate::auth::RemoteCredentialSource::new(client.clone()));
     let verifier = crate::auth::CredentialVerifier::new(redis.clone(), bus, settings, credentials);
     let roles = Arc::new(RemoteRoleSource::new(client));

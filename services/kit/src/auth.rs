@@ -239,10 +239,10 @@ pub struct RemoteCredentialSource {
     client: IdentityClient,
 }
 
-/// A lazily connecting client of identity's `AuthService` at `url` (`auth.identity_url`).
+/// A lazily connecting client of identity's `AuthService` at `url` (`services.identity`).
 pub fn identity_client(url: &str) -> Result<IdentityClient, ServiceError> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|e| ServiceError::internal(format!("auth.identity_url: {e}")))?
+        .map_err(|e| ServiceError::internal(format!("services.identity: {e}")))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5))
         .connect_lazy();
@@ -475,13 +475,7 @@ impl LastUseRecorder {
 
     /// Flushes every `every` until `shutdown`, then once more.
     pub async fn run(self, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => self.flush().await,
-                () = shutdown.cancelled() => break,
-            }
-        }
+        crate::periodic::every(every, &shutdown, || self.flush()).await;
         self.flush().await;
     }
 }

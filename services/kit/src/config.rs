@@ -48,8 +48,9 @@ pub struct CommonConfig {
     /// PostgreSQL server URL without a database; each service uses `aimesh_<service>` on it
     /// unless its own `database_url` is set.
     pub postgres_url: String,
-    /// Redis seed nodes, comma separated (`redis://host:port,...`): a Redis Cluster when more
-    /// than one is given or the scheme is `redis-cluster://`, a single server otherwise.
+    /// Redis seed nodes, comma separated (`redis://user:password@host:port,...`; `rediss://` for
+    /// TLS): a Redis Cluster when more than one is given or the scheme is `redis-cluster://`, a
+    /// single server otherwise.
     pub redis_urls: String,
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,
@@ -58,8 +59,8 @@ pub struct CommonConfig {
     pub redis: RedisConfig,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
-    /// Where the analytics service answers `Ingest`: each service's outbox relay delivers there.
-    pub analytics_url: String,
+    /// Where each service of the mesh answers gRPC, for those that call it.
+    pub services: ServiceUrls,
     pub outbox: OutboxConfig,
     pub rate_limit: RateLimitConfig,
 }
@@ -76,11 +77,81 @@ impl Default for CommonConfig {
             redis: RedisConfig::default(),
             database: DatabaseConfig::default(),
             auth: AuthConfig::default(),
-            analytics_url: "http://127.0.0.1:7105".into(),
+            services: ServiceUrls::default(),
             outbox: OutboxConfig::default(),
             rate_limit: RateLimitConfig::default(),
         }
     }
+}
+
+impl CommonConfig {
+    /// Refuses settings no process could work with, naming the first bad one: checked when the
+    /// configuration is loaded, before anything starts.
+    pub fn validate(&self) -> Result<(), crate::ServiceError> {
+        if let Some(token) = &self.auth.service_token {
+            token.validate()?;
+        }
+        self.services.validate()
+    }
+}
+
+/// Where each service answers gRPC (`[services]`, `AIMESH_SERVICES__IDENTITY`): the one table of
+/// peer addresses. Every service asks identity to verify credentials, every outbox relay
+/// delivers to analytics, chat asks files about attachments, and the gateway calls them all.
+/// `aimesh all` points it at its own listeners.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ServiceUrls {
+    pub identity: String,
+    pub chat: String,
+    pub usage: String,
+    pub files: String,
+    pub analytics: String,
+}
+
+impl Default for ServiceUrls {
+    fn default() -> Self {
+        Self {
+            identity: "http://127.0.0.1:7101".into(),
+            chat: "http://127.0.0.1:7102".into(),
+            usage: "http://127.0.0.1:7103".into(),
+            files: "http://127.0.0.1:7104".into(),
+            analytics: "http://127.0.0.1:7105".into(),
+        }
+    }
+}
+
+impl ServiceUrls {
+    /// Every service's short name and URL.
+    pub fn all(&self) -> [(&'static str, &str); 5] {
+        [
+            ("identity", &self.identity),
+            ("chat", &self.chat),
+            ("usage", &self.usage),
+            ("files", &self.files),
+            ("analytics", &self.analytics),
+        ]
+    }
+
+    /// Each must be an `http://host:port` origin; the error names `services.<name>`.
+    pub fn validate(&self) -> Result<(), crate::ServiceError> {
+        for (service, url) in self.all() {
+            service_origin(url).map_err(|e| crate::ServiceError::invalid_field(format!("services.{service}"), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// `url` as an `http://host:port` origin: no other scheme, no path, no query.
+pub fn service_origin(url: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| format!("{url:?}: {e}"))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(format!("{url:?} is not an http://host:port address"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(format!("{url:?} has a path; give only http://host:port"));
+    }
+    Ok(uri)
 }
 
 /// How each service's outbox relay delivers to analytics.
@@ -206,11 +277,14 @@ pub struct RedisConfig {
     pub pool_size: usize,
     /// Per-command timeout; a slow Redis degrades the cache instead of stalling requests.
     pub command_timeout_ms: u64,
+    /// A PEM file of CA certificates to trust, besides the public ones, for `rediss://` nodes
+    /// (a private CA).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { key_prefix: "aimesh".into(), pool_size: 4, command_timeout_ms: 1000 }
+        Self { key_prefix: "aimesh".into(), pool_size: 4, command_timeout_ms: 1000, tls_ca_file: None }
     }
 }
 
@@ -240,8 +314,6 @@ pub struct AuthConfig {
     pub local_ttl_secs: u64,
     /// Redis cache lifetime of a verification.
     pub shared_ttl_secs: u64,
-    /// Where the identity service answers `Authenticate`, for services other than identity.
-    pub identity_url: String,
     /// The shared secret services present to each other's internal RPCs (`amsvc_` and at least
     /// 32 random characters). Required when services run as separate processes; `aimesh all`
     /// makes one up for its own process when none is set.
@@ -250,12 +322,7 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self {
-            local_ttl_secs: 10,
-            shared_ttl_secs: 60,
-            identity_url: "http://127.0.0.1:7101".into(),
-            service_token: None,
-        }
+        Self { local_ttl_secs: 10, shared_ttl_secs: 60, service_token: None }
     }
 }
 

@@ -68,16 +68,11 @@ pub fn unique_violation(error: &sqlx::Error) -> Option<&str> {
     (db.code()? == "23505").then(|| db.constraint().unwrap_or_default())
 }
 
-/// Publishes pool size and idle connections as gauges every few seconds.
-pub fn spawn_pool_metrics(pool: PgPool, database: &'static str) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        while !pool.is_closed() {
-            tick.tick().await;
-            metrics::gauge!("db_pool_connections", "database" => database).set(pool.size() as f64);
-            metrics::gauge!("db_pool_idle_connections", "database" => database).set(pool.num_idle() as f64);
-        }
-    });
+/// Publishes the pool's size and idle connections as gauges (the service runtime does so every
+/// few seconds).
+pub fn publish_pool_metrics(pool: &PgPool, database: &'static str) {
+    metrics::gauge!("db_pool_connections", "database" => database).set(pool.size() as f64);
+    metrics::gauge!("db_pool_idle_connections", "database" => database).set(pool.num_idle() as f64);
 }
 
 /// A service's own database, ready: `database_url` or `aimesh_<service>` on the configured

@@ -459,10 +459,10 @@ pub struct AnalyticsSink {
 use aimesh_proto::analytics::v1 as analytics_pb;
 
 impl AnalyticsSink {
-    /// A lazily connecting sink to `url` (`analytics_url`).
+    /// A lazily connecting sink to `url` (`services.analytics`).
     pub fn new(url: &str, token: Option<crate::auth::ServiceToken>) -> Result<Self, crate::ServiceError> {
         let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|e| crate::ServiceError::invalid_field("analytics_url", e.to_string()))?
+            .map_err(|e| crate::ServiceError::invalid_field("services.analytics", e.to_string()))?
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
         let client = analytics_pb::ingest_service_client::IngestServiceClient::new(channel)
@@ -522,10 +522,10 @@ impl RelayTask {
     }
 }
 
-/// Starts relaying `pool`'s outbox to analytics (`analytics_url`, `outbox` settings): what
+/// Starts relaying `pool`'s outbox to analytics (`services.analytics`, `outbox` settings): what
 /// each service with an outbox does beside its server.
 pub fn spawn_relay(pool: PgPool, common: &crate::config::CommonConfig) -> Result<RelayTask, crate::ServiceError> {
-    let sink = AnalyticsSink::new(&common.analytics_url, common.auth.service_token.clone())?;
+    let sink = AnalyticsSink::new(&common.services.analytics, common.auth.service_token.clone())?;
     let relay = OutboxRelay::new(pool, Arc::new(sink), RelaySettings::from_config(&common.outbox));
     let stop = CancellationToken::new();
     let task = tokio::spawn(relay.run(stop.clone()));

@@ -216,23 +216,18 @@ impl HealthMonitor {
     }
 
     async fn run(self, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        let mut last = true;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = shutdown.cancelled() => return,
-            }
+        let last = std::sync::atomic::AtomicBool::new(true);
+        crate::periodic::every(every, &shutdown, || async {
             let healthy = self.check().await;
-            if healthy != last {
+            if healthy != last.swap(healthy, std::sync::atomic::Ordering::Relaxed) {
                 tracing::info!(healthy, "health changed");
-                last = healthy;
             }
             // A shutdown that began during the check must not be overwritten with SERVING.
             if !shutdown.is_cancelled() {
                 self.report(healthy).await;
             }
-        }
+        })
+        .await;
     }
 }
 

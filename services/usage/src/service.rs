@@ -7,12 +7,9 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::db;
-use aimesh_kit::ratelimit::RateLimiter;
-use aimesh_kit::redis::Redis;
-use aimesh_kit::server::{self, Dependency, ServiceSpec};
+use aimesh_kit::runtime::ServiceRuntime;
 
 use crate::api::Usage;
 use crate::config::UsageConfig;
@@ -44,50 +41,24 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let pool = connect_database(&common, &config).await?;
-    db::spawn_pool_metrics(pool.clone(), "usage");
-    let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
-    redis.log_errors();
-    let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
-    let (verifier, access) = aimesh_kit::access::remote(&redis, &bus, &common.auth)?;
-    let ledger = Ledger::new(pool.clone(), redis.clone(), &bus);
+    let mut runtime = ServiceRuntime::start("usage", common).await?.with_database(pool.clone())?;
+    let (verifier, access) = runtime.identity_access()?;
+    let ledger = Ledger::new(pool.clone(), runtime.redis().clone(), runtime.bus());
     let usage = Usage::new(ledger, access);
-    let stop_maintenance = CancellationToken::new();
-    let maintenance = tokio::spawn(run_maintenance(Store::new(pool.clone()), stop_maintenance.clone()));
-
-    let limiter = RateLimiter::new(redis.clone(), &common.rate_limit);
-    let spec = ServiceSpec {
-        name: "usage",
-        routes: usage.routes(),
-        grpc_services: Usage::GRPC_SERVICES.to_vec(),
-        dependencies: vec![Dependency::Postgres(pool.clone()), Dependency::Redis(redis.clone())],
-    };
-    // Events of this service's outbox go to analytics until the server stops, then once more.
-    let relay = aimesh_kit::outbox::spawn_relay(pool.clone(), &common)?;
-    let served = server::serve(listener, spec, verifier, limiter, common.server.clone(), shutdown).await;
-    relay.stop().await;
-    stop_maintenance.cancel();
-    let _ = maintenance.await;
-    redis.quit().await;
-    pool.close().await;
-    served
+    let store = Store::new(pool);
+    runtime.every(MAINTENANCE_INTERVAL, move || maintain(store.clone()));
+    runtime.serve(listener, usage.routes(), &Usage::GRPC_SERVICES, verifier, shutdown).await
 }
 
-/// Every [`MAINTENANCE_INTERVAL`] until `stop`: creates the monthly partitions ahead (so a new
-/// month never lands in the default partition) and prunes spent reservations and idempotency
-/// claims. Each replica runs it; the partition function serialises them and the rest is idempotent.
-async fn run_maintenance(store: Store, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        if let Err(error) = store.ensure_partitions(PARTITIONS_AHEAD_MONTHS).await {
-            tracing::error!(%error, "cannot create usage partitions ahead");
-        }
-        match store.prune(chrono::Utc::now()).await {
-            Ok(pruned) => tracing::debug!(pruned, "pruned spent reservations and usage claims"),
-            Err(error) => tracing::warn!(%error, "cannot prune spent reservations and usage claims"),
-        }
+/// Creates the monthly partitions ahead (so a new month never lands in the default partition)
+/// and prunes spent reservations and idempotency claims. Each replica runs it every
+/// [`MAINTENANCE_INTERVAL`]; the partition function serialises them and the rest is idempotent.
+async fn maintain(store: Store) {
+    if let Err(error) = store.ensure_partitions(PARTITIONS_AHEAD_MONTHS).await {
+        tracing::error!(%error, "cannot create usage partitions ahead");
+    }
+    match store.prune(chrono::Utc::now()).await {
+        Ok(pruned) => tracing::debug!(pruned, "pruned spent reservations and usage claims"),
+        Err(error) => tracing::warn!(%error, "cannot prune spent reservations and usage claims"),
     }
 }

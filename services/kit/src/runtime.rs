@@ -1,0 +1,174 @@
+//! One service's life, the same for every service: connect the shared stores, take the service's
+//! own database (pool metrics, health, and the relay of its outbox to analytics), run its
+//! periodic tasks, serve, and stop in the order that loses nothing. A service's startup is its
+//! own parts and a [`ServiceRuntime`]; nothing of this sequence is written twice, so no service
+//! can forget a part of it.
+//!
+//! The stop, after `shutdown`: the server drains (see [`crate::server::serve`]), then the periodic
+//! tasks end (those made with [`ServiceRuntime::every_and_at_stop`] run once more, for what the
+//! last requests left), then the outbox relay delivers what is due one last time (events the
+//! tasks wrote included), then Redis and the database close.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::access::ProjectAccess;
+use crate::auth::CredentialVerifier;
+use crate::cache::InvalidationBus;
+use crate::config::CommonConfig;
+use crate::outbox::RelayTask;
+use crate::ratelimit::RateLimiter;
+use crate::redis::Redis;
+use crate::server::{Dependency, Probe, ServiceSpec};
+
+/// How often pool gauges are published.
+const POOL_METRICS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A service being started: its shared stores, its database, its background work. Built with
+/// [`ServiceRuntime::start`], then [`ServiceRuntime::with_database`] and
+/// [`ServiceRuntime::every`] as the service needs, and run with [`ServiceRuntime::serve`].
+pub struct ServiceRuntime {
+    name: &'static str,
+    common: CommonConfig,
+    redis: Redis,
+    bus: InvalidationBus,
+    database: Option<(PgPool, RelayTask)>,
+    dependencies: Vec<Dependency>,
+    stop_tasks: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl std::fmt::Debug for ServiceRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceRuntime").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl ServiceRuntime {
+    /// Connects the shared Redis and subscribes to cache invalidations.
+    pub async fn start(name: &'static str, common: CommonConfig) -> anyhow::Result<Self> {
+        let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
+        redis.log_errors();
+        let bus = InvalidationBus::start(&redis).await.context("subscribing to cache invalidations")?;
+        Ok(Self {
+            name,
+            common,
+            dependencies: vec![Dependency::Redis(redis.clone())],
+            redis,
+            bus,
+            database: None,
+            stop_tasks: CancellationToken::new(),
+            tasks: JoinSet::new(),
+        })
+    }
+
+    /// Takes the service's own database (migrated, so with an outbox table: see
+    /// [`crate::db::service_database`]): health follows it, its pool is measured, and its
+    /// outbox is relayed to analytics until the service stops.
+    pub fn with_database(mut self, pool: PgPool) -> anyhow::Result<Self> {
+        let relay = crate::outbox::spawn_relay(pool.clone(), &self.common)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("starting the outbox relay")?;
+        let (measured, database) = (pool.clone(), self.name);
+        self.every(POOL_METRICS_INTERVAL, move || {
+            crate::db::publish_pool_metrics(&measured, database);
+            async {}
+        });
+        self.dependencies.push(Dependency::Postgres(pool.clone()));
+        self.database = Some((pool, relay));
+        Ok(self)
+    }
+
+    /// Makes health follow another store of the service's own (ClickHouse).
+    pub fn depending_on(mut self, probe: Arc<dyn Probe>) -> Self {
+        self.dependencies.push(Dependency::Other(probe));
+        self
+    }
+
+    /// Runs `task` at once and then every `interval` until the server has stopped.
+    pub fn every<F, Fut>(&mut self, interval: Duration, task: F) -> &mut Self
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let stop = self.stop_tasks.clone();
+        self.tasks.spawn(async move { crate::periodic::every(interval, &stop, task).await });
+        self
+    }
+
+    /// Like [`ServiceRuntime::every`], and once more after the server has stopped, for work the
+    /// last requests left behind.
+    pub fn every_and_at_stop<F, Fut>(&mut self, interval: Duration, mut task: F) -> &mut Self
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let stop = self.stop_tasks.clone();
+        self.tasks.spawn(async move {
+            crate::periodic::every(interval, &stop, &mut task).await;
+            task().await;
+        });
+        self
+    }
+
+    pub fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    pub fn bus(&self) -> &InvalidationBus {
+        &self.bus
+    }
+
+    /// The credential verifier and project access of a service that asks identity
+    /// (`services.identity`), cached in Redis and kept fresh by the invalidation bus.
+    pub fn identity_access(&self) -> anyhow::Result<(CredentialVerifier, ProjectAccess)> {
+        crate::access::remote(&self.redis, &self.bus, &self.common.auth, &self.common.services.identity)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("services.identity")
+    }
+
+    /// Serves `routes` on `listener`, authenticating with `verifier` and rate limiting in the
+    /// shared Redis, until `shutdown`; then stops everything in order (see the module's doc).
+    pub async fn serve(
+        mut self,
+        listener: TcpListener,
+        routes: tonic::service::Routes,
+        grpc_services: &[&'static str],
+        verifier: CredentialVerifier,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let limiter = RateLimiter::new(self.redis.clone(), &self.common.rate_limit);
+        let spec = ServiceSpec {
+            name: self.name,
+            routes,
+            grpc_services: grpc_services.to_vec(),
+            dependencies: std::mem::take(&mut self.dependencies),
+        };
+        let served =
+            crate::server::serve(listener, spec, verifier, limiter, self.common.server.clone(), shutdown).await;
+        self.stop_tasks.cancel();
+        while let Some(ended) = self.tasks.join_next().await {
+            if let Err(error) = ended {
+                tracing::error!(service = self.name, %error, "a periodic task panicked");
+            }
+        }
+        if let Some((pool, relay)) = self.database.take() {
+            relay.stop().await;
+            self.redis.quit().await;
+            pool.close().await;
+        } else {
+            self.redis.quit().await;
+        }
+        served
+    }
+}
