@@ -755,6 +755,8 @@ cmd_up() {
 
     # 1. Install what is missing (serially: apt and pip do not like company).
     need_cmd curl curl
+    # Tests make certificates of their own for TLS to Redis and ClickHouse.
+    need_cmd openssl openssl
     need_cmd protoc protobuf-compiler
     if ! protoc_has_wkt; then
         apt_install libprotobuf-dev

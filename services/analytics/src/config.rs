@@ -15,6 +15,9 @@ pub struct AnalyticsConfig {
     pub clickhouse_database: String,
     pub clickhouse_user: Option<String>,
     pub clickhouse_password: Option<String>,
+    /// A PEM file of CA certificates to trust, besides the public ones, for an `https://`
+    /// `clickhouse_url` (a private CA).
+    pub clickhouse_ca_file: Option<std::path::PathBuf>,
     /// How long events are kept when a project sets nothing.
     pub default_retention_days: u16,
     /// Longest time range one query may cover.
@@ -36,6 +39,7 @@ impl Default for AnalyticsConfig {
             clickhouse_database: "aimesh_analytics".into(),
             clickhouse_user: None,
             clickhouse_password: None,
+            clickhouse_ca_file: None,
             default_retention_days: 365,
             max_range_days: 400,
             max_buckets: 10_000,

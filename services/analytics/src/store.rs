@@ -31,15 +31,45 @@ use crate::events::{AuditEventRow, ProductEventRow, UsageEventRow, ValidEvent};
 use crate::query::{UsageFilter, UsageQuery};
 use crate::schema::EVENT_TABLES;
 
-/// A client of the ClickHouse server at `url`. Unlike `clickhouse::Client::default()`, its
-/// connections set `TCP_NODELAY`: the end of an INSERT's streamed body is a small write, which
-/// Nagle's algorithm would hold back until the server's delayed ACK (up to 40 ms on Linux).
+/// A client of the ClickHouse server at `url` over plain HTTP (tests and the bench). Unlike
+/// `clickhouse::Client::default()`, its connections set `TCP_NODELAY`: the end of an INSERT's
+/// streamed body is a small write, which Nagle's algorithm would hold back until the server's
+/// delayed ACK (up to 40 ms on Linux).
 pub fn client_of(url: &str) -> clickhouse::Client {
+    client_over(tcp_connector(), url)
+}
+
+/// A client of the ClickHouse server at `url`, over HTTPS (trusting as `tls` says) or HTTP,
+/// as the URL's scheme says.
+pub fn client_with_tls(url: &str, tls: rustls::ClientConfig) -> clickhouse::Client {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp_connector());
+    client_over(connector, url)
+}
+
+/// TCP as every ClickHouse client connects: `TCP_NODELAY`, and keepalive probes as the
+/// crate's own client sends them.
+fn tcp_connector() -> hyper_util::client::legacy::connect::HttpConnector {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
-    // As the crate's own client: keepalive probes, and idle connections closed before the
-    // server's own 3 s keep-alive timeout would close them under a request.
     connector.set_keepalive(Some(Duration::from_secs(60)));
+    // An https:// URL goes through the TLS connector around this one.
+    connector.enforce_http(false);
+    connector
+}
+
+fn client_over<C>(connector: C, url: &str) -> clickhouse::Client
+where
+    C: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper::rt::Read + hyper::rt::Write + hyper_util::client::legacy::connect::Connection + Send + Unpin,
+    C::Future: Send + Unpin + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // Idle connections are closed before the server's own 3 s keep-alive timeout would close
+    // them under a request.
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(2))
         .build(connector);
@@ -73,7 +103,9 @@ impl ClickHouse {
                 "must be a plain identifier other than default and system",
             ));
         }
-        let mut server = client_of(&config.clickhouse_url);
+        let tls = aimesh_kit::tls::client_config(config.clickhouse_ca_file.as_deref(), "analytics.clickhouse_ca_file")
+            .map_err(|e| AnalyticsError::invalid(e.setting, e.message))?;
+        let mut server = client_with_tls(&config.clickhouse_url, tls);
         if let Some(user) = &config.clickhouse_user {
             server = server.with_user(user);
         }

@@ -19,6 +19,7 @@ pub mod runtime;
 pub mod server;
 pub mod spelled;
 pub mod telemetry;
+pub mod tls;
 
 pub use error::{ErrorCode, ServiceError};
 
