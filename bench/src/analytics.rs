@@ -193,8 +193,8 @@ pub async fn daily_cost_clickhouse(mesh: &Mesh, token: &str, project: &str, runs
         let mut analytics = analytics.clone();
         let request = pb::GetUsageTimeSeriesRequest {
             project_id: project.clone(),
-            start_time: Some(aimesh_kit::proto_json::timestamp(end - chrono::Duration::days(QUERY_DAYS + 1))),
-            end_time: Some(aimesh_kit::proto_json::timestamp(end)),
+            start_time: Some(aimesh_kit::wire::proto_json::timestamp(end - chrono::Duration::days(QUERY_DAYS + 1))),
+            end_time: Some(aimesh_kit::wire::proto_json::timestamp(end)),
             bucket: "day".into(),
             metrics: vec!["cost".into()],
             group_by: "model".into(),
@@ -243,8 +243,8 @@ pub async fn daily_cost_raw_clickhouse(mesh: &Mesh, project: &str, runs: u64) ->
 /// cost by model over the whole period.
 pub async fn daily_cost_postgres(runs: u64) -> anyhow::Result<Figures> {
     let scratch = ScratchDatabase::new();
-    aimesh_kit::db::ensure_database(&scratch.url).await?;
-    let pool = aimesh_kit::db::connect(&scratch.url, &aimesh_kit::config::DatabaseConfig::default()).await?;
+    aimesh_kit::data::db::ensure_database(&scratch.url).await?;
+    let pool = aimesh_kit::data::db::connect(&scratch.url, &aimesh_kit::config::DatabaseConfig::default()).await?;
     eprintln!("bench: generating {QUERY_EVENTS} events in PostgreSQL");
     sqlx::query(
         "CREATE UNLOGGED TABLE usage_records (project_id UUID NOT NULL, request_time TIMESTAMPTZ NOT NULL, \

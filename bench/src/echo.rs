@@ -30,7 +30,7 @@ impl Echo {
         let (stop, stopped) = oneshot::channel::<()>();
         let server =
             tokio::spawn(tonic::transport::Server::builder().add_service(health).serve_with_incoming_shutdown(
-                aimesh_kit::server::nodelay_incoming(listener),
+                aimesh_kit::serving::server::nodelay_incoming(listener),
                 async {
                     let _ = stopped.await;
                 },

@@ -9,8 +9,8 @@ use std::process::Command;
 use fred::interfaces::LuaInterface;
 
 use aimesh_kit::config::{CommonConfig, RateLimitConfig};
-use aimesh_kit::ratelimit::{DecisionSource, Dimension, GCRA_SCRIPT, Limit, LimitRequest, RateLimiter};
-use aimesh_kit::redis::Redis;
+use aimesh_kit::data::redis::Redis;
+use aimesh_kit::serving::ratelimit::{DecisionSource, Dimension, GCRA_SCRIPT, Limit, LimitRequest, RateLimiter};
 
 use crate::report::{Figures, Load, Mode, Pair, measure};
 

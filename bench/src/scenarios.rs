@@ -298,9 +298,9 @@ fn prost_timestamp(seconds: u64) -> prost_types::Timestamp {
 /// per request, into a scratch database.
 async fn postgres_insert(load: Load, pool_size: u32) -> anyhow::Result<crate::report::Figures> {
     let scratch = ScratchDatabase::new();
-    aimesh_kit::db::ensure_database(&scratch.url).await?;
+    aimesh_kit::data::db::ensure_database(&scratch.url).await?;
     let settings = aimesh_kit::config::DatabaseConfig { max_connections: pool_size, ..Default::default() };
-    let pool = aimesh_kit::db::connect(&scratch.url, &settings).await?;
+    let pool = aimesh_kit::data::db::connect(&scratch.url, &settings).await?;
     sqlx::query(
         "CREATE TABLE rows (id UUID PRIMARY KEY, project_id UUID NOT NULL, user_id UUID NOT NULL, model_id UUID NOT NULL, \
          request_type TEXT NOT NULL, input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL, \
@@ -334,7 +334,7 @@ async fn postgres_insert(load: Load, pool_size: u32) -> anyhow::Result<crate::re
 /// The raw cost of one Lua decision on the cluster: EVALSHA of a one-INCRBY script on one key.
 async fn redis_evalsha(mesh: &Mesh, load: Load) -> anyhow::Result<crate::report::Figures> {
     let common = &mesh.config.common;
-    let redis = aimesh_kit::redis::Redis::connect(&common.redis_urls, &common.redis).await?;
+    let redis = aimesh_kit::data::redis::Redis::connect(&common.redis_urls, &common.redis).await?;
     let key = redis.key("bench", "{evalsha}:counter");
     let script = "return redis.call('INCRBY', KEYS[1], ARGV[1])";
     let sha: String = redis.pool().script_load_cluster(script).await?;

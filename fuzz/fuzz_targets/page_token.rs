@@ -3,7 +3,7 @@
 #![no_main]
 
 use aimesh_kit::ErrorCode;
-use aimesh_kit::pagination::{Cursor, page_size};
+use aimesh_kit::wire::pagination::{Cursor, page_size};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -37,8 +37,8 @@ pub async fn analytics_totals(mesh: &Mesh, project: &str, credential: &str) -> T
     let now = chrono::Utc::now();
     let request = pb::GetUsageBreakdownRequest {
         project_id: project.into(),
-        start_time: Some(aimesh_kit::proto_json::timestamp(now - chrono::Duration::days(1))),
-        end_time: Some(aimesh_kit::proto_json::timestamp(now + chrono::Duration::days(1))),
+        start_time: Some(aimesh_kit::wire::proto_json::timestamp(now - chrono::Duration::days(1))),
+        end_time: Some(aimesh_kit::wire::proto_json::timestamp(now + chrono::Duration::days(1))),
         dimension: "model".into(),
         metrics: METRICS.iter().map(|m| (*m).to_owned()).collect(),
         ..Default::default()

@@ -77,7 +77,7 @@ fn usage_event(
         topic: "usage".into(),
         event_type: "usage.recorded".into(),
         project_id: project.to_owned(),
-        occurred_at: Some(aimesh_kit::proto_json::timestamp(now)),
+        occurred_at: Some(aimesh_kit::wire::proto_json::timestamp(now)),
         payload: serde_json::json!({
             "id": uuid::Uuid::now_v7(), "request_id": "r", "user_id": user, "model_id": uuid::Uuid::new_v4(),
             "request_type": "chat", "input_tokens": tokens, "output_tokens": 1, "total_tokens": tokens + 1,
@@ -158,8 +158,8 @@ async fn bad_questions_and_strangers_are_refused() {
     let now = chrono::Utc::now();
     let good = pb::GetUsageTimeSeriesRequest {
         project_id: project.clone(),
-        start_time: Some(aimesh_kit::proto_json::timestamp(now - chrono::Duration::days(1))),
-        end_time: Some(aimesh_kit::proto_json::timestamp(now)),
+        start_time: Some(aimesh_kit::wire::proto_json::timestamp(now - chrono::Duration::days(1))),
+        end_time: Some(aimesh_kit::wire::proto_json::timestamp(now)),
         bucket: "hour".into(),
         ..Default::default()
     };
@@ -176,7 +176,7 @@ async fn bad_questions_and_strangers_are_refused() {
         (
             "end_time",
             pb::GetUsageTimeSeriesRequest {
-                start_time: Some(aimesh_kit::proto_json::timestamp(now - chrono::Duration::days(500))),
+                start_time: Some(aimesh_kit::wire::proto_json::timestamp(now - chrono::Duration::days(500))),
                 bucket: "month".into(),
                 ..good.clone()
             },
@@ -184,7 +184,7 @@ async fn bad_questions_and_strangers_are_refused() {
         (
             "bucket",
             pb::GetUsageTimeSeriesRequest {
-                start_time: Some(aimesh_kit::proto_json::timestamp(now - chrono::Duration::days(30))),
+                start_time: Some(aimesh_kit::wire::proto_json::timestamp(now - chrono::Duration::days(30))),
                 bucket: "minute".into(),
                 ..good.clone()
             },

@@ -28,7 +28,7 @@ fn probe(project: &str, token: &ServiceToken) -> tonic::Request<pb::IngestReques
         topic: "product".into(),
         event_type: "probe".into(),
         project_id: project.to_owned(),
-        occurred_at: Some(aimesh_kit::proto_json::timestamp(chrono::Utc::now())),
+        occurred_at: Some(aimesh_kit::wire::proto_json::timestamp(chrono::Utc::now())),
         payload: "{}".into(),
     };
     let mut request = tonic::Request::new(pb::IngestRequest { events: vec![event] });

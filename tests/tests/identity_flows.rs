@@ -558,8 +558,8 @@ async fn another_service_verifies_credentials_through_authenticate_and_sees_revo
     use std::sync::Arc;
 
     use aimesh_kit::auth::{CredentialRef, CredentialVerifier, RemoteCredentialSource, identity_client};
-    use aimesh_kit::cache::InvalidationBus;
-    use aimesh_kit::redis::Redis;
+    use aimesh_kit::data::cache::InvalidationBus;
+    use aimesh_kit::data::redis::Redis;
 
     let mesh = Mesh::start().await;
     let ann = mesh.signup("ann").await;

@@ -1,14 +1,14 @@
 //! How services other than identity learn a caller's role in a project (what
-//! `aimesh_kit::access::remote` builds for them): `ProjectAccess` asks
+//! `aimesh_kit::auth::remote` builds for them): `ProjectAccess` asks
 //! identity's `GetProjectRole` with the caller's own credential, caches the answer, and sees
 //! identity's membership changes at once through the invalidation broadcast.
 
 use std::time::{Duration, Instant};
 
-use aimesh_kit::access::{Access, BearerCredential, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::auth::CredentialVerifier;
-use aimesh_kit::cache::InvalidationBus;
-use aimesh_kit::redis::Redis;
+use aimesh_kit::auth::{Access, BearerCredential, Caller, ProjectAccess, ProjectRole};
+use aimesh_kit::data::cache::InvalidationBus;
+use aimesh_kit::data::redis::Redis;
 use aimesh_kit::{ErrorCode, ServiceError};
 use aimesh_proto::identity::v1 as pb;
 use aimesh_tests::{Account, Mesh, authed};
@@ -27,7 +27,7 @@ impl OtherService {
         let bus = InvalidationBus::start(&redis).await.expect("bus");
         let identity = format!("http://{}", mesh.identity);
         let (verifier, access) =
-            aimesh_kit::access::remote(&redis, &bus, &common.auth, &identity).expect("identity client");
+            aimesh_kit::auth::remote(&redis, &bus, &common.auth, &identity).expect("identity client");
         Self { verifier, access, _bus: bus }
     }
 

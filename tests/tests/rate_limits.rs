@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use aimesh_gateway::GatewayConfig;
-use aimesh_kit::ratelimit::client::{HEADER_CLIENT_IP, HEADER_CLIENT_IP_TOKEN};
+use aimesh_kit::serving::ratelimit::client::{HEADER_CLIENT_IP, HEADER_CLIENT_IP_TOKEN};
 use aimesh_proto::chat::v1 as chat_pb;
 use aimesh_proto::identity::v1 as pb;
 use aimesh_proto::usage::v1 as usage_pb;

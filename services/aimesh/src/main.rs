@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use aimesh::{MeshConfig, ServiceName};
-use aimesh_kit::server::shutdown_on_signal;
+use aimesh_kit::serving::server::shutdown_on_signal;
 use aimesh_kit::telemetry::{self, Telemetry};
 
 /// The aimesh backend. Configuration: built-in defaults, then the file given with --config,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use aimesh_kit::proto_json;
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::analytics::v1 as pb;
 
 /// Fractional digits of a stored cost (ClickHouse `Decimal(38, 10)`), as usage computes it.

@@ -9,8 +9,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use aimesh_kit::config::CommonConfig;
-use aimesh_kit::runtime::ServiceRuntime;
-use aimesh_kit::server::Probe;
+use aimesh_kit::serving::runtime::ServiceRuntime;
+use aimesh_kit::serving::server::Probe;
 
 use crate::api::Analytics;
 use crate::config::AnalyticsConfig;

@@ -23,7 +23,7 @@ use clickhouse::Row;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use aimesh_kit::redis::Redis;
+use aimesh_kit::data::redis::Redis;
 
 use crate::config::AnalyticsConfig;
 use crate::error::{AnalyticsError, Result};
@@ -103,8 +103,9 @@ impl ClickHouse {
                 "must be a plain identifier other than default and system",
             ));
         }
-        let tls = aimesh_kit::tls::client_config(config.clickhouse_ca_file.as_deref(), "analytics.clickhouse_ca_file")
-            .map_err(|e| AnalyticsError::invalid(e.setting, e.message))?;
+        let tls =
+            aimesh_kit::data::tls::client_config(config.clickhouse_ca_file.as_deref(), "analytics.clickhouse_ca_file")
+                .map_err(|e| AnalyticsError::invalid(e.setting, e.message))?;
         let mut server = client_with_tls(&config.clickhouse_url, tls);
         if let Some(user) = &config.clickhouse_user {
             server = server.with_user(user);

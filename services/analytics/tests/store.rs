@@ -9,7 +9,7 @@ use aimesh_analytics::error::AnalyticsError;
 use aimesh_analytics::events::{self, ValidEvent};
 use aimesh_analytics::query::{Bucket, Dimension, TimeRange, UsageFilter, UsageQuery};
 use aimesh_analytics::store::{IngestClaims, Source, Store, Stored, UsageAggregate};
-use aimesh_kit::proto_json;
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::analytics::v1 as pb;
 
 /// A store on a database of its own, dropped at the end of the test.

@@ -11,8 +11,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
-use aimesh_kit::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
-use aimesh_kit::redis::Redis;
+use aimesh_kit::data::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
+use aimesh_kit::data::redis::Redis;
 
 use crate::attachments::Attachments;
 use crate::domain::{MessageEdit, MessageLimits, MessageRole, NewMessage, NewSession, Parent, SessionPatch};

@@ -50,7 +50,7 @@ impl NewSession {
     /// A CreateSession request of `user_id`, checked field by field.
     pub fn validate(request: &pb::CreateSessionRequest, user_id: Uuid) -> Result<Self> {
         Ok(Self {
-            project_id: aimesh_kit::fields::id("project_id", &request.project_id)?,
+            project_id: aimesh_kit::wire::fields::id("project_id", &request.project_id)?,
             user_id,
             model: model("model", &request.model)?,
             title: title("title", &request.title)?,
@@ -126,7 +126,7 @@ pub struct MessageLimits {
 impl NewMessage {
     /// An AppendMessage request of `user_id`, checked field by field.
     pub fn validate(request: &pb::AppendMessageRequest, user_id: Uuid, limits: MessageLimits) -> Result<Self> {
-        let parent = match aimesh_kit::fields::optional_id("parent_message_id", &request.parent_message_id)? {
+        let parent = match aimesh_kit::wire::fields::optional_id("parent_message_id", &request.parent_message_id)? {
             Some(id) => Parent::Exactly(Some(id)),
             None => Parent::Latest,
         };
@@ -162,7 +162,7 @@ impl MessageEdit {
     /// An EditMessage request of `user_id`, checked field by field; content is required.
     pub fn validate(request: &pb::EditMessageRequest, user_id: Uuid, limits: MessageLimits) -> Result<Self> {
         Ok(Self {
-            message_id: aimesh_kit::fields::id("message_id", &request.message_id)?,
+            message_id: aimesh_kit::wire::fields::id("message_id", &request.message_id)?,
             content: content("content", &request.content, limits)?,
             metadata: request.metadata.as_ref().map(|m| json_object("metadata", Some(m))).transpose()?,
             tokens: tokens("tokens", request.tokens)?,
@@ -186,7 +186,7 @@ pub fn model(field: &'static str, value: &str) -> Result<String> {
 
 /// A session title: optional, one line.
 pub fn title(field: &'static str, value: &str) -> Result<String> {
-    Ok(aimesh_kit::fields::text(field, value, MAX_TITLE_CHARS, false)?)
+    Ok(aimesh_kit::wire::fields::text(field, value, MAX_TITLE_CHARS, false)?)
 }
 
 /// A system prompt: optional, any text PostgreSQL can store.
@@ -270,7 +270,7 @@ pub fn attachment_ids(field: &'static str, values: &[String]) -> Result<Vec<Uuid
 
 /// A `Struct` field as a JSON object (empty when absent), at most [`MAX_JSON_BYTES`] as JSON.
 pub fn json_object(field: &'static str, value: Option<&prost_types::Struct>) -> Result<serde_json::Value> {
-    let json = value.map_or_else(|| serde_json::json!({}), aimesh_kit::proto_json::struct_to_json);
+    let json = value.map_or_else(|| serde_json::json!({}), aimesh_kit::wire::proto_json::struct_to_json);
     let text = serde_json::to_string(&json).map_err(|e| ChatError::invalid(field, e.to_string()))?;
     if text.len() > MAX_JSON_BYTES {
         return Err(ChatError::invalid(field, format!("must be at most {MAX_JSON_BYTES} bytes as JSON")));
@@ -369,7 +369,7 @@ mod tests {
     fn json_fields_have_a_size_limit() {
         let big = serde_json::json!({ "x": "y".repeat(MAX_JSON_BYTES) });
         let serde_json::Value::Object(map) = &big else { panic!("object") };
-        let value = aimesh_kit::proto_json::json_object_to_struct(map);
+        let value = aimesh_kit::wire::proto_json::json_object_to_struct(map);
         assert_eq!(field_of(json_object("metadata", Some(&value))), Some("metadata".into()));
         assert_eq!(json_object("metadata", None).expect("empty"), serde_json::json!({}));
     }

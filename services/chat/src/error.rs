@@ -1,6 +1,6 @@
 //! Errors of the chat domain, and their one mapping to the kit's [`ServiceError`].
 
-use aimesh_kit::redis::RedisError;
+use aimesh_kit::data::redis::RedisError;
 use aimesh_kit::{ErrorCode, ServiceError};
 
 #[derive(Debug, thiserror::Error)]

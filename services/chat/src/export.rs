@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use aimesh_kit::pagination::{Cursor, Page};
+use aimesh_kit::wire::pagination::{Cursor, Page};
 
 use crate::error::{ChatError, Result};
 use crate::store::{MessageRow, SessionFilter, SessionRow, Store};

@@ -18,7 +18,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
-use aimesh_kit::redis::{Redis, RedisError};
+use aimesh_kit::data::redis::{Redis, RedisError};
 
 use crate::error::Result;
 use crate::store::{MessageRow, Store};

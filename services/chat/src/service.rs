@@ -9,8 +9,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use aimesh_kit::config::CommonConfig;
-use aimesh_kit::db;
-use aimesh_kit::runtime::ServiceRuntime;
+use aimesh_kit::data::db;
+use aimesh_kit::serving::runtime::ServiceRuntime;
 
 use crate::api::Chat;
 use crate::attachments::{Attachments, FilesService, NoFilesService};

@@ -3,12 +3,12 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
-use aimesh_kit::db::is_sqlstate;
-use aimesh_kit::outbox::{self, EVENT_COLUMNS, OutboxEvent};
-use aimesh_kit::pagination::Page;
+use aimesh_kit::data::db::{is_sqlstate, sql};
+use aimesh_kit::data::outbox::{self, EVENT_COLUMNS, OutboxEvent};
+use aimesh_kit::wire::pagination::Page;
 
 use crate::domain::{NewMessage, NewSession, Parent, SessionPatch, SessionStatus};
 use crate::error::{ChatError, Result};
@@ -107,25 +107,12 @@ const M_MESSAGE_COLUMNS: &str = "m.id, m.session_id, m.sequence, m.role, m.conte
                                  m.tokens, m.parent_message_id, m.client_message_id, m.attachment_ids, m.user_id, \
                                  m.created_at";
 
-fn sql(statement: String) -> sqlx::AssertSqlSafe<String> {
-    sqlx::AssertSqlSafe(statement)
-}
-
-/// The chat database. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Store {
-    pool: PgPool,
-}
+aimesh_kit::pg_store!(
+    /// The chat database. Cheap to clone.
+    Store
+);
 
 impl Store {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     // ---- sessions ----
 
     /// Stores a session and its "chat.session_created" event in one transaction.

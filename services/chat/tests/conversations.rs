@@ -17,9 +17,9 @@ use aimesh_chat::domain::{MessageEdit, MessageLimits, MessageRole, NewMessage, N
 use aimesh_chat::error::ChatError;
 use aimesh_chat::export::{self, ChunkWriter, Format, MAX_CHUNK};
 use aimesh_chat::store::{Appended, MessageRow, SessionRow};
-use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::{DatabaseConfig, RedisConfig};
-use aimesh_kit::redis::Redis;
+use aimesh_kit::data::cache::InvalidationBus;
+use aimesh_kit::data::redis::Redis;
 use aimesh_kit::testing::{self, TestDatabase};
 
 /// One replica of the chat service: its own pool, Redis connections, invalidation bus and
@@ -40,7 +40,7 @@ fn settings() -> Settings {
 
 async fn replica(url: &str, prefix: &str) -> Replica {
     let database = DatabaseConfig { max_connections: 20, min_connections: 0, ..DatabaseConfig::default() };
-    let pool = aimesh_kit::db::connect(url, &database).await.expect("connect to the test database");
+    let pool = aimesh_kit::data::db::connect(url, &database).await.expect("connect to the test database");
     let redis = Redis::connect_with_prefix(&testing::redis_urls(), &RedisConfig::default(), prefix)
         .await
         .expect("connect to the redis cluster");
@@ -52,7 +52,7 @@ async fn replica(url: &str, prefix: &str) -> Replica {
 /// A migrated database and two replicas on it with a fresh key prefix.
 async fn setup() -> (TestDatabase, Replica, Replica) {
     let db = TestDatabase::new(&aimesh_chat::MIGRATOR).await;
-    aimesh_kit::outbox::migrate(&db.pool).await.expect("migrate the outbox");
+    aimesh_kit::data::outbox::migrate(&db.pool).await.expect("migrate the outbox");
     let prefix = format!("test-{}", Uuid::new_v4().simple());
     let a = replica(&db.url, &prefix).await;
     let b = replica(&db.url, &prefix).await;

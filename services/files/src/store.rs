@@ -3,11 +3,12 @@
 //! orphaned `blobs` rows (skipping locked ones).
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
-use aimesh_kit::outbox::{self, OutboxEvent};
-use aimesh_kit::pagination::Page;
+use aimesh_kit::data::db::sql;
+use aimesh_kit::data::outbox::{self, OutboxEvent};
+use aimesh_kit::wire::pagination::Page;
 
 use crate::error::{FilesError, Result};
 
@@ -90,21 +91,12 @@ pub struct Orphan {
     pub storage_key: String,
 }
 
-/// The files database. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Store {
-    pool: PgPool,
-}
+aimesh_kit::pg_store!(
+    /// The files database. Cheap to clone.
+    Store
+);
 
 impl Store {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     // ---- uploads ----
 
     /// Notes an object about to be written, before its first byte, so that the collector finds
@@ -212,7 +204,7 @@ impl Store {
 
     async fn file_in(conn: &mut PgConnection, id: Uuid) -> Result<Option<FileRow>> {
         let statement = format!("SELECT {FILE_COLUMNS} FROM files f WHERE f.id = $1");
-        Ok(sqlx::query_as(sqlx::AssertSqlSafe(statement)).bind(id).fetch_optional(conn).await?)
+        Ok(sqlx::query_as(sql(statement)).bind(id).fetch_optional(conn).await?)
     }
 
     /// A live (not deleted) file.
@@ -245,7 +237,7 @@ impl Store {
                AND (f.created_at, f.id) < ($7, $8) \
              ORDER BY f.created_at DESC, f.id DESC LIMIT $9"
         );
-        Ok(sqlx::query_as(sqlx::AssertSqlSafe(statement))
+        Ok(sqlx::query_as(sql(statement))
             .bind(project_id)
             .bind(&filter.mime_type)
             .bind(&filter.family)

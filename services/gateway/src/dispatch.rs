@@ -12,7 +12,7 @@ use tonic::client::Grpc;
 use tower_http::request_id::RequestId;
 use tracing::Instrument;
 
-use aimesh_kit::ratelimit::Decision;
+use aimesh_kit::serving::ratelimit::Decision;
 
 use crate::downloads::{DownloadShape, apply_range, download};
 use crate::reply::{RestError, json_response, passed_back};

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tonic_types::StatusExt;
 
 use aimesh_kit::ServiceError;
-use aimesh_kit::ratelimit::{HEADER_LIMIT, HEADER_REMAINING, HEADER_RESET, HEADER_RETRY_AFTER};
+use aimesh_kit::serving::ratelimit::{HEADER_LIMIT, HEADER_REMAINING, HEADER_RESET, HEADER_RETRY_AFTER};
 
 /// Response headers a service may set that REST clients should see too: the rate-limit state.
 pub const PASSED_BACK: [&str; 4] = [HEADER_LIMIT, HEADER_REMAINING, HEADER_RESET, HEADER_RETRY_AFTER];

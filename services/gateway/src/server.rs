@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use aimesh_kit::config::CommonConfig;
-use aimesh_kit::ratelimit::RateLimiter;
-use aimesh_kit::ratelimit::client::ClientVoucher;
-use aimesh_kit::redis::Redis;
+use aimesh_kit::data::redis::Redis;
+use aimesh_kit::serving::ratelimit::RateLimiter;
+use aimesh_kit::serving::ratelimit::client::ClientVoucher;
 
 use crate::client::TrustedProxies;
 use crate::config::GatewayConfig;
@@ -38,7 +38,7 @@ pub(crate) struct Gateway {
     /// Limits callers without a credential per client address, like the services would.
     pub(crate) limiter: RateLimiter,
     pub(crate) trusted_proxies: TrustedProxies,
-    /// Vouches for the client address on every call (see `aimesh_kit::ratelimit::client`).
+    /// Vouches for the client address on every call (see `aimesh_kit::serving::ratelimit::client`).
     pub(crate) voucher: Option<ClientVoucher>,
     /// False from the start of a shutdown, so `/readyz` sends load balancers elsewhere.
     ready: AtomicBool,
@@ -92,7 +92,8 @@ pub async fn run(
     let server = axum::serve(listener, app).with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
     let not_ready = async move { gateway.ready.store(false, Ordering::Relaxed) };
-    aimesh_kit::server::stop_gracefully("gateway", server, stop_accepting, &common.server, shutdown, not_ready).await
+    aimesh_kit::serving::server::stop_gracefully("gateway", server, stop_accepting, &common.server, shutdown, not_ready)
+        .await
 }
 
 fn router(gateway: Arc<Gateway>) -> anyhow::Result<axum::Router> {

@@ -10,12 +10,12 @@ use futures::future::BoxFuture;
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
-use aimesh_kit::access::{Caller, ProjectRole, RoleSource};
 use aimesh_kit::auth::{
     ACCESS_TOKEN_PREFIX, API_KEY_PREFIX, CredentialRef, CredentialSource, KeyRateLimits, LastUseKind, Principal,
     credential_hash,
 };
-use aimesh_kit::redis::Redis;
+use aimesh_kit::auth::{Caller, ProjectRole, RoleSource};
+use aimesh_kit::data::redis::Redis;
 
 use crate::store::Store;
 

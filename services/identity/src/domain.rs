@@ -9,9 +9,9 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use rand::RngCore;
 
-use aimesh_kit::access::ProjectRole;
+use aimesh_kit::auth::ProjectRole;
 use aimesh_kit::auth::{ACCESS_TOKEN_PREFIX, API_KEY_PREFIX, REFRESH_TOKEN_PREFIX, SCOPES, credential_hash};
-use aimesh_kit::fields;
+use aimesh_kit::wire::fields;
 
 use crate::error::{IdentityError, Result};
 

@@ -8,11 +8,11 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use aimesh_kit::access::ProjectAccess;
 use aimesh_kit::auth::CredentialVerifier;
+use aimesh_kit::auth::ProjectAccess;
 use aimesh_kit::config::CommonConfig;
-use aimesh_kit::db;
-use aimesh_kit::runtime::ServiceRuntime;
+use aimesh_kit::data::db;
+use aimesh_kit::serving::runtime::ServiceRuntime;
 
 use crate::api::Identity;
 use crate::config::IdentityConfig;

@@ -348,7 +348,7 @@ pub enum RedisFailureMode {
     Closed,
 }
 
-/// Distributed rate limits (see `aimesh_kit::ratelimit`). The defaults are requests per minute
+/// Distributed rate limits (see `aimesh_kit::serving::ratelimit`). The defaults are requests per minute
 /// per caller; a project's or an API key's own `requests_per_minute` (set in identity) wins
 /// over `per_project` and `per_api_key`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

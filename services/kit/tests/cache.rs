@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use aimesh_kit::cache::{CacheSettings, InvalidationBus, TwoLevelCache, jitter_with};
 use aimesh_kit::config::RedisConfig;
-use aimesh_kit::redis::Redis;
+use aimesh_kit::data::cache::{CacheSettings, InvalidationBus, TwoLevelCache, jitter_with};
+use aimesh_kit::data::redis::Redis;
 use aimesh_kit::testing;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rand::SeedableRng;

@@ -5,7 +5,8 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use aimesh_kit::config::DatabaseConfig;
-use aimesh_kit::{db, testing};
+use aimesh_kit::data::db;
+use aimesh_kit::testing;
 
 /// What a `tracing` subscriber wrote, shared with the test.
 #[derive(Debug, Clone, Default)]

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aimesh_kit::outbox::{self, OutboxEvent, OutboxRelay, OutboxSink, RelayError, RelaySettings, SinkError};
+use aimesh_kit::data::outbox::{self, OutboxEvent, OutboxRelay, OutboxSink, RelayError, RelaySettings, SinkError};
 use aimesh_kit::testing::TestDatabase;
 use futures::future::BoxFuture;
 use serde_json::json;

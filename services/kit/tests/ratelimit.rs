@@ -5,8 +5,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use aimesh_kit::config::{RateLimitConfig, RateLimitMode, RedisConfig, RedisFailureMode};
-use aimesh_kit::ratelimit::{DecisionSource, Dimension, Limit, LimitRequest, RateLimiter};
-use aimesh_kit::redis::Redis;
+use aimesh_kit::data::redis::Redis;
+use aimesh_kit::serving::ratelimit::{DecisionSource, Dimension, Limit, LimitRequest, RateLimiter};
 use aimesh_kit::testing::{self, ScratchCluster};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use fred::interfaces::KeysInterface;
 
 use aimesh_kit::config::RedisConfig;
-use aimesh_kit::redis::Redis;
+use aimesh_kit::data::redis::Redis;
 use aimesh_kit::testing::{ScratchCluster, ScratchRedis, TestCertificates};
 
 /// Connecting, bounded: a refused connection must fail, not retry for ever.

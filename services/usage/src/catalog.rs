@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
-use aimesh_kit::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
-use aimesh_kit::redis::Redis;
+use aimesh_kit::data::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
+use aimesh_kit::data::redis::Redis;
 
 use crate::domain::{MatchPattern, ModelStatus, Price};
 use crate::error::{Result, UsageError};

@@ -37,7 +37,7 @@ use fred::types::scripts::Script;
 use serde::Serialize;
 use uuid::Uuid;
 
-use aimesh_kit::redis::{Redis, RedisError};
+use aimesh_kit::data::redis::{Redis, RedisError};
 
 use crate::domain::{QuotaLimits, QuotaSubject, Windows};
 

@@ -1,7 +1,7 @@
 //! Domain types and rules of usage: what a model, a price, a usage record, a reservation and a
 //! quota may hold, exact cost arithmetic, and the UTC windows quotas are counted in.
 
-use aimesh_kit::fields;
+use aimesh_kit::wire::fields;
 use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, SubsecRound, TimeZone, Utc};

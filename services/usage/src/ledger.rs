@@ -31,9 +31,9 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
-use aimesh_kit::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
-use aimesh_kit::outbox::OutboxEvent;
-use aimesh_kit::redis::Redis;
+use aimesh_kit::data::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
+use aimesh_kit::data::outbox::OutboxEvent;
+use aimesh_kit::data::redis::Redis;
 
 use crate::catalog::Catalog;
 use crate::counters::{CounterSnapshot, Counters, Decision, LimitedSubject, Outcome, ReservationEntry};

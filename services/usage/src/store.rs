@@ -5,12 +5,12 @@
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
-use aimesh_kit::db::unique_violation;
-use aimesh_kit::outbox::{EVENT_COLUMNS, OutboxEvent};
-use aimesh_kit::pagination::Page;
+use aimesh_kit::data::db::{sql, unique_violation};
+use aimesh_kit::data::outbox::{EVENT_COLUMNS, OutboxEvent};
+use aimesh_kit::wire::pagination::Page;
 
 use crate::domain::{ModelStatus, Price, QuotaLimits, QuotaSubject, Windows};
 use crate::error::{Result, UsageError};
@@ -189,10 +189,6 @@ const QUOTA_COLUMNS: &str = "project_id, scope, subject_id, tokens_per_day, cost
 const RESERVATION_COLUMNS: &str =
     "id, project_id, user_id, api_key_id, model_id, tokens, cost, cost_nanos, state, created_at, expires_at";
 
-fn sql(statement: String) -> sqlx::AssertSqlSafe<String> {
-    sqlx::AssertSqlSafe(statement)
-}
-
 /// The advisory lock key of a project's counters: both halves of its id folded together (ids
 /// are UUIDv7, whose first half is mostly a timestamp). Two projects sharing a key only share
 /// the lock, which is harmless.
@@ -201,21 +197,12 @@ fn lock_key(project_id: Uuid) -> i64 {
     i64::from_ne_bytes((high ^ low).to_ne_bytes())
 }
 
-/// The usage store over its PostgreSQL pool.
-#[derive(Debug, Clone)]
-pub struct Store {
-    pool: PgPool,
-}
+aimesh_kit::pg_store!(
+    /// The usage store over its PostgreSQL pool.
+    Store
+);
 
 impl Store {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     // ---- catalog ----
 
     /// Inserts a model and, when given, its first price, in one transaction.

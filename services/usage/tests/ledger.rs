@@ -11,11 +11,11 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use aimesh_kit::cache::InvalidationBus;
 use aimesh_kit::config::{DatabaseConfig, RedisConfig};
-use aimesh_kit::pagination::{Cursor, Page};
-use aimesh_kit::redis::Redis;
+use aimesh_kit::data::cache::InvalidationBus;
+use aimesh_kit::data::redis::Redis;
 use aimesh_kit::testing::{self, TestDatabase};
+use aimesh_kit::wire::pagination::{Cursor, Page};
 use aimesh_usage::domain::{
     ModelStatus, NewReservation, NewUsage, Price, QuotaLimits, QuotaSubject, ReservationDraft, UsageDraft, Windows,
 };
@@ -33,7 +33,7 @@ struct Replica {
 
 async fn replica(url: &str, prefix: &str) -> Replica {
     let settings = DatabaseConfig { max_connections: 10, min_connections: 0, ..DatabaseConfig::default() };
-    let pool = aimesh_kit::db::connect(url, &settings).await.expect("connect to the test database");
+    let pool = aimesh_kit::data::db::connect(url, &settings).await.expect("connect to the test database");
     let redis = Redis::connect_with_prefix(&testing::redis_urls(), &RedisConfig::default(), prefix)
         .await
         .expect("connect to the redis cluster");
@@ -44,7 +44,7 @@ async fn replica(url: &str, prefix: &str) -> Replica {
 /// A migrated database and two replicas on it with a fresh key prefix.
 async fn setup() -> (TestDatabase, Replica, Replica) {
     let db = TestDatabase::new(&aimesh_usage::MIGRATOR).await;
-    aimesh_kit::outbox::migrate(&db.pool).await.expect("migrate the outbox");
+    aimesh_kit::data::outbox::migrate(&db.pool).await.expect("migrate the outbox");
     let prefix = format!("test-{}", Uuid::new_v4().simple());
     let a = replica(&db.url, &prefix).await;
     let b = replica(&db.url, &prefix).await;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::auth::principal;
-use aimesh_kit::error::respond;
+use aimesh_kit::wire::error::respond;
 use aimesh_proto::analytics::v1 as pb;
 
 use super::Analytics;

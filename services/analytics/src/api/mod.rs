@@ -10,8 +10,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use aimesh_kit::access::{Caller, ProjectAccess, ProjectRole};
-use aimesh_kit::proto_json;
+use aimesh_kit::auth::{Caller, ProjectAccess, ProjectRole};
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::analytics::v1 as pb;
 
 use crate::config::AnalyticsConfig;
@@ -37,7 +37,7 @@ impl Analytics {
     /// Every gRPC service of analytics, ready for the server.
     pub fn routes(self: &Arc<Self>) -> tonic::service::Routes {
         let ingest = pb::ingest_service_server::IngestServiceServer::new(ingest::IngestApi(Arc::clone(self)))
-            .max_decoding_message_size(aimesh_kit::outbox::MAX_INGEST_MESSAGE_BYTES);
+            .max_decoding_message_size(aimesh_kit::data::outbox::MAX_INGEST_MESSAGE_BYTES);
         tonic::service::Routes::new(ingest)
             .add_service(pb::analytics_service_server::AnalyticsServiceServer::new(queries::QueryApi(Arc::clone(self))))
     }

@@ -7,11 +7,11 @@ use chrono::DateTime;
 use rust_decimal::Decimal;
 use tonic::{Request, Response, Status};
 
-use aimesh_kit::access::{Caller, ProjectRole};
-use aimesh_kit::error::respond;
-use aimesh_kit::fields;
-use aimesh_kit::pagination::{self, Cursor};
-use aimesh_kit::proto_json;
+use aimesh_kit::auth::{Caller, ProjectRole};
+use aimesh_kit::wire::error::respond;
+use aimesh_kit::wire::fields;
+use aimesh_kit::wire::pagination::{self, Cursor};
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::analytics::v1 as pb;
 
 use super::{Analytics, time_field};

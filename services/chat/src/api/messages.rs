@@ -1,9 +1,9 @@
 //! Messages: append, read, list, branches, edits, search.
 
 use aimesh_kit::ServiceError;
-use aimesh_kit::access::{Caller, ProjectRole};
-use aimesh_kit::fields;
-use aimesh_kit::pagination::{Page, PageKey};
+use aimesh_kit::auth::{Caller, ProjectRole};
+use aimesh_kit::wire::fields;
+use aimesh_kit::wire::pagination::{Page, PageKey};
 use aimesh_proto::chat::v1 as pb;
 
 use super::{CHAT_READ, Chat, Deleted, Need, message_to_proto};

@@ -20,10 +20,10 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use aimesh_kit::ErrorCode;
-use aimesh_kit::access::{Access, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::auth::CredentialRef;
-use aimesh_kit::error::respond;
-use aimesh_kit::proto_json;
+use aimesh_kit::auth::{Access, Caller, ProjectAccess, ProjectRole};
+use aimesh_kit::wire::error::respond;
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::chat::v1 as pb;
 
 use crate::conversations::{Conversations, SessionMeta};

@@ -1,8 +1,8 @@
 //! Sessions: create, read, list, update, soft delete, restore, purge.
 
-use aimesh_kit::access::{Caller, ProjectRole};
-use aimesh_kit::fields;
-use aimesh_kit::pagination::{Cursor, Page};
+use aimesh_kit::auth::{Caller, ProjectRole};
+use aimesh_kit::wire::fields;
+use aimesh_kit::wire::pagination::{Cursor, Page};
 use aimesh_proto::chat::v1 as pb;
 
 use super::{CHAT_READ, CHAT_WRITE, Chat, Deleted, Need, session_to_proto};

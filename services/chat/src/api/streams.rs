@@ -8,8 +8,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use aimesh_kit::access::{Caller, ProjectRole};
-use aimesh_kit::fields;
+use aimesh_kit::auth::{Caller, ProjectRole};
+use aimesh_kit::wire::fields;
 use aimesh_proto::chat::v1 as pb;
 
 use super::{CHAT_READ, Chat, Deleted, Need, ResponseStream, message_to_proto};

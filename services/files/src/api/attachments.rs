@@ -5,8 +5,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use aimesh_kit::error::respond;
-use aimesh_kit::fields;
+use aimesh_kit::wire::error::respond;
+use aimesh_kit::wire::fields;
 use aimesh_proto::files::v1 as pb;
 
 use super::Files;

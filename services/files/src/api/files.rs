@@ -8,10 +8,11 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt, future, stream};
 use tonic::{Request, Response, Status, Streaming};
 
-use aimesh_kit::access::{Caller, ProjectRole};
-use aimesh_kit::error::respond;
-use aimesh_kit::pagination::{Cursor, Page};
-use aimesh_kit::{ServiceError, fields, proto_json};
+use aimesh_kit::ServiceError;
+use aimesh_kit::auth::{Caller, ProjectRole};
+use aimesh_kit::wire::error::respond;
+use aimesh_kit::wire::pagination::{Cursor, Page};
+use aimesh_kit::wire::{fields, proto_json};
 use aimesh_proto::files::v1 as pb;
 
 use super::{FILES_READ, FILES_WRITE, Files, ResponseStream, file_to_proto, purpose_from_proto};

@@ -18,9 +18,9 @@ use tonic::Status;
 use uuid::Uuid;
 
 use aimesh_kit::ErrorCode;
-use aimesh_kit::access::{Access, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::auth::CredentialRef;
-use aimesh_kit::proto_json;
+use aimesh_kit::auth::{Access, Caller, ProjectAccess, ProjectRole};
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::files::v1 as pb;
 
 use crate::domain::{Purpose, RangeRequest};

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::ServiceError;
-use aimesh_kit::access::Caller;
-use aimesh_kit::access::RoleSource;
+use aimesh_kit::auth::Caller;
+use aimesh_kit::auth::RoleSource;
 use aimesh_kit::auth::{ACCESS_TOKEN_PREFIX, API_KEY_PREFIX, CredentialSource, check_credential_shape};
-use aimesh_kit::fields;
+use aimesh_kit::wire::fields;
 use aimesh_proto::identity::v1 as pb;
 
 use super::Identity;

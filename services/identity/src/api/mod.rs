@@ -13,9 +13,9 @@ use std::sync::Arc;
 use tonic::Request;
 use uuid::Uuid;
 
-use aimesh_kit::access::{Access, Caller, ProjectAccess, ProjectRole};
+use aimesh_kit::auth::{Access, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::auth::{CredentialVerifier, Principal};
-use aimesh_kit::fields;
+use aimesh_kit::wire::fields;
 use aimesh_proto::identity::v1 as pb;
 
 use crate::config::IdentityConfig;
@@ -101,12 +101,12 @@ impl Identity {
 }
 
 /// Who is acting and from where, for audit events and login sessions. The address is the
-/// client the gateway vouched for, else the peer's (see `aimesh_kit::ratelimit::client`); a
+/// client the gateway vouched for, else the peer's (see `aimesh_kit::serving::ratelimit::client`); a
 /// plain `x-forwarded-for` is not believed, since any caller can send one.
 fn actor<T>(request: &Request<T>, user_id: Option<Uuid>) -> Actor {
     let metadata = request.metadata();
     let text = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or_default();
-    let ip = aimesh_kit::ratelimit::ClientAddress::of(request)
+    let ip = aimesh_kit::serving::ratelimit::ClientAddress::of(request)
         .or_else(|| request.remote_addr().map(|addr| addr.ip()))
         .map(|ip| ip.to_string())
         .unwrap_or_default();

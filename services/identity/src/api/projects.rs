@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use aimesh_kit::access::{Caller, ProjectRole};
-use aimesh_kit::error::respond;
-use aimesh_kit::fields;
-use aimesh_kit::pagination::{Cursor, Page};
-use aimesh_kit::proto_json;
+use aimesh_kit::auth::{Caller, ProjectRole};
+use aimesh_kit::wire::error::respond;
+use aimesh_kit::wire::fields;
+use aimesh_kit::wire::pagination::{Cursor, Page};
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
 use super::{Identity, actor};

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use chrono::{Duration, Utc};
 use tonic::{Request, Response, Status};
 
-use aimesh_kit::access::Caller;
+use aimesh_kit::auth::Caller;
 use aimesh_kit::auth::{Principal, REFRESH_TOKEN_PREFIX, check_credential_shape, credential_hash};
-use aimesh_kit::error::respond;
-use aimesh_kit::fields;
-use aimesh_kit::pagination::{Cursor, Page};
-use aimesh_kit::proto_json;
+use aimesh_kit::wire::error::respond;
+use aimesh_kit::wire::fields;
+use aimesh_kit::wire::pagination::{Cursor, Page};
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
 use super::users::verify_password_blocking;

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use aimesh_kit::access::Caller;
+use aimesh_kit::auth::Caller;
 use aimesh_kit::auth::Principal;
-use aimesh_kit::error::respond;
-use aimesh_kit::fields;
-use aimesh_kit::proto_json;
+use aimesh_kit::wire::error::respond;
+use aimesh_kit::wire::fields;
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
 use super::{Identity, actor, target_user};

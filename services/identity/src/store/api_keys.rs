@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use aimesh_kit::pagination::Page;
+use aimesh_kit::wire::pagination::Page;
 
 use super::{Actor, Audit, Store, audit, sql};
 use crate::error::{IdentityError, Result};

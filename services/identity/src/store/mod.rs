@@ -5,10 +5,11 @@
 //! (with their memberships), `api_keys` and `settings`.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
-use aimesh_kit::outbox::{self, OutboxEvent};
+use aimesh_kit::data::db::sql;
+use aimesh_kit::data::outbox::{self, OutboxEvent};
 
 use crate::error::Result;
 
@@ -58,25 +59,12 @@ async fn audit(conn: &mut PgConnection, audit: Audit<'_>) -> Result<()> {
     Ok(())
 }
 
-fn sql(statement: String) -> sqlx::AssertSqlSafe<String> {
-    sqlx::AssertSqlSafe(statement)
-}
-
-/// The identity store over its PostgreSQL pool.
-#[derive(Debug, Clone)]
-pub struct Store {
-    pool: PgPool,
-}
+aimesh_kit::pg_store!(
+    /// The identity store over its PostgreSQL pool.
+    Store
+);
 
 impl Store {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Applies last-use times collected in Redis; never moves a time backwards.
     pub async fn apply_last_use(&self, sessions: bool, ids: &[Uuid], times: &[DateTime<Utc>]) -> Result<()> {
         let statement = if sessions {

@@ -4,9 +4,9 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use aimesh_kit::access::ProjectRole;
-use aimesh_kit::db::unique_violation;
-use aimesh_kit::pagination::Page;
+use aimesh_kit::auth::ProjectRole;
+use aimesh_kit::data::db::unique_violation;
+use aimesh_kit::wire::pagination::Page;
 
 use super::{Actor, Audit, Store, audit, sql};
 use crate::domain::role_from_db;

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use aimesh_kit::db::unique_violation;
+use aimesh_kit::data::db::unique_violation;
 
 use super::sessions::revoke_sessions;
 use super::{Actor, Audit, Store, audit, sql};

@@ -25,7 +25,7 @@ pub struct ScratchDatabase {
 impl ScratchDatabase {
     pub fn new() -> Self {
         let name = format!("aimesh_test_{}", uuid::Uuid::new_v4().simple());
-        Self { url: crate::db::database_url(&postgres_url(), &name), name }
+        Self { url: crate::data::db::database_url(&postgres_url(), &name), name }
     }
 }
 
@@ -68,15 +68,15 @@ impl TestDatabase {
     /// Creates an empty database with a unique name and applies `migrator` to it.
     pub async fn new(migrator: &Migrator) -> Self {
         let scratch = ScratchDatabase::new();
-        crate::db::ensure_database(&scratch.url).await.unwrap_or_else(|e| {
+        crate::data::db::ensure_database(&scratch.url).await.unwrap_or_else(|e| {
             panic!(
                 "cannot create a test database on {}: {e} (run `make test`, which starts PostgreSQL)",
                 postgres_url()
             )
         });
         let settings = DatabaseConfig { max_connections: 10, min_connections: 0, ..DatabaseConfig::default() };
-        let pool = crate::db::connect(&scratch.url, &settings).await.expect("connect to the test database");
-        crate::db::migrate(&pool, migrator).await.expect("migrate the test database");
+        let pool = crate::data::db::connect(&scratch.url, &settings).await.expect("connect to the test database");
+        crate::data::db::migrate(&pool, migrator).await.expect("migrate the test database");
         Self { pool, url: scratch.url.clone(), _scratch: scratch }
     }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::{TestCertificates, free_ports, wait_for};
 use crate::config::RedisConfig;
-use crate::redis::Redis;
+use crate::data::redis::Redis;
 
 /// The Redis seed nodes of the test run (`AIMESH_REDIS_URLS`).
 pub fn redis_urls() -> String {

@@ -12,9 +12,9 @@ use chrono::{DateTime, Utc};
 
 use uuid::Uuid;
 
-use aimesh_kit::access::{Access, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::auth::CredentialRef;
-use aimesh_kit::proto_json;
+use aimesh_kit::auth::{Access, Caller, ProjectAccess, ProjectRole};
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::usage::v1 as pb;
 
 use crate::error::{Result, UsageError};

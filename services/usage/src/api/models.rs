@@ -9,11 +9,11 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
-use aimesh_kit::access::Caller;
-use aimesh_kit::error::respond;
-use aimesh_kit::fields;
-use aimesh_kit::pagination::{self, Page, PageKey};
-use aimesh_kit::proto_json;
+use aimesh_kit::auth::Caller;
+use aimesh_kit::wire::error::respond;
+use aimesh_kit::wire::fields;
+use aimesh_kit::wire::pagination::{self, Page, PageKey};
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::usage::v1 as pb;
 
 use super::{Usage, time_field};

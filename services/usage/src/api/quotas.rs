@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use aimesh_kit::access::{Caller, ProjectRole};
-use aimesh_kit::error::respond;
-use aimesh_kit::fields;
-use aimesh_kit::proto_json;
+use aimesh_kit::auth::{Caller, ProjectRole};
+use aimesh_kit::wire::error::respond;
+use aimesh_kit::wire::fields;
+use aimesh_kit::wire::proto_json;
 use aimesh_proto::usage::v1 as pb;
 
 use super::{USAGE_READ, USAGE_WRITE, Usage, api_key_of};

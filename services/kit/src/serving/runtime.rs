@@ -4,7 +4,7 @@
 //! own parts and a [`ServiceRuntime`]; nothing of this sequence is written twice, so no service
 //! can forget a part of it.
 //!
-//! The stop, after `shutdown`: the server drains (see [`crate::server::serve`]), then the periodic
+//! The stop, after `shutdown`: the server drains (see [`crate::serving::server::serve`]), then the periodic
 //! tasks end (those made with [`ServiceRuntime::every_and_at_stop`] run once more, for what the
 //! last requests left), then the outbox relay delivers what is due one last time (events the
 //! tasks wrote included), then Redis and the database close.
@@ -18,14 +18,14 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::ProjectAccess;
 use crate::auth::CredentialVerifier;
-use crate::cache::InvalidationBus;
+use crate::auth::ProjectAccess;
 use crate::config::CommonConfig;
-use crate::outbox::RelayTask;
-use crate::ratelimit::RateLimiter;
-use crate::redis::Redis;
-use crate::server::{Dependency, Probe, ServiceSpec};
+use crate::data::cache::InvalidationBus;
+use crate::data::outbox::RelayTask;
+use crate::data::redis::Redis;
+use crate::serving::ratelimit::RateLimiter;
+use crate::serving::server::{Dependency, Probe, ServiceSpec};
 
 /// How often pool gauges are published.
 const POOL_METRICS_INTERVAL: Duration = Duration::from_secs(5);
@@ -69,15 +69,15 @@ impl ServiceRuntime {
     }
 
     /// Takes the service's own database (migrated, so with an outbox table: see
-    /// [`crate::db::service_database`]): health follows it, its pool is measured, and its
+    /// [`crate::data::db::service_database`]): health follows it, its pool is measured, and its
     /// outbox is relayed to analytics until the service stops.
     pub fn with_database(mut self, pool: PgPool) -> anyhow::Result<Self> {
-        let relay = crate::outbox::spawn_relay(pool.clone(), &self.common)
+        let relay = crate::data::outbox::spawn_relay(pool.clone(), &self.common)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("starting the outbox relay")?;
         let (measured, database) = (pool.clone(), self.name);
         self.every(POOL_METRICS_INTERVAL, move || {
-            crate::db::publish_pool_metrics(&measured, database);
+            crate::data::db::publish_pool_metrics(&measured, database);
             async {}
         });
         self.dependencies.push(Dependency::Postgres(pool.clone()));
@@ -98,7 +98,7 @@ impl ServiceRuntime {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let stop = self.stop_tasks.clone();
-        self.tasks.spawn(async move { crate::periodic::every(interval, &stop, task).await });
+        self.tasks.spawn(async move { crate::serving::periodic::every(interval, &stop, task).await });
         self
     }
 
@@ -111,7 +111,7 @@ impl ServiceRuntime {
     {
         let stop = self.stop_tasks.clone();
         self.tasks.spawn(async move {
-            crate::periodic::every(interval, &stop, &mut task).await;
+            crate::serving::periodic::every(interval, &stop, &mut task).await;
             task().await;
         });
         self
@@ -132,7 +132,7 @@ impl ServiceRuntime {
     /// The credential verifier and project access of a service that asks identity
     /// (`services.identity`), cached in Redis and kept fresh by the invalidation bus.
     pub fn identity_access(&self) -> anyhow::Result<(CredentialVerifier, ProjectAccess)> {
-        crate::access::remote(&self.redis, &self.bus, &self.common.auth, &self.common.services.identity)
+        crate::auth::remote(&self.redis, &self.bus, &self.common.auth, &self.common.services.identity)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("services.identity")
     }
@@ -155,7 +155,8 @@ impl ServiceRuntime {
             dependencies: std::mem::take(&mut self.dependencies),
         };
         let served =
-            crate::server::serve(listener, spec, verifier, limiter, self.common.server.clone(), shutdown).await;
+            crate::serving::server::serve(listener, spec, verifier, limiter, self.common.server.clone(), shutdown)
+                .await;
         self.stop_tasks.cancel();
         while let Some(ended) = self.tasks.join_next().await {
             if let Err(error) = ended {

@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::redis::{Redis, RedisBreaker, RedisError};
+use crate::data::redis::{Redis, RedisBreaker, RedisError};
 
 /// How long a replica's load lock lives if its holder never releases it (crashed, cancelled).
 const LOAD_LOCK_TTL: Duration = Duration::from_secs(3);

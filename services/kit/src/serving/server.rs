@@ -17,10 +17,11 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
-use crate::auth::{AuthLayer, CredentialVerifier};
+use crate::auth::CredentialVerifier;
 use crate::config::ServerConfig;
-use crate::ratelimit::{RateLimitLayer, RateLimiter};
-use crate::redis::Redis;
+use crate::data::redis::Redis;
+use crate::serving::authenticate::AuthLayer;
+use crate::serving::ratelimit::{RateLimitLayer, RateLimiter};
 
 /// A store a service cannot work without; health follows it.
 #[derive(Clone, Debug)]
@@ -84,7 +85,13 @@ pub async fn serve(
     // Last-use times of credentials go to Redis every few seconds and once more after the
     // server stopped, so the last requests' times are kept too.
     let stop_recorder = CancellationToken::new();
-    let recorder = tokio::spawn(verifier.last_use().clone().run(LAST_USE_RECORD_INTERVAL, stop_recorder.clone()));
+    let recorder = tokio::spawn({
+        let (last_use, stop) = (verifier.last_use().clone(), stop_recorder.clone());
+        async move {
+            crate::serving::periodic::every(LAST_USE_RECORD_INTERVAL, &stop, || last_use.flush()).await;
+            last_use.flush().await;
+        }
+    });
     let limiter = limiter.trusting_gateway(verifier.service_token().cloned());
     let layers = Layers { auth: AuthLayer::new(verifier), rate_limit: RateLimitLayer::new(limiter) };
     let served = serve_until_shutdown(listener, address, spec, layers, settings, shutdown).await;
@@ -217,7 +224,7 @@ impl HealthMonitor {
 
     async fn run(self, every: Duration, shutdown: CancellationToken) {
         let last = std::sync::atomic::AtomicBool::new(true);
-        crate::periodic::every(every, &shutdown, || async {
+        crate::serving::periodic::every(every, &shutdown, || async {
             let healthy = self.check().await;
             if healthy != last.swap(healthy, std::sync::atomic::Ordering::Relaxed) {
                 tracing::info!(healthy, "health changed");

@@ -1,33 +1,16 @@
-//! Authentication shared by every service: a bearer credential (a login session's access token
-//! or an API key) becomes a [`Principal`] in the request.
-//!
-//! Verification is cached in two levels (in-process, then Redis) through the kit cache, so a
-//! repeated credential costs no network round trip. Revocation: identity invalidates the cached
-//! verification (a versioned Redis delete plus a broadcast that drops every replica's in-process
-//! copy; see the cache for why a verification loading at that moment cannot bring it back). A
-//! revoked credential therefore stops working at once in normal operation; if the broadcast is lost it
-//! stops within `auth.local_ttl_secs`, and if Redis was unreachable at revocation time within
-//! `1.1 × auth.shared_ttl_secs + auth.local_ttl_secs` (shared lifetimes are jittered by ±10%).
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+//! What a caller presents and what it proves: the credential prefixes and shapes, the
+//! [`Principal`] a verified credential becomes, the deployment's [`ServiceToken`], and the bearer
+//! header. Plain types, with no store behind them.
 
 use chrono::{DateTime, Utc};
-use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use aimesh_proto::identity::v1 as pb;
 
-use crate::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
-use crate::config::AuthConfig;
-use crate::error::ServiceError;
-use crate::gate::{Entered, Gate, GateLayer};
-use crate::proto_json;
-use crate::redis::Redis;
+use crate::wire::error::ServiceError;
+use crate::wire::proto_json;
 
 /// Prefix of login-session access tokens.
 pub const ACCESS_TOKEN_PREFIX: &str = "ams_";
@@ -227,125 +210,6 @@ pub fn check_credential_shape(credential: &str, prefixes: &[&str]) -> Result<(),
     Ok(())
 }
 
-/// Where verifications come from when no cache has them: identity's own store in the identity
-/// service, identity's `Authenticate` RPC everywhere else. `Ok(None)`: unknown, revoked or expired.
-pub trait CredentialSource: Send + Sync + 'static {
-    fn authenticate<'a>(&'a self, credential: &'a str) -> BoxFuture<'a, Result<Option<Principal>, ServiceError>>;
-}
-
-/// Asks the identity service over gRPC.
-#[derive(Debug, Clone)]
-pub struct RemoteCredentialSource {
-    client: IdentityClient,
-}
-
-/// A lazily connecting client of identity's `AuthService` at `url` (`services.identity`).
-pub fn identity_client(url: &str) -> Result<IdentityClient, ServiceError> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|e| ServiceError::internal(format!("services.identity: {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect_lazy();
-    Ok(pb::auth_service_client::AuthServiceClient::new(channel))
-}
-
-/// A client of identity's `AuthService`; clones share one connection.
-pub type IdentityClient = pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>;
-
-impl RemoteCredentialSource {
-    /// Asks identity through `client`.
-    pub fn new(client: IdentityClient) -> Self {
-        Self { client }
-    }
-}
-
-impl CredentialSource for RemoteCredentialSource {
-    fn authenticate<'a>(&'a self, credential: &'a str) -> BoxFuture<'a, Result<Option<Principal>, ServiceError>> {
-        Box::pin(async move {
-            let mut request = tonic::Request::new(pb::AuthenticateRequest { credential: credential.to_owned() });
-            crate::telemetry::inject_current_context(request.metadata_mut());
-            match self.client.clone().authenticate(request).await {
-                Ok(response) => Principal::try_from(response.into_inner()).map(Some),
-                Err(status) if status.code() == tonic::Code::Unauthenticated => Ok(None),
-                Err(status) => Err(ServiceError::from_status(&status)),
-            }
-        })
-    }
-}
-
-/// Turns a bearer credential into a principal, through the two-level cache.
-#[derive(Clone)]
-pub struct CredentialVerifier {
-    service_token: Option<ServiceToken>,
-    cache: TwoLevelCache<Principal>,
-    source: Arc<dyn CredentialSource>,
-    last_use: LastUseRecorder,
-}
-
-impl std::fmt::Debug for CredentialVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CredentialVerifier").finish_non_exhaustive()
-    }
-}
-
-impl CredentialVerifier {
-    pub fn new(redis: Redis, bus: &InvalidationBus, settings: &AuthConfig, source: Arc<dyn CredentialSource>) -> Self {
-        let cache_settings = CacheSettings {
-            local_ttl: Duration::from_secs(settings.local_ttl_secs),
-            shared_ttl: Duration::from_secs(settings.shared_ttl_secs),
-            negative_ttl: Duration::from_secs(settings.local_ttl_secs.min(5)),
-            local_capacity: 100_000,
-        };
-        let last_use = LastUseRecorder::new(redis.clone());
-        Self {
-            service_token: settings.service_token.clone(),
-            cache: TwoLevelCache::new("credentials", "identity", redis, bus, cache_settings),
-            source,
-            last_use,
-        }
-    }
-
-    /// The principal `credential` stands for, or UNAUTHENTICATED.
-    pub async fn verify(&self, credential: &str) -> Result<Principal, ServiceError> {
-        if credential.starts_with(SERVICE_TOKEN_PREFIX) {
-            return match &self.service_token {
-                Some(token) if token.matches(credential) => Ok(Principal::service()),
-                _ => Err(ServiceError::unauthenticated("the service token is not this deployment's")),
-            };
-        }
-        check_credential_shape(credential, &[ACCESS_TOKEN_PREFIX, API_KEY_PREFIX])?;
-        let key = credential_hash(credential);
-        let source = Arc::clone(&self.source);
-        let principal = self
-            .cache
-            .get_or_load(&key, || async move { source.authenticate(credential).await })
-            .await?
-            .ok_or_else(|| ServiceError::unauthenticated("the credential is unknown, expired or revoked"))?;
-        if principal.expires_at.is_some_and(|at| at <= Utc::now()) {
-            return Err(ServiceError::unauthenticated("the credential has expired"));
-        }
-        self.last_use.record(&principal);
-        Ok(Principal::clone(&principal))
-    }
-
-    /// The deployment's service token, when it has one.
-    pub fn service_token(&self) -> Option<&ServiceToken> {
-        self.service_token.as_ref()
-    }
-
-    /// Forgets the cached verification of the credential with this hash, on every replica.
-    pub async fn invalidate(&self, hash: &str) {
-        if let Err(error) = self.cache.invalidate(hash).await {
-            tracing::warn!(%error, "could not invalidate a cached credential; it expires by TTL");
-        }
-    }
-
-    /// The recorder of last-use times, to flush at shutdown.
-    pub fn last_use(&self) -> &LastUseRecorder {
-        &self.last_use
-    }
-}
-
 /// The deployment's service token (`auth.service_token`): a shared secret every service holds,
 /// presented as a bearer credential on service-to-service calls to internal RPCs. Never logged.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -400,114 +264,18 @@ impl ServiceToken {
     }
 }
 
-/// Keeps "last used" times of sessions and API keys without a database write per request:
-/// each process collects them in memory and flushes them every few seconds to two Redis sorted
-/// sets (score = unix seconds, `ZADD GT` keeps the latest); identity drains those into PostgreSQL.
-#[derive(Clone)]
-pub struct LastUseRecorder {
-    redis: Redis,
-    pending: Arc<Mutex<HashMap<(LastUseKind, Uuid), i64>>>,
-}
-
-/// Which sorted set a last-use time goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LastUseKind {
-    Session,
-    ApiKey,
-}
-
-impl LastUseKind {
-    /// The Redis key (identity's namespace) of the sorted set.
-    pub fn redis_key(self, redis: &Redis) -> String {
-        match self {
-            Self::Session => redis.key("identity", "last_used:sessions"),
-            Self::ApiKey => redis.key("identity", "last_used:api_keys"),
-        }
-    }
-}
-
-impl LastUseRecorder {
-    fn new(redis: Redis) -> Self {
-        Self { redis, pending: Arc::default() }
-    }
-
-    fn record(&self, principal: &Principal) {
-        let entry = match &principal.credential {
-            CredentialRef::Session { session_id } => (LastUseKind::Session, *session_id),
-            CredentialRef::ApiKey { api_key_id, .. } => (LastUseKind::ApiKey, *api_key_id),
-            CredentialRef::Service => return,
-        };
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.insert(entry, Utc::now().timestamp());
-        }
-    }
-
-    /// Writes what was collected to Redis; on failure keeps it for the next try.
-    pub async fn flush(&self) {
-        use fred::interfaces::SortedSetsInterface;
-        use fred::types::sorted_sets::Ordering;
-        let batch: Vec<((LastUseKind, Uuid), i64)> = match self.pending.lock() {
-            Ok(mut pending) => pending.drain().collect(),
-            Err(_) => return,
-        };
-        for kind in [LastUseKind::Session, LastUseKind::ApiKey] {
-            let members: Vec<(f64, String)> = batch
-                .iter()
-                .filter(|((k, _), _)| *k == kind)
-                .map(|((_, id), at)| (*at as f64, id.to_string()))
-                .collect();
-            if members.is_empty() {
-                continue;
-            }
-            let key = kind.redis_key(&self.redis);
-            let written: Result<i64, _> =
-                self.redis.pool().zadd(&key, None, Some(Ordering::GreaterThan), false, false, members).await;
-            if let Err(error) = written {
-                tracing::warn!(%error, "could not record last-use times; retrying later");
-                if let Ok(mut pending) = self.pending.lock() {
-                    for (entry, at) in batch.iter().filter(|((k, _), _)| *k == kind) {
-                        pending.entry(*entry).and_modify(|t| *t = (*t).max(*at)).or_insert(*at);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Flushes every `every` until `shutdown`, then once more.
-    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
-        crate::periodic::every(every, &shutdown, || self.flush()).await;
-        self.flush().await;
-    }
-}
-
 /// The principal the auth layer put in the request, or UNAUTHENTICATED.
 pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, ServiceError> {
     request.extensions().get::<Principal>().ok_or_else(|| ServiceError::unauthenticated("this call needs a credential"))
 }
 
-/// The tower layer: `authorization: Bearer <credential>` becomes a [`Principal`] extension. A
-/// request without one passes on without a principal (handlers that need one refuse it); a
-/// credential that does not verify is refused here with UNAUTHENTICATED.
-pub type AuthLayer = GateLayer<CredentialVerifier>;
+/// The bearer credential of a request, as the auth layer found it.
+#[derive(Clone)]
+pub struct BearerCredential(pub String);
 
-impl Gate for CredentialVerifier {
-    type Pass = ();
-
-    fn enter<B: Send + 'static>(&self, mut request: http::Request<B>) -> Entered<B, ()> {
-        let verifier = self.clone();
-        Box::pin(async move {
-            let credential = match request.headers().get(http::header::AUTHORIZATION) {
-                None => return Ok((request, ())),
-                Some(value) => bearer(value)
-                    .map(str::to_owned)
-                    .ok_or_else(|| ServiceError::unauthenticated("authorization must be \"Bearer <credential>\""))?,
-            };
-            let principal = verifier.verify(&credential).await?;
-            tracing::Span::current().record("user_id", tracing::field::display(principal.user_id));
-            request.extensions_mut().insert(principal);
-            request.extensions_mut().insert(crate::access::BearerCredential(credential));
-            Ok((request, ()))
-        })
+impl std::fmt::Debug for BearerCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerCredential(..)")
     }
 }
 

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::error::ServiceError;
+use crate::wire::error::ServiceError;
 
 /// Page size when the request gives none.
 pub const DEFAULT_PAGE_SIZE: i64 = 50;

@@ -483,7 +483,7 @@ impl OutboxSink for AnalyticsSink {
                     topic: event.topic.clone(),
                     event_type: event.event_type.clone(),
                     project_id: event.project_id.map(|id| id.to_string()).unwrap_or_default(),
-                    occurred_at: Some(crate::proto_json::timestamp(event.occurred_at)),
+                    occurred_at: Some(crate::wire::proto_json::timestamp(event.occurred_at)),
                     payload: event.payload.to_string(),
                 })
                 .collect();

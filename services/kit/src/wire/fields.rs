@@ -4,7 +4,7 @@
 use prost_types::FieldMask;
 use uuid::Uuid;
 
-use crate::error::ServiceError;
+use crate::wire::error::ServiceError;
 
 /// A required id.
 pub fn id(field: &str, value: &str) -> Result<Uuid, ServiceError> {

@@ -33,8 +33,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth::{CredentialRef, Principal, ServiceToken};
 use crate::config::{RateLimitConfig, RateLimitMode, RedisFailureMode};
-use crate::error::{ERROR_DOMAIN, ServiceError};
-use crate::redis::{Redis, RedisBreaker};
+use crate::data::redis::{Redis, RedisBreaker};
+use crate::wire::error::{ERROR_DOMAIN, ServiceError};
 
 pub use client::ClientAddress;
 pub use layer::RateLimitLayer;

@@ -2,7 +2,7 @@
 
 use super::{ClientAddress, Decision, RateLimiter};
 use crate::auth::Principal;
-use crate::gate::{Entered, Gate, GateLayer};
+use crate::serving::gate::{Entered, Gate, GateLayer};
 
 /// Limits each request by the [`Principal`] the auth layer put in it (or, without one, by the
 /// client address: see [`super::client`]), so it must sit inside [`crate::auth::AuthLayer`].

@@ -9,6 +9,39 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 use crate::config::DatabaseConfig;
 
+/// A statement a store built with `format!` from its own constants (column lists, literal
+/// predicates that steer the planner to a partial index), vouched for as SQL-safe: values from
+/// a request are always bound, never formatted in.
+pub fn sql(statement: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(statement)
+}
+
+/// Defines a service's store, `$name`: its PostgreSQL pool, cheap to clone, with `new(pool)`
+/// and `pool()`; the service adds its queries in `impl $name` blocks of its own, one per entity.
+/// `aimesh_kit::pg_store!(/** The chat database. */ Store);`
+#[macro_export]
+macro_rules! pg_store {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone)]
+        pub struct $name {
+            pool: ::sqlx::PgPool,
+        }
+
+        impl $name {
+            /// The store over `pool`.
+            pub fn new(pool: ::sqlx::PgPool) -> Self {
+                Self { pool }
+            }
+
+            /// Its pool, for work that spans several calls (tests, maintenance).
+            pub fn pool(&self) -> &::sqlx::PgPool {
+                &self.pool
+            }
+        }
+    };
+}
+
 /// `{server_url}/{database}`.
 pub fn database_url(server_url: &str, database: &str) -> String {
     format!("{}/{database}", server_url.trim_end_matches('/'))
@@ -89,7 +122,7 @@ pub async fn service_database(
     let pool =
         connect(&url, &common.database).await.with_context(|| format!("connecting to the {service} database"))?;
     migrate(&pool, migrator).await.with_context(|| format!("migrating the {service} database"))?;
-    crate::outbox::migrate(&pool).await.with_context(|| format!("migrating the {service} outbox"))?;
+    crate::data::outbox::migrate(&pool).await.with_context(|| format!("migrating the {service} outbox"))?;
     Ok(pool)
 }
 

@@ -13,11 +13,12 @@ use uuid::Uuid;
 
 use aimesh_proto::identity::v1 as pb;
 
-use crate::auth::{IdentityClient, Principal};
-use crate::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
+use super::credentials::{BearerCredential, Principal};
+use super::verifier::IdentityClient;
 use crate::config::AuthConfig;
-use crate::error::ServiceError;
-use crate::redis::{Redis, RedisError};
+use crate::data::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
+use crate::data::redis::{Redis, RedisError};
+use crate::wire::error::ServiceError;
 
 /// A role in a project; each allows what the ones below it allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -80,20 +81,10 @@ pub struct Caller {
     pub credential: BearerCredential,
 }
 
-/// The bearer credential of a request, as the auth layer found it.
-#[derive(Clone)]
-pub struct BearerCredential(pub String);
-
-impl std::fmt::Debug for BearerCredential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BearerCredential(..)")
-    }
-}
-
 impl Caller {
     /// The caller the auth layer put in the request, or UNAUTHENTICATED.
     pub fn of<T>(request: &tonic::Request<T>) -> Result<Self, ServiceError> {
-        let principal = crate::auth::principal(request)?.clone();
+        let principal = super::credentials::principal(request)?.clone();
         let credential = request
             .extensions()
             .get::<BearerCredential>()
@@ -164,11 +155,11 @@ pub fn remote(
     bus: &InvalidationBus,
     settings: &AuthConfig,
     identity_url: &str,
-) -> Result<(crate::auth::CredentialVerifier, ProjectAccess), ServiceError> {
+) -> Result<(super::verifier::CredentialVerifier, ProjectAccess), ServiceError> {
     // One connection to identity for both.
-    let client = crate::auth::identity_client(identity_url)?;
-    let credentials = Arc::new(crate::auth::RemoteCredentialSource::new(client.clone()));
-    let verifier = crate::auth::CredentialVerifier::new(redis.clone(), bus, settings, credentials);
+    let client = super::verifier::identity_client(identity_url)?;
+    let credentials = Arc::new(super::verifier::RemoteCredentialSource::new(client.clone()));
+    let verifier = super::verifier::CredentialVerifier::new(redis.clone(), bus, settings, credentials);
     let roles = Arc::new(RemoteRoleSource::new(client));
     Ok((verifier, ProjectAccess::new(redis.clone(), bus, settings, roles)))
 }

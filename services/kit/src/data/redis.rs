@@ -129,7 +129,7 @@ fn fred_config(urls: &str, settings: &RedisConfig) -> Result<FredConfig, RedisEr
     let url = fred_url(urls).map_err(|message| RedisError::new(ErrorKind::Config, format!("redis_urls: {message}")))?;
     let mut config = FredConfig::from_url(&url)?;
     if config.tls.is_some() {
-        let tls = crate::tls::client_config(settings.tls_ca_file.as_deref(), "redis.tls_ca_file")
+        let tls = crate::data::tls::client_config(settings.tls_ca_file.as_deref(), "redis.tls_ca_file")
             .map_err(|e| RedisError::new(ErrorKind::Config, e.to_string()))?;
         config.tls = Some(TlsConnector::from(tls).into());
     } else if settings.tls_ca_file.is_some() {

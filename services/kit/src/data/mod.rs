@@ -1,0 +1,8 @@
+//! The stores a service uses: its PostgreSQL database, the shared Redis, the two-level cache
+//! over both, the transactional outbox to analytics, and TLS to the stores.
+
+pub mod cache;
+pub mod db;
+pub mod outbox;
+pub mod redis;
+pub mod tls;

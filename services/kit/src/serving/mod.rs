@@ -1,0 +1,9 @@
+//! Serving gRPC: the server and its layers (observation, authentication, rate limits), the
+//! background loops, and the runtime every service starts through.
+
+pub mod authenticate;
+pub mod gate;
+pub mod periodic;
+pub mod ratelimit;
+pub mod runtime;
+pub mod server;
