@@ -339,7 +339,7 @@ impl Store {
                CASE WHEN $9 THEN counted.previous ELSE $10 END, $11, $12, $13 FROM counted \
              RETURNING {MESSAGE_COLUMNS}), \
              event AS (INSERT INTO outbox_events ({EVENT_COLUMNS}) \
-               SELECT $14, $15, $16, $17, $18::jsonb || jsonb_build_object('sequence', stored.sequence), $19 \
+               SELECT $14, $15, $16, $17, $18::jsonb || jsonb_build_object('sequence', stored.sequence), $19, $20 \
                FROM stored) \
              SELECT {MESSAGE_COLUMNS} FROM stored"
         )))

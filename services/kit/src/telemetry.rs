@@ -96,6 +96,15 @@ pub fn adopt_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
     let _ = span.set_parent(context);
 }
 
+/// The current span's trace context as a W3C `traceparent` (through the configured propagator);
+/// none outside a traced span.
+pub fn current_traceparent() -> Option<String> {
+    let context = tracing::Span::current().context();
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut carrier));
+    carrier.remove("traceparent")
+}
+
 /// Writes the current span's trace context into outgoing gRPC metadata.
 pub fn inject_current_context(metadata: &mut tonic::metadata::MetadataMap) {
     let context = tracing::Span::current().context();

@@ -68,6 +68,8 @@ pub struct OutboxEvent {
     /// When it happened, in microseconds (what PostgreSQL keeps).
     pub occurred_at: DateTime<Utc>,
     pub payload: serde_json::Value,
+    /// The W3C `traceparent` of the request that wrote it, when that request was traced.
+    pub traceparent: Option<String>,
 }
 
 impl OutboxEvent {
@@ -86,19 +88,20 @@ impl OutboxEvent {
             // PostgreSQL keeps microseconds; truncating here makes the relayed event equal the written one.
             occurred_at: Utc::now().trunc_subsecs(6),
             payload,
+            traceparent: crate::telemetry::current_traceparent(),
         }
     }
 }
 
 /// The columns an event is written with, in this order (event_id, topic, event_type, project_id,
-/// payload, occurred_at): for a statement that writes an event together with the change it
-/// reports, in one round trip (`INSERT INTO outbox_events ({EVENT_COLUMNS}) SELECT ...`).
-pub const EVENT_COLUMNS: &str = "event_id, topic, event_type, project_id, payload, occurred_at";
+/// payload, occurred_at, traceparent): for a statement that writes an event together with the
+/// change it reports, in one round trip (`INSERT INTO outbox_events ({EVENT_COLUMNS}) SELECT ...`).
+pub const EVENT_COLUMNS: &str = "event_id, topic, event_type, project_id, payload, occurred_at, traceparent";
 
 /// Writes `event` to the outbox inside the caller's transaction: it is relayed only if that
 /// transaction commits.
 pub async fn enqueue(conn: &mut PgConnection, event: &OutboxEvent) -> Result<(), sqlx::Error> {
-    let statement = format!("INSERT INTO outbox_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)");
+    let statement = format!("INSERT INTO outbox_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)");
     event.bind_to(sqlx::query(sqlx::AssertSqlSafe(statement))).execute(&mut *conn).await?;
     Ok(())
 }
@@ -129,7 +132,7 @@ impl<'q, O> Bind<'q> for sqlx::query::QueryAs<'q, Postgres, O, PgArguments> {
 }
 
 impl OutboxEvent {
-    /// Binds the event's values to the next six parameters of `query`, in [`EVENT_COLUMNS`]
+    /// Binds the event's values to the next seven parameters of `query`, in [`EVENT_COLUMNS`]
     /// order.
     pub fn bind_to<'q, Q: Bind<'q>>(&'q self, query: Q) -> Q {
         query
@@ -139,24 +142,26 @@ impl OutboxEvent {
             .bind_value(self.project_id)
             .bind_value(&self.payload)
             .bind_value(self.occurred_at)
+            .bind_value(&self.traceparent)
     }
 
     /// The rows of many events, for a statement that writes them together with the changes
     /// they report, in one round trip: `INSERT INTO outbox_events ({EVENT_COLUMNS}) SELECT * FROM
-    /// {unnest(n)}`, the six columns bound as arrays from `$n` on by [`OutboxEvent::bind_all`].
+    /// {unnest(n)}`, the seven columns bound as arrays from `$n` on by [`OutboxEvent::bind_all`].
     pub fn unnest(first_parameter: usize) -> String {
         let n = first_parameter;
         format!(
-            "unnest(${n}::uuid[], ${}::text[], ${}::text[], ${}::uuid[], ${}::jsonb[], ${}::timestamptz[])",
+            "unnest(${n}::uuid[], ${}::text[], ${}::text[], ${}::uuid[], ${}::jsonb[], ${}::timestamptz[], ${}::text[])",
             n + 1,
             n + 2,
             n + 3,
             n + 4,
-            n + 5
+            n + 5,
+            n + 6
         )
     }
 
-    /// Binds the columns of `events` as six arrays to the next six parameters of `query`, in
+    /// Binds the columns of `events` as seven arrays to the next seven parameters of `query`, in
     /// [`EVENT_COLUMNS`] order (see [`OutboxEvent::unnest`]).
     pub fn bind_all<'q, Q: Bind<'q>>(events: &[OutboxEvent], query: Q) -> Q {
         query
@@ -166,6 +171,7 @@ impl OutboxEvent {
             .bind_value(events.iter().map(|e| e.project_id).collect::<Vec<_>>())
             .bind_value(events.iter().map(|e| e.payload.clone()).collect::<Vec<_>>())
             .bind_value(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
+            .bind_value(events.iter().map(|e| e.traceparent.clone()).collect::<Vec<_>>())
     }
 }
 
@@ -242,6 +248,7 @@ struct OutboxRow {
     project_id: Option<Uuid>,
     payload: serde_json::Value,
     occurred_at: DateTime<Utc>,
+    traceparent: Option<String>,
 }
 
 /// Moves events from one database's outbox to a sink. Several replicas, and several workers
@@ -341,6 +348,7 @@ impl OutboxRelay {
                 event_type: row.event_type,
                 project_id: row.project_id,
                 occurred_at: row.occurred_at,
+                traceparent: row.traceparent,
                 payload: row.payload,
             })
             .collect();
@@ -416,7 +424,7 @@ impl OutboxRelay {
 }
 
 /// The oldest due events, up to `batch_size` of them, locked until `tx` ends.
-const DUE_BATCH: &str = "SELECT id, event_id, topic, event_type, project_id, payload, occurred_at FROM outbox_events \
+const DUE_BATCH: &str = "SELECT id, event_id, topic, event_type, project_id, payload, occurred_at, traceparent FROM outbox_events \
      WHERE delivered_at IS NULL AND next_attempt_at <= now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
 
 /// A transaction of the relay, with sorting ruled out, so that [`DUE_BATCH`] reads the index
