@@ -93,7 +93,7 @@ pub async fn upload(
 type FilesClient = files_pb::file_service_client::FileServiceClient<tonic::transport::Channel>;
 
 /// The peak resident memory of this process so far (VmHWM), in MiB.
-fn peak_memory_mib() -> f64 {
+pub(crate) fn peak_memory_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {

@@ -13,6 +13,7 @@ mod direct;
 mod echo;
 mod files;
 mod gateway;
+mod logins;
 mod ratelimit;
 mod report;
 mod scenarios;

@@ -111,6 +111,12 @@ impl Mesh {
         self.config.common.auth.service_token.clone().expect("test_config gives the mesh a service token")
     }
 
+    /// `message` as another service of this mesh sends it to an internal RPC on behalf of the
+    /// holder of `credential` (see [`on_behalf`]).
+    pub fn on_behalf<T>(&self, message: T, credential: &str) -> tonic::Request<T> {
+        on_behalf(message, &self.service_token(), credential)
+    }
+
     /// A mesh with `config`, owning `databases` (dropped with it). Two meshes given the same
     /// databases and key prefix are two replicas of one deployment.
     pub async fn start_with(config: MeshConfig, databases: Vec<ScratchDatabase>) -> Self {
@@ -415,6 +421,14 @@ pub fn authed<T>(message: T, credential: &str) -> tonic::Request<T> {
     request
 }
 
+/// `message` as a service of the mesh sends it to an internal RPC on behalf of the holder of
+/// `credential`: `token` as `authorization`, the credential in `x-aimesh-on-behalf-of`.
+pub fn on_behalf<T>(message: T, token: &aimesh_kit::auth::ServiceToken, credential: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    token.authorize_on_behalf(&mut request, credential).expect("the token and credential are valid header values");
+    request
+}
+
 /// The reason and field an error carries, for asserting both.
 pub fn reason_and_field(status: &tonic::Status) -> (String, Option<String>) {
     let error = aimesh_kit::ServiceError::from_status(status);
@@ -519,6 +533,7 @@ pub async fn project_with_key(mesh: &Mesh, owner: &Account, scopes: &[&str]) -> 
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         expire_time: None,
         requests_per_minute: 0,
+        project_owned: false,
     };
     let secret =
         mesh.api_keys().create_api_key(authed(key, &owner.token)).await.expect("create key").into_inner().secret;

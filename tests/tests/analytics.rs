@@ -20,11 +20,12 @@ async fn usage_recorded_through_the_usage_service_reaches_analytics_to_the_last_
 
     let mut expected = Totals::default();
     for i in 0..40 {
-        let recorded = mesh.usage().record_usage(authed(varied_record(&project, i), &secret)).await.expect("record");
+        let recorded =
+            mesh.usage().record_usage(mesh.on_behalf(varied_record(&project, i), &secret)).await.expect("record");
         expected.add(&recorded.into_inner());
     }
     // A client retry of a recorded request counts nothing in usage, nor in analytics.
-    mesh.usage().record_usage(authed(varied_record(&project, 3), &secret)).await.expect("retry");
+    mesh.usage().record_usage(mesh.on_behalf(varied_record(&project, 3), &secret)).await.expect("retry");
     assert!(expected.cost > Decimal::ZERO);
     wait_for_totals(&mesh, &project, &secret, &expected).await;
 
@@ -242,7 +243,13 @@ async fn the_audit_log_is_searched_by_action_actor_time_and_page_within_the_proj
     // Carol's own project and key: events of another project, and a caller from it.
     let (_, carols_key) = project_with_key(&mesh, &carol, &["analytics:read"]).await;
     let (project, reader) = project_with_key(&mesh, &ann, &["analytics:read"]).await;
-    let verified = mesh.auth().authenticate(identity_pb::AuthenticateRequest { credential: reader.clone() }).await;
+    let verified = mesh
+        .auth()
+        .authenticate(authed(
+            identity_pb::AuthenticateRequest { credential: reader.clone() },
+            mesh.service_token().expose(),
+        ))
+        .await;
     let reader_id = verified.expect("the reader key verifies").into_inner().api_key_id;
     let add_bob = identity_pb::AddMemberRequest {
         project_id: project.clone(),

@@ -333,6 +333,7 @@ async fn a_stranger_reaches_no_chat_of_another_project() {
         scopes: vec!["chat:read".into(), "chat:write".into()],
         expire_time: None,
         requests_per_minute: 0,
+        project_owned: false,
     };
     let bobs_key = mesh.api_keys().create_api_key(authed(key, &bob.token)).await.expect("key").into_inner().secret;
     let id = session.id.clone();

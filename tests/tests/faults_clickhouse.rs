@@ -14,7 +14,7 @@ use aimesh_kit::auth::ServiceToken;
 use aimesh_kit::testing::{CuttableProxy, authority_of};
 use aimesh_proto::analytics::v1 as pb;
 use aimesh_tests::totals::{Totals, varied_record, wait_for_totals};
-use aimesh_tests::{Mesh, authed, catalog, expect_code, project_with_key, test_config};
+use aimesh_tests::{Mesh, catalog, expect_code, project_with_key, test_config};
 
 /// How long ClickHouse is away.
 const OUTAGE: Duration = Duration::from_secs(30);
@@ -79,7 +79,7 @@ async fn clickhouse_stopped_for_30_seconds_under_a_stream_of_records_loses_and_d
     let mut expected = Totals::default();
     let mut sent = 0_i64;
     let mut record = async |expected: &mut Totals| {
-        let recorded = mesh.usage().record_usage(authed(varied_record(&project, sent), &secret)).await;
+        let recorded = mesh.usage().record_usage(mesh.on_behalf(varied_record(&project, sent), &secret)).await;
         expected.add(&recorded.expect("usage records while clickhouse is away").into_inner());
         sent += 1;
         tokio::time::sleep(TICK).await;

@@ -12,7 +12,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use aimesh_kit::testing::ScratchPostgres;
-use aimesh_tests::{Mesh, authed, catalog, project_with_key, record, test_config};
+use aimesh_tests::{Mesh, catalog, on_behalf, project_with_key, record, test_config};
 
 /// The deadline every request of the load carries (`grpc-timeout`).
 const DEADLINE: Duration = Duration::from_secs(2);
@@ -66,13 +66,14 @@ async fn postgres_restarted_under_load_no_request_hangs_health_flips_and_service
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..WRITERS {
         let (mut client, project, secret, stop) = (mesh.usage(), project.clone(), secret.clone(), stop.clone());
+        let token = mesh.service_token();
         writers.spawn(async move {
             let mut outcomes = Outcomes::default();
             let mut sequence = 0;
             while !stop.is_cancelled() {
                 let request_id = format!("w{writer}-{sequence}");
                 sequence += 1;
-                let mut request = authed(record(&project, &request_id), &secret);
+                let mut request = on_behalf(record(&project, &request_id), &token, &secret);
                 request.set_timeout(DEADLINE);
                 match tokio::time::timeout(DEADLINE + LATE, client.record_usage(request)).await {
                     Ok(Ok(_)) => outcomes.ok.push(request_id),
@@ -105,7 +106,7 @@ async fn postgres_restarted_under_load_no_request_hangs_health_flips_and_service
     // Requests succeed again on the same processes.
     let mut recovered = 0;
     while recovered < 10 {
-        let mut request = authed(record(&project, &format!("after-{recovered}")), &secret);
+        let mut request = mesh.on_behalf(record(&project, &format!("after-{recovered}")), &secret);
         request.set_timeout(DEADLINE);
         match mesh.usage().record_usage(request).await {
             Ok(_) => recovered += 1,

@@ -13,7 +13,7 @@ use tonic::Code;
 
 use aimesh_kit::testing::ScratchCluster;
 use aimesh_proto::usage::v1 as usage_pb;
-use aimesh_tests::{Mesh, authed, catalog, project_with_key, reason_and_field, set_daily_token_budget, test_config};
+use aimesh_tests::{Mesh, catalog, on_behalf, project_with_key, reason_and_field, set_daily_token_budget, test_config};
 
 const BUDGET: i64 = 100_000;
 const TOKENS_PER_RESERVATION: i64 = 500;
@@ -64,10 +64,11 @@ async fn a_killed_primary_under_load_fails_over_and_no_budget_is_overspent() {
     let mut writers = tokio::task::JoinSet::new();
     for _ in 0..WRITERS {
         let (mut client, reserve, secret, stop) = (mesh.quotas(), reserve.clone(), secret.clone(), stop.clone());
+        let token = mesh.service_token();
         writers.spawn(async move {
             let mut outcomes = Outcomes::default();
             while !stop.is_cancelled() {
-                let mut request = authed(reserve.clone(), &secret);
+                let mut request = on_behalf(reserve.clone(), &token, &secret);
                 request.set_timeout(DEADLINE);
                 match tokio::time::timeout(DEADLINE + LATE, client.reserve(request)).await {
                     Ok(Ok(reservation)) => outcomes.granted += reservation.into_inner().tokens,
@@ -95,7 +96,7 @@ async fn a_killed_primary_under_load_fails_over_and_no_budget_is_overspent() {
     // Reservations are decided again after the failover, until the budget is spent.
     let (mut decided, mut granted_here) = (0, 0);
     while decided < 5 {
-        let mut request = authed(reserve.clone(), &secret);
+        let mut request = mesh.on_behalf(reserve.clone(), &secret);
         request.set_timeout(DEADLINE);
         match mesh.quotas().reserve(request).await {
             Ok(reservation) => {

@@ -87,6 +87,7 @@ async fn nobody_reaches_another_projects_files_and_keys_need_their_scope() {
         scopes: vec!["files:read".into()],
         expire_time: None,
         requests_per_minute: 0,
+        project_owned: false,
     };
     let secret = mesh.api_keys().create_api_key(authed(key, &ann.token)).await.expect("key").into_inner().secret;
     assert_eq!(get_file(&mesh, &secret, &file.id).await.expect("key reads").id, file.id);

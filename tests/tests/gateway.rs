@@ -179,6 +179,8 @@ async fn a_watch_is_server_sent_events_that_resume_and_end_with_an_error_event()
     // gateway keeps streaming to its client.
     let (mut config, _databases) = test_config();
     config.common.services = mesh.config.common.services.clone();
+    // The deployment's secrets: the gateway vouches for its clients with the gateway token.
+    config.common.auth = mesh.config.common.auth.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let own_gateway = Rest::new(listener.local_addr().expect("address"));
     let stop_gateway = CancellationToken::new();

@@ -78,6 +78,7 @@ async fn create_api_key(
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         expire_time: None,
         requests_per_minute: 0,
+        project_owned: false,
     };
     mesh.api_keys().create_api_key(authed(request, token)).await
 }

@@ -292,6 +292,7 @@ async fn project_with_key(mesh: &Mesh, token: &str, scopes: &[&str]) -> (String,
                 scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
                 expire_time: None,
                 requests_per_minute: 0,
+                project_owned: false,
             },
             token,
         ))
@@ -348,6 +349,7 @@ async fn api_keys_are_shown_once_stored_hashed_and_checked_for_scope() {
         scopes: vec!["root".into()],
         expire_time: None,
         requests_per_minute: 0,
+        project_owned: false,
     };
     assert_error(
         mesh.api_keys().create_api_key(authed(bad_scope, &ann.token)).await,
@@ -361,6 +363,7 @@ async fn api_keys_are_shown_once_stored_hashed_and_checked_for_scope() {
         scopes: vec!["chat:read".into()],
         expire_time: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }),
         requests_per_minute: 0,
+        project_owned: false,
     };
     assert_error(
         mesh.api_keys().create_api_key(authed(past, &ann.token)).await,
@@ -375,6 +378,7 @@ async fn api_keys_are_shown_once_stored_hashed_and_checked_for_scope() {
         scopes: vec!["chat:read".into()],
         expire_time: None,
         requests_per_minute: 0,
+        project_owned: false,
     };
     assert_error(
         mesh.api_keys().create_api_key(authed(by_key, &secret)).await,
@@ -446,7 +450,10 @@ async fn a_revoked_key_stops_working_on_every_replica_at_once() {
         }
     }
     // Internal callers asking Authenticate get the same answer.
-    let asked = second.auth().authenticate(pb::AuthenticateRequest { credential: secret.clone() }).await;
+    let asked = second
+        .auth()
+        .authenticate(authed(pb::AuthenticateRequest { credential: secret.clone() }, second.service_token().expose()))
+        .await;
     assert_error(asked, Code::Unauthenticated, "UNAUTHENTICATED", None);
     second.stop().await.expect("second stops cleanly");
     first.stop().await.expect("first stops cleanly");
@@ -458,20 +465,26 @@ async fn authenticate_turns_credentials_into_principals() {
     let ann = mesh.signup("ann").await;
     let (project_id, key_id, secret) = project_with_key(&mesh, &ann.token, &["chat:read"]).await;
     let mut auth = mesh.auth();
+    let token = mesh.service_token();
 
     let session = auth
-        .authenticate(pb::AuthenticateRequest { credential: ann.token.clone() })
+        .authenticate(authed(pb::AuthenticateRequest { credential: ann.token.clone() }, token.expose()))
         .await
         .expect("session")
         .into_inner();
     assert_eq!((session.user_id.as_str(), session.kind), (ann.user_id.as_str(), pb::CredentialKind::Session as i32));
     assert!(!session.system_admin);
-    let key = auth.authenticate(pb::AuthenticateRequest { credential: secret }).await.expect("key").into_inner();
+    let key = auth
+        .authenticate(authed(pb::AuthenticateRequest { credential: secret }, token.expose()))
+        .await
+        .expect("key")
+        .into_inner();
     assert_eq!(key.kind, pb::CredentialKind::ApiKey as i32);
     assert_eq!((key.project_id.as_str(), key.api_key_id.as_str()), (project_id.as_str(), key_id.as_str()));
     assert_eq!(key.scopes, vec!["chat:read".to_owned()]);
     for garbage in ["", "ams_", "amk_with spaces", "Bearer x", &format!("ams_{}", "a".repeat(300))] {
-        let refused = auth.authenticate(pb::AuthenticateRequest { credential: garbage.to_owned() }).await;
+        let refused =
+            auth.authenticate(authed(pb::AuthenticateRequest { credential: garbage.to_owned() }, token.expose())).await;
         assert_error(refused, Code::Unauthenticated, "UNAUTHENTICATED", None);
     }
 }
@@ -568,7 +581,7 @@ async fn another_service_verifies_credentials_through_authenticate_and_sees_revo
     let redis = Redis::connect(&common.redis_urls, &common.redis).await.expect("redis");
     let bus = InvalidationBus::start(&redis).await.expect("bus");
     let client = identity_client(&format!("http://{}", mesh.identity)).expect("identity client");
-    let source = RemoteCredentialSource::new(client);
+    let source = RemoteCredentialSource::new(client, mesh.service_token());
     let verifier = CredentialVerifier::new(redis, &bus, &common.auth, Arc::new(source));
 
     let principal = verifier.verify(&ann.token).await.expect("a live session verifies");

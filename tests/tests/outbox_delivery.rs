@@ -65,7 +65,7 @@ async fn after_traffic_on_every_service_every_outbox_is_delivered() {
     catalog(&mesh).await;
     let ann = mesh.signup("ann").await;
     let (project, secret) = project_with_key(&mesh, &ann, &["usage:write"]).await;
-    mesh.usage().record_usage(authed(record(&project, "request-1"), &secret)).await.expect("record usage");
+    mesh.usage().record_usage(mesh.on_behalf(record(&project, "request-1"), &secret)).await.expect("record usage");
     let session = chat_pb::CreateSessionRequest {
         project_id: project.clone(),
         model: "gpt-4o".into(),

@@ -103,6 +103,7 @@ async fn api_keys_are_checked_by_project_and_scope_without_asking_for_a_role() {
         scopes: vec!["usage:read".into()],
         expire_time: None,
         requests_per_minute: 0,
+        project_owned: false,
     };
     let secret = mesh.api_keys().create_api_key(authed(key, &ann.token)).await.expect("key").into_inner().secret;
     let service = OtherService::start(&mesh).await;
@@ -111,7 +112,8 @@ async fn api_keys_are_checked_by_project_and_scope_without_asking_for_a_role() {
     let elsewhere = service.require(&secret, &other, ProjectRole::Viewer).await.expect_err("another project");
     assert_eq!(elsewhere.code, ErrorCode::PermissionDenied);
     // A key asking identity for "its role" directly is refused: keys have scopes, not roles.
-    let asked = mesh.auth().get_project_role(authed(pb::GetProjectRoleRequest { project_id: project }, &secret)).await;
+    let asked =
+        mesh.auth().get_project_role(mesh.on_behalf(pb::GetProjectRoleRequest { project_id: project }, &secret)).await;
     assert_eq!(asked.expect_err("keys have no role").code(), tonic::Code::PermissionDenied);
 }
 

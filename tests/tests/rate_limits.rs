@@ -34,6 +34,7 @@ async fn create_key(mesh: &Mesh, owner: &Account, project_id: &str, requests_per
         scopes: vec!["chat:read".into(), "usage:read".into()],
         expire_time: None,
         requests_per_minute,
+        project_owned: false,
     };
     let created = mesh.api_keys().create_api_key(authed(request, &owner.token)).await.expect("create key");
     let created = created.into_inner();
@@ -176,6 +177,7 @@ async fn a_project_limit_counts_all_its_keys_and_applies_to_keys_already_in_use(
         scopes: vec!["chat:read".into()],
         expire_time: None,
         requests_per_minute: 1_000_001,
+        project_owned: false,
     };
     let refused = expect_code(
         "key too fast",

@@ -49,8 +49,12 @@ async fn usage_is_priced_from_the_catalog_counted_once_and_listed() {
     let ann = mesh.signup("ann").await;
     let (project, secret) = project_with_key(&mesh, &ann, &["usage:write", "usage:read"]).await;
 
-    let first =
-        mesh.usage().record_usage(authed(record(&project, "req-1"), &secret)).await.expect("record").into_inner();
+    let first = mesh
+        .usage()
+        .record_usage(mesh.on_behalf(record(&project, "req-1"), &secret))
+        .await
+        .expect("record")
+        .into_inner();
     // 600,000 x 2.50 + 400,000 x 1.25 + 10,000 x 10.00, per million.
     assert_eq!(normalized(&first.cost), "2.1");
     assert_eq!((first.model_id.as_str(), first.total_tokens), (model.id.as_str(), 1_010_000));
@@ -58,8 +62,12 @@ async fn usage_is_priced_from_the_catalog_counted_once_and_listed() {
     assert_eq!(first.user_id, ann.user_id, "a key acts for the person who made it");
 
     // A retry is the same record and counts nothing again.
-    let retry =
-        mesh.usage().record_usage(authed(record(&project, "req-1"), &secret)).await.expect("retry").into_inner();
+    let retry = mesh
+        .usage()
+        .record_usage(mesh.on_behalf(record(&project, "req-1"), &secret))
+        .await
+        .expect("retry")
+        .into_inner();
     assert_eq!(retry.id, first.id);
     let listed = mesh
         .usage()
@@ -103,7 +111,7 @@ async fn usage_is_priced_from_the_catalog_counted_once_and_listed() {
         ),
     ];
     for (request, code, field) in cases {
-        let status = expect_code(field, code, mesh.usage().record_usage(authed(request, &secret)).await);
+        let status = expect_code(field, code, mesh.usage().record_usage(mesh.on_behalf(request, &secret)).await);
         assert_eq!(reason_and_field(&status).1.as_deref(), Some(field), "{status:?}");
     }
     let pool = mesh.usage_db().await;
@@ -120,7 +128,7 @@ async fn a_stranger_reaches_nothing_of_another_project() {
     let (_bobs_project, bobs_key) = project_with_key(&mesh, &bob, &["usage:write", "usage:read"]).await;
 
     for credential in [bob.token.as_str(), bobs_key.as_str()] {
-        let recorded = mesh.usage().record_usage(authed(record(&project, "x"), credential)).await;
+        let recorded = mesh.usage().record_usage(mesh.on_behalf(record(&project, "x"), credential)).await;
         expect_code("record", Code::PermissionDenied, recorded);
         let listed = mesh
             .usage()
@@ -142,7 +150,11 @@ async fn a_stranger_reaches_nothing_of_another_project() {
             estimated_output_tokens: 10,
             ..Default::default()
         };
-        expect_code("reserve", Code::PermissionDenied, mesh.quotas().reserve(authed(reserve, credential)).await);
+        expect_code(
+            "reserve",
+            Code::PermissionDenied,
+            mesh.quotas().reserve(mesh.on_behalf(reserve, credential)).await,
+        );
         let quota = usage_pb::Quota {
             project_id: project.clone(),
             scope: usage_pb::QuotaScope::Project.into(),
@@ -187,14 +199,22 @@ async fn a_daily_token_budget_is_reserved_settled_and_released() {
         ttl_seconds: 60,
         ..Default::default()
     };
-    let first = mesh.quotas().reserve(authed(reserve(600), &secret)).await.expect("room for 600").into_inner();
-    expect_code("over the budget", Code::ResourceExhausted, mesh.quotas().reserve(authed(reserve(600), &secret)).await);
+    let first = mesh.quotas().reserve(mesh.on_behalf(reserve(600), &secret)).await.expect("room for 600").into_inner();
+    expect_code(
+        "over the budget",
+        Code::ResourceExhausted,
+        mesh.quotas().reserve(mesh.on_behalf(reserve(600), &secret)).await,
+    );
 
     // Giving the first back makes room again.
     let release = usage_pb::ReleaseReservationRequest { project_id: project.clone(), reservation_id: first.id.clone() };
-    mesh.quotas().release_reservation(authed(release.clone(), &secret)).await.expect("release");
-    expect_code("released twice", Code::NotFound, mesh.quotas().release_reservation(authed(release, &secret)).await);
-    let second = mesh.quotas().reserve(authed(reserve(600), &secret)).await.expect("room again").into_inner();
+    mesh.quotas().release_reservation(mesh.on_behalf(release.clone(), &secret)).await.expect("release");
+    expect_code(
+        "released twice",
+        Code::NotFound,
+        mesh.quotas().release_reservation(mesh.on_behalf(release, &secret)).await,
+    );
+    let second = mesh.quotas().reserve(mesh.on_behalf(reserve(600), &secret)).await.expect("room again").into_inner();
 
     // Settling with the actual usage (100 tokens) frees the rest of the estimate.
     let settle = usage_pb::RecordUsageRequest {
@@ -204,12 +224,12 @@ async fn a_daily_token_budget_is_reserved_settled_and_released() {
         reservation_id: second.id.clone(),
         ..record(&project, "settled")
     };
-    mesh.usage().record_usage(authed(settle, &secret)).await.expect("settle");
-    mesh.quotas().reserve(authed(reserve(800), &secret)).await.expect("100 used, 800 fit");
+    mesh.usage().record_usage(mesh.on_behalf(settle, &secret)).await.expect("settle");
+    mesh.quotas().reserve(mesh.on_behalf(reserve(800), &secret)).await.expect("100 used, 800 fit");
     expect_code(
         "100 + 800 + 200 > 1000",
         Code::ResourceExhausted,
-        mesh.quotas().reserve(authed(reserve(200), &secret)).await,
+        mesh.quotas().reserve(mesh.on_behalf(reserve(200), &secret)).await,
     );
 }
 
@@ -230,17 +250,18 @@ async fn a_person_counts_usage_only_for_themselves_while_a_key_may_attribute_it(
     expect_code(
         "bob recording for ann",
         Code::PermissionDenied,
-        mesh.usage().record_usage(authed(for_ann, &bob.token)).await,
+        mesh.usage().record_usage(mesh.on_behalf(for_ann, &bob.token)).await,
     );
     let own = mesh
         .usage()
-        .record_usage(authed(record(&project, "bob-own"), &bob.token))
+        .record_usage(mesh.on_behalf(record(&project, "bob-own"), &bob.token))
         .await
         .expect("bob's own")
         .into_inner();
     assert_eq!(own.user_id, bob.user_id);
     // The backend, holding a key, attributes usage to whoever it served.
     let for_bob = usage_pb::RecordUsageRequest { user_id: bob.user_id.clone(), ..record(&project, "backend-for-bob") };
-    let recorded = mesh.usage().record_usage(authed(for_bob, &secret)).await.expect("key attributes").into_inner();
+    let recorded =
+        mesh.usage().record_usage(mesh.on_behalf(for_bob, &secret)).await.expect("key attributes").into_inner();
     assert_eq!(recorded.user_id, bob.user_id);
 }

@@ -88,6 +88,11 @@ float64, which would otherwise print as 2.592e+06).
 {{- else if or (kindIs "invalid" $value) (eq (toString $value) "") }}
 {{- else if kindIs "float64" $value }}
 {{ $name }}: {{ int64 $value | toString | quote }}
+{{- else if kindIs "slice" $value }}
+{{- /* A list as the loader reads one from the environment: ["a", "b"]. */}}
+{{- $items := list }}
+{{- range $value }}{{ $items = append $items (toString . | toJson) }}{{ end }}
+{{ $name }}: {{ printf "[%s]" (join ", " $items) | quote }}
 {{- else }}
 {{ $name }}: {{ toString $value | quote }}
 {{- end }}

@@ -14,7 +14,7 @@ use aimesh_files::FilesConfig;
 use aimesh_gateway::GatewayConfig;
 use aimesh_identity::IdentityConfig;
 use aimesh_kit::ServiceError;
-use aimesh_kit::auth::ServiceToken;
+use aimesh_kit::auth::{DeploymentSecret, ServiceToken};
 use aimesh_kit::config::{CommonConfig, Configuration};
 use aimesh_usage::UsageConfig;
 
@@ -55,8 +55,9 @@ impl MeshConfig {
     }
 
     /// The configuration of services that run in one process on `listeners` (`aimesh all`, the
-    /// tests): each calls the others where they listen, and, unless one is set, they share a
-    /// service token made up for this process (they only call each other).
+    /// tests): each calls the others where they listen, and, unless they are set, they share a
+    /// service token, a gateway token and a link signing key made up for this process (they only
+    /// call each other, and links are served by this process alone).
     pub fn in_one_process(mut self, listeners: &[(ServiceName, TcpListener)]) -> anyhow::Result<Self> {
         for (service, listener) in listeners {
             let url = format!("http://{}", listener.local_addr()?);
@@ -69,7 +70,10 @@ impl MeshConfig {
                 ServiceName::Gateway => {}
             }
         }
-        self.common.auth.service_token.get_or_insert_with(ServiceToken::generate);
+        let auth = &mut self.common.auth;
+        auth.service_token.get_or_insert_with(ServiceToken::generate);
+        auth.gateway_token.get_or_insert_with(DeploymentSecret::generate);
+        auth.link_signing_key.get_or_insert_with(DeploymentSecret::generate);
         Ok(self)
     }
 }

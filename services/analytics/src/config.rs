@@ -20,6 +20,10 @@ pub struct AnalyticsConfig {
     pub clickhouse_ca_file: Option<std::path::PathBuf>,
     /// How long events are kept when a project sets nothing.
     pub default_retention_days: u16,
+    /// The least time between two applications of one project's retention to its stored events
+    /// (ClickHouse mutations over shared tables, run in the background by one replica at a time);
+    /// changes in between are coalesced into the next. At least 1.
+    pub retention_apply_interval_secs: u64,
     /// Longest time range one query may cover.
     pub max_range_days: u32,
     /// Most buckets one time series may have.
@@ -41,6 +45,7 @@ impl Default for AnalyticsConfig {
             clickhouse_password: None,
             clickhouse_ca_file: None,
             default_retention_days: 365,
+            retention_apply_interval_secs: 300,
             max_range_days: 400,
             max_buckets: 10_000,
             max_batch_events: 10_000,

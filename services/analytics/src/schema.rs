@@ -19,11 +19,12 @@ pub struct Migration {
 }
 
 /// Every version, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "events, hourly usage rollup, retention",
-    statements: &[
-        "CREATE TABLE IF NOT EXISTS {db}.usage_events (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "events, hourly usage rollup, retention",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS {db}.usage_events (
             event_id UUID,
             project_id UUID,
             occurred_at DateTime64(6, 'UTC'),
@@ -48,9 +49,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         PARTITION BY toYYYYMM(occurred_at)
         ORDER BY (project_id, occurred_at, event_id)
         TTL toDateTime(occurred_at) + toIntervalDay(retention_days)",
-        // Hourly sums per every dimension a query may split or filter by. Fed by the view below
-        // from each insert into usage_events: only events the ingest found new reach it.
-        "CREATE TABLE IF NOT EXISTS {db}.usage_hourly (
+            // Hourly sums per every dimension a query may split or filter by. Fed by the view below
+            // from each insert into usage_events: only events the ingest found new reach it.
+            "CREATE TABLE IF NOT EXISTS {db}.usage_hourly (
             project_id UUID,
             hour DateTime('UTC'),
             model_id UUID,
@@ -71,7 +72,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         PARTITION BY toYYYYMM(hour)
         ORDER BY (project_id, hour, model_id, user_id, api_key_id, status, request_type)
         TTL hour + toIntervalDay(retention_days)",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.usage_hourly_mv TO {db}.usage_hourly AS
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.usage_hourly_mv TO {db}.usage_hourly AS
         SELECT e.project_id AS project_id, toDateTime(toStartOfHour(e.occurred_at), 'UTC') AS hour,
             e.model_id AS model_id, e.user_id AS user_id, e.api_key_id AS api_key_id, e.status AS status,
             e.request_type AS request_type, count() AS requests, countIf(e.status != 'success') AS errors,
@@ -81,7 +82,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             max(e.retention_days) AS retention_days
         FROM {db}.usage_events AS e
         GROUP BY project_id, hour, model_id, user_id, api_key_id, status, request_type",
-        "CREATE TABLE IF NOT EXISTS {db}.audit_events (
+            "CREATE TABLE IF NOT EXISTS {db}.audit_events (
             event_id UUID,
             project_id UUID,
             occurred_at DateTime64(6, 'UTC'),
@@ -98,7 +99,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         PARTITION BY toYYYYMM(occurred_at)
         ORDER BY (project_id, occurred_at, event_id)
         TTL toDateTime(occurred_at) + toIntervalDay(retention_days)",
-        "CREATE TABLE IF NOT EXISTS {db}.product_events (
+            "CREATE TABLE IF NOT EXISTS {db}.product_events (
             event_id UUID,
             project_id UUID,
             occurred_at DateTime64(6, 'UTC'),
@@ -111,14 +112,29 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         PARTITION BY toYYYYMM(occurred_at)
         ORDER BY (project_id, occurred_at, event_id)
         TTL toDateTime(occurred_at) + toIntervalDay(retention_days)",
-        "CREATE TABLE IF NOT EXISTS {db}.project_retention (
+            "CREATE TABLE IF NOT EXISTS {db}.project_retention (
             project_id UUID,
             days UInt16,
             updated_at DateTime64(6, 'UTC')
         ) ENGINE = ReplacingMergeTree(updated_at)
         ORDER BY project_id",
-    ],
-}];
+        ],
+    },
+    Migration {
+        version: 2,
+        name: "retention applied in the background",
+        statements: &[
+            // The retention each project's stored events were last cut and rewritten to, and when:
+            // a project whose row here differs from project_retention has a change pending.
+            "CREATE TABLE IF NOT EXISTS {db}.retention_applied (
+            project_id UUID,
+            days UInt16,
+            applied_at DateTime64(6, 'UTC')
+        ) ENGINE = ReplacingMergeTree(applied_at)
+        ORDER BY project_id",
+        ],
+    },
+];
 
 /// The tables whose rows expire by `retention_days` and are keyed by project and time.
 pub const EVENT_TABLES: [&str; 3] = ["usage_events", "audit_events", "product_events"];

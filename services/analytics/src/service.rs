@@ -50,9 +50,23 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("reading analytics settings from clickhouse")?;
     let (verifier, access) = runtime.identity_access()?;
+    let apply_interval = Duration::from_secs(config.retention_apply_interval_secs.max(1));
     let analytics = Analytics::new(store.clone(), access, config);
+    let applier = store.clone();
     runtime.every(RETENTION_REFRESH_INTERVAL, move || refresh_retention(store.clone()));
+    // Checked a few times per interval, so a due change waits at most a quarter of it more.
+    let check = (apply_interval / 4).clamp(Duration::from_millis(250), RETENTION_REFRESH_INTERVAL);
+    runtime.every(check, move || apply_due_retention(applier.clone(), apply_interval));
     runtime.serve(listener, analytics.routes(), &Analytics::GRPC_SERVICES, verifier, shutdown).await
+}
+
+/// Applies the retention changes that are due (see [`Store::apply_due_retention`]).
+async fn apply_due_retention(store: Store, min_interval: Duration) {
+    match store.apply_due_retention(min_interval).await {
+        Ok(applied) if !applied.is_empty() => tracing::debug!(projects = applied.len(), "retention applied"),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot apply pending retention changes"),
+    }
 }
 
 /// Rereads the projects' retention: another replica may have changed one.

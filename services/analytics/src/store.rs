@@ -200,6 +200,11 @@ struct EventIdRow {
 }
 
 #[derive(Row, Deserialize)]
+struct DaysRow {
+    days: u16,
+}
+
+#[derive(Row, Deserialize)]
 struct RetentionRow {
     #[serde(with = "clickhouse::serde::uuid")]
     project_id: Uuid,
@@ -214,6 +219,8 @@ pub struct Store {
     time_zones: Arc<HashSet<String>>,
     /// The queue of the process's one ingest writer ([`Writer`]).
     writer: mpsc::Sender<IngestJob>,
+    /// Holds the deployment's retention job lock ([`Store::apply_due_retention`]).
+    redis: Redis,
 }
 
 /// Each project's retention in days, as last read or set (see [`Store::refresh_retention`]).
@@ -314,6 +321,15 @@ impl IngestClaims {
     }
 }
 
+/// How long the retention job's lock lasts unless released: far longer than a round of
+/// mutations takes, so it lapses only when its holder died.
+const RETENTION_JOB_LEASE: Duration = Duration::from_secs(30 * 60);
+
+/// Takes the lock KEYS[1] for ARGV[1] for ARGV[2] ms unless someone holds it; 1 when taken.
+const LOCK_SCRIPT: &str = "\
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0";
+
 /// ClickHouse's text form of a time, for `DateTime64(6, 'UTC')` parameters.
 fn time_param(time: DateTime<Utc>) -> String {
     time.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
@@ -327,7 +343,8 @@ impl Store {
         let zones: Vec<String> = ch.client.query("SELECT time_zone FROM system.time_zones").fetch_all().await?;
         let retention = Arc::new(Retention { default_days: config.default_retention_days, custom: RwLock::default() });
         let (writer, jobs) = mpsc::channel(INGEST_QUEUE);
-        let store = Self { ch, retention, time_zones: Arc::new(zones.into_iter().collect()), writer };
+        let redis = claims.redis.clone();
+        let store = Self { ch, retention, time_zones: Arc::new(zones.into_iter().collect()), writer, redis };
         store.refresh_retention().await?;
         let writer = Writer {
             ch: store.ch.clone(),
@@ -520,11 +537,22 @@ impl Store {
         Ok(statement.fetch_all().await?)
     }
 
-    /// Sets a project's retention: new rows get it, stored rows are rewritten to it, and rows
-    /// already older than it are deleted now (synchronously; it is a rare, admin action).
-    pub async fn set_retention(&self, project_id: Uuid, days: u16) -> Result<()> {
-        let client = self.ch.client.clone().with_setting("mutations_sync", "1");
-        client
+    /// Sets a project's retention and returns the one it had (days, and whether the project had
+    /// set it). Rows written from now on get it at once; rows already stored are cut and
+    /// rewritten to it later, in the background ([`Store::apply_due_retention`]), so an admin
+    /// changing it often costs no more ClickHouse mutations than one round per interval.
+    pub async fn set_retention(&self, project_id: Uuid, days: u16) -> Result<(u16, bool)> {
+        // Read from ClickHouse, not this replica's copy, which may be up to a refresh behind.
+        let stored: Option<DaysRow> = self
+            .ch
+            .client
+            .query("SELECT days FROM project_retention FINAL WHERE project_id = {project:UUID}")
+            .param("project", project_id.to_string())
+            .fetch_optional()
+            .await?;
+        let old = stored.map_or((self.retention.default_days, false), |row| (row.days, true));
+        self.ch
+            .client
             .query("INSERT INTO project_retention (project_id, days, updated_at) VALUES ({project:UUID}, {days:UInt16}, now64(6))")
             .param("project", project_id.to_string())
             .param("days", days)
@@ -533,6 +561,89 @@ impl Store {
         if let Ok(mut retention) = self.retention.custom.write() {
             retention.insert(project_id, days);
         }
+        Ok(old)
+    }
+
+    /// Whether the rows of a project stored before its last retention change have been cut to
+    /// it: always for a project on the default, else once the background job applied it.
+    pub async fn retention_applied(&self, project_id: Uuid) -> Result<bool> {
+        let (days, custom) = self.retention_of(project_id);
+        if !custom {
+            return Ok(true);
+        }
+        let applied: Option<DaysRow> = self
+            .ch
+            .client
+            .query("SELECT days FROM retention_applied FINAL WHERE project_id = {project:UUID}")
+            .param("project", project_id.to_string())
+            .fetch_optional()
+            .await?;
+        Ok(applied.is_some_and(|row| row.days == days))
+    }
+
+    /// Stores an audit event analytics itself writes (a retention change): straight into its
+    /// own table through the ingest writer, since analytics has no outbox of its own.
+    pub async fn record_audit(&self, row: AuditEventRow) -> Result<()> {
+        self.ingest(vec![ValidEvent::Audit(row)]).await?;
+        Ok(())
+    }
+
+    /// Applies every pending retention change whose project was last applied at least
+    /// `min_interval` ago, the latest setting of each (changes in between coalesce), unless
+    /// another replica is doing so now: the job holds a lock in the shared Redis, so the
+    /// deployment runs one round of retention mutations at a time. Returns the projects applied.
+    pub async fn apply_due_retention(&self, min_interval: Duration) -> Result<Vec<(Uuid, u16)>> {
+        let key = self.redis.key("analytics", "retention-job");
+        let token = Uuid::new_v4().to_string();
+        let lease = RETENTION_JOB_LEASE.as_millis().to_string();
+        let taken: i64 = self
+            .redis
+            .pool()
+            .eval(LOCK_SCRIPT, vec![key.clone()], vec![token.clone(), lease])
+            .await
+            .map_err(|e| AnalyticsError::RedisUnavailable(e.to_string()))?;
+        if taken == 0 {
+            return Ok(Vec::new());
+        }
+        let applied = self.apply_pending_retention(min_interval).await;
+        let released: std::result::Result<i64, _> =
+            self.redis.pool().eval(RELEASE_SCRIPT, vec![key], vec![token]).await;
+        if let Err(error) = released {
+            tracing::warn!(%error, "cannot release the retention job lock; it lapses by itself");
+        }
+        applied
+    }
+
+    async fn apply_pending_retention(&self, min_interval: Duration) -> Result<Vec<(Uuid, u16)>> {
+        // A project never applied joins with the defaults: days 0 (never a valid retention) and
+        // applied_at at the epoch.
+        let due: Vec<RetentionRow> = self
+            .ch
+            .client
+            .query(
+                "SELECT r.project_id AS project_id, r.days AS days \
+                 FROM (SELECT project_id, days FROM project_retention FINAL) AS r \
+                 LEFT JOIN (SELECT project_id, days, applied_at FROM retention_applied FINAL) AS a \
+                 ON a.project_id = r.project_id \
+                 WHERE a.days != r.days AND a.applied_at <= now64(6) - toIntervalMillisecond({interval:UInt64}) \
+                 SETTINGS join_use_nulls = 0",
+            )
+            .param("interval", u64::try_from(min_interval.as_millis()).unwrap_or(u64::MAX))
+            .fetch_all()
+            .await?;
+        let mut applied = Vec::with_capacity(due.len());
+        for row in due {
+            self.apply_retention(row.project_id, row.days).await?;
+            applied.push((row.project_id, row.days));
+        }
+        Ok(applied)
+    }
+
+    /// Cuts a project's stored rows to `days` and rewrites their `retention_days`, waiting for
+    /// the mutations, then records it as applied. Idempotent; callers go through
+    /// [`Store::apply_due_retention`], which bounds how often and how many at a time.
+    pub async fn apply_retention(&self, project_id: Uuid, days: u16) -> Result<()> {
+        let client = self.ch.client.clone().with_setting("mutations_sync", "1");
         let tables = EVENT_TABLES.iter().map(|t| (*t, "occurred_at")).chain([("usage_hourly", "hour")]);
         for (table, time) in tables {
             client
@@ -553,6 +664,13 @@ impl Store {
                 .execute()
                 .await?;
         }
+        client
+            .query("INSERT INTO retention_applied (project_id, days, applied_at) VALUES ({project:UUID}, {days:UInt16}, now64(6))")
+            .param("project", project_id.to_string())
+            .param("days", days)
+            .execute()
+            .await?;
+        tracing::info!(%project_id, days, "retention applied to stored events");
         Ok(())
     }
 

@@ -218,9 +218,17 @@ async fn retention_drops_old_rows() {
         })
         .collect();
     store.ingest(valid(&events)).await.expect("ingest");
-    store.set_retention(short_project, 5).await.expect("set retention");
+    assert_eq!(store.set_retention(short_project, 5).await.expect("set retention"), (30, false));
     assert_eq!(store.retention_of(short_project), (5, true));
     assert_eq!(store.retention_of(kept_project), (30, false));
+    assert!(!store.retention_applied(short_project).await.expect("applied?"), "applied in the background");
+    // The background job: due at once (never applied), then not again within the interval.
+    let interval = std::time::Duration::from_secs(3600);
+    assert_eq!(store.apply_due_retention(interval).await.expect("apply"), vec![(short_project, 5)]);
+    assert!(store.retention_applied(short_project).await.expect("applied?"));
+    store.set_retention(short_project, 6).await.expect("change again");
+    assert_eq!(store.apply_due_retention(interval).await.expect("apply"), vec![], "not twice in an interval");
+    store.set_retention(short_project, 5).await.expect("change back");
 
     // Written after the change: expires by TTL at the next merge.
     let late = usage_event(short_project, model, now - Duration::days(7), 10, "0.1", "success");

@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use aimesh_kit::auth::StreamAccess;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::data::db;
 use aimesh_kit::serving::runtime::ServiceRuntime;
@@ -41,7 +42,8 @@ pub async fn run(
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("starting live message delivery")?;
-    let chat = Chat::new(conversations.clone(), access, shutdown.clone());
+    let streams = StreamAccess::new("chat", runtime.redis().clone(), verifier.clone(), config.stream_policy());
+    let chat = Chat::new(conversations.clone(), access, streams, shutdown.clone());
     let purging = shutdown.clone();
     runtime.every(Duration::from_secs(config.purge_interval_secs.max(1)), move || {
         purge_due(conversations.clone(), purging.clone())

@@ -70,8 +70,8 @@ pub struct FilesConfig {
     /// Size of a multipart upload's parts (S3 wants at least 5 MiB); also the most an upload
     /// buffers before the first part is sent.
     pub part_size_bytes: usize,
-    /// Base64 of the key (at least 32 bytes) that signs gateway download URLs; defaults to one
-    /// derived from `auth.service_token`, so every process of a deployment agrees.
+    /// Base64 of the key (at least 32 bytes) that signs gateway download URLs; defaults to
+    /// `auth.link_signing_key`, so every process of a deployment agrees.
     pub url_signing_key: Option<String>,
     /// How often the garbage collector runs.
     pub gc_interval_secs: u64,

@@ -25,9 +25,8 @@ pub async fn connect_database(common: &CommonConfig, config: &FilesConfig) -> an
 /// The files domain over `pool`, with the object store and limits of `config`.
 pub fn library(common: &CommonConfig, config: &FilesConfig, pool: PgPool) -> anyhow::Result<Library> {
     let storage = ObjectStorage::open(config)?;
-    let service_token = common.auth.service_token.as_ref().map(|token| token.expose());
-    let signer =
-        UrlSigner::from_settings(config.url_signing_key.as_deref(), service_token).map_err(anyhow::Error::msg)?;
+    let link_key = common.auth.link_signing_key.as_ref().map(|key| key.expose());
+    let signer = UrlSigner::from_settings(config.url_signing_key.as_deref(), link_key).map_err(anyhow::Error::msg)?;
     let limits = Limits {
         max_file_bytes: config.max_file_bytes,
         project_quota_bytes: config.project_quota_bytes,

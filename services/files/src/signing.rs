@@ -44,24 +44,25 @@ impl UrlSigner {
         Ok(Self { key: key.to_vec() })
     }
 
-    /// The key of `files.url_signing_key` (base64), else one derived from the deployment's
-    /// service token, else a random one (links then work only in this process).
-    pub fn from_settings(configured: Option<&str>, service_token: Option<&str>) -> Result<Self, String> {
+    /// The key of `files.url_signing_key` (base64), else `auth.link_signing_key`, the
+    /// deployment's own secret for download links: never one derived from the service token, so
+    /// a holder of that token cannot mint links. Neither set is an error naming both, since
+    /// replicas with keys of their own would refuse each other's links.
+    pub fn from_settings(configured: Option<&str>, link_signing_key: Option<&str>) -> Result<Self, String> {
         if let Some(encoded) = configured {
             let key = base64::engine::general_purpose::STANDARD
                 .decode(encoded.trim())
                 .map_err(|_| "files.url_signing_key: must be base64".to_owned())?;
             return Self::new(&key).map_err(|e| format!("files.url_signing_key: {e}"));
         }
-        if let Some(token) = service_token {
-            return Self::new(&hmac_sha256(token.as_bytes(), b"aimesh files download links"));
-        }
-        tracing::warn!(
-            "neither files.url_signing_key nor auth.service_token is set: download links work only in this process"
-        );
-        let mut key = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut key);
-        Self::new(&key)
+        let key = link_signing_key.ok_or_else(|| {
+            "auth.link_signing_key is not set: files needs it to sign download links (the same secret on every \
+             files replica; `aimesh all` makes one up)"
+                .to_owned()
+        })?;
+        // A MAC of the secret, so the key is always 32 bytes whatever its spelling.
+        Self::new(&hmac_sha256(key.as_bytes(), b"aimesh files download links"))
+            .map_err(|e| format!("auth.link_signing_key: {e}"))
     }
 
     /// A token for `file_id` valid until `expires_at` (second precision).
@@ -145,5 +146,20 @@ mod tests {
         assert!(signer.verify(&forged, now).is_err());
         assert!(signer.verify("garbage", now).is_err());
         assert!(UrlSigner::new(&[1u8; 16]).is_err());
+    }
+
+    #[test]
+    fn the_link_key_is_its_own_secret() {
+        let error = UrlSigner::from_settings(None, None).expect_err("no key");
+        assert!(error.contains("auth.link_signing_key"), "{error}");
+        let secret = "k".repeat(40);
+        let signer = UrlSigner::from_settings(None, Some(&secret)).expect("key");
+        let token = signer.sign(Uuid::new_v4(), Utc::now() + chrono::Duration::seconds(60));
+        assert!(UrlSigner::from_settings(None, Some(&secret)).expect("key").verify(&token, Utc::now()).is_ok());
+        // The key of old, derived from the service token, no longer verifies anything.
+        let service_token = format!("amsvc_{}", "s".repeat(40));
+        let old = UrlSigner::new(&hmac_sha256(service_token.as_bytes(), b"aimesh files download links")).expect("key");
+        let forged = old.sign(Uuid::new_v4(), Utc::now() + chrono::Duration::seconds(60));
+        assert!(signer.verify(&forged, Utc::now()).is_err());
     }
 }

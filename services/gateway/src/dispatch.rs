@@ -12,8 +12,6 @@ use tonic::client::Grpc;
 use tower_http::request_id::RequestId;
 use tracing::Instrument;
 
-use aimesh_kit::serving::ratelimit::Decision;
-
 use crate::downloads::{DownloadShape, apply_range, download};
 use crate::reply::{RestError, json_response, passed_back};
 use crate::routes::{Lookup, Route, raw_body_field};
@@ -53,6 +51,10 @@ pub(crate) async fn handle(State(gateway): State<Arc<Gateway>>, request: Request
     let span = tracing::info_span!("rest", http.method = %method, http.route = %route.label(), request_id = request_id.as_deref().unwrap_or(""));
     aimesh_kit::telemetry::adopt_remote_parent(&span, request.headers());
     let client = client_ip(&gateway, &request);
+    let mut request = request;
+    if let Some(client) = client {
+        request.extensions_mut().insert(ClientIp(client));
+    }
     let response = limited_call(&gateway, route, bound, request, client)
         .instrument(span)
         .await
@@ -67,15 +69,22 @@ pub(crate) async fn handle(State(gateway): State<Arc<Gateway>>, request: Request
     response
 }
 
+/// The client's address, in the request's extensions for [`outgoing`] to vouch for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientIp(IpAddr);
+
 /// The client's address: the socket peer, or what a trusted proxy in front of it saw.
 fn client_ip(gateway: &Gateway, request: &Request) -> Option<IpAddr> {
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>()?.0.ip();
     Some(gateway.trusted_proxies.client_ip(peer, request.headers()))
 }
 
-/// [`call`] after the gateway's own rate limit: a request without a credential counts against
-/// its client address here (the services then leave that address alone, as the gateway vouches
-/// for it); a credential's limits are the services' to decide, once they verified it.
+/// [`call`] after the gateway's own rate limits: a request without a credential counts against
+/// its client address here; one with a credential is refused while its address is out of failed
+/// authentications (`rate_limit.per_ip_failed_auth`), before any service looks the credential
+/// up, and costs the address one when the service found it UNAUTHENTICATED. The services leave
+/// both limits of an address the gateway vouches for to the gateway; a credential's own limits
+/// are the services' to decide, once they verified it.
 async fn limited_call(
     gateway: &Gateway,
     route: &Route,
@@ -83,9 +92,19 @@ async fn limited_call(
     request: Request,
     client: Option<IpAddr>,
 ) -> Result<Response, RestError> {
-    let decision = if request.headers().contains_key(header::AUTHORIZATION) {
-        Decision::unlimited()
-    } else {
+    if request.headers().contains_key(header::AUTHORIZATION) {
+        let Some(client) = client else { return call(gateway, route, bound, request).await };
+        let admitted = gateway.limiter.admit_credential(client).await?;
+        if !admitted.allowed {
+            return Err(RestError::from_status(&admitted.status()));
+        }
+        let answer = call(gateway, route, bound, request).await;
+        if answer.as_ref().is_err_and(|error| error.status == StatusCode::UNAUTHORIZED) {
+            gateway.limiter.charge_failed_auth(client).await;
+        }
+        return answer;
+    }
+    let decision = {
         let limits = gateway.limiter.limits_for(None, client, route.grpc_path().path());
         let decision = gateway.limiter.decide(&limits).await?;
         if !decision.allowed {
@@ -94,7 +113,7 @@ async fn limited_call(
         decision
     };
     // Like a service's, every answer to a limited request says how much is left, errors too.
-    match call(gateway, route, bound, request, client).await {
+    match call(gateway, route, bound, request).await {
         Ok(mut response) => {
             decision.write_headers(response.headers_mut());
             Ok(response)
@@ -111,14 +130,10 @@ async fn call(
     route: &Route,
     bound: Vec<(Vec<String>, String)>,
     request: Request,
-    client: Option<IpAddr>,
 ) -> Result<Response, RestError> {
     let (parts, body) = request.into_parts();
     if let Some(chunk_field) = raw_body_field(&route.method, &route.body).filter(|_| route.method.is_client_streaming())
     {
-        // Uploads carry no vouched address (that code is changing elsewhere): they need a
-        // credential, so only a refused anonymous attempt also counts against the gateway's own
-        // address at files.
         if let Some(boundary) = form_boundary(&parts.headers) {
             return upload_form(gateway, route, bound, parts, body, boundary?, chunk_field).await;
         }
@@ -133,10 +148,7 @@ async fn call(
     if route.method.is_server_streaming() {
         resume_from_last_event_id(&mut message, &parts.headers)?;
     }
-    let mut grpc_request = outgoing(message, &parts.headers);
-    if let Some((client, voucher)) = client.zip(gateway.voucher.as_ref()) {
-        voucher.vouch(&mut grpc_request, client);
-    }
+    let mut grpc_request = outgoing(gateway, message, &parts);
     let timeout = Duration::from_secs(gateway.config.request_timeout_secs);
     let (mut grpc, path, codec) = upstream_call(gateway, route).await?;
     if !route.method.is_server_streaming() {
@@ -165,13 +177,18 @@ async fn call(
     Ok(reply)
 }
 
-/// `message` as a gRPC request carrying the forwarded headers.
-pub(crate) fn outgoing<T>(message: T, headers: &http::HeaderMap) -> tonic::Request<T> {
+/// `message` as a gRPC request carrying the forwarded headers of `parts` and the client address
+/// the gateway vouches for (see `aimesh_kit::serving::ratelimit::client`), so the service counts
+/// the client and not the gateway.
+pub(crate) fn outgoing<T>(gateway: &Gateway, message: T, parts: &http::request::Parts) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     for name in FORWARDED {
-        if let Some(value) = headers.get(*name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+        if let Some(value) = parts.headers.get(*name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
             request.metadata_mut().insert(*name, value);
         }
+    }
+    if let Some(ClientIp(client)) = parts.extensions.get::<ClientIp>() {
+        gateway.voucher.vouch(&mut request, *client);
     }
     // When tracing is on, the gateway's span becomes the parent; otherwise the caller's
     // traceparent passes through unchanged (copied above).

@@ -160,11 +160,73 @@ pub(crate) async fn download(
     if let Some(range) = head.content_range.and_then(|r| HeaderValue::from_str(&r).ok()) {
         headers.insert(header::CONTENT_RANGE, range);
     }
-    if !head.file_name.is_empty() {
-        let safe: String = head.file_name.chars().filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\').collect();
-        if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{safe}\"")) {
-            headers.insert(header::CONTENT_DISPOSITION, value);
+    make_inert(headers, &head.file_name);
+    Ok(response)
+}
+
+/// What keeps a download from running in a browser as a page of the gateway's origin, whatever
+/// its uploader declared (`text/html`, `image/svg+xml`, XML, JavaScript, PDF...): no sniffing
+/// past the declared type, always saved rather than shown (`attachment`, with the file name),
+/// and, were it shown anyway, sandboxed with nothing allowed to load. Every download gets all
+/// three, since nothing a download serves is meant to run and a list of "active" types is
+/// easy to get wrong (`+xml` suffixes, parameters, new types).
+fn make_inert(headers: &mut http::HeaderMap, file_name: &str) {
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(DOWNLOAD_CSP));
+    let disposition = HeaderValue::from_str(&content_disposition(file_name))
+        .unwrap_or_else(|_| HeaderValue::from_static("attachment"));
+    headers.insert(header::CONTENT_DISPOSITION, disposition);
+}
+
+/// The policy of every download: no script, style, frame or fetch, in a unique origin.
+const DOWNLOAD_CSP: &str = "default-src 'none'; sandbox";
+
+/// `attachment` with the file name (RFC 6266): a quoted ASCII fallback, plus the UTF-8 name
+/// (RFC 5987 `filename*`) when the fallback had to leave characters out.
+fn content_disposition(file_name: &str) -> String {
+    if file_name.is_empty() {
+        return "attachment".to_owned();
+    }
+    let fallback: String = file_name.chars().filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\').collect();
+    if fallback == file_name {
+        return format!("attachment; filename=\"{fallback}\"");
+    }
+    let mut encoded = String::with_capacity(file_name.len() * 3);
+    for byte in file_name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
         }
     }
-    Ok(response)
+    let fallback = if fallback.is_empty() { "download" } else { &fallback };
+    format!("attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_name_is_quoted_and_any_other_also_percent_encoded() {
+        assert_eq!(content_disposition("hello.txt"), "attachment; filename=\"hello.txt\"");
+        assert_eq!(content_disposition(""), "attachment");
+        assert_eq!(
+            content_disposition("报告 \"Q1\".pdf"),
+            "attachment; filename=\"Q1.pdf\"; filename*=UTF-8''%E6%8A%A5%E5%91%8A%20%22Q1%22.pdf"
+        );
+        assert_eq!(
+            content_disposition("报告"),
+            "attachment; filename=\"download\"; filename*=UTF-8''%E6%8A%A5%E5%91%8A"
+        );
+    }
+
+    #[test]
+    fn every_download_is_inert() {
+        let mut headers = http::HeaderMap::new();
+        make_inert(&mut headers, "page.html");
+        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert_eq!(headers[header::CONTENT_SECURITY_POLICY], DOWNLOAD_CSP);
+        assert_eq!(headers[header::CONTENT_DISPOSITION], "attachment; filename=\"page.html\"");
+    }
 }

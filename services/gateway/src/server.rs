@@ -39,7 +39,7 @@ pub(crate) struct Gateway {
     pub(crate) limiter: RateLimiter,
     pub(crate) trusted_proxies: TrustedProxies,
     /// Vouches for the client address on every call (see `aimesh_kit::serving::ratelimit::client`).
-    pub(crate) voucher: Option<ClientVoucher>,
+    pub(crate) voucher: ClientVoucher,
     /// False from the start of a shutdown, so `/readyz` sends load balancers elsewhere.
     ready: AtomicBool,
     pub(crate) shutdown: CancellationToken,
@@ -61,12 +61,12 @@ pub async fn run(
     let redis = Redis::connect(&common.redis_urls, &common.redis).await.context("connecting to redis")?;
     redis.log_errors();
     let limiter = RateLimiter::new(redis, &common.rate_limit);
-    let voucher = common.auth.service_token.as_ref().and_then(ClientVoucher::new);
-    if voucher.is_none() {
-        tracing::warn!(
-            "auth.service_token is not set: the services cannot tell the gateway's clients apart and limit them as one"
-        );
-    }
+    // Without it the services would count every client's failures against the gateway's own
+    // address, and a few bad credentials would lock everybody out.
+    let voucher = common.auth.gateway_token.as_ref().and_then(ClientVoucher::new).context(
+        "auth.gateway_token is not set: the gateway must vouch for its clients' addresses to the services \
+         (set the same secret on every service; `aimesh all` makes one up)",
+    )?;
     let gateway = Arc::new(Gateway {
         routes,
         upstreams,

@@ -62,7 +62,7 @@ pub(crate) async fn upload(
     .filter_map(futures::future::ready);
     let messages = futures::stream::once(futures::future::ready(first)).chain(chunks).chain(last);
     let (mut grpc, path, codec) = upstream_call(gateway, route).await?;
-    let request = outgoing(messages, &parts.headers);
+    let request = outgoing(gateway, messages, &parts);
     let response = grpc.client_streaming(request, path, codec).await.map_err(|s| RestError::from_status(&s))?;
     json_reply(&response)
 }
@@ -175,7 +175,7 @@ pub(crate) async fn upload_form(
     });
     let messages = futures::stream::once(futures::future::ready(first)).chain(messages);
     let (mut grpc, path, codec) = upstream_call(gateway, route).await?;
-    let request = outgoing(messages, &parts.headers);
+    let request = outgoing(gateway, messages, &parts);
     let result = grpc.client_streaming(request, path, codec).await;
     let refusal = refused.lock().map(|mut slot| slot.take()).unwrap_or_default();
     if let Some(error) = refusal {

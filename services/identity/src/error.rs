@@ -1,5 +1,10 @@
 //! Errors of the identity domain, and their one mapping to the kit's [`ServiceError`].
 
+use std::time::Duration;
+
+use tonic_types::{ErrorDetails, StatusExt};
+
+use aimesh_kit::wire::error::ERROR_DOMAIN;
 use aimesh_kit::{ErrorCode, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +33,10 @@ pub enum IdentityError {
     AlreadyMember,
     #[error("encrypted settings need identity.settings_key to be configured")]
     NoSettingsKey,
+    /// Refused for now (a locked login, no free hashing slot): RESOURCE_EXHAUSTED with a
+    /// retry-after.
+    #[error("{message}")]
+    TryLater { reason: &'static str, message: String, retry_after: Duration },
     #[error(transparent)]
     Service(#[from] ServiceError),
     #[error(transparent)]
@@ -75,6 +84,7 @@ impl From<IdentityError> for ServiceError {
             IdentityError::NoSettingsKey => {
                 ServiceError::new(ErrorCode::FailedPrecondition, "NO_SETTINGS_KEY", message)
             }
+            IdentityError::TryLater { reason, .. } => ServiceError::new(ErrorCode::ResourceExhausted, reason, message),
             IdentityError::Service(error) => error,
             IdentityError::Database(error) => ServiceError::from(error),
         }
@@ -82,8 +92,20 @@ impl From<IdentityError> for ServiceError {
 }
 
 impl From<IdentityError> for tonic::Status {
+    /// A refusal for now also carries when to retry: a `google.rpc.RetryInfo` detail and
+    /// `retry-after` metadata (whole seconds), which the gateway passes on as `Retry-After`.
     fn from(error: IdentityError) -> Self {
-        ServiceError::from(error).into()
+        let IdentityError::TryLater { reason, message, retry_after } = error else {
+            return ServiceError::from(error).into();
+        };
+        let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, std::collections::HashMap::new());
+        details.set_retry_info(Some(retry_after));
+        let mut status = tonic::Status::with_error_details(tonic::Code::ResourceExhausted, message, details);
+        let seconds = retry_after.as_millis().div_ceil(1000).max(1);
+        if let Ok(value) = seconds.to_string().parse() {
+            status.metadata_mut().insert("retry-after", value);
+        }
+        status
     }
 }
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod credentials;
 pub mod domain;
 pub mod error;
+pub mod login_throttle;
 pub mod store;
 
 mod service;

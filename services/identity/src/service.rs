@@ -34,6 +34,7 @@ pub async fn run(
     config: IdentityConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    config.validate()?;
     let pool = connect_database(&common, &config).await?;
     let mut runtime = ServiceRuntime::start("identity", common).await?.with_database(pool.clone())?;
     let (redis, bus, auth) = (runtime.redis().clone(), runtime.bus(), &runtime.common().auth);
@@ -42,8 +43,15 @@ pub async fn run(
     let verifier = CredentialVerifier::new(redis.clone(), bus, auth, source);
     let roles = Arc::new(StoreRoleSource::new(store.clone()));
     let access = ProjectAccess::new(redis.clone(), bus, auth, roles);
-    let identity =
-        Identity::new(store.clone(), verifier.clone(), access, config.clone()).context("identity.settings_key")?;
+    let identity = Identity::new(
+        store.clone(),
+        verifier.clone(),
+        access,
+        redis.clone(),
+        &runtime.common().rate_limit,
+        config.clone(),
+    )
+    .context("identity.settings_key")?;
     // The server writes the last requests' use times to Redis before it returns; the drain at
     // the stop takes them to PostgreSQL.
     runtime.every_and_at_stop(Duration::from_secs(config.last_use_flush_secs.max(1)), move || {

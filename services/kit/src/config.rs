@@ -91,6 +91,12 @@ impl CommonConfig {
         if let Some(token) = &self.auth.service_token {
             token.validate()?;
         }
+        if let Some(token) = &self.auth.gateway_token {
+            token.validate("auth.gateway_token")?;
+        }
+        if let Some(key) = &self.auth.link_signing_key {
+            key.validate("auth.link_signing_key")?;
+        }
         self.services.validate()
     }
 }
@@ -318,11 +324,26 @@ pub struct AuthConfig {
     /// 32 random characters). Required when services run as separate processes; `aimesh all`
     /// makes one up for its own process when none is set.
     pub service_token: Option<crate::auth::ServiceToken>,
+    /// The secret with which the gateway vouches for its clients' addresses to the services
+    /// (`x-aimesh-client-ip-token`; at least 32 letters, digits, `_` or `-`), apart from the
+    /// service token so that a service able to call internal RPCs cannot also pose as any
+    /// client address. Required by the gateway; `aimesh all` makes one up when none is set.
+    pub gateway_token: Option<crate::auth::DeploymentSecret>,
+    /// The key that signs download links (at least 32 letters, digits, `_` or `-`), apart from
+    /// the service token. Required by files (unless `files.url_signing_key` is set); `aimesh
+    /// all` makes one up when none is set.
+    pub link_signing_key: Option<crate::auth::DeploymentSecret>,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { local_ttl_secs: 10, shared_ttl_secs: 60, service_token: None }
+        Self {
+            local_ttl_secs: 10,
+            shared_ttl_secs: 60,
+            service_token: None,
+            gateway_token: None,
+            link_signing_key: None,
+        }
     }
 }
 
@@ -359,6 +380,10 @@ pub struct RateLimitConfig {
     pub on_redis_failure: RedisFailureMode,
     /// Requests per minute of an unauthenticated peer address; 0 disables the limit.
     pub per_ip: u32,
+    /// Failed authentications (unknown, malformed, expired or revoked credentials) per minute of
+    /// a client address; past it, the address is refused before any credential is looked up.
+    /// 0 disables the limit.
+    pub per_ip_failed_auth: u32,
     /// Requests per minute of a person with a login session; 0 disables the limit.
     pub per_user: u32,
     /// Requests per minute of an API key without a limit of its own; 0 disables the limit.
@@ -366,6 +391,12 @@ pub struct RateLimitConfig {
     /// Requests per minute of a project (all its API keys together) without a limit of its own;
     /// 0 disables the limit.
     pub per_project: u32,
+    /// The most requests per minute a project admin may give the project (all its keys
+    /// together); only a system admin sets more.
+    pub max_project_requests_per_minute: u32,
+    /// The most requests per minute a project admin may give one API key; only a system admin
+    /// sets more.
+    pub max_api_key_requests_per_minute: u32,
     /// Weight of a call by full gRPC method path (`/aimesh.chat.v1.ChatService/ExportProject`);
     /// other calls weigh 1, and 0 exempts a method.
     pub costs: std::collections::BTreeMap<String, u32>,
@@ -378,9 +409,12 @@ impl Default for RateLimitConfig {
             mode: RateLimitMode::Enforce,
             on_redis_failure: RedisFailureMode::Open,
             per_ip: 1200,
+            per_ip_failed_auth: 30,
             per_user: 600,
             per_api_key: 600,
             per_project: 3000,
+            max_project_requests_per_minute: 30_000,
+            max_api_key_requests_per_minute: 6_000,
             costs: [
                 ("/aimesh.chat.v1.ChatService/ExportProject", 20),
                 ("/aimesh.chat.v1.ChatService/ExportSession", 5),
@@ -390,5 +424,33 @@ impl Default for RateLimitConfig {
             .map(|(method, cost)| (method.to_owned(), cost))
             .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_comes_from_one_environment_variable() {
+        // How the Helm chart and the kustomize overlay spell `gateway.trusted_proxies`; the
+        // environment provider parses each value so.
+        let value: figment::value::Value = r#"["10.0.0.0/8", "192.0.2.1"]"#.parse().expect("infallible");
+        let list: Vec<String> = value.deserialize().expect("a list of strings");
+        assert_eq!(list, ["10.0.0.0/8", "192.0.2.1"]);
+    }
+
+    #[test]
+    fn each_secret_is_checked_under_its_own_name() {
+        let mut config = CommonConfig::default();
+        config.auth.gateway_token = Some(crate::auth::DeploymentSecret::new("short"));
+        let error = config.validate().expect_err("too short");
+        assert_eq!(error.field.as_deref(), Some("auth.gateway_token"));
+        config.auth.gateway_token = Some(crate::auth::DeploymentSecret::generate());
+        config.auth.link_signing_key = Some(crate::auth::DeploymentSecret::new(format!("{}!", "k".repeat(40))));
+        let error = config.validate().expect_err("a character of another kind");
+        assert_eq!(error.field.as_deref(), Some("auth.link_signing_key"));
+        config.auth.link_signing_key = Some(crate::auth::DeploymentSecret::generate());
+        assert!(config.validate().is_ok());
     }
 }

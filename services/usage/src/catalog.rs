@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
+use aimesh_kit::data::audit::Actor;
 use aimesh_kit::data::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
 use aimesh_kit::data::redis::Redis;
 
@@ -144,20 +145,40 @@ impl Catalog {
         self.snapshot().await?.resolve(reference).cloned()
     }
 
-    pub async fn create_model(&self, model: &NewModel, price: Option<(Price, DateTime<Utc>)>) -> Result<CatalogModel> {
-        let row = self.store.insert_model(model, price).await?;
+    /// Adds a model (and its first price), audited as done by `actor`.
+    pub async fn create_model(
+        &self,
+        model: &NewModel,
+        price: Option<(Price, DateTime<Utc>)>,
+        actor: &Actor,
+    ) -> Result<CatalogModel> {
+        let row = self.store.insert_model(model, price, actor).await?;
         self.changed().await;
         self.model(row.id).await
     }
 
-    pub async fn update_model(&self, id: Uuid, patch: &ModelPatch) -> Result<CatalogModel> {
-        let row = self.store.update_model(id, patch).await?;
+    /// Changes a model, audited as `action` done by `actor`.
+    pub async fn update_model(
+        &self,
+        id: Uuid,
+        patch: &ModelPatch,
+        actor: &Actor,
+        action: &'static str,
+    ) -> Result<CatalogModel> {
+        let row = self.store.update_model(id, patch, actor, action).await?;
         self.changed().await;
         self.model(row.id).await
     }
 
-    pub async fn set_price(&self, model_id: Uuid, price: &Price, effective_at: DateTime<Utc>) -> Result<PriceRow> {
-        let row = self.store.insert_model_price(model_id, price, effective_at).await?;
+    /// Adds a price of a model, audited as done by `actor`.
+    pub async fn set_price(
+        &self,
+        model_id: Uuid,
+        price: &Price,
+        effective_at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> Result<PriceRow> {
+        let row = self.store.insert_model_price(model_id, price, effective_at, actor).await?;
         self.changed().await;
         Ok(row)
     }

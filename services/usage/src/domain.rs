@@ -353,6 +353,9 @@ pub struct NewUsage {
     pub error_message: String,
     pub request_time: DateTime<Utc>,
     pub reservation_id: Option<Uuid>,
+    /// Who settles `reservation_id`: the caller, taken as no project admin until the handler
+    /// says otherwise.
+    pub settled_by: ReservationActor,
 }
 
 impl NewUsage {
@@ -391,7 +394,40 @@ impl NewUsage {
             error_message: draft.error_message.chars().take(MAX_ERROR_MESSAGE).collect(),
             request_time,
             reservation_id,
+            settled_by: ReservationActor {
+                user_id: draft.default_user,
+                api_key_id: draft.api_key_id,
+                project_admin: false,
+            },
         })
+    }
+}
+
+/// Who releases or settles a reservation. A reservation is closed only by the principal that
+/// made it (the same API key; for one made with a login session, the same person with a login
+/// session) or by an owner or admin of its project, so one member cannot give back or spend
+/// another's reserved room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservationActor {
+    /// The person calling (for an API key, the person the key acts for).
+    pub user_id: Uuid,
+    /// The API key calling, if the caller used one.
+    pub api_key_id: Option<Uuid>,
+    /// An owner or admin of the project (through a login session): may close anyone's.
+    pub project_admin: bool,
+}
+
+impl ReservationActor {
+    /// Whether this actor may close a reservation made with `maker_api_key_id` (if a key made
+    /// it) by `maker_user_id`.
+    pub fn may_close(&self, maker_user_id: Uuid, maker_api_key_id: Option<Uuid>) -> bool {
+        if self.project_admin {
+            return true;
+        }
+        match maker_api_key_id {
+            Some(key) => self.api_key_id == Some(key),
+            None => self.api_key_id.is_none() && self.user_id == maker_user_id,
+        }
     }
 }
 
@@ -439,6 +475,9 @@ pub struct NewReservation {
     pub project_id: Uuid,
     pub user_id: Uuid,
     pub api_key_id: Option<Uuid>,
+    /// The person who asked for it (the caller; for a key, the person it acts for), which may
+    /// differ from `user_id` when a key attributes usage to someone else.
+    pub maker_user_id: Uuid,
     pub model: String,
     pub input_tokens: i64,
     pub output_tokens: i64,
@@ -472,6 +511,7 @@ impl NewReservation {
             project_id,
             user_id,
             api_key_id: draft.api_key_id,
+            maker_user_id: draft.default_user,
             model,
             input_tokens: draft.estimated_input_tokens,
             output_tokens: draft.estimated_output_tokens,
@@ -719,6 +759,25 @@ mod tests {
         assert_eq!(field(UsageDraft { request_time: Some(old), ..good.clone() }), "request_time");
         let fine = now - Duration::days(34);
         assert!(NewUsage::validate(&UsageDraft { request_time: Some(fine), ..good }, now).is_ok());
+    }
+
+    #[test]
+    fn a_reservation_is_closed_by_its_maker_or_a_project_admin() {
+        let (ann, bob, key, other_key) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let session = |user_id| ReservationActor { user_id, api_key_id: None, project_admin: false };
+        let with_key =
+            |api_key_id| ReservationActor { user_id: ann, api_key_id: Some(api_key_id), project_admin: false };
+        // Made with ann's login session.
+        assert!(session(ann).may_close(ann, None));
+        assert!(!session(bob).may_close(ann, None));
+        assert!(!with_key(key).may_close(ann, None), "a key does not close its person's session reservations");
+        // Made with a key: that key only, not its person's session nor another key.
+        assert!(with_key(key).may_close(ann, Some(key)));
+        assert!(!with_key(other_key).may_close(ann, Some(key)));
+        assert!(!session(ann).may_close(ann, Some(key)));
+        // A project admin closes any.
+        let admin = ReservationActor { project_admin: true, ..session(bob) };
+        assert!(admin.may_close(ann, None) && admin.may_close(ann, Some(key)));
     }
 
     #[test]

@@ -31,13 +31,16 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
+use aimesh_kit::data::audit::Actor;
 use aimesh_kit::data::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
 use aimesh_kit::data::outbox::OutboxEvent;
 use aimesh_kit::data::redis::Redis;
 
 use crate::catalog::Catalog;
 use crate::counters::{CounterSnapshot, Counters, Decision, LimitedSubject, Outcome, ReservationEntry};
-use crate::domain::{NewReservation, NewUsage, QuotaLimits, QuotaSubject, Windows, cost_nanos, nanos_to_usd};
+use crate::domain::{
+    NewReservation, NewUsage, QuotaLimits, QuotaSubject, ReservationActor, Windows, cost_nanos, nanos_to_usd,
+};
 use crate::error::{Result, UsageError};
 use crate::group_commit::{Pending, RecordQueues};
 use crate::store::{self, QuotaRow, ReservationRow, Store, UsageRow};
@@ -283,7 +286,7 @@ impl Ledger {
                 (Some(price), None) => Ok(price),
                 (Some(price), Some(reservation_id)) => {
                     let reservation = store::reservation_for_update(&mut tx, reservation_id).await?;
-                    match open_reservation(reservation, project_id, now) {
+                    match open_reservation(reservation, project_id, &usage.settled_by, now) {
                         Ok(_) => {
                             store::close_reservation(&mut tx, reservation_id, "settled", Some(id), now).await?;
                             settles.push(reservation_id);
@@ -358,6 +361,7 @@ impl Ledger {
                 project_id: request.project_id,
                 user_id: request.user_id,
                 api_key_id: request.api_key_id,
+                maker_user_id: request.maker_user_id,
                 model_id: model.model.id,
                 tokens: request.input_tokens + request.output_tokens,
                 cost,
@@ -417,13 +421,14 @@ impl Ledger {
         }
     }
 
-    /// Gives an open reservation back. Unknown, expired, settled or released: NOT_FOUND; of
-    /// another project: PERMISSION_DENIED. Nothing changes on either.
-    pub async fn release(&self, project_id: Uuid, reservation_id: Uuid) -> Result<()> {
+    /// Gives an open reservation back, for its maker or a project admin (see
+    /// [`ReservationActor`]). Unknown, of another project, expired, settled or released:
+    /// NOT_FOUND; someone else's in the project: PERMISSION_DENIED. Nothing changes on either.
+    pub async fn release(&self, project_id: Uuid, reservation_id: Uuid, actor: &ReservationActor) -> Result<()> {
         let now = now();
         let mut tx = self.store.pool().begin().await?;
         let reservation = store::reservation_for_update(&mut tx, reservation_id).await?;
-        open_reservation(reservation, project_id, now)?;
+        open_reservation(reservation, project_id, actor, now)?;
         store::close_reservation(&mut tx, reservation_id, "released", None, now).await?;
         tx.commit().await?;
         // After the commit (see the module docs): if this fails the room comes back at expiry.
@@ -450,14 +455,22 @@ impl Ledger {
 
     /// Creates or replaces a subject's quota. Usage so far counts against it at once: the
     /// counters count every subject whether it has a quota or not.
-    pub async fn set_quota(&self, project_id: Uuid, subject: QuotaSubject, limits: &QuotaLimits) -> Result<QuotaRow> {
-        let row = self.store.upsert_quota(project_id, subject, limits).await?;
+    /// The change is audited as done by `actor`.
+    pub async fn set_quota(
+        &self,
+        project_id: Uuid,
+        subject: QuotaSubject,
+        limits: &QuotaLimits,
+        actor: &Actor,
+    ) -> Result<QuotaRow> {
+        let row = self.store.upsert_quota(project_id, subject, limits, actor).await?;
         self.quotas_changed(project_id).await;
         Ok(row)
     }
 
-    pub async fn delete_quota(&self, project_id: Uuid, subject: QuotaSubject) -> Result<()> {
-        self.store.delete_quota(project_id, subject).await?;
+    /// Deletes a subject's quota, audited as done by `actor`.
+    pub async fn delete_quota(&self, project_id: Uuid, subject: QuotaSubject, actor: &Actor) -> Result<()> {
+        self.store.delete_quota(project_id, subject, actor).await?;
         self.quotas_changed(project_id).await;
         Ok(())
     }
@@ -538,16 +551,22 @@ impl Ledger {
     }
 }
 
-/// Checks that a reservation exists, belongs to `project_id` and still holds room at `now`.
+/// Checks that a reservation exists, belongs to `project_id`, may be closed by `actor` and
+/// still holds room at `now`. Another project's is NOT_FOUND, like an unknown id, so ids of
+/// other projects cannot be probed; a member learns only that a reservation of their own project
+/// is someone else's (PERMISSION_DENIED), not whether it is still open.
 fn open_reservation(
     reservation: Option<ReservationRow>,
     project_id: Uuid,
+    actor: &ReservationActor,
     now: DateTime<Utc>,
 ) -> Result<ReservationRow> {
     let not_found = || UsageError::NotFound { what: "reservation", field: "reservation_id" };
-    let reservation = reservation.ok_or_else(not_found)?;
-    if reservation.project_id != project_id {
-        return Err(UsageError::forbidden("the reservation belongs to another project"));
+    let reservation = reservation.filter(|r| r.project_id == project_id).ok_or_else(not_found)?;
+    if !actor.may_close(reservation.maker_user_id, reservation.api_key_id) {
+        return Err(UsageError::forbidden(
+            "only whoever made the reservation, or a project admin, may release or settle it",
+        ));
     }
     if reservation.state != "open" || reservation.expires_at <= now {
         return Err(not_found());

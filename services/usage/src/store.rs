@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use aimesh_kit::data::audit::{self, Actor, Audit, changed};
 use aimesh_kit::data::db::{sql, unique_violation};
 use aimesh_kit::data::outbox::{EVENT_COLUMNS, OutboxEvent};
 use aimesh_kit::wire::pagination::Page;
@@ -150,6 +151,8 @@ pub struct ReservationRow {
     pub project_id: Uuid,
     pub user_id: Uuid,
     pub api_key_id: Option<Uuid>,
+    /// The person who made it (see [`crate::domain::ReservationActor`]).
+    pub maker_user_id: Uuid,
     pub model_id: Uuid,
     pub tokens: i64,
     pub cost: Decimal,
@@ -186,8 +189,8 @@ const USAGE_COLUMNS: &str = "id, request_id, project_id, user_id, api_key_id, mo
                              total_tokens, cost, duration_ms, status, error_message, request_time, created_at";
 const QUOTA_COLUMNS: &str = "project_id, scope, subject_id, tokens_per_day, cost_per_month, requests_per_minute, \
                              tokens_per_minute, soft_limit_percent, updated_at";
-const RESERVATION_COLUMNS: &str =
-    "id, project_id, user_id, api_key_id, model_id, tokens, cost, cost_nanos, state, created_at, expires_at";
+const RESERVATION_COLUMNS: &str = "id, project_id, user_id, api_key_id, maker_user_id, model_id, tokens, cost, \
+                                   cost_nanos, state, created_at, expires_at";
 
 /// The advisory lock key of a project's counters: both halves of its id folded together (ids
 /// are UUIDv7, whose first half is mostly a timestamp). Two projects sharing a key only share
@@ -205,8 +208,13 @@ aimesh_kit::pg_store!(
 impl Store {
     // ---- catalog ----
 
-    /// Inserts a model and, when given, its first price, in one transaction.
-    pub async fn insert_model(&self, model: &NewModel, price: Option<(Price, DateTime<Utc>)>) -> Result<ModelRow> {
+    /// Inserts a model and, when given, its first price, in one transaction with its audit event.
+    pub async fn insert_model(
+        &self,
+        model: &NewModel,
+        price: Option<(Price, DateTime<Utc>)>,
+        actor: &Actor,
+    ) -> Result<ModelRow> {
         let mut tx = self.pool.begin().await?;
         let row: ModelRow = sqlx::query_as(sql(format!(
             "INSERT INTO ai_models (id, provider, name, version, model_type, display_name, description, \
@@ -228,15 +236,35 @@ impl Store {
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| if unique_violation(&e).is_some() { UsageError::ModelExists } else { e.into() })?;
-        if let Some((price, effective_at)) = price {
-            insert_price(&mut tx, row.id, &price, effective_at).await?;
-        }
+        let price = match price {
+            Some((price, effective_at)) => Some(insert_price(&mut tx, row.id, &price, effective_at).await?),
+            None => None,
+        };
+        let new = serde_json::json!({ "model": row, "price": price });
+        let audit = catalog_audit(actor, "model.created", "model", row.id, changed(None::<()>, new));
+        audit::record(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(row)
     }
 
-    pub async fn update_model(&self, id: Uuid, patch: &ModelPatch) -> Result<ModelRow> {
-        let row: Option<ModelRow> = sqlx::query_as(sql(format!(
+    /// Changes a model, audited as `action` (`model.updated`, `model.retired`) with the model
+    /// before and after.
+    pub async fn update_model(
+        &self,
+        id: Uuid,
+        patch: &ModelPatch,
+        actor: &Actor,
+        action: &'static str,
+    ) -> Result<ModelRow> {
+        let not_found = || UsageError::NotFound { what: "model", field: "model_id" };
+        let mut tx = self.pool.begin().await?;
+        let old: ModelRow =
+            sqlx::query_as(sql(format!("SELECT {MODEL_COLUMNS} FROM ai_models WHERE id = $1 FOR UPDATE")))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(not_found)?;
+        let row: ModelRow = sqlx::query_as(sql(format!(
             "UPDATE ai_models SET display_name = COALESCE($2, display_name), \
              description = COALESCE($3, description), context_window = COALESCE($4, context_window), \
              max_tokens = COALESCE($5, max_tokens), capabilities = COALESCE($6, capabilities), \
@@ -251,26 +279,43 @@ impl Store {
         .bind(&patch.capabilities)
         .bind(&patch.match_pattern)
         .bind(patch.status.map(ModelStatus::as_str))
-        .fetch_optional(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        row.ok_or(UsageError::NotFound { what: "model", field: "model_id" })
+        audit::record(&mut tx, catalog_audit(actor, action, "model", id, changed(&old, &row))).await?;
+        tx.commit().await?;
+        Ok(row)
     }
 
+    /// Adds a price of a model, audited with the price it replaces from `effective_at` on
+    /// (the one in force then, if any).
     pub async fn insert_model_price(
         &self,
         model_id: Uuid,
         price: &Price,
         effective_at: DateTime<Utc>,
+        actor: &Actor,
     ) -> Result<PriceRow> {
-        let mut conn = self.pool.acquire().await?;
+        let mut tx = self.pool.begin().await?;
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM ai_models WHERE id = $1)")
             .bind(model_id)
-            .fetch_one(&mut *conn)
+            .fetch_one(&mut *tx)
             .await?;
         if !exists {
             return Err(UsageError::NotFound { what: "model", field: "model_id" });
         }
-        insert_price(&mut conn, model_id, price, effective_at).await
+        let old: Option<PriceRow> = sqlx::query_as(sql(format!(
+            "SELECT {PRICE_COLUMNS} FROM model_prices WHERE model_id = $1 AND effective_at <= $2 \
+             ORDER BY effective_at DESC LIMIT 1"
+        )))
+        .bind(model_id)
+        .bind(effective_at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let row = insert_price(&mut tx, model_id, price, effective_at).await?;
+        let audit = catalog_audit(actor, "model_price.set", "model_price", model_id, changed(&old, &row));
+        audit::record(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(row)
     }
 
     /// The whole catalog, for the cache: every model and every price.
@@ -329,14 +374,24 @@ impl Store {
         .await?)
     }
 
-    /// Creates or replaces the quota of one subject.
+    /// Creates or replaces the quota of one subject, audited with the limits before and after.
     pub async fn upsert_quota(
         &self,
         project_id: Uuid,
         subject: QuotaSubject,
         limits: &QuotaLimits,
+        actor: &Actor,
     ) -> Result<QuotaRow> {
-        Ok(sqlx::query_as(sql(format!(
+        let mut tx = self.pool.begin().await?;
+        let old: Option<QuotaRow> = sqlx::query_as(sql(format!(
+            "SELECT {QUOTA_COLUMNS} FROM quotas WHERE project_id = $1 AND scope = $2 AND subject_id = $3 FOR UPDATE"
+        )))
+        .bind(project_id)
+        .bind(subject.scope().as_str())
+        .bind(subject.id())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let row: QuotaRow = sqlx::query_as(sql(format!(
             "INSERT INTO quotas (project_id, scope, subject_id, tokens_per_day, cost_per_month, requests_per_minute, \
              tokens_per_minute, soft_limit_percent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (project_id, scope, subject_id) DO UPDATE SET tokens_per_day = EXCLUDED.tokens_per_day, \
@@ -352,21 +407,30 @@ impl Store {
         .bind(limits.requests_per_minute)
         .bind(limits.tokens_per_minute)
         .bind(limits.soft_limit_percent)
-        .fetch_one(&self.pool)
-        .await?)
+        .fetch_one(&mut *tx)
+        .await?;
+        let details = changed(old.as_ref().map(QuotaRow::limits), row.limits());
+        audit::record(&mut tx, quota_audit(actor, "quota.set", project_id, subject, details)).await?;
+        tx.commit().await?;
+        Ok(row)
     }
 
-    /// Deletes the quota of one subject; NOT_FOUND when it has none.
-    pub async fn delete_quota(&self, project_id: Uuid, subject: QuotaSubject) -> Result<()> {
-        let deleted = sqlx::query("DELETE FROM quotas WHERE project_id = $1 AND scope = $2 AND subject_id = $3")
-            .bind(project_id)
-            .bind(subject.scope().as_str())
-            .bind(subject.id())
-            .execute(&self.pool)
-            .await?;
-        if deleted.rows_affected() == 0 {
-            return Err(UsageError::NotFound { what: "quota", field: "subject_id" });
-        }
+    /// Deletes the quota of one subject, audited with the limits it had; NOT_FOUND when it has
+    /// none.
+    pub async fn delete_quota(&self, project_id: Uuid, subject: QuotaSubject, actor: &Actor) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let deleted: Option<QuotaRow> = sqlx::query_as(sql(format!(
+            "DELETE FROM quotas WHERE project_id = $1 AND scope = $2 AND subject_id = $3 RETURNING {QUOTA_COLUMNS}"
+        )))
+        .bind(project_id)
+        .bind(subject.scope().as_str())
+        .bind(subject.id())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let old = deleted.ok_or(UsageError::NotFound { what: "quota", field: "subject_id" })?;
+        let details = changed(old.limits(), None::<()>);
+        audit::record(&mut tx, quota_audit(actor, "quota.deleted", project_id, subject, details)).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -393,6 +457,33 @@ impl Store {
             .await?;
         Ok(reservations.rows_affected() + claims.rows_affected())
     }
+}
+
+/// The audit event of a catalog change: the catalog belongs to no project.
+fn catalog_audit<'a>(
+    actor: &'a Actor,
+    action: &'static str,
+    resource_type: &'static str,
+    id: Uuid,
+    details: serde_json::Value,
+) -> Audit<'a> {
+    Audit { actor, action, resource_type, resource_id: id.to_string(), project_id: None, details }
+}
+
+/// The audit event of a quota change; the resource is the subject: `project`, `user:<id>` or
+/// `api_key:<id>`.
+fn quota_audit<'a>(
+    actor: &'a Actor,
+    action: &'static str,
+    project_id: Uuid,
+    subject: QuotaSubject,
+    details: serde_json::Value,
+) -> Audit<'a> {
+    let resource_id = match subject {
+        QuotaSubject::Project => "project".to_owned(),
+        QuotaSubject::User(id) | QuotaSubject::ApiKey(id) => format!("{}:{id}", subject.scope().as_str()),
+    };
+    Audit { actor, action, resource_type: "quota", resource_id, project_id: Some(project_id), details }
 }
 
 async fn insert_price(
@@ -587,13 +678,14 @@ pub async fn insert_usage(conn: &mut PgConnection, rows: &[UsageRow], events: &[
 
 pub async fn insert_reservation(conn: &mut PgConnection, row: &ReservationRow) -> Result<()> {
     sqlx::query(
-        "INSERT INTO quota_reservations (id, project_id, user_id, api_key_id, model_id, tokens, cost, cost_nanos, \
-         state, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'open', $9, $10)",
+        "INSERT INTO quota_reservations (id, project_id, user_id, api_key_id, maker_user_id, model_id, tokens, cost, \
+         cost_nanos, state, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'open', $10, $11)",
     )
     .bind(row.id)
     .bind(row.project_id)
     .bind(row.user_id)
     .bind(row.api_key_id)
+    .bind(row.maker_user_id)
     .bind(row.model_id)
     .bind(row.tokens)
     .bind(row.cost)

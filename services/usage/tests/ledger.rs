@@ -12,12 +12,14 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use aimesh_kit::config::{DatabaseConfig, RedisConfig};
+use aimesh_kit::data::audit::Actor;
 use aimesh_kit::data::cache::InvalidationBus;
 use aimesh_kit::data::redis::Redis;
 use aimesh_kit::testing::{self, TestDatabase};
 use aimesh_kit::wire::pagination::{Cursor, Page};
 use aimesh_usage::domain::{
-    ModelStatus, NewReservation, NewUsage, Price, QuotaLimits, QuotaSubject, ReservationDraft, UsageDraft, Windows,
+    ModelStatus, NewReservation, NewUsage, Price, QuotaLimits, QuotaSubject, ReservationActor, ReservationDraft,
+    UsageDraft, Windows,
 };
 use aimesh_usage::error::UsageError;
 use aimesh_usage::ledger::Ledger;
@@ -79,7 +81,7 @@ async fn model(ledger: &Ledger, name: &str, price: Price) -> Uuid {
         match_pattern: format!("^{name}(-\\d{{4}}-\\d{{2}}-\\d{{2}})?$"),
     };
     let at = Utc::now() - chrono::Duration::hours(1);
-    ledger.catalog().create_model(&new, Some((price, at))).await.expect("create model").model.id
+    ledger.catalog().create_model(&new, Some((price, at)), &Actor::default()).await.expect("create model").model.id
 }
 
 struct Call<'a> {
@@ -147,6 +149,11 @@ fn reservation(project: Uuid, user: Uuid, model: &str, input: i64, output: i64, 
     NewReservation::validate(&draft).expect("valid reservation")
 }
 
+/// The person `user` acting with a login session, no project admin.
+fn maker(user: Uuid) -> ReservationActor {
+    ReservationActor { user_id: user, api_key_id: None, project_admin: false }
+}
+
 fn tokens_per_day(limit: i64) -> QuotaLimits {
     QuotaLimits::validate(limit, "", 0, 0, 0).expect("limits")
 }
@@ -186,7 +193,7 @@ async fn two_hundred_reservations_against_room_for_fifty_let_fifty_through() {
     model(&a.ledger, "gpt-4o", price("2.50", "10", "1.25")).await;
     let project = Uuid::new_v4();
     // 100 tokens each: room for exactly 50.
-    a.ledger.set_quota(project, QuotaSubject::Project, &tokens_per_day(5_000)).await.expect("quota");
+    a.ledger.set_quota(project, QuotaSubject::Project, &tokens_per_day(5_000), &Actor::default()).await.expect("quota");
 
     let mut tasks = Vec::new();
     for i in 0..200 {
@@ -242,7 +249,7 @@ async fn a_retried_record_counts_once_even_when_retries_race() {
 
     assert_eq!(count(&db.pool, "model_usage_logs").await, 2);
     assert_eq!(count(&db.pool, "usage_requests").await, 2);
-    assert_eq!(count(&db.pool, "outbox_events").await, 2);
+    assert_eq!(count(&db.pool, "outbox_events WHERE topic = 'usage'").await, 2);
     let stats = a.ledger.stats(project).await.expect("stats");
     assert_eq!((stats.project.requests, stats.project.input_tokens, stats.project.output_tokens), (2, 200, 100));
     let counters = a.ledger.counters().read(project, Utc::now()).await.expect("counters");
@@ -264,7 +271,11 @@ async fn a_price_change_applies_only_to_later_requests() {
     // The new price takes effect five minutes ago (only an admin tool could backdate it this far;
     // the API allows a minute).
     let effective = now - chrono::Duration::minutes(5);
-    a.ledger.catalog().set_price(model_id, &price("5", "20", "2.5"), effective).await.expect("set price");
+    a.ledger
+        .catalog()
+        .set_price(model_id, &price("5", "20", "2.5"), effective, &Actor::default())
+        .await
+        .expect("set price");
 
     // A late record of a call made before the change still pays the old price...
     let mut late = Call::new(project, user, "late", "gpt-4o");
@@ -319,9 +330,12 @@ async fn flushed_counters_are_rebuilt_from_postgres_with_the_same_figures() {
     model(&a.ledger, "gpt-4o-mini", price("0.15", "0.6", "0.075")).await;
     let project = Uuid::new_v4();
     let (ann, bob, key) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-    a.ledger.set_quota(project, QuotaSubject::Project, &tokens_per_day(10_000)).await.expect("quota");
+    a.ledger
+        .set_quota(project, QuotaSubject::Project, &tokens_per_day(10_000), &Actor::default())
+        .await
+        .expect("quota");
     let monthly = QuotaLimits::validate(0, "100", 0, 0, 0).expect("limits");
-    a.ledger.set_quota(project, QuotaSubject::User(bob), &monthly).await.expect("quota");
+    a.ledger.set_quota(project, QuotaSubject::User(bob), &monthly, &Actor::default()).await.expect("quota");
 
     // Records by two users and a key, on two models; a settled, a released and an open
     // reservation; one that expires.
@@ -344,7 +358,7 @@ async fn flushed_counters_are_rebuilt_from_postgres_with_the_same_figures() {
     settle.reservation = Some(settled.reservation.id);
     b.ledger.record(settle.usage().expect("valid")).await.expect("settle");
     let released = b.ledger.reserve(&reservation(project, bob, "gpt-4o", 500, 500, 600)).await.expect("reserve");
-    a.ledger.release(project, released.reservation.id).await.expect("release");
+    a.ledger.release(project, released.reservation.id, &maker(bob)).await.expect("release");
     a.ledger.reserve(&reservation(project, bob, "gpt-4o-mini", 700, 300, 600)).await.expect("open reservation");
     a.ledger.reserve(&reservation(project, ann, "gpt-4o", 50, 50, 1)).await.expect("short reservation");
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -390,7 +404,10 @@ async fn reservations_expire_release_and_settle() {
     let (db, a, b) = setup().await;
     model(&a.ledger, "gpt-4o", price("2.50", "10", "1.25")).await;
     let (project, other_project, user) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-    a.ledger.set_quota(project, QuotaSubject::User(user), &tokens_per_day(1_000)).await.expect("quota");
+    a.ledger
+        .set_quota(project, QuotaSubject::User(user), &tokens_per_day(1_000), &Actor::default())
+        .await
+        .expect("quota");
 
     // Expiry gives the room back.
     a.ledger.reserve(&reservation(project, user, "gpt-4o", 600, 400, 1)).await.expect("reserve all");
@@ -403,10 +420,12 @@ async fn reservations_expire_release_and_settle() {
     let held = b.ledger.reserve(&reservation(project, user, "gpt-4o", 600, 400, 60)).await.expect("room came back");
 
     // Release gives it back once; a second release, or another project's, changes nothing.
-    let other = a.ledger.release(other_project, held.reservation.id).await;
-    assert!(matches!(other, Err(UsageError::Forbidden(_))), "{other:?}");
-    a.ledger.release(project, held.reservation.id).await.expect("release");
-    let twice = a.ledger.release(project, held.reservation.id).await;
+    let other = a.ledger.release(other_project, held.reservation.id, &maker(user)).await;
+    assert!(matches!(other, Err(UsageError::NotFound { what: "reservation", .. })), "{other:?}");
+    let stranger = a.ledger.release(project, held.reservation.id, &maker(Uuid::new_v4())).await;
+    assert!(matches!(stranger, Err(UsageError::Forbidden(_))), "{stranger:?}");
+    a.ledger.release(project, held.reservation.id, &maker(user)).await.expect("release");
+    let twice = a.ledger.release(project, held.reservation.id, &maker(user)).await;
     assert!(matches!(twice, Err(UsageError::NotFound { what: "reservation", .. })), "{twice:?}");
 
     // Settling replaces the estimate with the actual usage.
@@ -425,7 +444,7 @@ async fn reservations_expire_release_and_settle() {
 
     // Soft limits warn.
     let soft = QuotaLimits::validate(1_000, "", 0, 0, 80).expect("limits");
-    a.ledger.set_quota(project, QuotaSubject::User(user), &soft).await.expect("quota");
+    a.ledger.set_quota(project, QuotaSubject::User(user), &soft, &Actor::default()).await.expect("quota");
     // (On the replica that changed the quota: the others see it when the broadcast arrives.)
     let warned = a.ledger.reserve(&reservation(project, user, "gpt-4o", 700, 0, 60)).await.expect("reserve");
     assert_eq!(warned.warnings, vec![format!("user {user} tokens_per_day at 85%")]);
@@ -442,10 +461,13 @@ async fn reservations_expire_release_and_settle() {
     // An expired or settled reservation cannot be settled: nothing written.
     let records = count(&db.pool, "model_usage_logs").await;
     // (Another user: this one is over its limit now, so even an empty reservation is refused.)
-    let short = a.ledger.reserve(&reservation(project, Uuid::new_v4(), "gpt-4o", 0, 0, 1)).await.expect("reserve");
+    let other = Uuid::new_v4();
+    let short = a.ledger.reserve(&reservation(project, other, "gpt-4o", 0, 0, 1)).await.expect("reserve");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    for (id, reservation_id) in [("late-settle", short.reservation.id), ("double-settle", held.reservation.id)] {
-        let mut call = Call::new(project, user, id, "gpt-4o");
+    for (id, maker, reservation_id) in
+        [("late-settle", other, short.reservation.id), ("double-settle", user, held.reservation.id)]
+    {
+        let mut call = Call::new(project, maker, id, "gpt-4o");
         call.reservation = Some(reservation_id);
         let result = a.ledger.record(call.usage().expect("valid")).await;
         assert!(matches!(result, Err(UsageError::NotFound { what: "reservation", .. })), "{result:?}");
@@ -459,7 +481,7 @@ async fn bad_input_writes_nothing() {
     let gpt = model(&a.ledger, "gpt-4o", price("2.50", "10", "1.25")).await;
     let old = model(&a.ledger, "gpt-3", price("1", "1", "1")).await;
     let patch = ModelPatch { status: Some(ModelStatus::Retired), ..ModelPatch::default() };
-    a.ledger.catalog().update_model(old, &patch).await.expect("retire");
+    a.ledger.catalog().update_model(old, &patch, &Actor::default(), "model.retired").await.expect("retire");
     let unpriced = NewModel {
         provider: "acme".into(),
         name: "free-lunch".into(),
@@ -473,7 +495,7 @@ async fn bad_input_writes_nothing() {
         context_window: 0,
         match_pattern: String::new(),
     };
-    a.ledger.catalog().create_model(&unpriced, None).await.expect("model without price");
+    a.ledger.catalog().create_model(&unpriced, None, &Actor::default()).await.expect("model without price");
     let (project, other, user) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let others = a.ledger.reserve(&reservation(other, user, "gpt-4o", 10, 10, 60)).await.expect("reserve");
     let outbox_before = count(&db.pool, "outbox_events").await;
@@ -489,7 +511,9 @@ async fn bad_input_writes_nothing() {
     });
     let mut foreign = Call::new(project, user, "x4", "gpt-4o");
     foreign.reservation = Some(others.reservation.id);
-    expect(a.ledger.record(foreign.usage().expect("valid")).await, |e| matches!(e, UsageError::Forbidden(_)));
+    expect(a.ledger.record(foreign.usage().expect("valid")).await, |e| {
+        matches!(e, UsageError::NotFound { what: "reservation", .. })
+    });
     let mut unknown = Call::new(project, user, "x5", &gpt.to_string()).usage().expect("valid");
     unknown.reservation_id = Some(Uuid::new_v4());
     expect(a.ledger.record(unknown).await, |e| matches!(e, UsageError::NotFound { what: "reservation", .. }));
@@ -527,7 +551,7 @@ async fn late_records_land_in_their_month_and_list_newest_first() {
     let (project, user, other_user) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     // The price must be in force at the request time: backdate one.
     let long_ago = Utc::now() - chrono::Duration::days(40);
-    a.ledger.catalog().set_price(gpt, &price("1", "1", "1"), long_ago).await.expect("old price");
+    a.ledger.catalog().set_price(gpt, &price("1", "1", "1"), long_ago, &Actor::default()).await.expect("old price");
 
     let now = Utc::now();
     for (i, days) in [34, 3, 0].into_iter().enumerate() {
@@ -595,7 +619,7 @@ async fn concurrent_records_share_transactions_and_each_gets_its_own_answer() {
     assert_eq!(recorded.len(), 160);
     assert_eq!(count(&db.pool, "model_usage_logs").await, 160);
     assert_eq!(count(&db.pool, "usage_requests").await, 160, "refused records leave no claim");
-    assert_eq!(count(&db.pool, "outbox_events").await, 160);
+    assert_eq!(count(&db.pool, "outbox_events WHERE topic = 'usage'").await, 160);
     let settled: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_reservations WHERE state = 'settled'")
         .fetch_one(&db.pool)
         .await

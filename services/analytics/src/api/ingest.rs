@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use aimesh_kit::auth::principal;
+use aimesh_kit::auth::require_internal;
 use aimesh_kit::wire::error::respond;
 use aimesh_proto::analytics::v1 as pb;
 
@@ -65,7 +65,7 @@ impl Analytics {
 #[tonic::async_trait]
 impl pb::ingest_service_server::IngestService for IngestApi {
     async fn ingest(&self, request: Request<pb::IngestRequest>) -> Result<Response<pb::IngestResponse>, Status> {
-        principal(&request)?.require_service()?;
+        require_internal(&request)?;
         respond(self.0.ingest(request.into_inner()).await)
     }
 }

@@ -7,7 +7,9 @@ use chrono::DateTime;
 use rust_decimal::Decimal;
 use tonic::{Request, Response, Status};
 
+use aimesh_kit::ServiceError;
 use aimesh_kit::auth::{Caller, ProjectRole};
+use aimesh_kit::data::audit::{Actor, changed};
 use aimesh_kit::wire::error::respond;
 use aimesh_kit::wire::fields;
 use aimesh_kit::wire::pagination::{self, Cursor};
@@ -16,6 +18,7 @@ use aimesh_proto::analytics::v1 as pb;
 
 use super::{Analytics, time_field};
 use crate::error::{AnalyticsError, Result};
+use crate::events::AuditEventRow;
 use crate::query::{Bucket, Dimension, Metric, TimeRange, UsageFilter, UsageQuery};
 use crate::store::{AuditFilter, UsageAggregate};
 
@@ -209,7 +212,16 @@ impl Analytics {
             return Err(AnalyticsError::invalid("end_time", "must be after start_time"));
         }
         let limit = pagination::page_size(request.page_size)?;
-        self.require(caller, project_id, ProjectRole::Viewer).await?;
+        if project_id.is_nil() {
+            // The deployment's own log (the catalog, prices, accounts): no project's member
+            // may read it, only a system admin in person.
+            caller.principal.require_session()?;
+            if !caller.principal.system_admin {
+                return Err(ServiceError::permission_denied("the log outside projects is for system admins").into());
+            }
+        } else {
+            self.require(caller, project_id, ProjectRole::Viewer).await?;
+        }
         let fetch = u32::try_from(limit + 1).unwrap_or(u32::MAX);
         let rows = self.store.audit(project_id, &filter, fetch).await?;
         let (rows, next_page_token) =
@@ -232,18 +244,24 @@ impl Analytics {
         Ok(pb::SearchAuditLogResponse { events, next_page_token })
     }
 
-    fn retention(&self, project_id: uuid::Uuid) -> pb::Retention {
+    async fn retention(&self, project_id: uuid::Uuid) -> Result<pb::Retention> {
         let (days, custom) = self.store.retention_of(project_id);
-        pb::Retention { project_id: project_id.to_string(), days: i32::from(days), custom }
+        let applied = self.store.retention_applied(project_id).await?;
+        Ok(pb::Retention { project_id: project_id.to_string(), days: i32::from(days), custom, applied })
     }
 
     async fn get_retention(&self, caller: &Caller, request: pb::GetRetentionRequest) -> Result<pb::Retention> {
         let project_id = fields::id("project_id", &request.project_id)?;
         self.require(caller, project_id, ProjectRole::Viewer).await?;
-        Ok(self.retention(project_id))
+        self.retention(project_id).await
     }
 
-    async fn set_retention(&self, caller: &Caller, request: pb::SetRetentionRequest) -> Result<pb::Retention> {
+    async fn set_retention(
+        &self,
+        caller: &Caller,
+        actor: &Actor,
+        request: pb::SetRetentionRequest,
+    ) -> Result<pb::Retention> {
         let project_id = fields::id("project_id", &request.project_id)?;
         let days = u16::try_from(request.days)
             .ok()
@@ -252,8 +270,27 @@ impl Analytics {
         // Changing what is kept is an admin's decision, and a person's: API keys only read.
         caller.principal.require_session()?;
         self.require(caller, project_id, ProjectRole::Admin).await?;
-        self.store.set_retention(project_id, days).await?;
-        Ok(self.retention(project_id))
+        let (old_days, old_custom) = self.store.set_retention(project_id, days).await?;
+        // Written after the change (ClickHouse has no transaction spanning both): a failure here
+        // fails the call, and the admin's retry records the change again.
+        let old = serde_json::json!({ "days": old_days, "custom": old_custom });
+        let new = serde_json::json!({ "days": days, "custom": true });
+        self.store
+            .record_audit(AuditEventRow {
+                event_id: uuid::Uuid::now_v7(),
+                project_id,
+                occurred_at: chrono::Utc::now(),
+                actor_user_id: actor.user_id.unwrap_or_default(),
+                action: "retention.set".to_owned(),
+                resource_type: "retention".to_owned(),
+                resource_id: project_id.to_string(),
+                ip_address: actor.ip.clone(),
+                user_agent: actor.user_agent.clone(),
+                details: changed(old, new).to_string(),
+                retention_days: 0,
+            })
+            .await?;
+        self.retention(project_id).await
     }
 }
 
@@ -296,6 +333,7 @@ impl pb::analytics_service_server::AnalyticsService for QueryApi {
         request: Request<pb::SetRetentionRequest>,
     ) -> Result<Response<pb::Retention>, Status> {
         let caller = Caller::of(&request)?;
-        respond(self.0.set_retention(&caller, request.into_inner()).await)
+        let actor = Actor::of(&request, Some(caller.principal.user_id));
+        respond(self.0.set_retention(&caller, &actor, request.into_inner()).await)
     }
 }

@@ -6,6 +6,7 @@
 //! role in its project. A session that is missing, soft-deleted (except for restore and purge)
 //! or in a project the caller cannot read is NOT_FOUND (`SESSION_NOT_FOUND`) alike, so ids
 //! cannot be probed. A caller who may read it but not do what it asks gets PERMISSION_DENIED.
+//! Streams check again while they are open, and are bounded (see `streams`).
 
 mod messages;
 mod sessions;
@@ -21,7 +22,7 @@ use uuid::Uuid;
 
 use aimesh_kit::ErrorCode;
 use aimesh_kit::auth::CredentialRef;
-use aimesh_kit::auth::{Access, Caller, ProjectAccess, ProjectRole};
+use aimesh_kit::auth::{Access, Caller, ProjectAccess, ProjectRole, StreamAccess};
 use aimesh_kit::wire::error::respond;
 use aimesh_kit::wire::proto_json;
 use aimesh_proto::chat::v1 as pb;
@@ -59,13 +60,20 @@ enum Deleted {
 pub struct Chat {
     conversations: Conversations,
     access: ProjectAccess,
+    /// Bounds the open streams and re-checks their callers' access while they run.
+    streams: StreamAccess,
     /// Ends the open streams (watches, exports) when the server shuts down.
     shutdown: CancellationToken,
 }
 
 impl Chat {
-    pub fn new(conversations: Conversations, access: ProjectAccess, shutdown: CancellationToken) -> Arc<Self> {
-        Arc::new(Self { conversations, access, shutdown })
+    pub fn new(
+        conversations: Conversations,
+        access: ProjectAccess,
+        streams: StreamAccess,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self { conversations, access, streams, shutdown })
     }
 
     /// Every gRPC service of chat, ready for the server.

@@ -48,7 +48,7 @@ impl pb::attachment_service_server::AttachmentService for AttachmentApi {
         &self,
         request: Request<pb::AttachFilesRequest>,
     ) -> Result<Response<pb::AttachFilesResponse>, Status> {
-        aimesh_kit::auth::principal(&request)?.require_service()?;
+        aimesh_kit::auth::require_internal(&request)?;
         respond(self.0.attach_files(request.into_inner()).await)
     }
 
@@ -56,7 +56,7 @@ impl pb::attachment_service_server::AttachmentService for AttachmentApi {
         &self,
         request: Request<pb::ReleaseSessionRequest>,
     ) -> Result<Response<pb::ReleaseSessionResponse>, Status> {
-        aimesh_kit::auth::principal(&request)?.require_service()?;
+        aimesh_kit::auth::require_internal(&request)?;
         respond(self.0.release_session(request.into_inner()).await)
     }
 }

@@ -6,13 +6,12 @@ use chrono::Utc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::auth::{Caller, ProjectRole};
-use aimesh_kit::wire::error::respond;
 use aimesh_kit::wire::fields;
 use aimesh_kit::wire::pagination::{Cursor, Page};
 use aimesh_kit::wire::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
-use super::{Identity, actor};
+use super::{Identity, actor, respond};
 use crate::domain::{ApiKeySecret, requests_per_minute_to_proto, validate_requests_per_minute, validate_scopes};
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, ApiKeyPatch, ApiKeyRow, NewApiKey};
@@ -35,6 +34,7 @@ impl From<ApiKeyRow> for pb::ApiKey {
             last_use_time: proto_json::opt_timestamp(row.last_used_at),
             revoke_time: proto_json::opt_timestamp(row.revoked_at),
             requests_per_minute: requests_per_minute_to_proto(row.requests_per_minute),
+            project_owned: row.project_owned,
         }
     }
 }
@@ -63,7 +63,16 @@ impl Identity {
             }
         };
         principal.require_session()?;
-        self.require_role(caller, project_id, ProjectRole::Admin).await?;
+        Self::check_limit_maximum(
+            principal,
+            "requests_per_minute",
+            requests_per_minute,
+            self.limit_maxima.api_key,
+            "rate_limit.max_api_key_requests_per_minute",
+        )?;
+        // A key that outlives its creator's access is the project's decision: an owner's.
+        let needed = if request.project_owned { ProjectRole::Owner } else { ProjectRole::Admin };
+        self.require_role(caller, project_id, needed).await?;
         let secret = ApiKeySecret::generate();
         let new = NewApiKey {
             project_id,
@@ -74,6 +83,7 @@ impl Identity {
             created_by: principal.user_id,
             expires_at,
             requests_per_minute,
+            project_owned: request.project_owned,
         };
         let row = self.store.create_api_key(new, &actor).await?;
         Ok(pb::CreateApiKeyResponse { api_key: Some(row.into()), secret: secret.secret })
@@ -135,6 +145,15 @@ impl Identity {
             }
         }
         principal.require_session()?;
+        if let Some(limit) = patch.requests_per_minute {
+            Self::check_limit_maximum(
+                principal,
+                "api_key.requests_per_minute",
+                limit,
+                self.limit_maxima.api_key,
+                "rate_limit.max_api_key_requests_per_minute",
+            )?;
+        }
         self.require_role(caller, project_id, ProjectRole::Admin).await?;
         patch.name = name.as_deref();
         let (row, hash) = self.store.update_api_key(project_id, id, &patch, &actor).await?;

@@ -9,18 +9,23 @@ mod settings;
 mod users;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tonic::Request;
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use aimesh_kit::auth::{Access, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::auth::{CredentialVerifier, Principal};
+use aimesh_kit::config::RateLimitConfig;
+use aimesh_kit::data::redis::Redis;
 use aimesh_kit::wire::fields;
 use aimesh_proto::identity::v1 as pb;
 
 use crate::config::IdentityConfig;
 use crate::domain::SettingsCipher;
-use crate::error::Result;
+use crate::error::{IdentityError, Result};
+use crate::login_throttle::LoginThrottle;
 use crate::store::{Actor, Store};
 
 /// The scope an API key needs to read identity data of its project.
@@ -37,6 +42,19 @@ pub struct Identity {
     access: ProjectAccess,
     config: IdentityConfig,
     cipher: Option<SettingsCipher>,
+    throttle: LoginThrottle,
+    /// Slots for password hashing (`identity.password_hash_concurrency`): argon2id takes 19 MiB
+    /// per hash, so the default 4 slots hold hashing to about 76 MiB of memory.
+    hashing: Semaphore,
+    /// The highest limits a tenant may set itself (`rate_limit.max_*_requests_per_minute`).
+    limit_maxima: LimitMaxima,
+}
+
+/// The deployment's maxima of tenants' own rate limits; only a system admin sets more.
+#[derive(Debug, Clone, Copy)]
+struct LimitMaxima {
+    project: u32,
+    api_key: u32,
 }
 
 impl Identity {
@@ -44,10 +62,18 @@ impl Identity {
         store: Store,
         verifier: CredentialVerifier,
         access: ProjectAccess,
+        redis: Redis,
+        rate_limit: &RateLimitConfig,
         config: IdentityConfig,
     ) -> anyhow::Result<Arc<Self>> {
         let cipher = config.settings_key.as_deref().map(SettingsCipher::from_base64).transpose()?;
-        Ok(Arc::new(Self { store, verifier, access, config, cipher }))
+        let throttle = LoginThrottle::new(redis, config.login_throttle.clone());
+        let hashing = Semaphore::new(config.password_hash_concurrency.max(1));
+        let limit_maxima = LimitMaxima {
+            project: rate_limit.max_project_requests_per_minute,
+            api_key: rate_limit.max_api_key_requests_per_minute,
+        };
+        Ok(Arc::new(Self { store, verifier, access, config, cipher, throttle, hashing, limit_maxima }))
     }
 
     /// Every gRPC service of identity, ready for the server.
@@ -98,20 +124,70 @@ impl Identity {
             self.verifier.invalidate(hash).await;
         }
     }
+
+    /// Forgets the cached verifications of the keys `user_id` made (in `project_id`, or in every
+    /// project), after their access changed: such a key acts only while its creator could make
+    /// it (see `Store::api_key_credential`). A failure only delays the change to the cache TTL.
+    async fn forget_creator_keys(&self, user_id: Uuid, project_id: Option<Uuid>) {
+        match self.store.creator_key_hashes(user_id, project_id).await {
+            Ok(hashes) => self.forget_credentials(&hashes).await,
+            Err(error) => tracing::warn!(%error, "could not find a creator's API keys; their cache expires by TTL"),
+        }
+    }
+
+    /// Runs `work` (password hashing) in one of the bounded hashing slots, on the blocking pool;
+    /// waits at most `identity.password_hash_wait_ms` for a slot, then refuses for now.
+    async fn in_hashing_slot<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let wait = Duration::from_millis(self.config.password_hash_wait_ms);
+        let permit = match tokio::time::timeout(wait, self.hashing.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err(IdentityError::TryLater {
+                    reason: "PASSWORD_HASHING_BUSY",
+                    message: "too many password checks at once; retry shortly".to_owned(),
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+        };
+        let done = tokio::task::spawn_blocking(work).await;
+        drop(permit);
+        done.map_err(|e| IdentityError::from(aimesh_kit::ServiceError::internal(e)))
+    }
+
+    /// Refuses `requests_per_minute` above the deployment's `maximum` (named `setting`) unless
+    /// the caller is a system admin.
+    fn check_limit_maximum(
+        principal: &Principal,
+        field: &'static str,
+        requests_per_minute: Option<i32>,
+        maximum: u32,
+        setting: &str,
+    ) -> Result<()> {
+        let asked = requests_per_minute.and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        if asked > maximum && !principal.system_admin {
+            return Err(IdentityError::invalid(
+                field,
+                format!("must be at most {maximum} ({setting}); only a system admin may set more"),
+            ));
+        }
+        Ok(())
+    }
 }
 
-/// Who is acting and from where, for audit events and login sessions. The address is the
-/// client the gateway vouched for, else the peer's (see `aimesh_kit::serving::ratelimit::client`); a
-/// plain `x-forwarded-for` is not believed, since any caller can send one.
+/// A handler's answer as gRPC; unlike the kit's `respond`, a refusal for now keeps its
+/// retry-after (see `From<IdentityError> for tonic::Status`).
+fn respond<T>(result: Result<T>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+/// Who is acting and from where, for audit events and login sessions.
 fn actor<T>(request: &Request<T>, user_id: Option<Uuid>) -> Actor {
-    let metadata = request.metadata();
-    let text = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or_default();
-    let ip = aimesh_kit::serving::ratelimit::ClientAddress::of(request)
-        .or_else(|| request.remote_addr().map(|addr| addr.ip()))
-        .map(|ip| ip.to_string())
-        .unwrap_or_default();
-    let user_agent: String = text("user-agent").chars().take(512).collect();
-    Actor { user_id, ip, user_agent }
+    Actor::of(request, user_id)
+}
+
+/// The client address an actor carries (see `Actor::of`), for the login-failure counters.
+fn client_address(actor: &Actor) -> Option<std::net::IpAddr> {
+    actor.ip.parse().ok()
 }
 
 /// The user a request names: an id, or `me` for the caller.

@@ -5,13 +5,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::auth::{Caller, ProjectRole};
-use aimesh_kit::wire::error::respond;
 use aimesh_kit::wire::fields;
 use aimesh_kit::wire::pagination::{Cursor, Page};
 use aimesh_kit::wire::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
-use super::{Identity, actor};
+use super::{Identity, actor, client_address, respond};
 use crate::domain::{
     requests_per_minute_to_proto, role_field, role_from_db, validate_email, validate_requests_per_minute,
 };
@@ -119,8 +118,15 @@ impl Identity {
                 _ => {}
             }
         }
-        if patch.requests_per_minute.is_some() {
+        if let Some(limit) = patch.requests_per_minute {
             caller.principal.require_session()?;
+            Self::check_limit_maximum(
+                &caller.principal,
+                "project.requests_per_minute",
+                limit,
+                self.limit_maxima.project,
+                "rate_limit.max_project_requests_per_minute",
+            )?;
         }
         let role = self.require_role(caller, project_id, ProjectRole::Admin).await?;
         (patch.name, patch.description) = (name.as_deref(), description.as_deref());
@@ -150,8 +156,20 @@ impl Identity {
         principal.require_session()?;
         let caller_role = self.require_role(caller, project_id, ProjectRole::Admin).await?;
         owner_only(caller_role, ProjectRole::Viewer, Some(role))?;
-        let added = self.store.add_member(project_id, &email, role, &actor).await?;
+        // Anyone may make a project and so ask this for any email: an address that keeps
+        // finding unknown emails is probing who has an account, and is locked like a guesser.
+        let address = client_address(&actor);
+        self.throttle.check_address(address).await?;
+        let added = match self.store.add_member(project_id, &email, role, &actor).await {
+            Err(IdentityError::NotFound("user")) => {
+                self.throttle.address_failed(address).await?;
+                return Err(IdentityError::NotFound("user"));
+            }
+            added => added?,
+        };
         self.forget_roles(project_id, &[added.user_id]).await;
+        // A returning admin's keys work again: drop any cached refusal.
+        self.forget_creator_keys(added.user_id, Some(project_id)).await;
         member_to_proto(added)
     }
 
@@ -184,6 +202,8 @@ impl Identity {
             })
             .await?;
         self.forget_roles(project_id, &[user_id]).await;
+        // The member's keys act only while the member is an admin: a demotion ends them.
+        self.forget_creator_keys(user_id, Some(project_id)).await;
         member_to_proto(row)
     }
 
@@ -201,6 +221,8 @@ impl Identity {
             })
             .await?;
         self.forget_roles(project_id, &[user_id]).await;
+        // The member's own keys die with the membership; project-owned ones stay.
+        self.forget_creator_keys(user_id, Some(project_id)).await;
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! `SessionService`: logging in and out, refreshing, listing and ending login sessions.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use chrono::{Duration, Utc};
@@ -7,16 +8,15 @@ use tonic::{Request, Response, Status};
 
 use aimesh_kit::auth::Caller;
 use aimesh_kit::auth::{Principal, REFRESH_TOKEN_PREFIX, check_credential_shape, credential_hash};
-use aimesh_kit::wire::error::respond;
 use aimesh_kit::wire::fields;
 use aimesh_kit::wire::pagination::{Cursor, Page};
 use aimesh_kit::wire::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
-use super::users::verify_password_blocking;
-use super::{Identity, actor};
+use super::{Identity, actor, client_address, respond};
 use crate::domain::SessionTokens;
 use crate::error::{IdentityError, Result};
+use crate::login_throttle::account_key;
 use crate::store::{Actor, NewSession, SessionRow};
 
 /// Longest login (email or username) looked up.
@@ -62,11 +62,16 @@ impl Identity {
         let user = self.store.user_by_login(login).await?;
         let hash = user.as_ref().map(|u| u.password_hash.clone());
         let user_id = user.as_ref().map(|u| u.id);
-        let matches = verify_password_blocking(request.password, hash).await?;
+        // A locked login is refused before any hashing, the right password included.
+        let (account, address) = (account_key(user_id, login), client_address(&actor));
+        self.throttle.check_login(&account, address).await?;
+        let matches = self.verify_password_bounded(request.password, hash).await?;
         let Some(user) = user.filter(|_| matches) else {
             self.store.record_failed_login(login, user_id, &Actor { user_id, ..actor }).await?;
+            self.throttle.login_failed(&account, address).await?;
             return Err(IdentityError::BadCredentials);
         };
+        self.throttle.login_succeeded(&account, address).await;
         if user.status != "active" {
             return Err(IdentityError::AccountDisabled);
         }
@@ -88,12 +93,20 @@ impl Identity {
         })
     }
 
-    async fn refresh_session(&self, request: pb::RefreshSessionRequest) -> Result<pb::LoginResponse> {
+    async fn refresh_session(
+        &self,
+        request: pb::RefreshSessionRequest,
+        address: Option<IpAddr>,
+    ) -> Result<pb::LoginResponse> {
         if request.refresh_token.is_empty() {
             return Err(IdentityError::invalid("refresh_token", "is required"));
         }
-        check_credential_shape(&request.refresh_token, &[REFRESH_TOKEN_PREFIX])
-            .map_err(|_| IdentityError::BadRefreshToken)?;
+        // Guessing refresh tokens counts against the address like guessing passwords.
+        self.throttle.check_address(address).await?;
+        if check_credential_shape(&request.refresh_token, &[REFRESH_TOKEN_PREFIX]).is_err() {
+            self.throttle.address_failed(address).await?;
+            return Err(IdentityError::BadRefreshToken);
+        }
         let tokens = SessionTokens::generate();
         let (expires_at, refresh_expires_at) = self.token_lifetimes();
         let refreshed = self
@@ -106,7 +119,10 @@ impl Identity {
                 refresh_expires_at,
             )
             .await?;
-        let (session, old_access_hash) = refreshed.ok_or(IdentityError::BadRefreshToken)?;
+        let Some((session, old_access_hash)) = refreshed else {
+            self.throttle.address_failed(address).await?;
+            return Err(IdentityError::BadRefreshToken);
+        };
         self.forget_credentials(&[old_access_hash]).await;
         Ok(pb::LoginResponse {
             session: Some(session_to_proto(session, None)),
@@ -127,6 +143,8 @@ impl Identity {
         principal: &Principal,
         request: pb::ListSessionsRequest,
     ) -> Result<pb::ListSessionsResponse> {
+        // Login sessions are a person's, not their keys'.
+        principal.require_session()?;
         let page = Page::new(&request.page_token, request.page_size)?;
         let rows = self.store.list_sessions(principal.user_id, &page).await?;
         let (rows, next_page_token) = page.finish(rows, |r| Cursor { time: r.created_at, id: r.id });
@@ -149,7 +167,8 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::RefreshSessionRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
-        respond(self.0.refresh_session(request.into_inner()).await)
+        let address = client_address(&actor(&request, None));
+        respond(self.0.refresh_session(request.into_inner(), address).await)
     }
 
     async fn logout(&self, request: Request<pb::LogoutRequest>) -> Result<Response<pb::LogoutResponse>, Status> {

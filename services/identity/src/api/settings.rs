@@ -8,13 +8,12 @@ use tonic::{Request, Response, Status};
 
 use aimesh_kit::auth::Caller;
 use aimesh_kit::auth::Principal;
-use aimesh_kit::wire::error::respond;
 use aimesh_kit::wire::fields;
 use aimesh_kit::wire::pagination::Page;
 use aimesh_kit::wire::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
-use super::{Identity, actor};
+use super::{Identity, actor, respond};
 use crate::domain::validate_setting_key;
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, SettingRow};

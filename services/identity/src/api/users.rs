@@ -7,12 +7,11 @@ use uuid::Uuid;
 
 use aimesh_kit::auth::Caller;
 use aimesh_kit::auth::Principal;
-use aimesh_kit::wire::error::respond;
 use aimesh_kit::wire::fields;
 use aimesh_kit::wire::proto_json;
 use aimesh_proto::identity::v1 as pb;
 
-use super::{Identity, actor, target_user};
+use super::{Identity, actor, client_address, respond, target_user};
 use crate::domain::{self, hash_password, validate_email, validate_password, validate_url};
 use crate::error::{IdentityError, Result};
 use crate::store::{Actor, NewUser, UserPatch, UserRow};
@@ -44,23 +43,25 @@ impl From<UserRow> for pb::User {
     }
 }
 
-/// Hashing is deliberately slow (tens of milliseconds): off the async threads.
-pub(super) async fn hash_password_blocking(password: String) -> Result<String> {
-    tokio::task::spawn_blocking(move || hash_password(&password))
-        .await
-        .map_err(|e| IdentityError::from(aimesh_kit::ServiceError::internal(e)))?
-}
+impl Identity {
+    /// Hashes a password in a hashing slot (see [`Identity::in_hashing_slot`]): deliberately slow (tens
+    /// of milliseconds, 19 MiB), so off the async threads and bounded in number.
+    pub(super) async fn hash_password_bounded(&self, password: String) -> Result<String> {
+        self.in_hashing_slot(move || hash_password(&password)).await?
+    }
 
-pub(super) async fn verify_password_blocking(password: String, hash: Option<String>) -> Result<bool> {
-    tokio::task::spawn_blocking(move || match hash {
-        Some(hash) => domain::verify_password(&password, &hash),
-        None => {
-            domain::burn_password_check(&password);
-            false
-        }
-    })
-    .await
-    .map_err(|e| IdentityError::from(aimesh_kit::ServiceError::internal(e)))
+    /// Checks a password against `hash` in a hashing slot; without a hash (no such account) it
+    /// spends the same time and answers no.
+    pub(super) async fn verify_password_bounded(&self, password: String, hash: Option<String>) -> Result<bool> {
+        self.in_hashing_slot(move || match hash {
+            Some(hash) => domain::verify_password(&password, &hash),
+            None => {
+                domain::burn_password_check(&password);
+                false
+            }
+        })
+        .await
+    }
 }
 
 impl Identity {
@@ -70,9 +71,19 @@ impl Identity {
         validate_password("password", &request.password)?;
         let first_name = fields::text("first_name", &request.first_name, MAX_NAME, false)?;
         let last_name = fields::text("last_name", &request.last_name, MAX_NAME, false)?;
-        let password_hash = hash_password_blocking(request.password).await?;
+        // "This email is taken" tells whether someone has an account: an address that keeps
+        // probing is locked like one guessing passwords.
+        let address = client_address(&actor);
+        self.throttle.check_address(address).await?;
+        let password_hash = self.hash_password_bounded(request.password).await?;
         let user = NewUser { email, username, password_hash, first_name, last_name };
-        Ok(self.store.insert_user(user, &actor).await?.into())
+        match self.store.insert_user(user, &actor).await {
+            Err(IdentityError::EmailTaken) => {
+                self.throttle.address_failed(address).await?;
+                Err(IdentityError::EmailTaken)
+            }
+            inserted => Ok(inserted?.into()),
+        }
     }
 
     /// The caller's own account, or any for a system admin; others are not found.
@@ -84,6 +95,8 @@ impl Identity {
     }
 
     async fn get_user(&self, principal: &Principal, request: pb::GetUserRequest) -> Result<pb::User> {
+        // A key acts for its project, not as the person who made it: a profile is not its to read.
+        principal.require_session()?;
         let id = target_user(principal, "user_id", &request.user_id)?;
         Ok(self.readable_user(principal, id).await?.into())
     }
@@ -147,9 +160,12 @@ impl Identity {
         let (row, revoked) = self.store.update_user(id, patch, &actor).await?;
         self.forget_credentials(&revoked).await;
         if access_changed {
-            // Cached verifications carry the old role; make every live session verify again.
+            // Cached verifications carry the old role; make every live session verify again, and
+            // the account's keys, which act only while it is active (or, without a membership,
+            // a system admin).
             let live = self.store.live_session_hashes(id).await?;
             self.forget_credentials(&live).await;
+            self.forget_creator_keys(id, None).await;
         }
         Ok(row.into())
     }
@@ -170,10 +186,10 @@ impl Identity {
         }
         validate_password("new_password", &request.new_password)?;
         let user = self.store.user(id).await?.ok_or(IdentityError::NotFound("user"))?;
-        if !verify_password_blocking(request.current_password, Some(user.password_hash)).await? {
+        if !self.verify_password_bounded(request.current_password, Some(user.password_hash)).await? {
             return Err(IdentityError::invalid("current_password", "is wrong"));
         }
-        let hash = hash_password_blocking(request.new_password).await?;
+        let hash = self.hash_password_bounded(request.new_password).await?;
         let revoked = self.store.set_password(id, &hash, Some(session_id), &actor).await?;
         self.forget_credentials(&revoked).await;
         Ok(pb::ChangePasswordResponse { revoked_sessions: i32::try_from(revoked.len()).unwrap_or(i32::MAX) })
@@ -190,6 +206,7 @@ impl Identity {
         self.readable_user(principal, id).await?;
         let (revoked, projects) = self.store.delete_user(id, &actor).await?;
         self.forget_credentials(&revoked).await;
+        self.forget_creator_keys(id, None).await;
         for project_id in projects {
             self.forget_roles(project_id, &[id]).await;
         }

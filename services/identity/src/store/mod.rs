@@ -9,7 +9,6 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use aimesh_kit::data::db::sql;
-use aimesh_kit::data::outbox::{self, OutboxEvent};
 
 use crate::error::Result;
 
@@ -25,37 +24,11 @@ pub use sessions::{NewSession, SessionCredential, SessionRow};
 pub use settings::SettingRow;
 pub use users::{NewUser, UserPatch, UserRow};
 
-/// Who did something, from where: the fields every audit event carries.
-#[derive(Debug, Clone, Default)]
-pub struct Actor {
-    pub user_id: Option<Uuid>,
-    pub ip: String,
-    pub user_agent: String,
-}
-
-/// One security-relevant action, written to the outbox (topic `audit`).
-#[derive(Debug)]
-pub struct Audit<'a> {
-    pub actor: &'a Actor,
-    pub action: &'static str,
-    pub resource_type: &'static str,
-    pub resource_id: String,
-    pub project_id: Option<Uuid>,
-    pub details: serde_json::Value,
-}
+use aimesh_kit::data::audit::changed;
+pub use aimesh_kit::data::audit::{Actor, Audit};
 
 async fn audit(conn: &mut PgConnection, audit: Audit<'_>) -> Result<()> {
-    let payload = serde_json::json!({
-        "actor_user_id": audit.actor.user_id,
-        "action": audit.action,
-        "resource_type": audit.resource_type,
-        "resource_id": audit.resource_id,
-        "ip_address": audit.actor.ip,
-        "user_agent": audit.actor.user_agent,
-        "details": audit.details,
-    });
-    let event = OutboxEvent::new("audit", audit.action, audit.project_id, payload);
-    outbox::enqueue(conn, &event).await?;
+    aimesh_kit::data::audit::record(conn, audit).await?;
     Ok(())
 }
 

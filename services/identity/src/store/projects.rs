@@ -8,7 +8,7 @@ use aimesh_kit::auth::ProjectRole;
 use aimesh_kit::data::db::unique_violation;
 use aimesh_kit::wire::pagination::Page;
 
-use super::{Actor, Audit, Store, audit, sql};
+use super::{Actor, Audit, Store, audit, changed, sql};
 use crate::domain::role_from_db;
 use crate::error::{IdentityError, Result};
 
@@ -133,6 +133,13 @@ impl Store {
     ) -> Result<(ProjectRow, Vec<String>)> {
         let (name, description) = (patch.name, patch.description);
         let mut tx = self.pool.begin().await?;
+        let old: Option<ProjectRow> = sqlx::query_as(sql(format!(
+            "SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND deleted_at IS NULL FOR UPDATE"
+        )))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let old = old.ok_or(IdentityError::NotFound("project"))?;
         let row: Option<ProjectRow> = sqlx::query_as(sql(format!(
             "UPDATE projects SET name = COALESCE($2, name), description = COALESCE($3, description), \
              requests_per_minute = CASE WHEN $4 THEN $5 ELSE requests_per_minute END \
@@ -162,11 +169,7 @@ impl Store {
                 resource_type: "project",
                 resource_id: id.to_string(),
                 project_id: Some(id),
-                details: serde_json::json!({
-                    "name": name,
-                    "description": description,
-                    "requests_per_minute": patch.requests_per_minute,
-                }),
+                details: changed(project_audit_view(&old), project_audit_view(&row)),
             },
         )
         .await?;
@@ -240,7 +243,7 @@ impl Store {
                 resource_type: "membership",
                 resource_id: user_id.to_string(),
                 project_id: Some(project_id),
-                details: serde_json::json!({ "role": role.as_str() }),
+                details: changed(member_audit_view(None), member_audit_view(Some(role))),
             },
         )
         .await?;
@@ -290,7 +293,7 @@ impl Store {
                 resource_type: "membership",
                 resource_id: user_id.to_string(),
                 project_id: Some(project_id),
-                details: serde_json::json!({ "from": current.as_str(), "to": role.as_str() }),
+                details: changed(member_audit_view(Some(current)), member_audit_view(Some(role))),
             },
         )
         .await?;
@@ -322,12 +325,29 @@ impl Store {
                 resource_type: "membership",
                 resource_id: user_id.to_string(),
                 project_id: Some(project_id),
-                details: serde_json::json!({ "role": current.as_str() }),
+                details: changed(member_audit_view(Some(current)), member_audit_view(None)),
             },
         )
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// What a project's audit events show of it.
+fn project_audit_view(row: &ProjectRow) -> serde_json::Value {
+    serde_json::json!({
+        "name": row.name,
+        "description": row.description,
+        "requests_per_minute": row.requests_per_minute,
+    })
+}
+
+/// What a membership's audit events show of it: its role, or null when there is none.
+fn member_audit_view(role: Option<ProjectRole>) -> serde_json::Value {
+    match role {
+        Some(role) => serde_json::json!({ "role": role.as_str() }),
+        None => serde_json::Value::Null,
     }
 }
 

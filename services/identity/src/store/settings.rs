@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 
 use aimesh_kit::wire::pagination::Page;
 
-use super::{Actor, Audit, Store, audit, sql};
+use super::{Actor, Audit, Store, audit, changed, sql};
 use crate::error::Result;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -54,6 +54,11 @@ impl Store {
 
     pub async fn put_setting(&self, row: &SettingRow, actor: &Actor) -> Result<SettingRow> {
         let mut tx = self.pool.begin().await?;
+        let old: Option<SettingRow> =
+            sqlx::query_as(sql(format!("SELECT {SETTING_COLUMNS} FROM system_configs WHERE key = $1 FOR UPDATE")))
+                .bind(&row.key)
+                .fetch_optional(&mut *tx)
+                .await?;
         let stored: SettingRow = sqlx::query_as(sql(format!(
             "INSERT INTO system_configs (key, value, value_ciphertext, description, category, is_public, is_encrypted) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
@@ -78,8 +83,7 @@ impl Store {
                 resource_type: "setting",
                 resource_id: row.key.clone(),
                 project_id: None,
-                // An encrypted value never leaves in an event.
-                details: serde_json::json!({ "public": row.is_public, "encrypted": row.is_encrypted }),
+                details: changed(old.as_ref().map(setting_audit_view), setting_audit_view(&stored)),
             },
         )
         .await?;
@@ -89,8 +93,12 @@ impl Store {
 
     pub async fn delete_setting(&self, key: &str, actor: &Actor) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        let deleted = sqlx::query("DELETE FROM system_configs WHERE key = $1").bind(key).execute(&mut *tx).await?;
-        if deleted.rows_affected() > 0 {
+        let deleted: Option<SettingRow> =
+            sqlx::query_as(sql(format!("DELETE FROM system_configs WHERE key = $1 RETURNING {SETTING_COLUMNS}")))
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(old) = &deleted {
             audit(
                 &mut tx,
                 Audit {
@@ -99,12 +107,25 @@ impl Store {
                     resource_type: "setting",
                     resource_id: key.to_owned(),
                     project_id: None,
-                    details: serde_json::json!({}),
+                    details: changed(setting_audit_view(old), serde_json::Value::Null),
                 },
             )
             .await?;
         }
         tx.commit().await?;
-        Ok(deleted.rows_affected() > 0)
+        Ok(deleted.is_some())
     }
+}
+
+/// What a setting's audit events show of it. An encrypted value never leaves in an event: it
+/// shows as `"<redacted>"`.
+fn setting_audit_view(row: &SettingRow) -> serde_json::Value {
+    let value = if row.is_encrypted { serde_json::json!("<redacted>") } else { row.value.clone().unwrap_or_default() };
+    serde_json::json!({
+        "value": value,
+        "description": row.description,
+        "category": row.category,
+        "public": row.is_public,
+        "encrypted": row.is_encrypted,
+    })
 }

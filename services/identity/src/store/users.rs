@@ -6,7 +6,7 @@ use uuid::Uuid;
 use aimesh_kit::data::db::unique_violation;
 
 use super::sessions::revoke_sessions;
-use super::{Actor, Audit, Store, audit, sql};
+use super::{Actor, Audit, Store, audit, changed, sql};
 use crate::error::{IdentityError, Result};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -114,6 +114,12 @@ impl Store {
 
     pub async fn update_user(&self, id: Uuid, patch: UserPatch, actor: &Actor) -> Result<(UserRow, Vec<String>)> {
         let mut tx = self.pool.begin().await?;
+        let old: Option<(String, String)> =
+            sqlx::query_as("SELECT role, status FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (old_role, old_status) = old.ok_or(IdentityError::NotFound("user"))?;
         let row: Option<UserRow> = sqlx::query_as(sql(format!(
             "UPDATE users SET username = COALESCE($2, username), first_name = COALESCE($3, first_name), \
              last_name = COALESCE($4, last_name), avatar_url = COALESCE($5, avatar_url), \
@@ -143,7 +149,10 @@ impl Store {
                     resource_type: "user",
                     resource_id: id.to_string(),
                     project_id: None,
-                    details: serde_json::json!({ "role": patch.role, "status": patch.status }),
+                    details: changed(
+                        serde_json::json!({ "role": old_role, "status": old_status }),
+                        serde_json::json!({ "role": row.role, "status": row.status }),
+                    ),
                 },
             )
             .await?;

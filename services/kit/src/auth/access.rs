@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use aimesh_proto::identity::v1 as pb;
 
-use super::credentials::{BearerCredential, Principal};
+use super::credentials::{BearerCredential, Principal, ServiceToken};
 use super::verifier::IdentityClient;
 use crate::config::AuthConfig;
 use crate::data::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
@@ -92,6 +92,13 @@ impl Caller {
             .ok_or_else(|| ServiceError::unauthenticated("this call needs a credential"))?;
         Ok(Self { principal, credential })
     }
+
+    /// The end user on whose behalf another service called an internal RPC, refused unless the
+    /// call presented the service token (see [`super::credentials::require_internal`]).
+    pub fn internal<T>(request: &tonic::Request<T>) -> Result<Self, ServiceError> {
+        super::credentials::require_internal(request)?;
+        Self::of(request)
+    }
 }
 
 /// How a caller may act in a project.
@@ -113,17 +120,18 @@ pub trait RoleSource: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<ProjectRole>, ServiceError>>;
 }
 
-/// Asks identity's `GetProjectRole` with the caller's own credential, so identity answers for the
-/// caller and nobody else.
+/// Asks identity's `GetProjectRole` with the service token, on behalf of the caller's own
+/// credential, so identity answers for the caller and nobody else.
 #[derive(Debug, Clone)]
 pub struct RemoteRoleSource {
     client: IdentityClient,
+    token: ServiceToken,
 }
 
 impl RemoteRoleSource {
-    /// Asks identity through `client`.
-    pub fn new(client: IdentityClient) -> Self {
-        Self { client }
+    /// Asks identity through `client`, presenting `token`.
+    pub fn new(client: IdentityClient, token: ServiceToken) -> Self {
+        Self { client, token }
     }
 }
 
@@ -135,10 +143,7 @@ impl RoleSource for RemoteRoleSource {
     ) -> BoxFuture<'a, Result<Option<ProjectRole>, ServiceError>> {
         Box::pin(async move {
             let mut request = tonic::Request::new(pb::GetProjectRoleRequest { project_id: project_id.to_string() });
-            let bearer = format!("Bearer {}", caller.credential.0)
-                .parse()
-                .map_err(|_| ServiceError::unauthenticated("the credential is malformed"))?;
-            request.metadata_mut().insert("authorization", bearer);
+            self.token.authorize_on_behalf(&mut request, &caller.credential.0)?;
             crate::telemetry::inject_current_context(request.metadata_mut());
             match self.client.clone().get_project_role(request).await {
                 Ok(answer) => Ok(ProjectRole::from_proto(answer.into_inner().role)),
@@ -156,11 +161,18 @@ pub fn remote(
     settings: &AuthConfig,
     identity_url: &str,
 ) -> Result<(super::verifier::CredentialVerifier, ProjectAccess), ServiceError> {
+    // Identity answers only the mesh: without the token nothing could be verified.
+    let token = settings.service_token.clone().ok_or_else(|| {
+        ServiceError::invalid_field(
+            "auth.service_token",
+            "is not set: this service cannot ask identity about credentials",
+        )
+    })?;
     // One connection to identity for both.
     let client = super::verifier::identity_client(identity_url)?;
-    let credentials = Arc::new(super::verifier::RemoteCredentialSource::new(client.clone()));
+    let credentials = Arc::new(super::verifier::RemoteCredentialSource::new(client.clone(), token.clone()));
     let verifier = super::verifier::CredentialVerifier::new(redis.clone(), bus, settings, credentials);
-    let roles = Arc::new(RemoteRoleSource::new(client));
+    let roles = Arc::new(RemoteRoleSource::new(client, token));
     Ok((verifier, ProjectAccess::new(redis.clone(), bus, settings, roles)))
 }
 

@@ -243,15 +243,15 @@ impl ServiceToken {
             .map_err(|_| ServiceError::invalid_field("auth.service_token", "may hold only letters, digits, _ and -"))
     }
 
-    /// The secret itself, for deriving other deployment-wide keys from it. Never log it.
+    /// The secret itself, to present it. Never log it, nor derive other keys from it: each
+    /// purpose has its own secret ([`DeploymentSecret`]).
     pub fn expose(&self) -> &str {
         &self.0
     }
 
     /// Compares in constant time, so response times leak nothing of the token.
     pub(crate) fn matches(&self, presented: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+        constant_time_eq(self.0.as_bytes(), presented.as_bytes())
     }
 
     /// Adds the token as the bearer credential of an outgoing request.
@@ -262,6 +262,103 @@ impl ServiceToken {
         request.metadata_mut().insert("authorization", value);
         Ok(())
     }
+
+    /// Adds the token as the bearer credential of an outgoing request made on behalf of the end
+    /// user holding `credential`, which goes in [`HEADER_ON_BEHALF_OF`]: the called service
+    /// verifies both and acts as that user (see [`require_internal`]).
+    pub fn authorize_on_behalf<T>(
+        &self,
+        request: &mut tonic::Request<T>,
+        credential: &str,
+    ) -> Result<(), ServiceError> {
+        self.authorize(request)?;
+        let value = format!("Bearer {credential}")
+            .parse()
+            .map_err(|_| ServiceError::unauthenticated("the credential is malformed"))?;
+        request.metadata_mut().insert(HEADER_ON_BEHALF_OF, value);
+        Ok(())
+    }
+}
+
+/// Metadata: the end user's credential (`Bearer <credential>`) on a call another service makes
+/// on that user's behalf, with the service token as `authorization`.
+pub const HEADER_ON_BEHALF_OF: &str = "x-aimesh-on-behalf-of";
+
+/// In the extensions of a request that presented the deployment's service token: the call came
+/// from inside the mesh. Its principal is the end user's when the call was made on their behalf,
+/// else [`Principal::service`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeshCall;
+
+/// Refuses a call that did not present the service token: the first check of every internal RPC.
+pub fn require_internal<T>(request: &tonic::Request<T>) -> Result<(), ServiceError> {
+    if request.extensions().get::<MeshCall>().is_some() {
+        return Ok(());
+    }
+    if request.extensions().get::<Principal>().is_none() {
+        return Err(ServiceError::unauthenticated("this internal call needs the service token"));
+    }
+    Err(ServiceError::permission_denied(format!(
+        "this internal call is for aimesh services only: it needs the service token as authorization \
+         (and the user's credential in {HEADER_ON_BEHALF_OF})"
+    )))
+}
+
+/// A deployment-wide secret other than the service token (`auth.gateway_token`,
+/// `auth.link_signing_key`): at least [`MIN_SECRET_LEN`] letters, digits, `_` or `-`. Each
+/// purpose has its own, so one leaked secret does not open the others. Never logged.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DeploymentSecret(String);
+
+/// The shortest [`DeploymentSecret`] accepted.
+pub const MIN_SECRET_LEN: usize = 32;
+
+impl std::fmt::Debug for DeploymentSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeploymentSecret(..)")
+    }
+}
+
+impl DeploymentSecret {
+    /// A new random secret (64 hex digits), for a mesh running in one process with none configured.
+    pub fn generate() -> Self {
+        use rand::RngCore;
+        let mut bytes = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        Self(hex_encode(&bytes))
+    }
+
+    /// A secret of `value`, unchecked: see [`DeploymentSecret::validate`].
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// Refuses a secret too short or of other characters, naming the setting `field`.
+    pub fn validate(&self, field: &'static str) -> Result<(), ServiceError> {
+        if self.0.len() < MIN_SECRET_LEN {
+            let message = format!("must be at least {MIN_SECRET_LEN} random characters");
+            return Err(ServiceError::invalid_field(field, message));
+        }
+        if !self.0.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(ServiceError::invalid_field(field, "may hold only letters, digits, _ and -"));
+        }
+        Ok(())
+    }
+
+    /// The secret itself, to present or to key a MAC with. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares in constant time, so response times leak nothing of the secret.
+    pub fn matches(&self, presented: &str) -> bool {
+        constant_time_eq(self.0.as_bytes(), presented.as_bytes())
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// The principal the auth layer put in the request, or UNAUTHENTICATED.

@@ -13,9 +13,11 @@
 mod access;
 mod credentials;
 mod last_use;
+mod stream_access;
 mod verifier;
 
 pub use access::*;
 pub use credentials::*;
 pub use last_use::*;
+pub use stream_access::*;
 pub use verifier::*;

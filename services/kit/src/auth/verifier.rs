@@ -25,10 +25,11 @@ pub trait CredentialSource: Send + Sync + 'static {
     fn authenticate<'a>(&'a self, credential: &'a str) -> BoxFuture<'a, Result<Option<Principal>, ServiceError>>;
 }
 
-/// Asks the identity service over gRPC.
+/// Asks the identity service over gRPC, presenting the service token (`Authenticate` is internal).
 #[derive(Debug, Clone)]
 pub struct RemoteCredentialSource {
     client: IdentityClient,
+    token: ServiceToken,
 }
 
 /// A lazily connecting client of identity's `AuthService` at `url` (`services.identity`).
@@ -45,9 +46,9 @@ pub fn identity_client(url: &str) -> Result<IdentityClient, ServiceError> {
 pub type IdentityClient = pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>;
 
 impl RemoteCredentialSource {
-    /// Asks identity through `client`.
-    pub fn new(client: IdentityClient) -> Self {
-        Self { client }
+    /// Asks identity through `client`, presenting `token`.
+    pub fn new(client: IdentityClient, token: ServiceToken) -> Self {
+        Self { client, token }
     }
 }
 
@@ -55,6 +56,7 @@ impl CredentialSource for RemoteCredentialSource {
     fn authenticate<'a>(&'a self, credential: &'a str) -> BoxFuture<'a, Result<Option<Principal>, ServiceError>> {
         Box::pin(async move {
             let mut request = tonic::Request::new(pb::AuthenticateRequest { credential: credential.to_owned() });
+            self.token.authorize(&mut request)?;
             crate::telemetry::inject_current_context(request.metadata_mut());
             match self.client.clone().authenticate(request).await {
                 Ok(response) => Principal::try_from(response.into_inner()).map(Some),

@@ -1,6 +1,7 @@
-//! The stores a service uses: its PostgreSQL database, the shared Redis, the two-level cache
+//! The stores a service uses (and the audit events written to them): its PostgreSQL database, the shared Redis, the two-level cache
 //! over both, the transactional outbox to analytics, and TLS to the stores.
 
+pub mod audit;
 pub mod cache;
 pub mod db;
 pub mod outbox;

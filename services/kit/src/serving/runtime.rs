@@ -154,9 +154,10 @@ impl ServiceRuntime {
             grpc_services: grpc_services.to_vec(),
             dependencies: std::mem::take(&mut self.dependencies),
         };
+        let gateway_token = self.common.auth.gateway_token.clone();
+        let settings = self.common.server.clone();
         let served =
-            crate::serving::server::serve(listener, spec, verifier, limiter, self.common.server.clone(), shutdown)
-                .await;
+            crate::serving::server::serve(listener, spec, verifier, limiter, gateway_token, settings, shutdown).await;
         self.stop_tasks.cancel();
         while let Some(ended) = self.tasks.join_next().await {
             if let Err(error) = ended {

@@ -17,10 +17,10 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
-use crate::auth::CredentialVerifier;
+use crate::auth::{CredentialVerifier, DeploymentSecret};
 use crate::config::ServerConfig;
 use crate::data::redis::Redis;
-use crate::serving::authenticate::AuthLayer;
+use crate::serving::authenticate::{AuthLayer, Authenticator};
 use crate::serving::ratelimit::{RateLimitLayer, RateLimiter};
 
 /// A store a service cannot work without; health follows it.
@@ -72,12 +72,14 @@ pub struct ServiceSpec {
 }
 
 /// Serves `spec` on `listener`, authenticating callers with `verifier` and then limiting them
-/// with `limiter`, until `shutdown` is cancelled, then shuts down gracefully.
+/// with `limiter` (believing the client addresses vouched for with `gateway_token`), until
+/// `shutdown` is cancelled, then shuts down gracefully.
 pub async fn serve(
     listener: TcpListener,
     spec: ServiceSpec,
     verifier: CredentialVerifier,
     limiter: RateLimiter,
+    gateway_token: Option<DeploymentSecret>,
     settings: ServerConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -92,8 +94,11 @@ pub async fn serve(
             last_use.flush().await;
         }
     });
-    let limiter = limiter.trusting_gateway(verifier.service_token().cloned());
-    let layers = Layers { auth: AuthLayer::new(verifier), rate_limit: RateLimitLayer::new(limiter) };
+    let limiter = limiter.trusting_gateway(gateway_token);
+    let layers = Layers {
+        auth: AuthLayer::new(Authenticator::new(verifier, limiter.clone())),
+        rate_limit: RateLimitLayer::new(limiter),
+    };
     let served = serve_until_shutdown(listener, address, spec, layers, settings, shutdown).await;
     stop_recorder.cancel();
     let _ = recorder.await;
@@ -141,8 +146,9 @@ async fn serve_until_shutdown(
     let server = tonic::transport::Server::builder()
         .timeout(settings.request_timeout())
         .layer(ObserveLayer { service: spec.name })
+        // Outside the rate limit: failed authentications are limited before any credential
+        // is looked up, and the principal is known when the other limits are chosen.
         .layer(layers.auth)
-        // Inside authentication, so the principal is known when limits are chosen.
         .layer(layers.rate_limit)
         .add_routes(routes)
         .serve_with_incoming_shutdown(nodelay_incoming(listener), stop_accepting.clone().cancelled_owned());

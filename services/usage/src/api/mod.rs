@@ -17,6 +17,7 @@ use aimesh_kit::auth::{Access, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::wire::proto_json;
 use aimesh_proto::usage::v1 as pb;
 
+use crate::domain::ReservationActor;
 use crate::error::{Result, UsageError};
 use crate::ledger::Ledger;
 
@@ -67,6 +68,17 @@ impl Usage {
             ));
         }
         Ok(())
+    }
+}
+
+impl Usage {
+    /// Who `caller` is to the reservations of `project_id`: the principal itself, and whether
+    /// it is an owner or admin there (a login session only: keys have no role). Asked after the
+    /// caller check, from the cached role.
+    async fn reservation_actor(&self, caller: &Caller, project_id: Uuid) -> Result<ReservationActor> {
+        let project_admin = caller.principal.session_id().is_some()
+            && self.access.role(caller, project_id).await?.is_some_and(|role| role >= ProjectRole::Admin);
+        Ok(ReservationActor { user_id: caller.principal.user_id, api_key_id: api_key_of(caller), project_admin })
     }
 }
 

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
 use aimesh_kit::auth::Caller;
+use aimesh_kit::data::audit::Actor;
 use aimesh_kit::wire::error::respond;
 use aimesh_kit::wire::fields;
 use aimesh_kit::wire::pagination::{self, Page, PageKey};
@@ -143,7 +144,7 @@ impl PageKey for ModelCursor {
 }
 
 impl Usage {
-    async fn create_model(&self, caller: &Caller, request: pb::CreateModelRequest) -> Result<pb::Model> {
+    async fn create_model(&self, caller: &Caller, actor: &Actor, request: pb::CreateModelRequest) -> Result<pb::Model> {
         let now = Utc::now();
         let model = request.model.ok_or_else(|| UsageError::invalid("model", "is required"))?;
         let status = match model.status {
@@ -166,7 +167,7 @@ impl Usage {
         let price =
             model.current_price.as_ref().map(|p| decode_price("model.current_price", Some(p), now)).transpose()?;
         require_system_admin(caller)?;
-        let created = self.ledger.catalog().create_model(&new, price).await?;
+        let created = self.ledger.catalog().create_model(&new, price, actor).await?;
         model_to_proto(&created, Utc::now())
     }
 
@@ -205,7 +206,7 @@ impl Usage {
         Ok(pb::ListModelsResponse { models, next_page_token })
     }
 
-    async fn update_model(&self, caller: &Caller, request: pb::UpdateModelRequest) -> Result<pb::Model> {
+    async fn update_model(&self, caller: &Caller, actor: &Actor, request: pb::UpdateModelRequest) -> Result<pb::Model> {
         let id = fields::id("model_id", &request.model_id)?;
         let paths = fields::mask_paths(request.update_mask.as_ref(), UPDATE_PATHS)?;
         let model = request.model.unwrap_or_default();
@@ -237,23 +238,28 @@ impl Usage {
             }
         }
         require_system_admin(caller)?;
-        let updated = self.ledger.catalog().update_model(id, &patch).await?;
+        let updated = self.ledger.catalog().update_model(id, &patch, actor, "model.updated").await?;
         model_to_proto(&updated, Utc::now())
     }
 
-    async fn retire_model(&self, caller: &Caller, request: pb::RetireModelRequest) -> Result<pb::Model> {
+    async fn retire_model(&self, caller: &Caller, actor: &Actor, request: pb::RetireModelRequest) -> Result<pb::Model> {
         let id = fields::id("model_id", &request.model_id)?;
         require_system_admin(caller)?;
         let patch = ModelPatch { status: Some(ModelStatus::Retired), ..ModelPatch::default() };
-        let retired = self.ledger.catalog().update_model(id, &patch).await?;
+        let retired = self.ledger.catalog().update_model(id, &patch, actor, "model.retired").await?;
         model_to_proto(&retired, Utc::now())
     }
 
-    async fn set_model_price(&self, caller: &Caller, request: pb::SetModelPriceRequest) -> Result<pb::ModelPrice> {
+    async fn set_model_price(
+        &self,
+        caller: &Caller,
+        actor: &Actor,
+        request: pb::SetModelPriceRequest,
+    ) -> Result<pb::ModelPrice> {
         let model_id = fields::id("model_id", &request.model_id)?;
         let (price, effective_at) = decode_price("price", request.price.as_ref(), Utc::now())?;
         require_system_admin(caller)?;
-        let row = self.ledger.catalog().set_price(model_id, &price, effective_at).await?;
+        let row = self.ledger.catalog().set_price(model_id, &price, effective_at, actor).await?;
         Ok(price_to_proto(&row))
     }
 
@@ -273,7 +279,8 @@ fn checked_pattern(field: &'static str, pattern: &str) -> Result<String> {
 impl pb::model_service_server::ModelService for ModelApi {
     async fn create_model(&self, request: Request<pb::CreateModelRequest>) -> Result<Response<pb::Model>, Status> {
         let caller = Caller::of(&request)?;
-        respond(self.0.create_model(&caller, request.into_inner()).await)
+        let actor = Actor::of(&request, Some(caller.principal.user_id));
+        respond(self.0.create_model(&caller, &actor, request.into_inner()).await)
     }
 
     async fn get_model(&self, request: Request<pb::GetModelRequest>) -> Result<Response<pb::Model>, Status> {
@@ -291,12 +298,14 @@ impl pb::model_service_server::ModelService for ModelApi {
 
     async fn update_model(&self, request: Request<pb::UpdateModelRequest>) -> Result<Response<pb::Model>, Status> {
         let caller = Caller::of(&request)?;
-        respond(self.0.update_model(&caller, request.into_inner()).await)
+        let actor = Actor::of(&request, Some(caller.principal.user_id));
+        respond(self.0.update_model(&caller, &actor, request.into_inner()).await)
     }
 
     async fn retire_model(&self, request: Request<pb::RetireModelRequest>) -> Result<Response<pb::Model>, Status> {
         let caller = Caller::of(&request)?;
-        respond(self.0.retire_model(&caller, request.into_inner()).await)
+        let actor = Actor::of(&request, Some(caller.principal.user_id));
+        respond(self.0.retire_model(&caller, &actor, request.into_inner()).await)
     }
 
     async fn set_model_price(
@@ -304,7 +313,8 @@ impl pb::model_service_server::ModelService for ModelApi {
         request: Request<pb::SetModelPriceRequest>,
     ) -> Result<Response<pb::ModelPrice>, Status> {
         let caller = Caller::of(&request)?;
-        respond(self.0.set_model_price(&caller, request.into_inner()).await)
+        let actor = Actor::of(&request, Some(caller.principal.user_id));
+        respond(self.0.set_model_price(&caller, &actor, request.into_inner()).await)
     }
 
     async fn list_model_prices(

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use aimesh_kit::auth::{Caller, ProjectRole};
+use aimesh_kit::data::audit::Actor;
 use aimesh_kit::wire::error::respond;
 use aimesh_kit::wire::fields;
 use aimesh_kit::wire::proto_json;
@@ -52,7 +53,7 @@ fn reservation_to_proto(granted: GrantedReservation) -> pb::Reservation {
 }
 
 impl Usage {
-    async fn set_quota(&self, caller: &Caller, request: pb::SetQuotaRequest) -> Result<pb::Quota> {
+    async fn set_quota(&self, caller: &Caller, actor: &Actor, request: pb::SetQuotaRequest) -> Result<pb::Quota> {
         let quota = request.quota.ok_or_else(|| UsageError::invalid("quota", "is required"))?;
         let project_id = fields::id("quota.project_id", &quota.project_id)?;
         let scope = QuotaScope::require_proto(quota.scope, "quota.scope")?;
@@ -66,7 +67,7 @@ impl Usage {
         )?;
         caller.principal.require_session()?;
         self.require(caller, project_id, ProjectRole::Admin, USAGE_WRITE).await?;
-        quota_to_proto(self.ledger.set_quota(project_id, subject, &limits).await?)
+        quota_to_proto(self.ledger.set_quota(project_id, subject, &limits, actor).await?)
     }
 
     async fn list_quotas(&self, caller: &Caller, request: pb::ListQuotasRequest) -> Result<pb::ListQuotasResponse> {
@@ -76,13 +77,18 @@ impl Usage {
         Ok(pb::ListQuotasResponse { quotas: rows.into_iter().map(quota_to_proto).collect::<Result<_>>()? })
     }
 
-    async fn delete_quota(&self, caller: &Caller, request: pb::DeleteQuotaRequest) -> Result<pb::DeleteQuotaResponse> {
+    async fn delete_quota(
+        &self,
+        caller: &Caller,
+        actor: &Actor,
+        request: pb::DeleteQuotaRequest,
+    ) -> Result<pb::DeleteQuotaResponse> {
         let project_id = fields::id("project_id", &request.project_id)?;
         let scope = QuotaScope::require_proto(request.scope, "scope")?;
         let subject = QuotaSubject::parse("subject_id", scope, &request.subject_id)?;
         caller.principal.require_session()?;
         self.require(caller, project_id, ProjectRole::Admin, USAGE_WRITE).await?;
-        self.ledger.delete_quota(project_id, subject).await?;
+        self.ledger.delete_quota(project_id, subject, actor).await?;
         Ok(pb::DeleteQuotaResponse {})
     }
 
@@ -110,7 +116,8 @@ impl Usage {
         let project_id = fields::id("project_id", &request.project_id)?;
         let reservation_id = fields::id("reservation_id", &request.reservation_id)?;
         self.require(caller, project_id, ProjectRole::Member, USAGE_WRITE).await?;
-        self.ledger.release(project_id, reservation_id).await?;
+        let actor = self.reservation_actor(caller, project_id).await?;
+        self.ledger.release(project_id, reservation_id, &actor).await?;
         Ok(pb::ReleaseReservationResponse {})
     }
 }
@@ -119,7 +126,8 @@ impl Usage {
 impl pb::quota_service_server::QuotaService for QuotaApi {
     async fn set_quota(&self, request: Request<pb::SetQuotaRequest>) -> Result<Response<pb::Quota>, Status> {
         let caller = Caller::of(&request)?;
-        respond(self.0.set_quota(&caller, request.into_inner()).await)
+        let actor = Actor::of(&request, Some(caller.principal.user_id));
+        respond(self.0.set_quota(&caller, &actor, request.into_inner()).await)
     }
 
     async fn list_quotas(
@@ -135,11 +143,12 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         request: Request<pb::DeleteQuotaRequest>,
     ) -> Result<Response<pb::DeleteQuotaResponse>, Status> {
         let caller = Caller::of(&request)?;
-        respond(self.0.delete_quota(&caller, request.into_inner()).await)
+        let actor = Actor::of(&request, Some(caller.principal.user_id));
+        respond(self.0.delete_quota(&caller, &actor, request.into_inner()).await)
     }
 
     async fn reserve(&self, request: Request<pb::ReserveRequest>) -> Result<Response<pb::Reservation>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::internal(&request)?;
         respond(self.0.reserve(&caller, request.into_inner()).await)
     }
 
@@ -147,7 +156,7 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         &self,
         request: Request<pb::ReleaseReservationRequest>,
     ) -> Result<Response<pb::ReleaseReservationResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::internal(&request)?;
         respond(self.0.release_reservation(&caller, request.into_inner()).await)
     }
 }

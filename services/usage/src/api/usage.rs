@@ -78,8 +78,11 @@ impl Usage {
             request_time: time_field("request_time", request.request_time.as_ref())?,
             reservation_id: &request.reservation_id,
         };
-        let usage = NewUsage::validate(&draft, Utc::now())?;
+        let mut usage = NewUsage::validate(&draft, Utc::now())?;
         self.require_usage_writer(caller, usage.project_id, usage.user_id).await?;
+        if usage.reservation_id.is_some() {
+            usage.settled_by = self.reservation_actor(caller, usage.project_id).await?;
+        }
         usage_to_proto(self.ledger.record(usage).await?)
     }
 
@@ -125,7 +128,7 @@ impl pb::usage_service_server::UsageService for UsageApi {
         &self,
         request: Request<pb::RecordUsageRequest>,
     ) -> Result<Response<pb::UsageRecord>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::internal(&request)?;
         respond(self.0.record_usage(&caller, request.into_inner()).await)
     }
 

@@ -1,24 +1,25 @@
 //! Who the client is when a request comes through the gateway: the gateway vouches for the
-//! address it limited, and the services believe it only with the deployment's service token.
+//! address it limited, and the services believe it only with the deployment's gateway token.
 //!
 //! The gateway sends two metadata entries on every call it makes: [`HEADER_CLIENT_IP`], the
-//! client's address, and [`HEADER_CLIENT_IP_TOKEN`], the service token (`auth.service_token`)
-//! proving the address comes from the mesh. The caller's own `authorization` is forwarded
+//! client's address, and [`HEADER_CLIENT_IP_TOKEN`], the gateway token (`auth.gateway_token`)
+//! proving the address comes from the gateway. The token is not the service token: a service
+//! that may call internal RPCs cannot thereby choose whose address it speaks for. The caller's own `authorization` is forwarded
 //! unchanged beside them. A service compares the token in constant time; when it matches, the
 //! request's [`ClientAddress`] is the vouched one and is marked attested, and the service skips
-//! the per-IP limit the gateway already decided. A missing or wrong token changes nothing: the
+//! the per-IP limits (requests and failed authentications) the gateway already decided. A missing or wrong token changes nothing: the
 //! socket peer is the client and is limited per IP as before.
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::auth::ServiceToken;
+use crate::auth::DeploymentSecret;
 
 /// Metadata: the client address the gateway vouches for.
 pub const HEADER_CLIENT_IP: &str = "x-aimesh-client-ip";
-/// Metadata: the service token proving [`HEADER_CLIENT_IP`] comes from the gateway.
+/// Metadata: the gateway token proving [`HEADER_CLIENT_IP`] comes from the gateway.
 pub const HEADER_CLIENT_IP_TOKEN: &str = "x-aimesh-client-ip-token";
 
-/// The client's address, in every request's extensions once the rate-limit layer has run.
+/// The client's address, in every request's extensions once the auth layer has run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddress {
     pub ip: IpAddr,
@@ -27,14 +28,14 @@ pub struct ClientAddress {
 }
 
 impl ClientAddress {
-    /// The client's address of a request, when the rate-limit layer found one.
+    /// The client's address of a request, when the auth layer found one.
     pub fn of<T>(request: &tonic::Request<T>) -> Option<IpAddr> {
         request.extensions().get::<Self>().map(|client| client.ip)
     }
 
     /// The client of `request`: the address the gateway vouched for with `token`, else the
     /// socket peer.
-    pub(super) fn from_request<B>(request: &http::Request<B>, token: Option<&ServiceToken>) -> Option<Self> {
+    pub(super) fn from_request<B>(request: &http::Request<B>, token: Option<&DeploymentSecret>) -> Option<Self> {
         attested_ip(request.headers(), token)
             .map(|ip| Self { ip, attested: true })
             .or_else(|| peer_ip(request).map(|ip| Self { ip, attested: false }))
@@ -42,7 +43,7 @@ impl ClientAddress {
 }
 
 /// The vouched address, when the headers carry one with the right token.
-fn attested_ip(headers: &http::HeaderMap, token: Option<&ServiceToken>) -> Option<IpAddr> {
+fn attested_ip(headers: &http::HeaderMap, token: Option<&DeploymentSecret>) -> Option<IpAddr> {
     let token = token?;
     let presented = headers.get(HEADER_CLIENT_IP_TOKEN)?.to_str().ok()?;
     if !token.matches(presented) {
@@ -77,7 +78,7 @@ impl std::fmt::Debug for ClientVoucher {
 
 impl ClientVoucher {
     /// A voucher presenting `token`; none when the token is not a valid header value.
-    pub fn new(token: &ServiceToken) -> Option<Self> {
+    pub fn new(token: &DeploymentSecret) -> Option<Self> {
         token.expose().parse().ok().map(|token| Self { token })
     }
 
@@ -106,8 +107,8 @@ mod tests {
     }
 
     #[test]
-    fn only_the_service_token_makes_a_vouched_address_count() {
-        let token = ServiceToken::generate();
+    fn only_the_gateway_token_makes_a_vouched_address_count() {
+        let token = DeploymentSecret::generate();
         let client: IpAddr = "198.51.100.9".parse().expect("ip");
         let mut outgoing = tonic::Request::new(());
         ClientVoucher::new(&token).expect("a valid token").vouch(&mut outgoing, client);
@@ -125,9 +126,9 @@ mod tests {
 
         let peer = Some(ClientAddress { ip: "10.0.0.7".parse().expect("ip"), attested: false });
         assert_eq!(ClientAddress::from_request(&vouched, None), peer, "a service without a token trusts nobody");
-        let other = ServiceToken::generate();
+        let other = DeploymentSecret::generate();
         assert_eq!(ClientAddress::from_request(&vouched, Some(&other)), peer, "another deployment's token");
-        let forged = request(&[(HEADER_CLIENT_IP, "198.51.100.9"), (HEADER_CLIENT_IP_TOKEN, "amsvc_guess")]);
+        let forged = request(&[(HEADER_CLIENT_IP, "198.51.100.9"), (HEADER_CLIENT_IP_TOKEN, "guess")]);
         assert_eq!(ClientAddress::from_request(&forged, Some(&token)), peer);
         let bare = request(&[(HEADER_CLIENT_IP, "198.51.100.9")]);
         assert_eq!(ClientAddress::from_request(&bare, Some(&token)), peer);

@@ -1,12 +1,13 @@
 //! The tower layer applying [`RateLimiter`] to gRPC services, after authentication.
 
 use super::{ClientAddress, Decision, RateLimiter};
-use crate::auth::Principal;
+use crate::auth::{MeshCall, Principal};
 use crate::serving::gate::{Entered, Gate, GateLayer};
 
 /// Limits each request by the [`Principal`] the auth layer put in it (or, without one, by the
-/// client address: see [`super::client`]), so it must sit inside [`crate::auth::AuthLayer`].
-/// Puts the [`ClientAddress`] in the request for handlers. A denial answers RESOURCE_EXHAUSTED
+/// client address: see [`super::client`]), so it must sit inside
+/// [`crate::serving::authenticate::AuthLayer`], which also found the [`ClientAddress`]. Calls
+/// from the mesh ([`MeshCall`]) are not limited: their caller was. A denial answers RESOURCE_EXHAUSTED
 /// with a `RetryInfo` detail; every limited response carries the `ratelimit-*` headers (see
 /// [`Decision::headers`]).
 pub type RateLimitLayer = GateLayer<RateLimiter>;
@@ -16,11 +17,18 @@ impl Gate for RateLimiter {
     type Pass = Decision;
 
     fn enter<B: Send + 'static>(&self, mut request: http::Request<B>) -> Entered<B, Decision> {
-        let client = ClientAddress::from_request(&request, self.gateway_token());
+        let client = match request.extensions().get::<ClientAddress>() {
+            Some(client) => Some(*client),
+            None => self.client_of(&request),
+        };
         // The gateway limited an attested address per IP already; counting it again here would
         // halve the budget.
         let unlimited_ip = client.filter(|client| !client.attested).map(|client| client.ip);
-        let limits = self.limits_for(request.extensions().get::<Principal>(), unlimited_ip, request.uri().path());
+        let limits = if request.extensions().get::<MeshCall>().is_some() {
+            Vec::new()
+        } else {
+            self.limits_for(request.extensions().get::<Principal>(), unlimited_ip, request.uri().path())
+        };
         if let Some(client) = client {
             request.extensions_mut().insert(client);
         }

@@ -51,15 +51,15 @@ impl LocalLimiter {
         Self { epoch: Instant::now(), buckets: Mutex::default() }
     }
 
-    /// Decides one limit and consumes `cost` from it when allowed.
-    pub(super) fn decide(&self, key: &str, limit: Limit, cost: u32) -> Outcome {
+    /// Decides one limit and, when allowed and `consume`, takes `cost` from it.
+    pub(super) fn decide(&self, key: &str, limit: Limit, cost: u32, consume: bool) -> Outcome {
         let now = self.epoch.elapsed().as_micros() as f64;
         let Ok(mut buckets) = self.buckets.lock() else {
             // A panic while holding the lock cannot leave a bucket half written; let it pass.
             return Outcome { allowed: true, remaining: 0, reset_us: 0, retry_after_us: 0 };
         };
         let (outcome, new_tat) = step(buckets.get(key).copied(), now, limit, cost);
-        if let Some(new_tat) = new_tat {
+        if let Some(new_tat) = new_tat.filter(|_| consume) {
             if buckets.len() >= PRUNE_ABOVE && !buckets.contains_key(key) {
                 buckets.retain(|_, tat| *tat > now);
             }
@@ -116,9 +116,11 @@ mod tests {
     fn local_buckets_are_per_key() {
         let local = LocalLimiter::new();
         let limit = Limit { count: 2, period: Duration::from_secs(3600) };
-        assert!(local.decide("a", limit, 1).allowed);
-        assert!(local.decide("a", limit, 1).allowed);
-        assert!(!local.decide("a", limit, 1).allowed);
-        assert!(local.decide("b", limit, 1).allowed);
+        assert!(local.decide("a", limit, 1, false).allowed, "a look consumes nothing");
+        assert!(local.decide("a", limit, 1, true).allowed);
+        assert!(local.decide("a", limit, 1, true).allowed);
+        assert!(!local.decide("a", limit, 1, false).allowed);
+        assert!(!local.decide("a", limit, 1, true).allowed);
+        assert!(local.decide("b", limit, 1, true).allowed);
     }
 }

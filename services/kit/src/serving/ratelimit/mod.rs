@@ -19,6 +19,14 @@
 //! [`RateLimitLayer`] applies it to gRPC services; the gateway calls [`RateLimiter::decide`] and
 //! [`Decision::headers`] itself for callers without a credential, and vouches for their address
 //! to the services so they do not count it twice ([`client`]).
+//!
+//! Failed authentication has a limit of its own per client address
+//! (`rate_limit.per_ip_failed_auth`, [`Dimension::FailedAuth`]), like fail2ban: before a
+//! credential is looked up, [`RateLimiter::admit_credential`] looks (consuming nothing) whether
+//! the address has failures left, and a credential that did not verify costs one
+//! ([`RateLimiter::charge_failed_auth`]). A flood of made-up credentials thus costs identity and
+//! its database a bounded rate per address. The services' auth layer and the gateway both apply
+//! it; the services leave an address the gateway vouched for to the gateway.
 
 pub mod client;
 mod layer;
@@ -31,7 +39,7 @@ use std::time::Duration;
 use fred::types::scripts::Script;
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::auth::{CredentialRef, Principal, ServiceToken};
+use crate::auth::{CredentialRef, DeploymentSecret, Principal};
 use crate::config::{RateLimitConfig, RateLimitMode, RedisFailureMode};
 use crate::data::redis::{Redis, RedisBreaker};
 use crate::wire::error::{ERROR_DOMAIN, ServiceError};
@@ -69,6 +77,8 @@ pub enum Dimension {
     User,
     ApiKey,
     Project,
+    /// Failed authentications of a client address.
+    FailedAuth,
 }
 
 impl Dimension {
@@ -78,6 +88,7 @@ impl Dimension {
             Self::User => "user",
             Self::ApiKey => "api_key",
             Self::Project => "project",
+            Self::FailedAuth => "failed_auth",
         }
     }
 }
@@ -231,7 +242,7 @@ struct Outcome {
 pub struct RateLimiter {
     inner: Arc<Inner>,
     /// Whose vouched client addresses to believe (see [`client`]); none believes nobody.
-    gateway_token: Option<Arc<ServiceToken>>,
+    gateway_token: Option<Arc<DeploymentSecret>>,
 }
 
 struct Inner {
@@ -263,14 +274,43 @@ impl RateLimiter {
         }
     }
 
-    /// Believes the client addresses the gateway vouches for with `token` (the deployment's
-    /// service token) and leaves their per-IP limit to the gateway; see [`client`].
-    pub fn trusting_gateway(self, token: Option<ServiceToken>) -> Self {
+    /// Believes the client addresses the gateway vouches for with `token`
+    /// (`auth.gateway_token`) and leaves their per-IP limits to the gateway; see [`client`].
+    pub fn trusting_gateway(self, token: Option<DeploymentSecret>) -> Self {
         Self { gateway_token: token.map(Arc::new), ..self }
     }
 
-    fn gateway_token(&self) -> Option<&ServiceToken> {
-        self.gateway_token.as_deref()
+    /// The client of `request`: the address the gateway vouched for, else the socket peer.
+    pub fn client_of<B>(&self, request: &http::Request<B>) -> Option<ClientAddress> {
+        ClientAddress::from_request(request, self.gateway_token.as_deref())
+    }
+
+    /// The failed-authentication limit of `ip`; none when it is off.
+    fn failed_auth_limit(&self, ip: IpAddr) -> Option<LimitRequest> {
+        let settings = &self.inner.settings;
+        (settings.enabled && settings.per_ip_failed_auth > 0).then(|| LimitRequest {
+            dimension: Dimension::FailedAuth,
+            id: ip.to_string(),
+            limit: Limit::per_minute(settings.per_ip_failed_auth),
+            cost: 1,
+        })
+    }
+
+    /// Whether `ip` may still present a credential: its failed authentications are looked at,
+    /// not counted. A denial is refused before the credential is looked up. Fails only as
+    /// [`RateLimiter::decide`] does.
+    pub async fn admit_credential(&self, ip: IpAddr) -> Result<Decision, ServiceError> {
+        let Some(limit) = self.failed_auth_limit(ip) else { return Ok(Decision::unlimited()) };
+        self.decide_consuming(&[limit], false).await
+    }
+
+    /// Counts a failed authentication (a credential unknown, malformed, expired or revoked)
+    /// against `ip`. A Redis failure is logged, not returned: the caller is being refused anyway.
+    pub async fn charge_failed_auth(&self, ip: IpAddr) {
+        let Some(limit) = self.failed_auth_limit(ip) else { return };
+        if let Err(error) = self.decide_consuming(&[limit], true).await {
+            tracing::debug!(%error, "could not count a failed authentication");
+        }
     }
 
     /// The settings it decides with.
@@ -325,11 +365,16 @@ impl RateLimiter {
     /// Decides `requests` (each consuming its cost where it fits) and answers for the tightest.
     /// Fails only with `on_redis_failure = "closed"` while Redis cannot answer (UNAVAILABLE).
     pub async fn decide(&self, requests: &[LimitRequest]) -> Result<Decision, ServiceError> {
+        self.decide_consuming(requests, true).await
+    }
+
+    /// [`RateLimiter::decide`], or, unless `consume`, only whether the requests would fit.
+    async fn decide_consuming(&self, requests: &[LimitRequest], consume: bool) -> Result<Decision, ServiceError> {
         let requests: Vec<&LimitRequest> = requests.iter().filter(|r| r.limit.count > 0 && r.cost > 0).collect();
         if requests.is_empty() {
             return Ok(Decision::unlimited());
         }
-        let (outcomes, source) = match self.decide_in_redis(&requests).await {
+        let (outcomes, source) = match self.decide_in_redis(&requests, consume).await {
             Some(outcomes) => (outcomes, DecisionSource::Redis),
             None => match self.inner.settings.on_redis_failure {
                 RedisFailureMode::Closed => {
@@ -338,7 +383,7 @@ impl RateLimiter {
                 RedisFailureMode::Open => {
                     let outcomes = requests
                         .iter()
-                        .map(|r| self.inner.local.decide(&self.redis_key(r), r.limit, r.cost))
+                        .map(|r| self.inner.local.decide(&self.redis_key(r), r.limit, r.cost, consume))
                         .collect::<Vec<_>>();
                     (outcomes, DecisionSource::Local)
                 }
@@ -348,7 +393,7 @@ impl RateLimiter {
     }
 
     /// Every limit in Redis at once, or none when Redis failed or is being skipped.
-    async fn decide_in_redis(&self, requests: &[&LimitRequest]) -> Option<Vec<Outcome>> {
+    async fn decide_in_redis(&self, requests: &[&LimitRequest], consume: bool) -> Option<Vec<Outcome>> {
         let inner = &self.inner;
         if inner.breaker.is_open() {
             return None;
@@ -359,6 +404,7 @@ impl RateLimiter {
                 request.limit.count.to_string(),
                 request.limit.period.as_micros().to_string(),
                 request.cost.to_string(),
+                if consume { "0" } else { "1" }.to_owned(),
             ];
             async move {
                 let answer: Vec<i64> = inner.script.evalsha_with_reload(inner.redis.pool().next(), key, args).await?;
@@ -480,6 +526,29 @@ mod tests {
         let names: Vec<&str> = allowed.headers().into_iter().map(|(name, _)| name).collect();
         assert_eq!(names, [HEADER_LIMIT, HEADER_REMAINING, HEADER_RESET]);
         assert!(Decision::unlimited().headers().is_empty());
+    }
+
+    #[tokio::test]
+    async fn looking_at_the_failure_budget_consumes_nothing_and_each_failure_costs_one() {
+        let settings = RateLimitConfig { per_ip_failed_auth: 3, ..RateLimitConfig::default() };
+        // A key prefix of its own, so the address's budget is this test's alone.
+        let limiter = RateLimiter::new(crate::testing::redis().await, &settings);
+        let ip: IpAddr = "192.0.2.77".parse().expect("ip");
+        for _ in 0..10 {
+            assert!(limiter.admit_credential(ip).await.expect("decide").allowed, "looking is free");
+        }
+        for _ in 0..3 {
+            limiter.charge_failed_auth(ip).await;
+        }
+        let refused = limiter.admit_credential(ip).await.expect("decide");
+        assert!(!refused.allowed);
+        assert_eq!(refused.dimension, Some(Dimension::FailedAuth));
+        assert!(refused.retry_after.is_some_and(|wait| wait > Duration::ZERO));
+        assert!(limiter.admit_credential("192.0.2.78".parse().expect("ip")).await.expect("decide").allowed);
+
+        let off = limiter_with(RateLimitConfig { per_ip_failed_auth: 0, ..RateLimitConfig::default() }).await;
+        off.charge_failed_auth(ip).await;
+        assert_eq!(off.admit_credential(ip).await.expect("decide"), Decision::unlimited());
     }
 
     /// Building a limiter needs a Redis handle; choosing limits never talks to it.
