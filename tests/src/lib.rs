@@ -332,6 +332,19 @@ impl Mesh {
         Account { user_id: user.id, email, password, token: login.access_token, refresh_token: login.refresh_token }
     }
 
+    /// A new project of `owner` named `name`; its id.
+    pub async fn create_project(&self, owner: &Account, name: &str) -> String {
+        let request = pb::CreateProjectRequest { name: name.into(), description: String::new() };
+        self.projects().create_project(authed(request, &owner.token)).await.expect("create project").into_inner().id
+    }
+
+    /// Adds `member` to `project_id` with `role`, as `owner` (who must be allowed to).
+    pub async fn add_member(&self, owner: &Account, project_id: &str, member: &Account, role: pb::ProjectRole) {
+        let request =
+            pb::AddMemberRequest { project_id: project_id.into(), email: member.email.clone(), role: role.into() };
+        self.projects().add_member(authed(request, &owner.token)).await.expect("add member");
+    }
+
     /// Makes an account a system admin, as `aimesh grant-admin` does, and logs it in again so
     /// its token carries the role.
     pub async fn make_admin(&self, account: &Account) -> Account {
@@ -369,6 +382,9 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        // This runtime is blocked here from now on: its pools can no longer read what a
+        // backend is writing to them, so end their connections before any database is dropped.
+        ScratchDatabase::disconnect_all(&self.databases);
         let root = &self.config.files.fs_root;
         // Only a directory test_config made; a replica sharing it has taken the databases.
         if !self.databases.is_empty()
@@ -518,17 +534,9 @@ pub async fn set_daily_token_budget(mesh: &Mesh, token: &str, project: &str, tok
 
 /// A project of `owner` and a key in it with the given scopes; returns (project id, secret).
 pub async fn project_with_key(mesh: &Mesh, owner: &Account, scopes: &[&str]) -> (String, String) {
-    let project = mesh
-        .projects()
-        .create_project(authed(
-            pb::CreateProjectRequest { name: "Apps".into(), description: String::new() },
-            &owner.token,
-        ))
-        .await
-        .expect("create project")
-        .into_inner();
+    let project_id = mesh.create_project(owner, "Apps").await;
     let key = pb::CreateApiKeyRequest {
-        project_id: project.id.clone(),
+        project_id: project_id.clone(),
         name: "backend".into(),
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         expire_time: None,
@@ -537,7 +545,7 @@ pub async fn project_with_key(mesh: &Mesh, owner: &Account, scopes: &[&str]) -> 
     };
     let secret =
         mesh.api_keys().create_api_key(authed(key, &owner.token)).await.expect("create key").into_inner().secret;
-    (project.id, secret)
+    (project_id, secret)
 }
 
 pub fn record(project_id: &str, request_id: &str) -> usage_pb::RecordUsageRequest {

@@ -14,11 +14,6 @@ fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
     Some(prost_types::FieldMask { paths: paths.iter().map(|p| (*p).to_owned()).collect() })
 }
 
-async fn create_project(mesh: &Mesh, owner: &Account) -> String {
-    let request = pb::CreateProjectRequest { name: "Chats".into(), description: String::new() };
-    mesh.projects().create_project(authed(request, &owner.token)).await.expect("create project").into_inner().id
-}
-
 async fn create_session(mesh: &Mesh, account: &Account, project_id: &str, title: &str) -> chat_pb::Session {
     let request = chat_pb::CreateSessionRequest {
         project_id: project_id.into(),
@@ -53,7 +48,7 @@ async fn get_session(mesh: &Mesh, credential: &str, session_id: &str) -> Result<
 async fn a_session_is_updated_soft_deleted_restored_and_purged() {
     let mesh = Mesh::start().await;
     let (ann, bob) = (mesh.signup("ann").await, mesh.signup("bob").await);
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Chats").await;
     let add = pb::AddMemberRequest {
         project_id: project.clone(),
         email: bob.email.clone(),
@@ -136,7 +131,7 @@ async fn a_session_is_updated_soft_deleted_restored_and_purged() {
 async fn messages_are_numbered_idempotent_branched_and_validated() {
     let mesh = Mesh::start().await;
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Chats").await;
     let session = create_session(&mesh, &ann, &project, "Q&A").await;
     let other = create_session(&mesh, &ann, &project, "Other").await;
     use chat_pb::MessageRole::{Assistant, User};
@@ -230,7 +225,7 @@ async fn messages_are_numbered_idempotent_branched_and_validated() {
 async fn a_watcher_gets_stored_then_live_messages_in_order() {
     let mesh = Mesh::start().await;
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Chats").await;
     let session = create_session(&mesh, &ann, &project, "Live").await;
     use chat_pb::MessageRole::User;
     for text in ["one", "two"] {
@@ -255,7 +250,7 @@ async fn a_watcher_gets_stored_then_live_messages_in_order() {
 async fn search_finds_ranked_snippets_and_export_round_trips() {
     let mesh = Mesh::start().await;
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Chats").await;
     let session = create_session(&mesh, &ann, &project, "Cooking").await;
     let gone = create_session(&mesh, &ann, &project, "Old").await;
     use chat_pb::MessageRole::{Assistant, User};
@@ -323,10 +318,10 @@ async fn collect(response: tonic::Response<tonic::Streaming<chat_pb::ExportChunk
 async fn a_stranger_reaches_no_chat_of_another_project() {
     let mesh = Mesh::start().await;
     let (ann, bob) = (mesh.signup("ann").await, mesh.signup("bob").await);
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Chats").await;
     let session = create_session(&mesh, &ann, &project, "Private").await;
     let first = append(&mesh, &ann.token, message(&session.id, chat_pb::MessageRole::User, "secret plans")).await;
-    let bobs_project = create_project(&mesh, &bob).await;
+    let bobs_project = mesh.create_project(&bob, "Chats").await;
     let key = pb::CreateApiKeyRequest {
         project_id: bobs_project.clone(),
         name: "bot".into(),

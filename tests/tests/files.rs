@@ -9,7 +9,6 @@ use tonic::Code;
 
 use aimesh::MeshConfig;
 use aimesh_proto::files::v1 as files_pb;
-use aimesh_proto::identity::v1 as pb;
 use aimesh_tests::{Account, Mesh, authed, eventually, expect_code, reason_and_field, test_config, use_s3};
 
 const MIB: usize = 1024 * 1024;
@@ -53,13 +52,8 @@ async fn setup(backend: Backend, tune: impl FnOnce(&mut MeshConfig)) -> (Mesh, A
     tune(&mut config);
     let mesh = Mesh::start_with(config, databases).await;
     let owner = mesh.signup("owner").await;
-    let project = create_project(&mesh, &owner).await;
+    let project = mesh.create_project(&owner, "Files").await;
     (mesh, owner, project)
-}
-
-async fn create_project(mesh: &Mesh, owner: &Account) -> String {
-    let request = pb::CreateProjectRequest { name: "Files".into(), description: String::new() };
-    mesh.projects().create_project(authed(request, &owner.token)).await.expect("create project").into_inner().id
 }
 
 fn metadata(project: &str, name: &str, mime_type: &str) -> files_pb::UploadMetadata {
@@ -261,7 +255,7 @@ async fn same_content_is_stored_once_per_project(backend: Backend) {
     assert_eq!((usage.used_bytes, usage.stored_bytes, usage.file_count), (2 * size, size, 2));
 
     // Another project with the same content gets its own object.
-    let other = create_project(&mesh, &owner).await;
+    let other = mesh.create_project(&owner, "Files").await;
     upload(&mesh, &owner.token, metadata(&other, "c.md", "text/markdown"), &content).await.expect("other project");
     assert_eq!(objects(&mesh, &other).await.len(), 1);
 

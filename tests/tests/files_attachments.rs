@@ -6,13 +6,8 @@ use std::time::Duration;
 use aimesh_proto::chat::v1 as chat_pb;
 use aimesh_proto::files::v1 as files_pb;
 use aimesh_proto::identity::v1 as pb;
-use aimesh_tests::{Account, Mesh, authed, expect_code, reason_and_field, test_config};
+use aimesh_tests::{Mesh, authed, expect_code, reason_and_field, test_config};
 use tonic::Code;
-
-async fn create_project(mesh: &Mesh, owner: &Account, name: &str) -> String {
-    let request = pb::CreateProjectRequest { name: name.into(), description: String::new() };
-    mesh.projects().create_project(authed(request, &owner.token)).await.expect("create project").into_inner().id
-}
 
 async fn upload(
     mesh: &Mesh,
@@ -60,7 +55,7 @@ async fn nobody_reaches_another_projects_files_and_keys_need_their_scope() {
     let mesh = Mesh::start().await;
     let ann = mesh.signup("ann").await;
     let eve = mesh.signup("eve").await;
-    let project = create_project(&mesh, &ann, "Ann's").await;
+    let project = mesh.create_project(&ann, "Ann's").await;
     let file = upload(&mesh, &ann.token, &project, "notes.txt", files_pb::FilePurpose::Library, b"private notes")
         .await
         .expect("upload");
@@ -132,8 +127,8 @@ async fn chat_attachments_are_checked_linked_and_released_with_the_session() {
     config.files.gc_grace_secs = 0;
     let mesh = Mesh::start_with(config, databases).await;
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann, "Chats").await;
-    let foreign_project = create_project(&mesh, &ann, "Elsewhere").await;
+    let project = mesh.create_project(&ann, "Chats").await;
+    let foreign_project = mesh.create_project(&ann, "Elsewhere").await;
     let attachment = upload(&mesh, &ann.token, &project, "photo.txt", files_pb::FilePurpose::Attachment, b"for chat")
         .await
         .expect("attachment");

@@ -11,7 +11,7 @@ use aimesh_kit::data::cache::InvalidationBus;
 use aimesh_kit::data::redis::Redis;
 use aimesh_kit::{ErrorCode, ServiceError};
 use aimesh_proto::identity::v1 as pb;
-use aimesh_tests::{Account, Mesh, authed};
+use aimesh_tests::{Mesh, authed};
 
 /// What a service such as usage builds at start-up: a verifier and a role cache asking identity.
 struct OtherService {
@@ -40,16 +40,11 @@ impl OtherService {
     }
 }
 
-async fn create_project(mesh: &Mesh, owner: &Account) -> String {
-    let request = pb::CreateProjectRequest { name: "Lab".into(), description: String::new() };
-    mesh.projects().create_project(authed(request, &owner.token)).await.expect("create project").into_inner().id
-}
-
 #[tokio::test]
 async fn roles_come_from_identity_and_changes_show_at_once() {
     let mesh = Mesh::start().await;
     let (ann, bob) = (mesh.signup("ann").await, mesh.signup("bob").await);
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Lab").await;
     let service = OtherService::start(&mesh).await;
 
     assert_eq!(service.require(&ann.token, &project, ProjectRole::Owner).await, Ok(Access::Member(ProjectRole::Owner)));
@@ -95,8 +90,8 @@ async fn roles_come_from_identity_and_changes_show_at_once() {
 async fn api_keys_are_checked_by_project_and_scope_without_asking_for_a_role() {
     let mesh = Mesh::start().await;
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann).await;
-    let other = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Lab").await;
+    let other = mesh.create_project(&ann, "Lab").await;
     let key = pb::CreateApiKeyRequest {
         project_id: project.clone(),
         name: "ci".into(),

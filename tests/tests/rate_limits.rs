@@ -22,11 +22,6 @@ fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
     Some(prost_types::FieldMask { paths: paths.iter().map(|p| (*p).to_owned()).collect() })
 }
 
-async fn create_project(mesh: &Mesh, owner: &Account) -> String {
-    let request = pb::CreateProjectRequest { name: "Limits".into(), description: String::new() };
-    mesh.projects().create_project(authed(request, &owner.token)).await.expect("create project").into_inner().id
-}
-
 async fn create_key(mesh: &Mesh, owner: &Account, project_id: &str, requests_per_minute: u32) -> (String, String) {
     let request = pb::CreateApiKeyRequest {
         project_id: project_id.into(),
@@ -74,7 +69,7 @@ async fn an_api_key_gets_its_own_limit_across_services_and_a_new_limit_takes_eff
     const LIMIT: u32 = 5;
     let mesh = Mesh::start().await;
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Limits").await;
     let (key_id, secret) = create_key(&mesh, &ann, &project, LIMIT).await;
 
     for call in 1..=LIMIT {
@@ -129,7 +124,7 @@ async fn an_api_key_gets_its_own_limit_across_services_and_a_new_limit_takes_eff
 async fn a_project_limit_counts_all_its_keys_and_applies_to_keys_already_in_use() {
     let mesh = Mesh::start().await;
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Limits").await;
     let (_, first) = create_key(&mesh, &ann, &project, 0).await;
     let (_, second) = create_key(&mesh, &ann, &project, 0).await;
     // Both verifications are cached now, with the deployment's default project limit.
@@ -196,7 +191,7 @@ async fn a_person_is_limited_per_user_across_services() {
     let ann = mesh.signup("ann").await;
     let bob = mesh.signup("bob").await;
     // One call at identity, the rest at chat: one budget.
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Limits").await;
     for call in 2..=PER_USER {
         list_sessions(&mesh, &ann.token, &project).await.unwrap_or_else(|e| panic!("call {call}: {e:?}"));
     }
@@ -205,7 +200,7 @@ async fn a_person_is_limited_per_user_across_services() {
     let get = pb::GetUserRequest { user_id: ann.user_id.clone() };
     let at_identity = mesh.users().get_user(authed(get, &ann.token)).await.map(|r| r.metadata().clone());
     assert_rate_limited("identity too", at_identity, PER_USER);
-    create_project(&mesh, &bob).await;
+    mesh.create_project(&bob, "Limits").await;
 }
 
 /// `count` REST calls at once, spread over `gateways` in turn; the replies in call order.
@@ -294,7 +289,7 @@ async fn an_api_key_through_two_gateways_gets_exactly_its_limit() {
     let mesh = Mesh::start().await;
     let gateways = [mesh.rest(), mesh.start_gateway(GatewayConfig::default()).await];
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Limits").await;
     let (_, secret) = create_key(&mesh, &ann, &project, LIMIT).await;
     let list = format!("/v1/chat/sessions?projectId={project}");
     let replies = at_once(&gateways, 3 * LIMIT as usize, |rest| rest.get(&list).bearer(&secret)).await;

@@ -27,17 +27,6 @@ async fn mesh_with(configure: impl FnOnce(&mut aimesh::MeshConfig)) -> Mesh {
     Mesh::start_with(config, databases).await
 }
 
-async fn create_project(mesh: &Mesh, owner: &Account) -> String {
-    let request = pb::CreateProjectRequest { name: "Streams".into(), description: String::new() };
-    mesh.projects().create_project(authed(request, &owner.token)).await.expect("create project").into_inner().id
-}
-
-async fn add_member(mesh: &Mesh, owner: &Account, project_id: &str, member: &Account, role: pb::ProjectRole) {
-    let request =
-        pb::AddMemberRequest { project_id: project_id.into(), email: member.email.clone(), role: role.into() };
-    mesh.projects().add_member(authed(request, &owner.token)).await.expect("add member");
-}
-
 async fn create_session(mesh: &Mesh, account: &Account, project_id: &str) -> String {
     let request = chat_pb::CreateSessionRequest {
         project_id: project_id.into(),
@@ -115,8 +104,8 @@ async fn sse_error(events: &mut Events) -> Value {
 async fn a_watcher_removed_from_the_project_is_cut_off_with_permission_denied_and_any_when_deleted() {
     let mesh = mesh_with(|_| {}).await;
     let (ann, bob) = (mesh.signup("ann").await, mesh.signup("bob").await);
-    let project = create_project(&mesh, &ann).await;
-    add_member(&mesh, &ann, &project, &bob, pb::ProjectRole::Member).await;
+    let project = mesh.create_project(&ann, "Streams").await;
+    mesh.add_member(&ann, &project, &bob, pb::ProjectRole::Member).await;
     let session = create_session(&mesh, &ann, &project).await;
     append(&mesh, &ann.token, &session, "before".into()).await;
 
@@ -149,7 +138,7 @@ async fn a_watcher_removed_from_the_project_is_cut_off_with_permission_denied_an
 async fn a_watcher_who_logs_out_or_whose_key_is_revoked_is_cut_off_with_unauthenticated() {
     let mesh = mesh_with(|_| {}).await;
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Streams").await;
     let session = create_session(&mesh, &ann, &project).await;
     let key = pb::CreateApiKeyRequest {
         project_id: project.clone(),
@@ -186,8 +175,8 @@ async fn an_export_of_an_admin_demoted_while_it_runs_is_cut_off() {
     // stream ended (its slot is free) without reading the export.
     let mesh = mesh_with(|config| config.chat.max_streams_per_principal = 1).await;
     let (ann, bob) = (mesh.signup("ann").await, mesh.signup("bob").await);
-    let project = create_project(&mesh, &ann).await;
-    add_member(&mesh, &ann, &project, &bob, pb::ProjectRole::Admin).await;
+    let project = mesh.create_project(&ann, "Streams").await;
+    mesh.add_member(&ann, &project, &bob, pb::ProjectRole::Admin).await;
     let session = create_session(&mesh, &ann, &project).await;
     // Far more than the stream's buffers and the HTTP/2 windows hold: the export is still
     // running, held up by bob not reading, when the demotion is noticed.
@@ -232,7 +221,7 @@ async fn a_principal_holds_at_most_the_configured_streams_and_a_closed_one_frees
     let mesh = mesh_with(|config| config.chat.max_streams_per_principal = 2).await;
     let rest = mesh.rest();
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Streams").await;
     let session = create_session(&mesh, &ann, &project).await;
 
     let grpc = watch(&mesh, &ann.token, &session).await;
@@ -253,7 +242,7 @@ async fn a_principal_holds_at_most_the_configured_streams_and_a_closed_one_frees
     expect_code("another login of ann", Code::ResourceExhausted, try_watch(&mesh, &tv, &session).await);
     // Somebody else has slots of their own.
     let bob = mesh.signup("bob").await;
-    add_member(&mesh, &ann, &project, &bob, pb::ProjectRole::Viewer).await;
+    mesh.add_member(&ann, &project, &bob, pb::ProjectRole::Viewer).await;
     let _bob = watch(&mesh, &bob.token, &session).await;
 
     drop(grpc);
@@ -265,7 +254,7 @@ async fn a_principal_holds_at_most_the_configured_streams_and_a_closed_one_frees
 async fn a_stream_ends_by_itself_at_its_maximum_lifetime() {
     let mesh = mesh_with(|config| config.chat.stream_max_lifetime_secs = 2).await;
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Streams").await;
     let session = create_session(&mesh, &ann, &project).await;
     append(&mesh, &ann.token, &session, "one".into()).await;
 
@@ -304,7 +293,7 @@ async fn downloads_are_inert_in_a_browser_by_either_route() {
     let mesh = Mesh::start().await;
     let rest = mesh.rest();
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann).await;
+    let project = mesh.create_project(&ann, "Streams").await;
     let files = [
         ("page.html", "text/html", "<html><script>alert(document.cookie)</script></html>"),
         ("logo.svg", "image/svg+xml", "<svg xmlns=\"http://www.w3.org/2000/svg\"><script>alert(1)</script></svg>"),

@@ -12,27 +12,12 @@ use tonic::Code;
 
 use aimesh_proto::identity::v1 as identity_pb;
 use aimesh_proto::usage::v1 as usage_pb;
-use aimesh_tests::{Account, Mesh, authed, catalog, eventually, expect_code, record, set_daily_token_budget};
+use aimesh_tests::{Mesh, catalog, eventually, expect_code, record, set_daily_token_budget};
 
 /// `message` as an internal client (another aimesh service) sends it to usage's internal RPCs
 /// (Reserve, RecordUsage, ReleaseReservation) on behalf of the holder of `credential`.
 fn internal<T>(mesh: &Mesh, message: T, credential: &str) -> tonic::Request<T> {
     mesh.on_behalf(message, credential)
-}
-
-/// Adds `member` to `project` with `role`, as its owner.
-async fn add_member(mesh: &Mesh, owner: &Account, project: &str, member: &Account, role: identity_pb::ProjectRole) {
-    let request = identity_pb::AddMemberRequest {
-        project_id: project.to_owned(),
-        email: member.email.clone(),
-        role: role.into(),
-    };
-    mesh.projects().add_member(authed(request, &owner.token)).await.expect("add a member");
-}
-
-async fn create_project(mesh: &Mesh, owner: &Account, name: &str) -> String {
-    let request = identity_pb::CreateProjectRequest { name: name.into(), description: String::new() };
-    mesh.projects().create_project(authed(request, &owner.token)).await.expect("create a project").into_inner().id
 }
 
 fn reserve(project: &str, tokens: i64) -> usage_pb::ReserveRequest {
@@ -77,10 +62,10 @@ async fn a_reservation_is_closed_only_by_its_maker_or_a_project_admin() {
     catalog(&mesh).await;
     let (ann, bob, carol, dave) =
         (mesh.signup("ann").await, mesh.signup("bob").await, mesh.signup("carol").await, mesh.signup("dave").await);
-    let project = create_project(&mesh, &ann, "shared").await;
-    add_member(&mesh, &ann, &project, &bob, identity_pb::ProjectRole::Member).await;
-    add_member(&mesh, &ann, &project, &carol, identity_pb::ProjectRole::Member).await;
-    let daves_project = create_project(&mesh, &dave, "dave's").await;
+    let project = mesh.create_project(&ann, "shared").await;
+    mesh.add_member(&ann, &project, &bob, identity_pb::ProjectRole::Member).await;
+    mesh.add_member(&ann, &project, &carol, identity_pb::ProjectRole::Member).await;
+    let daves_project = mesh.create_project(&dave, "dave's").await;
     set_daily_token_budget(&mesh, &ann.token, &project, 1000).await;
     let pool = mesh.usage_db().await;
     let quotas = || mesh.quotas();
@@ -157,7 +142,7 @@ async fn price_and_quota_changes_are_audited_with_old_and_new_values() {
     let mesh = Mesh::start().await;
     let (root, model) = catalog(&mesh).await;
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann, "audited").await;
+    let project = mesh.create_project(&ann, "audited").await;
     let rest = mesh.rest();
 
     // A new price of the catalog (an hour from now), by the system admin.
@@ -215,7 +200,7 @@ async fn retention_changes_are_applied_in_the_background_at_most_once_per_interv
     config.analytics.retention_apply_interval_secs = INTERVAL_SECS;
     let mesh = Mesh::start_with(config, databases).await;
     let ann = mesh.signup("ann").await;
-    let project = create_project(&mesh, &ann, "retained").await;
+    let project = mesh.create_project(&ann, "retained").await;
     let rest = mesh.rest();
     let path = format!("/v1/projects/{project}/analytics/retention");
 

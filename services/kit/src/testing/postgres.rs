@@ -35,25 +35,51 @@ impl Default for ScratchDatabase {
     }
 }
 
+impl ScratchDatabase {
+    /// Ends every connection to `databases` at once. Drop the databases of one test only after
+    /// this: `DROP DATABASE` waits until every backend of the server has absorbed a signal
+    /// barrier, which a backend blocked writing a result to its client cannot do; when that
+    /// client is a pool of this very process (whose runtime is the one now blocked dropping),
+    /// it would wait forever. A terminated backend leaves even while blocked writing.
+    pub fn disconnect_all(databases: &[ScratchDatabase]) {
+        let names: Vec<String> = databases.iter().map(|database| database.name.clone()).collect();
+        on_test_server(move |mut admin| async move {
+            let statement = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY($1)";
+            let _ = sqlx::query(statement).bind(names).execute(&mut admin).await;
+        });
+    }
+}
+
 impl Drop for ScratchDatabase {
     fn drop(&mut self) {
-        // Drop runs outside async; a thread of its own may block on a small runtime.
         let name = self.name.clone();
-        let server = postgres_url();
-        let dropper = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            runtime.block_on(async move {
-                let Ok(options) = PgConnectOptions::from_str(&server) else { return };
-                if let Ok(mut admin) = PgConnection::connect_with(&options.database("postgres")).await {
-                    let statement = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut admin).await;
-                }
-            });
+        on_test_server(move |mut admin| async move {
+            let statement = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+            let _ = sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut admin).await;
         });
-        let _ = dropper.join();
     }
+}
+
+/// Runs `work` on a connection to the test server's `postgres` database, from outside async
+/// code (a drop): on a thread of its own with a small runtime, waiting for it to finish.
+fn on_test_server<F, Fut>(work: F)
+where
+    F: FnOnce(PgConnection) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let server = postgres_url();
+    let thread = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        runtime.block_on(async move {
+            let Ok(options) = PgConnectOptions::from_str(&server) else { return };
+            if let Ok(admin) = PgConnection::connect_with(&options.database("postgres")).await {
+                work(admin).await;
+            }
+        });
+    });
+    let _ = thread.join();
 }
 
 /// A database that exists for one test, migrated, and is dropped with this value.
