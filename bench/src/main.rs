@@ -15,6 +15,7 @@ mod files;
 mod gateway;
 mod logins;
 mod ratelimit;
+mod replicas;
 mod report;
 mod scenarios;
 

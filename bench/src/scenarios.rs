@@ -49,10 +49,13 @@ pub enum Scenario {
     /// wrong-password logins for other accounts comes from 200 other addresses; against the
     /// same logins with no flood. Prints the success rate, p99 and peak memory.
     LoginFlood,
+    /// ListMessages and ListProjects by viewers, on a PostgreSQL server with a streaming
+    /// replica: reads routed to primary and replica, against every read on the primary.
+    ReadReplicas,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::UsageRecord,
         Scenario::UsageReserve,
         Scenario::ChatAppend,
@@ -65,6 +68,7 @@ impl Scenario {
         Scenario::AnalyticsDailyCost,
         Scenario::Ratelimit,
         Scenario::LoginFlood,
+        Scenario::ReadReplicas,
     ];
 }
 
@@ -78,6 +82,8 @@ pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Vec<Pair>> {
         // Only Redis: no mesh to start.
         Scenario::Ratelimit => Ok(vec![crate::ratelimit::run(load).await?]),
         Scenario::LoginFlood => Ok(vec![crate::logins::under_flood(load).await?]),
+        // A PostgreSQL server and replica of its own.
+        Scenario::ReadReplicas => Ok(vec![crate::replicas::read_heavy(load).await?]),
         Scenario::UsageRecord
         | Scenario::UsageReserve
         | Scenario::ChatAppend
@@ -154,7 +160,11 @@ async fn run_with_setup(scenario: Scenario, load: Load) -> anyhow::Result<Vec<Pa
             setup.mesh.stop().await?;
             return Ok(pairs);
         }
-        Scenario::FilesUpload | Scenario::FilesDownload | Scenario::Ratelimit | Scenario::LoginFlood => {
+        Scenario::FilesUpload
+        | Scenario::FilesDownload
+        | Scenario::Ratelimit
+        | Scenario::LoginFlood
+        | Scenario::ReadReplicas => {
             anyhow::bail!("this scenario sets up what it needs itself")
         }
     };

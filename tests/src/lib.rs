@@ -57,16 +57,16 @@ pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
     config.common.database.min_connections = 0;
     config.common.server.shutdown_grace_secs = 5;
     config.identity.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.identity.database_url = Some(identity_db.url.clone());
+    config.identity.database.url = Some(identity_db.url.clone());
     config.identity.last_use_flush_secs = 1;
     config.identity.settings_key = Some(base64::engine::general_purpose::STANDARD.encode([42u8; 32]));
     config.usage.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.usage.database_url = Some(usage_db.url.clone());
+    config.usage.database.url = Some(usage_db.url.clone());
     config.chat.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.chat.database_url = Some(chat_db.url.clone());
+    config.chat.database.url = Some(chat_db.url.clone());
     config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.files.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.files.database_url = Some(files_db.url.clone());
+    config.files.database.url = Some(files_db.url.clone());
     // Removed with the mesh (see Drop).
     config.files.fs_root = std::env::temp_dir().join(format!("{SCRATCH_DIR_PREFIX}{}", uuid::Uuid::new_v4().simple()));
     config.analytics.listen = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -82,6 +82,21 @@ pub fn test_config() -> (MeshConfig, Vec<ScratchDatabase>) {
 
 /// Names of the fs backend's directories the tests make (and remove).
 const SCRATCH_DIR_PREFIX: &str = "aimesh-test-files-";
+
+/// Puts every service's database on the PostgreSQL server `primary` (`postgres://...` without a
+/// database: a server of the test's own), with a read replica of each on `replica` if given.
+pub fn use_postgres_server(config: &mut MeshConfig, primary: &str, replica: Option<&str>) {
+    config.common.postgres_url = primary.to_owned();
+    for (database, name) in [
+        (&mut config.identity.database, "identity"),
+        (&mut config.chat.database, "chat"),
+        (&mut config.usage.database, "usage"),
+        (&mut config.files.database, "files"),
+    ] {
+        database.url = Some(format!("{primary}/{name}"));
+        database.replica_urls = replica.map(|replica| vec![format!("{replica}/{name}")]).unwrap_or_default();
+    }
+}
 
 /// Switches `config` to the S3 server of the test run (`AIMESH_S3_*`, written by deps.sh).
 pub fn use_s3(config: &mut MeshConfig) {
@@ -223,8 +238,7 @@ impl Mesh {
 
     /// A pool on chat's database, for tests that check what was (not) written.
     pub async fn chat_db(&self) -> sqlx::PgPool {
-        let url = self.config.chat.database_url.clone().expect("chat database url");
-        sqlx::PgPool::connect(&url).await.expect("connect to the chat database")
+        pool_on(&self.config.chat.database, "chat").await
     }
 
     /// A channel to usage.
@@ -278,8 +292,7 @@ impl Mesh {
 
     /// A pool on usage's database, for tests that check what was (not) written.
     pub async fn usage_db(&self) -> sqlx::PgPool {
-        let url = self.config.usage.database_url.clone().expect("usage database url");
-        sqlx::PgPool::connect(&url).await.expect("connect to the usage database")
+        pool_on(&self.config.usage.database, "usage").await
     }
 
     /// A channel to files.
@@ -298,14 +311,12 @@ impl Mesh {
 
     /// A pool on files' database, for tests that check what was (not) written.
     pub async fn files_db(&self) -> sqlx::PgPool {
-        let url = self.config.files.database_url.clone().expect("files database url");
-        sqlx::PgPool::connect(&url).await.expect("connect to the files database")
+        pool_on(&self.config.files.database, "files").await
     }
 
     /// A pool on identity's database, for tests that check what was (not) written.
     pub async fn identity_db(&self) -> sqlx::PgPool {
-        let url = self.config.identity.database_url.clone().expect("identity database url");
-        sqlx::PgPool::connect(&url).await.expect("connect to the identity database")
+        pool_on(&self.config.identity.database, "identity").await
     }
 
     /// Registers an account and logs it in; returns its id and access token.
@@ -343,6 +354,27 @@ impl Mesh {
         let request =
             pb::AddMemberRequest { project_id: project_id.into(), email: member.email.clone(), role: role.into() };
         self.projects().add_member(authed(request, &owner.token)).await.expect("add member");
+    }
+
+    /// Uploads `content` as the text file `name` of `project`, as the holder of `credential`,
+    /// in one chunk.
+    pub async fn upload_text(&self, credential: &str, project: &str, name: &str, content: &[u8]) -> files_pb::File {
+        let metadata = files_pb::UploadMetadata {
+            project_id: project.into(),
+            name: name.into(),
+            mime_type: "text/plain".into(),
+            ..Default::default()
+        };
+        let messages = [
+            files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false },
+            files_pb::UploadRequest {
+                part: Some(files_pb::upload_request::Part::Chunk(content.to_vec().into())),
+                finish: false,
+            },
+            files_pb::UploadRequest { part: None, finish: true },
+        ];
+        let stream = futures::stream::iter(messages);
+        self.files().upload(authed(stream, credential)).await.expect("upload").into_inner()
     }
 
     /// Makes an account a system admin, as `aimesh grant-admin` does, and logs it in again so
@@ -427,6 +459,29 @@ pub fn clickhouse_url() -> String {
 /// A lazily connecting channel to a service of the mesh.
 fn channel(address: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{address}")).expect("service url").connect_lazy()
+}
+
+/// A small pool on the database of `urls` (as the services connect: through PgBouncer too).
+async fn pool_on(urls: &aimesh_kit::config::DatabaseUrls, service: &str) -> sqlx::PgPool {
+    let url = urls.url.as_deref().unwrap_or_else(|| panic!("{service} has a database url"));
+    let settings = aimesh_kit::config::DatabaseConfig { max_connections: 5, min_connections: 0, ..Default::default() };
+    aimesh_kit::data::db::connect(url, &settings)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the {service} database: {e}"))
+}
+
+/// The sum of this process's samples of the Prometheus metric `name` whose labels contain
+/// every one of `labels` (`database="chat"`); 0 when there are none. Every service of a mesh
+/// started in this process records into the one recorder.
+pub fn metric(name: &str, labels: &[&str]) -> f64 {
+    let Ok(handle) = aimesh_kit::telemetry::metrics_handle() else { return 0.0 };
+    let series = format!("{name}{{");
+    handle
+        .render()
+        .lines()
+        .filter(|line| line.starts_with(&series) && labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// `message` with `authorization: Bearer <credential>`.

@@ -12,7 +12,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use aimesh_kit::testing::ScratchPostgres;
-use aimesh_tests::{Mesh, catalog, on_behalf, project_with_key, record, test_config};
+use aimesh_tests::{Mesh, catalog, on_behalf, project_with_key, record, test_config, use_postgres_server};
 
 /// The deadline every request of the load carries (`grpc-timeout`).
 const DEADLINE: Duration = Duration::from_secs(2);
@@ -44,15 +44,7 @@ async fn postgres_restarted_under_load_no_request_hangs_health_flips_and_service
     // test_config's scratch databases are on the shared server, which this test does not use:
     // its databases live and go with its own server.
     let (mut config, _shared_server_databases) = test_config();
-    config.common.postgres_url = postgres.url();
-    for (url, name) in [
-        (&mut config.identity.database_url, "identity"),
-        (&mut config.chat.database_url, "chat"),
-        (&mut config.usage.database_url, "usage"),
-        (&mut config.files.database_url, "files"),
-    ] {
-        *url = Some(format!("{}/{name}", postgres.url()));
-    }
+    use_postgres_server(&mut config, &postgres.url(), None);
     config.common.server.health_interval_secs = 1;
     config.common.database.acquire_timeout_secs = 1;
     // The writers go as fast as the mesh answers; the fault under test is PostgreSQL's.

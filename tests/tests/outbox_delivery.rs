@@ -23,22 +23,7 @@ async fn product_events(mesh: &Mesh, project: &str) -> Vec<(String, u64)> {
 }
 
 async fn upload(mesh: &Mesh, credential: &str, project: &str, name: &str) -> files_pb::File {
-    let metadata = files_pb::UploadMetadata {
-        project_id: project.into(),
-        name: name.into(),
-        mime_type: "text/plain".into(),
-        ..Default::default()
-    };
-    let messages = [
-        files_pb::UploadRequest { part: Some(files_pb::upload_request::Part::Metadata(metadata)), finish: false },
-        files_pb::UploadRequest {
-            part: Some(files_pb::upload_request::Part::Chunk(format!("the content of {name}").into_bytes().into())),
-            finish: false,
-        },
-        files_pb::UploadRequest { part: None, finish: true },
-    ];
-    let stream = futures::stream::iter(messages);
-    mesh.files().upload(authed(stream, credential)).await.expect("upload").into_inner()
+    mesh.upload_text(credential, project, name, format!("the content of {name}").as_bytes()).await
 }
 
 #[tokio::test]

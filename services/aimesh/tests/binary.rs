@@ -52,14 +52,18 @@ fn http_get(address: SocketAddr, path: &str) -> String {
     body
 }
 
-/// The value of every sample of gauge `name` in the Prometheus text, by its `database` label
-/// (a sample with other labels is kept under its whole label set, so it shows in a mismatch).
+/// The value of every sample of gauge `name` in the Prometheus text for the primary's pool
+/// (`server="primary"`), by its `database` label (a sample with other labels is kept under its
+/// whole label set, so it shows in a mismatch).
 fn pool_gauge(scraped: &str, name: &str) -> BTreeMap<String, f64> {
     scraped
         .lines()
         .filter_map(|line| {
             let (labels, value) = line.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
-            let database = labels.strip_prefix("database=\"").and_then(|rest| rest.strip_suffix('"'));
+            let database = match labels.split_once(",server=\"primary\"") {
+                Some((database, "")) => database.strip_prefix("database=\"").and_then(|rest| rest.strip_suffix('"')),
+                _ => None,
+            };
             Some((database.unwrap_or(labels).to_owned(), value.trim().parse().ok()?))
         })
         .collect()

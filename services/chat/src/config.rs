@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use aimesh_kit::auth::StreamPolicy;
+use aimesh_kit::config::DatabaseUrls;
 
 /// The longest `stream_recheck_secs` honoured: access must not go unchecked for longer.
 const MAX_STREAM_RECHECK_SECS: u64 = 60;
@@ -15,8 +16,9 @@ const MAX_STREAM_RECHECK_SECS: u64 = 60;
 pub struct ChatConfig {
     /// Where the gRPC server listens.
     pub listen: SocketAddr,
-    /// The service's own database; defaults to `aimesh_chat` on `postgres_url`.
-    pub database_url: Option<String>,
+    /// The service's own database: primary, read replicas, direct address for migrations.
+    #[serde(flatten)]
+    pub database: DatabaseUrls,
     /// Largest message content, in bytes of UTF-8.
     pub max_message_bytes: usize,
     /// How long a soft-deleted session can be restored before it is purged.
@@ -52,7 +54,7 @@ impl Default for ChatConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7102)),
-            database_url: None,
+            database: DatabaseUrls::default(),
             max_message_bytes: 256 * 1024,
             purge_after_days: 30,
             watch_poll_ms: 5_000,

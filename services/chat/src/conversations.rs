@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
@@ -88,11 +87,11 @@ impl std::fmt::Debug for Conversations {
 }
 
 impl Conversations {
-    /// The chat domain over `pool`; `bus` carries cache invalidations between replicas. Opens
+    /// The chat domain over `database`; `bus` carries cache invalidations between replicas. Opens
     /// this process's live-message subscriber. Tests build several over one database to act as
     /// replicas.
     pub async fn new(
-        pool: PgPool,
+        database: impl Into<aimesh_kit::data::replicas::Database>,
         redis: Redis,
         bus: &InvalidationBus,
         attachments: Arc<dyn Attachments>,
@@ -106,7 +105,7 @@ impl Conversations {
             local_capacity: 100_000,
         };
         Ok(Self {
-            store: Store::new(pool),
+            store: Store::new(database),
             sessions: TwoLevelCache::new("sessions", "chat", redis.clone(), bus, cache),
             hub: Hub::start(&redis).await?,
             attachments,
@@ -152,7 +151,7 @@ impl Conversations {
 
     /// A live session as stored now (with exact counts).
     pub async fn live_session(&self, id: Uuid) -> Result<SessionRow> {
-        self.store.session(id).await?.filter(|row| !row.is_deleted()).ok_or(ChatError::SessionNotFound)
+        self.store.live_session(id).await
     }
 
     pub async fn update_session(&self, id: Uuid, patch: &SessionPatch) -> Result<SessionRow> {

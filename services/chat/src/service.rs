@@ -23,7 +23,7 @@ const PURGE_BATCH: i64 = 50;
 
 /// Connects to the chat database, creating it if missing, and applies the migrations.
 pub async fn connect_database(common: &CommonConfig, config: &ChatConfig) -> anyhow::Result<PgPool> {
-    db::service_database(common, "chat", config.database_url.as_deref(), &crate::MIGRATOR).await
+    db::service_database(common, "chat", &config.database, &crate::MIGRATOR).await
 }
 
 /// Serves chat on `listener` until `shutdown` is cancelled, then stops gracefully.
@@ -34,14 +34,20 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let pool = connect_database(&common, &config).await?;
-    let mut runtime = ServiceRuntime::start("chat", common).await?.with_database(pool.clone())?;
+    let mut runtime = ServiceRuntime::start("chat", common).await?.with_database(pool, &config.database)?;
+    let database = runtime.database()?;
     let (verifier, access) = runtime.identity_access()?;
     let attachments = attachments(runtime.common())?;
-    let conversations =
-        Conversations::new(pool, runtime.redis().clone(), runtime.bus(), attachments, Settings::from_config(&config))
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("starting live message delivery")?;
+    let conversations = Conversations::new(
+        database,
+        runtime.redis().clone(),
+        runtime.bus(),
+        attachments,
+        Settings::from_config(&config),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .context("starting live message delivery")?;
     let streams = StreamAccess::new("chat", runtime.redis().clone(), verifier.clone(), config.stream_policy());
     let chat = Chat::new(conversations.clone(), access, streams, shutdown.clone());
     let purging = shutdown.clone();

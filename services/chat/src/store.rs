@@ -152,6 +152,11 @@ impl Store {
         Ok(row)
     }
 
+    /// The session `id` unless it is deleted: NOT_FOUND then, as when it does not exist.
+    pub async fn live_session(&self, id: Uuid) -> Result<SessionRow, crate::error::ChatError> {
+        self.session(id).await?.filter(|row| !row.is_deleted()).ok_or(crate::error::ChatError::SessionNotFound)
+    }
+
     /// [`Store::session`] on a given connection (an export's snapshot).
     pub async fn session_in(conn: &mut PgConnection, id: Uuid) -> Result<Option<SessionRow>> {
         let row = sqlx::query_as(sql(format!("SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1")))

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use aimesh_kit::config::DatabaseUrls;
+
 /// Where the bytes go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -55,8 +57,9 @@ impl Default for S3Config {
 pub struct FilesConfig {
     /// Where the gRPC server listens.
     pub listen: SocketAddr,
-    /// The service's own database; defaults to `aimesh_files` on `postgres_url`.
-    pub database_url: Option<String>,
+    /// The service's own database: primary, read replicas, direct address for migrations.
+    #[serde(flatten)]
+    pub database: DatabaseUrls,
     pub backend: Backend,
     /// The directory of the `fs` backend.
     pub fs_root: PathBuf,
@@ -86,7 +89,7 @@ impl Default for FilesConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7104)),
-            database_url: None,
+            database: DatabaseUrls::default(),
             backend: Backend::Fs,
             fs_root: PathBuf::from(".dev/files"),
             s3: S3Config::default(),

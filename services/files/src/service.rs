@@ -19,11 +19,15 @@ use crate::store::Store;
 
 /// Connects to the files database, creating it if missing, and applies the migrations.
 pub async fn connect_database(common: &CommonConfig, config: &FilesConfig) -> anyhow::Result<PgPool> {
-    db::service_database(common, "files", config.database_url.as_deref(), &crate::MIGRATOR).await
+    db::service_database(common, "files", &config.database, &crate::MIGRATOR).await
 }
 
-/// The files domain over `pool`, with the object store and limits of `config`.
-pub fn library(common: &CommonConfig, config: &FilesConfig, pool: PgPool) -> anyhow::Result<Library> {
+/// The files domain over `database`, with the object store and limits of `config`.
+pub fn library(
+    common: &CommonConfig,
+    config: &FilesConfig,
+    database: impl Into<aimesh_kit::data::replicas::Database>,
+) -> anyhow::Result<Library> {
     let storage = ObjectStorage::open(config)?;
     let link_key = common.auth.link_signing_key.as_ref().map(|key| key.expose());
     let signer = UrlSigner::from_settings(config.url_signing_key.as_deref(), link_key).map_err(anyhow::Error::msg)?;
@@ -32,7 +36,7 @@ pub fn library(common: &CommonConfig, config: &FilesConfig, pool: PgPool) -> any
         project_quota_bytes: config.project_quota_bytes,
         allowed_types: config.allowed_types.clone(),
     };
-    Ok(Library::new(Store::new(pool), storage, signer, limits, GcSettings::from_config(config)))
+    Ok(Library::new(Store::new(database), storage, signer, limits, GcSettings::from_config(config)))
 }
 
 /// Serves files on `listener` until `shutdown` is cancelled, then stops gracefully.
@@ -43,9 +47,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let pool = connect_database(&common, &config).await?;
-    let library = library(&common, &config, pool.clone())?;
+    let mut runtime = ServiceRuntime::start("files", common).await?.with_database(pool, &config.database)?;
+    let library = library(runtime.common(), &config, runtime.database()?)?;
     tracing::info!(backend = library.storage().backend().as_str(), "files object store ready");
-    let mut runtime = ServiceRuntime::start("files", common).await?.with_database(pool)?;
     let (verifier, access) = runtime.identity_access()?;
     let collector = library.clone();
     runtime.every(Duration::from_secs(config.gc_interval_secs.max(1)), move || collect_garbage(collector.clone()));

@@ -4,13 +4,16 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use aimesh_kit::config::DatabaseUrls;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct IdentityConfig {
     /// Where the gRPC server listens.
     pub listen: SocketAddr,
-    /// The service's own database; defaults to `aimesh_identity` on `postgres_url`.
-    pub database_url: Option<String>,
+    /// The service's own database: primary, read replicas, direct address for migrations.
+    #[serde(flatten)]
+    pub database: DatabaseUrls,
     /// Lifetime of a login session's access token.
     pub access_token_ttl_secs: i64,
     /// Lifetime of a refresh token; refreshing issues a new pair.
@@ -94,7 +97,7 @@ impl Default for IdentityConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7101)),
-            database_url: None,
+            database: DatabaseUrls::default(),
             access_token_ttl_secs: 24 * 3600,
             refresh_token_ttl_secs: 30 * 24 * 3600,
             settings_key: None,

@@ -23,7 +23,7 @@ use crate::store::{Actor, Store, UserPatch};
 
 /// Connects to identity's own database, creating it if missing, and applies the migrations.
 pub async fn connect_database(common: &CommonConfig, config: &IdentityConfig) -> anyhow::Result<PgPool> {
-    db::service_database(common, "identity", config.database_url.as_deref(), &crate::MIGRATOR).await
+    db::service_database(common, "identity", &config.database, &crate::MIGRATOR).await
 }
 
 /// Serves identity on `listener` until `shutdown` is cancelled, then stops gracefully: the
@@ -36,9 +36,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     let pool = connect_database(&common, &config).await?;
-    let mut runtime = ServiceRuntime::start("identity", common).await?.with_database(pool.clone())?;
+    let mut runtime = ServiceRuntime::start("identity", common).await?.with_database(pool, &config.database)?;
+    let database = runtime.database()?;
     let (redis, bus, auth) = (runtime.redis().clone(), runtime.bus(), &runtime.common().auth);
-    let store = Store::new(pool);
+    let store = Store::new(database);
     let source = Arc::new(StoreCredentialSource::new(store.clone()));
     let verifier = CredentialVerifier::new(redis.clone(), bus, auth, source);
     let roles = Arc::new(StoreRoleSource::new(store.clone()));

@@ -298,17 +298,64 @@ impl Default for RedisConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DatabaseConfig {
+    /// Most connections of each pool (the primary's, and each replica's).
     pub max_connections: u32,
     pub min_connections: u32,
     pub acquire_timeout_secs: u64,
     /// Statements slower than this are logged at WARN.
     pub slow_statement_ms: u64,
+    /// A read replica further behind its primary than this is skipped: reads go to another
+    /// replica or the primary until it catches up. 100 ms to 5 minutes.
+    pub replica_max_lag_ms: u64,
+    /// How often each process measures its replicas' replay position (and so their lag).
+    /// 50 ms to 10 s.
+    pub replica_check_interval_ms: u64,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { max_connections: 20, min_connections: 1, acquire_timeout_secs: 5, slow_statement_ms: 200 }
+        Self {
+            max_connections: 20,
+            min_connections: 1,
+            acquire_timeout_secs: 5,
+            slow_statement_ms: 200,
+            replica_max_lag_ms: 5_000,
+            replica_check_interval_ms: 500,
+        }
     }
+}
+
+impl DatabaseConfig {
+    /// [`DatabaseConfig::replica_max_lag_ms`], within its bounds.
+    pub fn replica_max_lag(&self) -> Duration {
+        Duration::from_millis(self.replica_max_lag_ms.clamp(100, 300_000))
+    }
+
+    /// [`DatabaseConfig::replica_check_interval_ms`], within its bounds.
+    pub fn replica_check_interval(&self) -> Duration {
+        Duration::from_millis(self.replica_check_interval_ms.clamp(50, 10_000))
+    }
+}
+
+/// Where one service's database is: its primary, the primary's read replicas, and a direct
+/// address of the primary for work a pooler in transaction mode cannot carry. Flattened into
+/// each service's section, so the keys are `[chat] database_url`, `database_replica_urls` and
+/// `database_migration_url`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct DatabaseUrls {
+    /// The primary; defaults to `aimesh_<service>` on `postgres_url`. May go through PgBouncer
+    /// in transaction mode (with `max_prepared_statements` set: PgBouncer 1.21 or later).
+    #[serde(rename = "database_url")]
+    pub url: Option<String>,
+    /// Streaming replicas of that primary, for read-only RPCs (see README, "Scaling out").
+    #[serde(rename = "database_replica_urls")]
+    pub replica_urls: Vec<String>,
+    /// A direct connection to the primary, for creating the database and migrating it (sqlx's
+    /// migrator holds a session-level advisory lock, which a transaction-mode pooler would drop
+    /// between statements); defaults to `database_url`.
+    #[serde(rename = "database_migration_url")]
+    pub migration_url: Option<String>,
 }
 
 /// How verified credentials are cached. Together these bound how long a revoked credential
@@ -438,6 +485,40 @@ mod tests {
         let value: figment::value::Value = r#"["10.0.0.0/8", "192.0.2.1"]"#.parse().expect("infallible");
         let list: Vec<String> = value.deserialize().expect("a list of strings");
         assert_eq!(list, ["10.0.0.0/8", "192.0.2.1"]);
+    }
+
+    #[test]
+    fn a_services_database_urls_are_keys_of_its_own_section() {
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(default)]
+        struct Section {
+            listen: String,
+            #[serde(flatten)]
+            database: DatabaseUrls,
+        }
+        let toml = r#"
+            [chat]
+            listen = "127.0.0.1:7102"
+            database_url = "postgres://primary/aimesh_chat"
+            database_replica_urls = ["postgres://replica-1/aimesh_chat", "postgres://replica-2/aimesh_chat"]
+        "#;
+        let sources = Configuration { figment: Figment::new().merge(Toml::string(toml)) };
+        let chat: Section = sources.section("chat").expect("the chat section");
+        assert_eq!(chat.listen, "127.0.0.1:7102");
+        assert_eq!(chat.database.url.as_deref(), Some("postgres://primary/aimesh_chat"));
+        assert_eq!(
+            chat.database.replica_urls,
+            ["postgres://replica-1/aimesh_chat", "postgres://replica-2/aimesh_chat"]
+        );
+        assert_eq!(chat.database.migration_url, None);
+
+        // As the chart sets it, the list is one environment variable, which the environment
+        // provider parses into a value so (see the test above).
+        let value: figment::value::Value = r#"["postgres://ro-1/c", "postgres://ro-2/c"]"#.parse().expect("infallible");
+        let section = std::collections::BTreeMap::from([("database_replica_urls", value)]);
+        let sources = Configuration { figment: Figment::new().merge(Serialized::default("chat", section)) };
+        let chat: Section = sources.section("chat").expect("the chat section from the environment");
+        assert_eq!(chat.database.replica_urls, ["postgres://ro-1/c", "postgres://ro-2/c"]);
     }
 
     #[test]

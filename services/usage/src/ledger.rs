@@ -26,7 +26,6 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -141,8 +140,8 @@ fn gave_up() -> UsageError {
 impl Ledger {
     /// A ledger over the usage database and the shared Redis; `bus` carries cache invalidations.
     /// Tests build several over one database to act as replicas.
-    pub fn new(pool: PgPool, redis: Redis, bus: &InvalidationBus) -> Self {
-        let store = Store::new(pool);
+    pub fn new(database: impl Into<aimesh_kit::data::replicas::Database>, redis: Redis, bus: &InvalidationBus) -> Self {
+        let store = Store::new(database);
         let settings = CacheSettings {
             local_ttl: Duration::from_secs(10),
             shared_ttl: Duration::from_secs(300),

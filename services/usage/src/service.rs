@@ -24,7 +24,7 @@ const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Connects to the usage database, creating it if missing, applies the migrations and creates
 /// the monthly partitions ahead.
 pub async fn connect_database(common: &CommonConfig, config: &UsageConfig) -> anyhow::Result<PgPool> {
-    let pool = db::service_database(common, "usage", config.database_url.as_deref(), &crate::MIGRATOR).await?;
+    let pool = db::service_database(common, "usage", &config.database, &crate::MIGRATOR).await?;
     Store::new(pool.clone())
         .ensure_partitions(PARTITIONS_AHEAD_MONTHS)
         .await
@@ -41,11 +41,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let pool = connect_database(&common, &config).await?;
-    let mut runtime = ServiceRuntime::start("usage", common).await?.with_database(pool.clone())?;
+    let mut runtime = ServiceRuntime::start("usage", common).await?.with_database(pool, &config.database)?;
+    let database = runtime.database()?;
     let (verifier, access) = runtime.identity_access()?;
-    let ledger = Ledger::new(pool.clone(), runtime.redis().clone(), runtime.bus());
+    let ledger = Ledger::new(database.clone(), runtime.redis().clone(), runtime.bus());
     let usage = Usage::new(ledger, access);
-    let store = Store::new(pool);
+    let store = Store::new(database);
     runtime.every(MAINTENANCE_INTERVAL, move || maintain(store.clone()));
     runtime.serve(listener, usage.routes(), &Usage::GRPC_SERVICES, verifier, shutdown).await
 }

@@ -37,7 +37,7 @@ impl Chat {
         let session_id = fields::id("session_id", &request.session_id)?;
         let message_id = fields::id("message_id", &request.message_id)?;
         self.session_for(caller, session_id, Need::Read, Deleted::NotFound).await?;
-        let message = self.conversations.store().message(session_id, message_id).await?;
+        let message = self.reader(caller).await.message(session_id, message_id).await?;
         message_to_proto(message.ok_or(ChatError::MessageNotFound { field: "message_id" })?)
     }
 
@@ -54,7 +54,7 @@ impl Chat {
         // The token holds the last sequence of the previous page, so it replaces after_sequence.
         let after = page.after().map_or(request.after_sequence, |token| token.position);
         self.session_for(caller, session_id, Need::Read, Deleted::NotFound).await?;
-        let rows = self.conversations.store().messages_after(session_id, after, None, page.fetch_limit()).await?;
+        let rows = self.reader(caller).await.messages_after(session_id, after, None, page.fetch_limit()).await?;
         let (rows, next_page_token) = page.finish(rows, |last| PageToken { position: last.sequence });
         let messages = rows.into_iter().map(message_to_proto).collect::<Result<_>>()?;
         Ok(pb::ListMessagesResponse { messages, next_page_token })
@@ -91,7 +91,7 @@ impl Chat {
         // An offset: ranks are floats shared by many rows, a poor key for a keyset.
         let offset = page.after().map_or(0, |token| token.position);
         self.require(caller, project_id, ProjectRole::Viewer, CHAT_READ).await?;
-        let rows = self.conversations.store().search(project_id, &query, session_id, offset, page.limit()).await?;
+        let rows = self.reader(caller).await.search(project_id, &query, session_id, offset, page.limit()).await?;
         // The next page starts after this one's hits, whichever they are.
         let (rows, next_page_token) = page.finish(rows, |_| PageToken { position: offset + page.limit() });
         let hits = rows

@@ -30,7 +30,7 @@ use aimesh_proto::chat::v1 as pb;
 use crate::conversations::{Conversations, SessionMeta};
 use crate::domain::{MessageRole, SessionStatus};
 use crate::error::{ChatError, Result};
-use crate::store::{MessageRow, SessionRow};
+use crate::store::{MessageRow, SessionRow, Store};
 
 /// The scope an API key needs to read a project's chats.
 const CHAT_READ: &str = "chat:read";
@@ -119,6 +119,12 @@ impl Chat {
     }
 
     /// Refuses a caller without `needed` in the project (or an API key of it without `scope`).
+    /// The store as a read-only request of `caller` reads it: from a replica that has replayed
+    /// the caller's own writes, or from the primary.
+    async fn reader(&self, caller: &Caller) -> Store {
+        self.conversations.store().reading_for(caller.principal.user_id).await
+    }
+
     async fn require(&self, caller: &Caller, project_id: Uuid, needed: ProjectRole, scope: &str) -> Result<()> {
         self.access.require(caller, project_id, needed, scope).await?;
         Ok(())

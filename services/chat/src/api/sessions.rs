@@ -24,7 +24,7 @@ impl Chat {
     pub(super) async fn get_session(&self, caller: &Caller, request: pb::GetSessionRequest) -> Result<pb::Session> {
         let id = fields::id("session_id", &request.session_id)?;
         self.session_for(caller, id, Need::Read, Deleted::NotFound).await?;
-        session_to_proto(self.conversations.live_session(id).await?)
+        session_to_proto(self.reader(caller).await.live_session(id).await?)
     }
 
     pub(super) async fn list_sessions(
@@ -44,7 +44,7 @@ impl Chat {
         };
         let page = Page::new(&request.page_token, request.page_size)?;
         self.require(caller, project_id, ProjectRole::Viewer, CHAT_READ).await?;
-        let rows = self.conversations.store().list_sessions(project_id, &filter, &page).await?;
+        let rows = self.reader(caller).await.list_sessions(project_id, &filter, &page).await?;
         let (rows, next_page_token) = page.finish(rows, |r| Cursor { time: r.created_at, id: r.id });
         let sessions = rows.into_iter().map(session_to_proto).collect::<Result<_>>()?;
         Ok(pb::ListSessionsResponse { sessions, next_page_token })

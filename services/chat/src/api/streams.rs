@@ -80,8 +80,8 @@ impl Chat {
         };
         self.session_for(caller, session_id, Need::Read, Deleted::NotFound).await?;
         let guard = self.streams.open(caller).await?;
-        let session = self.conversations.live_session(session_id).await?;
-        let store = self.conversations.store().clone();
+        let store = self.reader(caller).await;
+        let session = store.live_session(session_id).await?;
         let file_name = format!("{session_id}.{}", format.extension());
         Ok(self.spawn_stream(guard, Reach::Session(session_id), move |sender| {
             send_chunks(sender, format.content_type(), file_name, move |writer| async move {
@@ -98,7 +98,7 @@ impl Chat {
         let project_id = fields::id("project_id", &request.project_id)?;
         self.require(caller, project_id, ProjectRole::Admin, CHAT_READ).await?;
         let guard = self.streams.open(caller).await?;
-        let store = self.conversations.store().clone();
+        let store = self.reader(caller).await;
         Ok(self.spawn_stream(guard, Reach::Project(project_id), move |sender| {
             send_chunks(sender, "application/x-tar", format!("{project_id}.tar"), move |writer| async move {
                 export::export_project(&store, project_id, writer).await

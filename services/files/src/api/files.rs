@@ -101,7 +101,7 @@ impl Files {
             }
         }
         self.require(caller, project_id, ProjectRole::Viewer, FILES_READ).await?;
-        let rows = self.library.store().list(project_id, &filter, &page).await?;
+        let rows = self.reader(caller).await.list(project_id, &filter, &page).await?;
         let (rows, next_page_token) = page.finish(rows, |row| Cursor { time: row.created_at, id: row.id });
         Ok(pb::ListFilesResponse { files: rows.into_iter().map(file_to_proto).collect(), next_page_token })
     }
@@ -134,7 +134,7 @@ impl Files {
     async fn storage_usage(&self, caller: &Caller, request: pb::GetStorageUsageRequest) -> Result<pb::StorageUsage> {
         let project_id = fields::id("project_id", &request.project_id)?;
         self.require(caller, project_id, ProjectRole::Viewer, FILES_READ).await?;
-        let usage = self.library.store().storage_usage(project_id).await?;
+        let usage = self.reader(caller).await.storage_usage(project_id).await?;
         Ok(pb::StorageUsage {
             project_id: project_id.to_string(),
             used_bytes: usage.used_bytes,

@@ -26,7 +26,7 @@ use aimesh_proto::files::v1 as pb;
 use crate::domain::{Purpose, RangeRequest};
 use crate::error::{FilesError, Result};
 use crate::library::Library;
-use crate::store::FileRow;
+use crate::store::{FileRow, Store};
 
 /// The scope an API key needs to read a project's files.
 const FILES_READ: &str = "files:read";
@@ -69,8 +69,16 @@ impl Files {
         self.file_for(caller, id, true).await
     }
 
+    /// The store as a read-only request of `caller` reads it: from a replica that has replayed
+    /// the caller's own writes, or from the primary.
+    async fn reader(&self, caller: &Caller) -> Store {
+        self.library.store().reading_for(caller.principal.user_id).await
+    }
+
     async fn file_for(&self, caller: &Caller, id: Uuid, write: bool) -> Result<FileRow> {
-        let file = self.library.store().live_file(id).await?.ok_or(FilesError::FileNotFound { field: "file_id" })?;
+        // A change reads what it changes from the primary.
+        let store = if write { self.library.store().clone() } else { self.reader(caller).await };
+        let file = store.live_file(id).await?.ok_or(FilesError::FileNotFound { field: "file_id" })?;
         let scope = if write { FILES_WRITE } else { FILES_READ };
         let access = match self.access.require(caller, file.project_id, ProjectRole::Viewer, scope).await {
             Ok(access) => access,

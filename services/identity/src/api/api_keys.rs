@@ -93,7 +93,8 @@ impl Identity {
         let project_id = fields::id("project_id", &request.project_id)?;
         let page = Page::new(&request.page_token, request.page_size)?;
         self.require_role(caller, project_id, ProjectRole::Viewer).await?;
-        let rows = self.store.list_api_keys(project_id, request.include_revoked, &page).await?;
+        let reader = self.reader(caller.principal.user_id).await;
+        let rows = reader.list_api_keys(project_id, request.include_revoked, &page).await?;
         let (rows, next_page_token) = page.finish(rows, |k| Cursor { time: k.created_at, id: k.id });
         Ok(pb::ListApiKeysResponse { api_keys: rows.into_iter().map(Into::into).collect(), next_page_token })
     }
@@ -102,7 +103,8 @@ impl Identity {
         let project_id = fields::id("project_id", &request.project_id)?;
         let id = fields::id("api_key_id", &request.api_key_id)?;
         self.require_role(caller, project_id, ProjectRole::Viewer).await?;
-        Ok(self.store.api_key(project_id, id).await?.ok_or(IdentityError::NotFound("api key"))?.into())
+        let key = self.reader(caller.principal.user_id).await.api_key(project_id, id).await?;
+        Ok(key.ok_or(IdentityError::NotFound("api key"))?.into())
     }
 
     async fn revoke_api_key(

@@ -98,6 +98,18 @@ impl Identity {
         "aimesh.identity.v1.AuthService",
     ];
 
+    /// The store as a read-only request of `user` reads it: from a replica that has replayed
+    /// the user's own writes, or from the primary.
+    async fn reader(&self, user: Uuid) -> Store {
+        self.store.reading_for(user).await
+    }
+
+    /// Keeps `user`'s write in view of their next reads, for writes made before the caller is
+    /// known (registration, login, refresh), which the server's write recording cannot see.
+    async fn wrote(&self, user: Uuid) {
+        self.store.database().wrote(user).await;
+    }
+
     /// The caller's role in `project_id`, refused unless it is at least `needed` (see
     /// [`ProjectAccess::require`]). An API key of the project reads, as a viewer, with
     /// `identity:read`, and changes nothing.

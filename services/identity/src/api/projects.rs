@@ -72,8 +72,8 @@ impl Identity {
     async fn get_project(&self, caller: &Caller, request: pb::GetProjectRequest) -> Result<pb::Project> {
         let project_id = fields::id("project_id", &request.project_id)?;
         let role = self.require_role(caller, project_id, ProjectRole::Viewer).await?;
-        let row = self.store.project(project_id).await?.ok_or(IdentityError::NotFound("project"))?;
-        Ok(project_to_proto(row, role))
+        let row = self.reader(caller.principal.user_id).await.project(project_id).await?;
+        Ok(project_to_proto(row.ok_or(IdentityError::NotFound("project"))?, role))
     }
 
     async fn list_projects(
@@ -84,7 +84,7 @@ impl Identity {
         let principal = &caller.principal;
         principal.require_session()?;
         let page = Page::new(&request.page_token, request.page_size)?;
-        let rows = self.store.list_projects(principal.user_id, &page).await?;
+        let rows = self.reader(principal.user_id).await.list_projects(principal.user_id, &page).await?;
         let (rows, next_page_token) = page.finish(rows, |(p, _)| Cursor { time: p.created_at, id: p.id });
         let projects = rows
             .into_iter()
@@ -177,7 +177,7 @@ impl Identity {
         let project_id = fields::id("project_id", &request.project_id)?;
         let page = Page::new(&request.page_token, request.page_size)?;
         self.require_role(caller, project_id, ProjectRole::Viewer).await?;
-        let rows = self.store.list_members(project_id, &page).await?;
+        let rows = self.reader(caller.principal.user_id).await.list_members(project_id, &page).await?;
         let (rows, next_page_token) = page.finish(rows, |m| Cursor { time: m.created_at, id: m.user_id });
         let members = rows.into_iter().map(member_to_proto).collect::<Result<_>>()?;
         Ok(pb::ListMembersResponse { members, next_page_token })

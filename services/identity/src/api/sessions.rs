@@ -86,6 +86,7 @@ impl Identity {
             refresh_expires_at,
         };
         let session = self.store.create_session(new, &Actor { user_id: Some(user.id), ..actor }).await?;
+        self.wrote(user.id).await;
         Ok(pb::LoginResponse {
             session: Some(session_to_proto(session, None)),
             access_token: tokens.access_token,
@@ -124,6 +125,7 @@ impl Identity {
             return Err(IdentityError::BadRefreshToken);
         };
         self.forget_credentials(&[old_access_hash]).await;
+        self.wrote(session.user_id).await;
         Ok(pb::LoginResponse {
             session: Some(session_to_proto(session, None)),
             access_token: tokens.access_token,
@@ -146,7 +148,7 @@ impl Identity {
         // Login sessions are a person's, not their keys'.
         principal.require_session()?;
         let page = Page::new(&request.page_token, request.page_size)?;
-        let rows = self.store.list_sessions(principal.user_id, &page).await?;
+        let rows = self.reader(principal.user_id).await.list_sessions(principal.user_id, &page).await?;
         let (rows, next_page_token) = page.finish(rows, |r| Cursor { time: r.created_at, id: r.id });
         let current = principal.session_id();
         Ok(pb::ListSessionsResponse {

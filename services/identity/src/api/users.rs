@@ -14,7 +14,7 @@ use aimesh_proto::identity::v1 as pb;
 use super::{Identity, actor, client_address, respond, target_user};
 use crate::domain::{self, hash_password, validate_email, validate_password, validate_url};
 use crate::error::{IdentityError, Result};
-use crate::store::{Actor, NewUser, UserPatch, UserRow};
+use crate::store::{Actor, NewUser, Store, UserPatch, UserRow};
 
 /// Longest first or last name.
 const MAX_NAME: usize = 100;
@@ -64,6 +64,14 @@ impl Identity {
     }
 }
 
+/// The account `id` in `store` if `principal` may see it: their own, or any for a system admin.
+async fn readable_in(store: &Store, principal: &Principal, id: Uuid) -> Result<UserRow> {
+    if id != principal.user_id && !principal.system_admin {
+        return Err(IdentityError::forbidden("you may only see your own account"));
+    }
+    store.user(id).await?.ok_or(IdentityError::NotFound("user"))
+}
+
 impl Identity {
     async fn register_user(&self, request: pb::RegisterUserRequest, actor: Actor) -> Result<pb::User> {
         let email = validate_email(&request.email)?;
@@ -82,23 +90,24 @@ impl Identity {
                 self.throttle.address_failed(address).await?;
                 Err(IdentityError::EmailTaken)
             }
-            inserted => Ok(inserted?.into()),
+            inserted => {
+                let user = inserted?;
+                self.wrote(user.id).await;
+                Ok(user.into())
+            }
         }
     }
 
     /// The caller's own account, or any for a system admin; others are not found.
     async fn readable_user(&self, principal: &Principal, id: Uuid) -> Result<UserRow> {
-        if id != principal.user_id && !principal.system_admin {
-            return Err(IdentityError::forbidden("you may only see your own account"));
-        }
-        self.store.user(id).await?.ok_or(IdentityError::NotFound("user"))
+        readable_in(&self.store, principal, id).await
     }
 
     async fn get_user(&self, principal: &Principal, request: pb::GetUserRequest) -> Result<pb::User> {
         // A key acts for its project, not as the person who made it: a profile is not its to read.
         principal.require_session()?;
         let id = target_user(principal, "user_id", &request.user_id)?;
-        Ok(self.readable_user(principal, id).await?.into())
+        Ok(readable_in(&self.reader(principal.user_id).await, principal, id).await?.into())
     }
 
     async fn update_user(

@@ -16,8 +16,10 @@ pub fn sql(statement: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(statement)
 }
 
-/// Defines a service's store, `$name`: its PostgreSQL pool, cheap to clone, with `new(pool)`
-/// and `pool()`; the service adds its queries in `impl $name` blocks of its own, one per entity.
+/// Defines a service's store, `$name`: its database (a [`crate::data::replicas::Database`],
+/// cheap to clone) with `new(database or pool)`, `pool()` (the pool its queries use: the
+/// primary's, unless made by `reading_for`) and `reading_for(user)`; the service adds its
+/// queries in `impl $name` blocks of its own, one per entity.
 /// `aimesh_kit::pg_store!(/** The chat database. */ Store);`
 #[macro_export]
 macro_rules! pg_store {
@@ -26,17 +28,31 @@ macro_rules! pg_store {
         #[derive(Debug, Clone)]
         pub struct $name {
             pool: ::sqlx::PgPool,
+            database: $crate::data::replicas::Database,
         }
 
         impl $name {
-            /// The store over `pool`.
-            pub fn new(pool: ::sqlx::PgPool) -> Self {
-                Self { pool }
+            /// The store over `database` (a pool alone is a database without replicas).
+            pub fn new(database: impl Into<$crate::data::replicas::Database>) -> Self {
+                let database = database.into();
+                Self { pool: database.primary().clone(), database }
             }
 
-            /// Its pool, for work that spans several calls (tests, maintenance).
+            /// The pool its queries use, for work that spans several calls (tests, maintenance).
             pub fn pool(&self) -> &::sqlx::PgPool {
                 &self.pool
+            }
+
+            /// Its database, primary and replicas.
+            pub fn database(&self) -> &$crate::data::replicas::Database {
+                &self.database
+            }
+
+            /// This store reading where a read-only request of `user` may read: a replica that
+            /// has replayed the user's own last write, or else the primary. Only for requests that
+            /// write nothing (see [`$crate::serving::read_your_writes::is_read_only`]).
+            pub async fn reading_for(&self, user: ::uuid::Uuid) -> Self {
+                Self { pool: self.database.reader(user).await, database: self.database.clone() }
             }
         }
     };
@@ -49,16 +65,24 @@ pub fn database_url(server_url: &str, database: &str) -> String {
 
 /// A pool for `url`, logging statements slower than the configured bound.
 pub async fn connect(url: &str, settings: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(url)?
+    pool_options(settings).connect_with(connect_options(url, settings)?).await
+}
+
+fn connect_options(url: &str, settings: &DatabaseConfig) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(PgConnectOptions::from_str(url)?
+        // Not sent as a start-up parameter, which PgBouncer refuses unless told to ignore it;
+        // since PostgreSQL 12 the server's default already prints floats exactly.
+        .extra_float_digits(None)
         .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(settings.slow_statement_ms));
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(settings.slow_statement_ms)))
+}
+
+fn pool_options(settings: &DatabaseConfig) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .min_connections(settings.min_connections)
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
         .test_before_acquire(true)
-        .connect_with(options)
-        .await
 }
 
 /// Creates the database `url` names if it does not exist yet (development and tests; in
@@ -103,27 +127,62 @@ pub fn unique_violation(error: &sqlx::Error) -> Option<&str> {
 
 /// Publishes the pool's size and idle connections as gauges (the service runtime does so every
 /// few seconds).
-pub fn publish_pool_metrics(pool: &PgPool, database: &'static str) {
-    metrics::gauge!("db_pool_connections", "database" => database).set(pool.size() as f64);
-    metrics::gauge!("db_pool_idle_connections", "database" => database).set(pool.num_idle() as f64);
+pub fn publish_pool_metrics(database: &crate::data::replicas::Database, name: &'static str) {
+    for (server, pool) in database.pools() {
+        let labels = [("database", name.to_owned()), ("server", server)];
+        metrics::gauge!("db_pool_connections", &labels).set(pool.size() as f64);
+        metrics::gauge!("db_pool_idle_connections", &labels).set(pool.num_idle() as f64);
+    }
 }
 
-/// A service's own database, ready: `database_url` or `aimesh_<service>` on the configured
-/// server, created if missing, with the service's migrations and the kit's outbox applied.
+/// A service's own database, ready: `urls.url` or `aimesh_<service>` on the configured server,
+/// created if missing (through `urls.migration_url` when set), with the service's migrations and
+/// the kit's outbox applied; the pool of its primary.
 pub async fn service_database(
     common: &crate::config::CommonConfig,
     service: &str,
-    database_url: Option<&str>,
+    urls: &crate::config::DatabaseUrls,
     migrator: &Migrator,
 ) -> anyhow::Result<PgPool> {
     use anyhow::Context;
-    let url = database_url.map_or_else(|| database_url_of(&common.postgres_url, service), str::to_owned);
-    ensure_database(&url).await.with_context(|| format!("creating the {service} database"))?;
+    let url = urls.url.clone().unwrap_or_else(|| database_url_of(&common.postgres_url, service));
+    let migration_url = urls.migration_url.as_deref().unwrap_or(&url);
+    ensure_database(migration_url).await.with_context(|| format!("creating the {service} database"))?;
+    let migrating = if migration_url == url {
+        None
+    } else {
+        let settings =
+            crate::config::DatabaseConfig { max_connections: 1, min_connections: 0, ..common.database.clone() };
+        let pool = connect(migration_url, &settings)
+            .await
+            .with_context(|| format!("connecting to the {service} database for migrations"))?;
+        Some(pool)
+    };
     let pool =
         connect(&url, &common.database).await.with_context(|| format!("connecting to the {service} database"))?;
-    migrate(&pool, migrator).await.with_context(|| format!("migrating the {service} database"))?;
-    crate::data::outbox::migrate(&pool).await.with_context(|| format!("migrating the {service} outbox"))?;
+    let target = migrating.as_ref().unwrap_or(&pool);
+    migrate(target, migrator).await.with_context(|| format!("migrating the {service} database"))?;
+    crate::data::outbox::migrate(target).await.with_context(|| format!("migrating the {service} outbox"))?;
+    if let Some(migrating) = migrating {
+        migrating.close().await;
+    }
     Ok(pool)
+}
+
+/// Pools for `urls`' read replicas, each named by its `host:port`. They connect lazily, so a
+/// replica that is down at start-up only takes no reads until it answers.
+pub fn replica_pools(
+    urls: &crate::config::DatabaseUrls,
+    settings: &DatabaseConfig,
+) -> Result<Vec<(String, PgPool)>, crate::ServiceError> {
+    urls.replica_urls
+        .iter()
+        .map(|url| {
+            let options = connect_options(url, settings)
+                .map_err(|e| crate::ServiceError::invalid_field("database_replica_urls", e.to_string()))?;
+            Ok((crate::data::replicas::server_name(url), pool_options(settings).connect_lazy_with(options)))
+        })
+        .collect()
 }
 
 fn database_url_of(server_url: &str, service: &str) -> String {

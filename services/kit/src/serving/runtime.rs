@@ -20,10 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::CredentialVerifier;
 use crate::auth::ProjectAccess;
-use crate::config::CommonConfig;
+use crate::config::{CommonConfig, DatabaseUrls};
 use crate::data::cache::InvalidationBus;
 use crate::data::outbox::RelayTask;
 use crate::data::redis::Redis;
+use crate::data::replicas::Database;
 use crate::serving::ratelimit::RateLimiter;
 use crate::serving::server::{Dependency, Probe, ServiceSpec};
 
@@ -38,7 +39,7 @@ pub struct ServiceRuntime {
     common: CommonConfig,
     redis: Redis,
     bus: InvalidationBus,
-    database: Option<(PgPool, RelayTask)>,
+    database: Option<(Database, RelayTask)>,
     dependencies: Vec<Dependency>,
     stop_tasks: CancellationToken,
     tasks: JoinSet<()>,
@@ -68,21 +69,38 @@ impl ServiceRuntime {
         })
     }
 
-    /// Takes the service's own database (migrated, so with an outbox table: see
-    /// [`crate::data::db::service_database`]): health follows it, its pool is measured, and its
-    /// outbox is relayed to analytics until the service stops.
-    pub fn with_database(mut self, pool: PgPool) -> anyhow::Result<Self> {
-        let relay = crate::data::outbox::spawn_relay(pool.clone(), &self.common)
+    /// Takes the service's own database, `primary` (migrated, so with an outbox table: see
+    /// [`crate::data::db::service_database`]) and the read replicas of `urls`: health follows
+    /// the primary, every pool is measured, the replicas are checked, and the outbox is relayed
+    /// to analytics until the service stops. The database is then [`ServiceRuntime::database`].
+    pub fn with_database(mut self, primary: PgPool, urls: &DatabaseUrls) -> anyhow::Result<Self> {
+        let replicas = crate::data::db::replica_pools(urls, &self.common.database)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("database_replica_urls")?;
+        let database = Database::new(self.name, primary.clone(), replicas, self.redis.clone(), &self.common.database);
+        let relay = crate::data::outbox::spawn_relay(primary.clone(), &self.common)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("starting the outbox relay")?;
-        let (measured, database) = (pool.clone(), self.name);
+        let (measured, name) = (database.clone(), self.name);
         self.every(POOL_METRICS_INTERVAL, move || {
-            crate::data::db::publish_pool_metrics(&measured, database);
+            crate::data::db::publish_pool_metrics(&measured, name);
             async {}
         });
-        self.dependencies.push(Dependency::Postgres(pool.clone()));
-        self.database = Some((pool, relay));
+        if let Some(interval) = database.replica_check_interval() {
+            let checked = database.clone();
+            self.every(interval, move || {
+                let checked = checked.clone();
+                async move { checked.check_replicas().await }
+            });
+        }
+        self.dependencies.push(Dependency::Postgres(primary));
+        self.database = Some((database, relay));
         Ok(self)
+    }
+
+    /// The service's database (see [`ServiceRuntime::with_database`]); without one, an error.
+    pub fn database(&self) -> anyhow::Result<Database> {
+        self.database.as_ref().map(|(database, _)| database.clone()).context("the service has no database")
     }
 
     /// Makes health follow another store of the service's own (ClickHouse).
@@ -150,6 +168,7 @@ impl ServiceRuntime {
         let limiter = RateLimiter::new(self.redis.clone(), &self.common.rate_limit);
         let spec = ServiceSpec {
             name: self.name,
+            database: self.database.as_ref().map(|(database, _)| database.clone()),
             routes,
             grpc_services: grpc_services.to_vec(),
             dependencies: std::mem::take(&mut self.dependencies),
@@ -164,10 +183,10 @@ impl ServiceRuntime {
                 tracing::error!(service = self.name, %error, "a periodic task panicked");
             }
         }
-        if let Some((pool, relay)) = self.database.take() {
+        if let Some((database, relay)) = self.database.take() {
             relay.stop().await;
             self.redis.quit().await;
-            pool.close().await;
+            database.close().await;
         } else {
             self.redis.quit().await;
         }

@@ -20,8 +20,10 @@ use tracing::Instrument;
 use crate::auth::{CredentialVerifier, DeploymentSecret};
 use crate::config::ServerConfig;
 use crate::data::redis::Redis;
+use crate::data::replicas::Database;
 use crate::serving::authenticate::{AuthLayer, Authenticator};
 use crate::serving::ratelimit::{RateLimitLayer, RateLimiter};
+use crate::serving::read_your_writes::RecordWritesLayer;
 
 /// A store a service cannot work without; health follows it.
 #[derive(Clone, Debug)]
@@ -69,6 +71,8 @@ pub struct ServiceSpec {
     /// Fully qualified gRPC service names, such as "aimesh.identity.v1.UserService", for health.
     pub grpc_services: Vec<&'static str>,
     pub dependencies: Vec<Dependency>,
+    /// The service's database, when it has read replicas to keep its callers' writes in view of.
+    pub database: Option<Database>,
 }
 
 /// Serves `spec` on `listener`, authenticating callers with `verifier` and then limiting them
@@ -98,6 +102,7 @@ pub async fn serve(
     let layers = Layers {
         auth: AuthLayer::new(Authenticator::new(verifier, limiter.clone())),
         rate_limit: RateLimitLayer::new(limiter),
+        record_writes: spec.database.clone().filter(Database::has_replicas).map(RecordWritesLayer::new),
     };
     let served = serve_until_shutdown(listener, address, spec, layers, settings, shutdown).await;
     stop_recorder.cancel();
@@ -112,6 +117,8 @@ const LAST_USE_RECORD_INTERVAL: Duration = Duration::from_secs(2);
 struct Layers {
     auth: AuthLayer,
     rate_limit: RateLimitLayer,
+    /// Only with read replicas.
+    record_writes: Option<RecordWritesLayer>,
 }
 
 async fn serve_until_shutdown(
@@ -150,6 +157,8 @@ async fn serve_until_shutdown(
         // is looked up, and the principal is known when the other limits are chosen.
         .layer(layers.auth)
         .layer(layers.rate_limit)
+        // Inside the others: the caller is known, and a refused call is not counted as a write.
+        .layer(tower::util::option_layer(layers.record_writes))
         .add_routes(routes)
         .serve_with_incoming_shutdown(nodelay_incoming(listener), stop_accepting.clone().cancelled_owned());
     let server = tokio::spawn(server);

@@ -123,6 +123,31 @@ pub struct ScratchPostgres {
 impl ScratchPostgres {
     /// Creates and starts the server.
     pub fn start() -> Self {
+        let server = Self::unmade();
+        let mut initdb = server.command("initdb");
+        initdb.arg("-D").arg(server.dir.join("data")).args(["-U", "postgres", "--auth=trust", "--no-sync"]);
+        run_checked(initdb);
+        server.start_again();
+        server
+    }
+
+    /// A streaming replica of this server (a hot standby, read-only), copied with
+    /// `pg_basebackup -R` so that it follows this server from the copy on, and started on a port
+    /// of its own. Stop it or pause its replay (`pg_wal_replay_pause()`) to make it fall behind.
+    pub fn start_replica(&self) -> Self {
+        let replica = Self::unmade();
+        let mut copy = replica.command("pg_basebackup");
+        copy.arg("-D")
+            .arg(replica.dir.join("data"))
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.port.to_string());
+        run_checked(copy);
+        replica.start_again();
+        replica
+    }
+
+    /// A directory and a port for a server, with nothing in them yet.
+    fn unmade() -> Self {
         let bin = std::env::var("AIMESH_PG_BIN").expect("AIMESH_PG_BIN names PostgreSQL's binaries (. .dev/env)");
         let user = std::env::var("AIMESH_PG_USER").ok().filter(|user| !user.is_empty());
         // Under /var/tmp, which the PostgreSQL user can reach whoever owns the checkout.
@@ -133,11 +158,6 @@ impl ScratchPostgres {
             let owned = std::process::Command::new("chown").arg(user).arg(&server.dir).status();
             assert!(owned.is_ok_and(|s| s.success()), "chown {user} {}", server.dir.display());
         }
-        let data = server.dir.join("data");
-        let mut initdb = server.command("initdb");
-        initdb.arg("-D").arg(&data).args(["-U", "postgres", "--auth=trust", "--no-sync"]);
-        run_checked(initdb);
-        server.start_again();
         server
     }
 

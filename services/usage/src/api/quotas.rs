@@ -73,7 +73,7 @@ impl Usage {
     async fn list_quotas(&self, caller: &Caller, request: pb::ListQuotasRequest) -> Result<pb::ListQuotasResponse> {
         let project_id = fields::id("project_id", &request.project_id)?;
         self.require(caller, project_id, ProjectRole::Viewer, USAGE_READ).await?;
-        let rows = self.ledger.store().quotas(project_id).await?;
+        let rows = self.ledger.store().reading_for(caller.principal.user_id).await.quotas(project_id).await?;
         Ok(pb::ListQuotasResponse { quotas: rows.into_iter().map(quota_to_proto).collect::<Result<_>>()? })
     }
 

@@ -103,7 +103,8 @@ impl Usage {
         }
         let page = Page::new(&request.page_token, request.page_size)?;
         self.require(caller, project_id, ProjectRole::Viewer, USAGE_READ).await?;
-        let rows = self.ledger.store().list_usage(project_id, &filter, &page).await?;
+        let reader = self.ledger.store().reading_for(caller.principal.user_id).await;
+        let rows = reader.list_usage(project_id, &filter, &page).await?;
         let (rows, next_page_token) = page.finish(rows, |r| Cursor { time: r.request_time, id: r.id });
         let records = rows.into_iter().map(usage_to_proto).collect::<Result<_>>()?;
         Ok(pb::ListUsageResponse { records, next_page_token })
