@@ -20,7 +20,8 @@ struct Cli {
     /// PostgreSQL server URL; each service uses its own database on it.
     #[arg(long, global = true)]
     postgres_url: Option<String>,
-    /// Redis nodes, comma separated; several make a Redis Cluster.
+    /// Where Redis is: one server, Redis Cluster seeds (several, comma separated), or Sentinels
+    /// (`redis-sentinel://...?sentinelServiceName=NAME`); see README, "Scaling out".
     #[arg(long, global = true)]
     redis_urls: Option<String>,
     /// Where /metrics is served.

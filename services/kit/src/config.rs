@@ -48,9 +48,17 @@ pub struct CommonConfig {
     /// PostgreSQL server URL without a database; each service uses `aimesh_<service>` on it
     /// unless its own `database_url` is set.
     pub postgres_url: String,
-    /// Redis seed nodes, comma separated (`redis://user:password@host:port,...`; `rediss://` for
-    /// TLS): a Redis Cluster when more than one is given or the scheme is `redis-cluster://`, a
-    /// single server otherwise.
+    /// Where Redis is (`rediss` instead of `redis` in a scheme for TLS):
+    /// - a single server: `redis://user:password@host:port`;
+    /// - a Redis Cluster: its seed nodes comma separated (`redis://user:password@host:port,...`),
+    ///   or one URL of scheme `redis-cluster://`;
+    /// - a primary behind Sentinels: fred's URL `redis-sentinel://user:password@s1:26379?node=s2:26379&sentinelServiceName=mymaster`,
+    ///   or such URLs comma separated (`redis-sentinel://user:password@s1:26379?sentinelServiceName=mymaster,redis-sentinel://s2:26379`).
+    ///   The user and password are the data nodes'; Sentinels that demand their own log in with
+    ///   the options `sentinelUsername` and `sentinelPassword` (percent-encoded). A path is the
+    ///   database number, as in any Redis URL; a Sentinel's port defaults to 26379.
+    ///
+    /// The URLs of a list agree on TLS, credentials and options (one may leave them out).
     pub redis_urls: String,
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,

@@ -1,4 +1,5 @@
-//! The shared Redis (a Redis Cluster in production and tests): connection, key namespacing.
+//! The shared Redis (a Redis Cluster in production and tests, or a primary behind Sentinels, or a
+//! single server): connection, key namespacing.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,8 @@ use crate::config::RedisConfig;
 #[derive(Clone)]
 pub struct Redis {
     pool: Pool,
-    config: FredConfig,
+    /// Shared: fred's configuration is large, and every clone of this handle carries it.
+    config: Arc<FredConfig>,
     prefix: Arc<str>,
     command_timeout: Duration,
 }
@@ -45,7 +47,7 @@ impl Redis {
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
             .build_pool(settings.pool_size.max(1))?;
         pool.init().await?;
-        Ok(Self { pool, config, prefix: prefix.into(), command_timeout })
+        Ok(Self { pool, config: Arc::new(config), prefix: prefix.into(), command_timeout })
     }
 
     /// The connection pool, for commands.
@@ -60,7 +62,7 @@ impl Redis {
 
     /// A new dedicated connection for pub/sub that resubscribes after reconnecting.
     pub async fn subscriber(&self) -> Result<SubscriberClient, RedisError> {
-        let subscriber = Builder::from_config(self.config.clone())
+        let subscriber = Builder::from_config(FredConfig::clone(&self.config))
             .with_performance_config(|perf| perf.default_command_timeout = self.command_timeout)
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
             .build_subscriber_client()?;
@@ -139,59 +141,236 @@ fn fred_config(urls: &str, settings: &RedisConfig) -> Result<FredConfig, RedisEr
     Ok(config)
 }
 
-/// One URL fred reads for the seed nodes in `urls`: a single URL passes through unchanged;
-/// several (`redis://user:pw@a:1,redis://user:pw@b:2`) become fred's cluster form
-/// (`redis-cluster://user:pw@a:1?node=b:2`), TLS (`rediss://`) kept, the credentials given once.
-/// Nodes must agree on TLS and on credentials (a node may leave them out).
+/// One URL fred reads for `urls` (see [`crate::config::CommonConfig::redis_urls`]): a single
+/// server's URL passes through unchanged; several (`redis://user:pw@a:1,redis://user:pw@b:2`)
+/// become fred's cluster form (`redis-cluster://user:pw@a:1?node=b:2`); Sentinels, one URL or
+/// several, become fred's sentinel form (see [`sentinel_url`]). TLS (`rediss`) is kept and the
+/// credentials are given once: nodes must agree on TLS and on credentials (a node may leave
+/// them out).
 fn fred_url(urls: &str) -> Result<String, String> {
     let nodes: Vec<&str> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
     let [first, rest @ ..] = nodes.as_slice() else {
         return Err("no Redis node is given".to_owned());
     };
+    let names_sentinel = |node: &&str| node.split_once("://").is_some_and(|(scheme, _)| scheme.ends_with("-sentinel"));
+    if nodes.iter().any(names_sentinel) {
+        return sentinel_url(&nodes);
+    }
     if rest.is_empty() {
         return Ok((*first).to_owned());
     }
-    let (mut tls, mut credentials, mut hosts) = (None, None, Vec::with_capacity(nodes.len()));
+    let mut agreed = Agreed::default();
+    let mut hosts = Vec::with_capacity(nodes.len());
     for node in &nodes {
-        let url = url::Url::parse(node).map_err(|e| format!("{node:?} is not a URL: {e}"))?;
-        let node_tls = match url.scheme() {
+        let url = parse_node(node)?;
+        let tls = match url.scheme() {
             "redis" | "redis-cluster" => false,
             "rediss" | "rediss-cluster" => true,
             other => return Err(format!("the scheme {other:?} is not redis, rediss, redis-cluster or rediss-cluster")),
         };
-        if *tls.get_or_insert(node_tls) != node_tls {
-            return Err("nodes mix TLS (rediss://) and plain (redis://) connections".to_owned());
-        }
-        let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("{} names no host", url.scheme()))?;
+        agreed.node(&url, tls)?;
         if !matches!(url.path(), "" | "/") || url.query().is_some() {
             return Err("a node of a cluster takes no database number or options".to_owned());
         }
-        // As written (still percent-encoded), so fred decodes them once.
-        let given = (url.username(), url.password().unwrap_or_default());
-        if given != ("", "") {
-            match credentials {
-                None => credentials = Some((given.0.to_owned(), given.1.to_owned())),
-                Some((ref user, ref password)) if (user.as_str(), password.as_str()) != given => {
-                    return Err("nodes give different credentials".to_owned());
-                }
-                Some(_) => {}
+        hosts.push(address_of(&url, 6379)?);
+    }
+    let scheme = if agreed.tls == Some(true) { "rediss-cluster" } else { "redis-cluster" };
+    let others: Vec<String> = hosts[1..].iter().map(|host| format!("node={host}")).collect();
+    Ok(format!("{scheme}://{}{}?{}", agreed.userinfo(), hosts[0], others.join("&")))
+}
+
+/// The options of a sentinel URL besides `node`: the name of the primary the Sentinels watch
+/// (required) and the Sentinels' own credentials, when they demand any.
+const SENTINEL_OPTIONS: [&str; 3] = ["sentinelServiceName", "sentinelUsername", "sentinelPassword"];
+
+/// fred's sentinel URL (`redis-sentinel://user:pw@s1:26379/db?node=s2:26379&sentinelServiceName=m`)
+/// for Sentinels given as fred's URL, or as several such URLs comma separated, one or more
+/// Sentinels each: the Sentinels of all of them, the options and credentials given once. The
+/// user and password are the data nodes' (fred asks the Sentinels with `sentinelUsername` and
+/// `sentinelPassword`); the path is the database number, as in any Redis URL.
+fn sentinel_url(nodes: &[&str]) -> Result<String, String> {
+    let mut agreed = Agreed::default();
+    let (mut database, mut hosts) = (None, Vec::with_capacity(nodes.len()));
+    let mut options: [Option<String>; SENTINEL_OPTIONS.len()] = Default::default();
+    for node in nodes {
+        let url = parse_node(node)?;
+        let tls = match url.scheme() {
+            "redis-sentinel" => false,
+            "rediss-sentinel" => true,
+            other => {
+                return Err(format!(
+                    "the scheme {other:?} is not redis-sentinel or rediss-sentinel: a list of Sentinels names nothing else"
+                ));
+            }
+        };
+        agreed.node(&url, tls)?;
+        hosts.push(address_of(&url, 26379)?);
+        match url.path().trim_start_matches('/') {
+            "" => {}
+            number => {
+                let number: u8 = number.parse().map_err(|_| format!("{number:?} is not a database number"))?;
+                agree(&mut database, number, "database numbers")?;
             }
         }
-        hosts.push(format!("{host}:{}", url.port().unwrap_or(6379)));
+        for (name, value) in url.query_pairs() {
+            if name == "node" {
+                let (host, port) = value.rsplit_once(':').ok_or_else(|| format!("node={value} is not host:port"))?;
+                if host.is_empty() || host.contains(':') || port.parse::<u16>().is_err() {
+                    return Err(format!("node={value} is not host:port (an IPv4 address or a name)"));
+                }
+                hosts.push(value.into_owned());
+            } else if let Some(index) = SENTINEL_OPTIONS.iter().position(|option| *option == name) {
+                agree(&mut options[index], value.into_owned(), SENTINEL_OPTIONS[index])?;
+            } else {
+                return Err(format!("a sentinel URL takes node, {} but not {name:?}", SENTINEL_OPTIONS.join(", ")));
+            }
+        }
     }
-    let scheme = if tls == Some(true) { "rediss-cluster" } else { "redis-cluster" };
-    let userinfo = match credentials {
-        Some((user, password)) if password.is_empty() => format!("{user}@"),
-        Some((user, password)) => format!("{user}:{password}@"),
-        None => String::new(),
-    };
-    let others: Vec<String> = hosts[1..].iter().map(|host| format!("node={host}")).collect();
-    Ok(format!("{scheme}://{userinfo}{}?{}", hosts[0], others.join("&")))
+    let [service_name, sentinel_user, sentinel_password] = &options;
+    if service_name.as_deref().is_none_or(str::is_empty) {
+        return Err("no sentinelServiceName names the primary the Sentinels watch".to_owned());
+    }
+    if sentinel_user.is_some() && sentinel_password.is_none() {
+        return Err("sentinelUsername is given without a sentinelPassword".to_owned());
+    }
+    let mut seen = std::collections::HashSet::new();
+    hosts.retain(|host| seen.insert(host.clone()));
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    for other in &hosts[1..] {
+        query.append_pair("node", other);
+    }
+    for (name, value) in SENTINEL_OPTIONS.iter().zip(&options) {
+        if let Some(value) = value {
+            query.append_pair(name, value);
+        }
+    }
+    let scheme = if agreed.tls == Some(true) { "rediss-sentinel" } else { "redis-sentinel" };
+    let database = database.map(|number| format!("/{number}")).unwrap_or_default();
+    Ok(format!("{scheme}://{}{}{database}?{}", agreed.userinfo(), hosts[0], query.finish()))
+}
+
+/// A node's URL; the error leaves the URL out, as it may hold a password.
+fn parse_node(node: &str) -> Result<url::Url, String> {
+    url::Url::parse(node).map_err(|e| format!("a node is not a URL: {e}"))
+}
+
+/// `host:port` of a node's URL, `default_port` if it names none.
+fn address_of(url: &url::Url, default_port: u16) -> Result<String, String> {
+    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("{} names no host", url.scheme()))?;
+    Ok(format!("{host}:{}", url.port().unwrap_or(default_port)))
+}
+
+/// Keeps the first `value` given and refuses a different one later.
+fn agree<T: PartialEq>(kept: &mut Option<T>, value: T, what: &str) -> Result<(), String> {
+    match kept {
+        Some(kept) if *kept != value => Err(format!("nodes give different {what}")),
+        Some(_) => Ok(()),
+        None => {
+            *kept = Some(value);
+            Ok(())
+        }
+    }
+}
+
+/// What the nodes of one list must agree on, gathered node by node.
+#[derive(Debug, Default)]
+struct Agreed {
+    tls: Option<bool>,
+    /// User and password as written (still percent-encoded), so fred decodes them once.
+    credentials: Option<(String, String)>,
+}
+
+impl Agreed {
+    fn node(&mut self, url: &url::Url, tls: bool) -> Result<(), String> {
+        if *self.tls.get_or_insert(tls) != tls {
+            return Err("nodes mix TLS (rediss) and plain (redis) connections".to_owned());
+        }
+        let given = (url.username(), url.password().unwrap_or_default());
+        if given == ("", "") {
+            return Ok(());
+        }
+        agree(&mut self.credentials, (given.0.to_owned(), given.1.to_owned()), "credentials")
+    }
+
+    /// `user:password@` for the URL fred reads.
+    fn userinfo(&self) -> String {
+        match &self.credentials {
+            Some((user, password)) if password.is_empty() => format!("{user}@"),
+            Some((user, password)) => format!("{user}:{password}@"),
+            None => String::new(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::fred_url;
+
+    #[test]
+    fn sentinels_in_fred_form_or_as_a_list_make_one_sentinel_url() {
+        let fred_form = "redis-sentinel://app:pw@s1:26379?node=s2:26380&sentinelServiceName=mymaster";
+        assert_eq!(
+            fred_url(fred_form).as_deref(),
+            Ok("redis-sentinel://app:pw@s1:26379?node=s2%3A26380&sentinelServiceName=mymaster")
+        );
+        assert_eq!(
+            fred_url("redis-sentinel://app:pw@s1?sentinelServiceName=mymaster, redis-sentinel://s2:26380,redis-sentinel://app:pw@s3:26381")
+                .as_deref(),
+            Ok("redis-sentinel://app:pw@s1:26379?node=s2%3A26380&node=s3%3A26381&sentinelServiceName=mymaster")
+        );
+        // The Sentinels' own credentials, percent-encoded in the query; a database; TLS.
+        assert_eq!(
+            fred_url(
+                "rediss-sentinel://:data%40pw@s1:26379/2?sentinelServiceName=m&sentinelUsername=watch&sentinelPassword=a%26b,\
+                 rediss-sentinel://s2/2?sentinelServiceName=m"
+            )
+            .as_deref(),
+            Ok("rediss-sentinel://:data%40pw@s1:26379/2?node=s2%3A26379&sentinelServiceName=m&sentinelUsername=watch&sentinelPassword=a%26b")
+        );
+    }
+
+    #[test]
+    fn fred_reads_a_sentinel_url_with_both_credentials() {
+        let url = fred_url("redis-sentinel://app:d%40ta@s1:26379/3?sentinelServiceName=m&sentinelUsername=w&sentinelPassword=a%26b,redis-sentinel://s2:26380")
+            .expect("a sentinel url");
+        let config = fred::prelude::Config::from_url(&url).expect("fred reads it");
+        assert_eq!(
+            (config.username.as_deref(), config.password.as_deref(), config.database),
+            (Some("app"), Some("d@ta"), Some(3))
+        );
+        let fred::types::config::ServerConfig::Sentinel { hosts, service_name, username, password } = config.server
+        else {
+            panic!("not a sentinel config: {:?}", config.server);
+        };
+        let hosts: Vec<String> = hosts.iter().map(ToString::to_string).collect();
+        assert_eq!(hosts, ["s2:26380", "s1:26379"]);
+        assert_eq!((service_name.as_str(), username.as_deref(), password.as_deref()), ("m", Some("w"), Some("a&b")));
+    }
+
+    #[test]
+    fn sentinel_lists_that_disagree_or_lack_the_primary_name_are_refused() {
+        for (urls, why) in [
+            ("redis-sentinel://s1:26379", "no sentinelServiceName"),
+            ("redis-sentinel://s1?sentinelServiceName=", "no sentinelServiceName"),
+            (
+                "redis-sentinel://s1?sentinelServiceName=a,redis-sentinel://s2?sentinelServiceName=b",
+                "different sentinelServiceName",
+            ),
+            ("redis-sentinel://s1?sentinelServiceName=a,redis://h2", "not redis-sentinel"),
+            ("redis://h1,redis-sentinel://s1?sentinelServiceName=a", "not redis-sentinel"),
+            ("redis-sentinel://s1?sentinelServiceName=a,rediss-sentinel://s2", "mix TLS"),
+            ("redis-sentinel://u:a@s1?sentinelServiceName=a,redis-sentinel://u:b@s2", "different credentials"),
+            ("redis-sentinel://s1/1?sentinelServiceName=a,redis-sentinel://s2/2", "different database"),
+            ("redis-sentinel://s1/x?sentinelServiceName=a", "not a database number"),
+            ("redis-sentinel://s1?sentinelServiceName=a&node=s2", "not host:port"),
+            ("redis-sentinel://s1?sentinelServiceName=a&node=[::1]:26379", "not host:port"),
+            ("redis-sentinel://s1?sentinelServiceName=a&master=b", "not \"master\""),
+            ("redis-sentinel://s1?sentinelServiceName=a&sentinelUsername=w", "without a sentinelPassword"),
+        ] {
+            let refused = fred_url(urls).expect_err(urls);
+            assert!(refused.contains(why), "{urls}: {refused}");
+        }
+    }
 
     #[test]
     fn several_urls_make_a_cluster_url() {

@@ -1,9 +1,10 @@
 //! Test support: a fresh PostgreSQL database per test, a Redis handle with a key prefix of its
 //! own, both on the real servers `scripts/deps.sh` starts (or those named in the environment);
 //! servers of a test's own that it may stop or kill ([`ScratchPostgres`] and its streaming
-//! replicas, [`ScratchPgBouncer`], [`ScratchCluster`], [`ScratchRedis`]); proxies a test puts
-//! between a client and a server ([`CuttableProxy`] for outages nobody else sees, [`TlsProxy`]
-//! for TLS in front of a plain server); and certificates made for one test ([`TestCertificates`]).
+//! replicas, [`ScratchPgBouncer`], [`ScratchCluster`], [`ScratchSentinel`],
+//! [`ScratchRedis`]); proxies a test puts between a client and a server ([`CuttableProxy`] for
+//! outages nobody else sees, [`TlsProxy`] for TLS in front of a plain server); and certificates
+//! made for one test ([`TestCertificates`]).
 
 mod certificates;
 mod pgbouncer;
@@ -17,7 +18,7 @@ pub use certificates::TestCertificates;
 pub use pgbouncer::{ConsoleRow, ScratchPgBouncer};
 pub use postgres::{ScratchDatabase, ScratchPostgres, TestDatabase, postgres_url};
 pub use proxy::{CuttableProxy, TlsProxy, authority_of};
-pub use redis::{ScratchCluster, ScratchRedis, redis, redis_urls, redis_with_prefix};
+pub use redis::{ScratchCluster, ScratchRedis, ScratchSentinel, redis, redis_urls, redis_with_prefix};
 
 /// Polls `done` every 100 ms until it holds, panicking after `limit`.
 async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) {
