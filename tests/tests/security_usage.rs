@@ -239,7 +239,7 @@ async fn retention_changes_are_applied_in_the_background_at_most_once_per_interv
         assert!(u64::from(pair[1].created - pair[0].created) >= INTERVAL_SECS, "two runs within an interval: {runs:?}");
     }
     let last = &runs[runs.len() - 1].command;
-    assert!(last.contains("_CAST(21,"), "the last run applies the last retention: {last}");
+    assert!(last.contains("toIntervalDay(21)"), "the last run applies the last retention: {last}");
 
     // Every change is in the audit log with its old and new value.
     let changes = audit_events(&mesh, &ann.token, &project, "retention.set", 10).await;

@@ -18,6 +18,17 @@ pub struct AnalyticsConfig {
     /// A PEM file of CA certificates to trust, besides the public ones, for an `https://`
     /// `clickhouse_url` (a private CA).
     pub clickhouse_ca_file: Option<std::path::PathBuf>,
+    /// A cluster of ClickHouse nodes (a name in their `remote_servers`) to spread analytics'
+    /// tables over: each table is a `<name>_local` table on every node plus a `Distributed`
+    /// table `<name>` over them, sharded by project. None: one node (the default).
+    pub clickhouse_cluster: Option<String>,
+    /// With a cluster: whether the local tables are `Replicated*MergeTree` (needs Keeper and
+    /// interserver replication; the default) or plain `*MergeTree` (shards of one replica).
+    pub clickhouse_cluster_replicated: bool,
+    /// With a cluster whose nodes run no distributed DDL queue: the HTTP URL of every node, to
+    /// which schema changes, retention mutations and merges go one by one instead of
+    /// `ON CLUSTER`. Empty (the default): `ON CLUSTER` through `clickhouse_url`.
+    pub clickhouse_cluster_node_urls: Vec<String>,
     /// How long events are kept when a project sets nothing.
     pub default_retention_days: u16,
     /// The least time between two applications of one project's retention to its stored events
@@ -44,6 +55,9 @@ impl Default for AnalyticsConfig {
             clickhouse_user: None,
             clickhouse_password: None,
             clickhouse_ca_file: None,
+            clickhouse_cluster: None,
+            clickhouse_cluster_replicated: true,
+            clickhouse_cluster_node_urls: Vec::new(),
             default_retention_days: 365,
             retention_apply_interval_secs: 300,
             max_range_days: 400,

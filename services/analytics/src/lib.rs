@@ -3,7 +3,9 @@
 //! time series and breakdowns, the audit log, retention).
 
 pub mod api;
+pub mod cluster;
 pub mod config;
+pub mod conversion;
 pub mod error;
 pub mod events;
 pub mod query;
@@ -13,4 +15,4 @@ pub mod store;
 mod service;
 
 pub use config::AnalyticsConfig;
-pub use service::{connect_clickhouse, run};
+pub use service::{connect_clickhouse, connect_clickhouse_converting, run};

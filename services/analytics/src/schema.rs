@@ -2,12 +2,14 @@
 //! idempotent (`IF NOT EXISTS`), so replicas starting together, or a start that died half way,
 //! only repeat work; a version is recorded once all its statements ran.
 //!
-//! `{db}` in a statement is the configured database. Tables are partitioned by month, ordered
-//! by project and time with the event id last (so ReplacingMergeTree collapses a duplicate
-//! that slipped past the ingest check), and expire by a per-row `retention_days` (the project's
-//! retention when the row was written; changing it rewrites that column).
+//! Each table is a [`Step::Table`] that [`Topology`] lays out on one node or over a cluster.
+//! Tables are partitioned by month, ordered by project and time with the event id last (so
+//! ReplacingMergeTree collapses a duplicate that slipped past the ingest check), and expire by a
+//! per-row `retention_days` (the project's retention when the row was written; changing it
+//! rewrites that column).
 
-use crate::error::Result;
+use crate::cluster::{Topology, run_everywhere};
+use crate::error::{AnalyticsError, Result};
 use crate::store::ClickHouse;
 
 /// One version of the schema.
@@ -15,7 +17,20 @@ use crate::store::ClickHouse;
 pub struct Migration {
     pub version: u32,
     pub name: &'static str,
-    pub statements: &'static [&'static str],
+    pub steps: &'static [Step],
+}
+
+/// One idempotent schema change, laid out as the topology needs ([`Topology`]).
+#[derive(Debug)]
+pub enum Step {
+    /// A table of rows: on one node `CREATE TABLE IF NOT EXISTS {db}.<name> <body>`; on a
+    /// cluster the same as `<name>_local` on every node (its engine made `Replicated` when the
+    /// cluster replicates) plus a `Distributed` table `<name>` over them, sharded by `shard_by`.
+    /// `{engine:X}` in the body is the engine X.
+    Table { name: &'static str, shard_by: &'static str, body: &'static str },
+    /// A materialized view `<name>` reading inserts into the (local) tables: `{table:<name>}` in
+    /// the body is a table's local name, so on a cluster each shard rolls up its own rows.
+    View { name: &'static str, body: &'static str },
 }
 
 /// Every version, oldest first.
@@ -23,8 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "events, hourly usage rollup, retention",
-        statements: &[
-            "CREATE TABLE IF NOT EXISTS {db}.usage_events (
+        steps: &[
+            Step::Table {
+                name: "usage_events",
+                shard_by: "cityHash64(project_id)",
+                body: "(
             event_id UUID,
             project_id UUID,
             occurred_at DateTime64(6, 'UTC'),
@@ -45,13 +63,17 @@ pub const MIGRATIONS: &[Migration] = &[
             error_message String,
             retention_days UInt16,
             INDEX event_id_bloom event_id TYPE bloom_filter GRANULARITY 4
-        ) ENGINE = ReplacingMergeTree
+        ) ENGINE = {engine:ReplacingMergeTree}
         PARTITION BY toYYYYMM(occurred_at)
         ORDER BY (project_id, occurred_at, event_id)
         TTL toDateTime(occurred_at) + toIntervalDay(retention_days)",
+            },
             // Hourly sums per every dimension a query may split or filter by. Fed by the view below
             // from each insert into usage_events: only events the ingest found new reach it.
-            "CREATE TABLE IF NOT EXISTS {db}.usage_hourly (
+            Step::Table {
+                name: "usage_hourly",
+                shard_by: "cityHash64(project_id)",
+                body: "(
             project_id UUID,
             hour DateTime('UTC'),
             model_id UUID,
@@ -68,11 +90,14 @@ pub const MIGRATIONS: &[Migration] = &[
             cost SimpleAggregateFunction(sum, Decimal(38, 10)),
             latency AggregateFunction(quantiles(0.5, 0.95, 0.99), Int64),
             retention_days SimpleAggregateFunction(max, UInt16)
-        ) ENGINE = AggregatingMergeTree
+        ) ENGINE = {engine:AggregatingMergeTree}
         PARTITION BY toYYYYMM(hour)
         ORDER BY (project_id, hour, model_id, user_id, api_key_id, status, request_type)
         TTL hour + toIntervalDay(retention_days)",
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.usage_hourly_mv TO {db}.usage_hourly AS
+            },
+            Step::View {
+                name: "usage_hourly_mv",
+                body: "TO {table:usage_hourly} AS
         SELECT e.project_id AS project_id, toDateTime(toStartOfHour(e.occurred_at), 'UTC') AS hour,
             e.model_id AS model_id, e.user_id AS user_id, e.api_key_id AS api_key_id, e.status AS status,
             e.request_type AS request_type, count() AS requests, countIf(e.status != 'success') AS errors,
@@ -80,9 +105,13 @@ pub const MIGRATIONS: &[Migration] = &[
             sum(e.cached_input_tokens) AS cached_input_tokens, sum(e.total_tokens) AS total_tokens,
             sum(e.cost) AS cost, quantilesState(0.5, 0.95, 0.99)(e.duration_ms) AS latency,
             max(e.retention_days) AS retention_days
-        FROM {db}.usage_events AS e
+        FROM {table:usage_events} AS e
         GROUP BY project_id, hour, model_id, user_id, api_key_id, status, request_type",
-            "CREATE TABLE IF NOT EXISTS {db}.audit_events (
+            },
+            Step::Table {
+                name: "audit_events",
+                shard_by: "cityHash64(project_id)",
+                body: "(
             event_id UUID,
             project_id UUID,
             occurred_at DateTime64(6, 'UTC'),
@@ -95,11 +124,15 @@ pub const MIGRATIONS: &[Migration] = &[
             details String,
             retention_days UInt16,
             INDEX event_id_bloom event_id TYPE bloom_filter GRANULARITY 4
-        ) ENGINE = ReplacingMergeTree
+        ) ENGINE = {engine:ReplacingMergeTree}
         PARTITION BY toYYYYMM(occurred_at)
         ORDER BY (project_id, occurred_at, event_id)
         TTL toDateTime(occurred_at) + toIntervalDay(retention_days)",
-            "CREATE TABLE IF NOT EXISTS {db}.product_events (
+            },
+            Step::Table {
+                name: "product_events",
+                shard_by: "cityHash64(project_id)",
+                body: "(
             event_id UUID,
             project_id UUID,
             occurred_at DateTime64(6, 'UTC'),
@@ -108,30 +141,39 @@ pub const MIGRATIONS: &[Migration] = &[
             payload String,
             retention_days UInt16,
             INDEX event_id_bloom event_id TYPE bloom_filter GRANULARITY 4
-        ) ENGINE = ReplacingMergeTree
+        ) ENGINE = {engine:ReplacingMergeTree}
         PARTITION BY toYYYYMM(occurred_at)
         ORDER BY (project_id, occurred_at, event_id)
         TTL toDateTime(occurred_at) + toIntervalDay(retention_days)",
-            "CREATE TABLE IF NOT EXISTS {db}.project_retention (
+            },
+            Step::Table {
+                name: "project_retention",
+                shard_by: "cityHash64(project_id)",
+                body: "(
             project_id UUID,
             days UInt16,
             updated_at DateTime64(6, 'UTC')
-        ) ENGINE = ReplacingMergeTree(updated_at)
+        ) ENGINE = {engine:ReplacingMergeTree(updated_at)}
         ORDER BY project_id",
+            },
         ],
     },
     Migration {
         version: 2,
         name: "retention applied in the background",
-        statements: &[
+        steps: &[
             // The retention each project's stored events were last cut and rewritten to, and when:
             // a project whose row here differs from project_retention has a change pending.
-            "CREATE TABLE IF NOT EXISTS {db}.retention_applied (
+            Step::Table {
+                name: "retention_applied",
+                shard_by: "cityHash64(project_id)",
+                body: "(
             project_id UUID,
             days UInt16,
             applied_at DateTime64(6, 'UTC')
-        ) ENGINE = ReplacingMergeTree(applied_at)
+        ) ENGINE = {engine:ReplacingMergeTree(applied_at)}
         ORDER BY project_id",
+            },
         ],
     },
 ];
@@ -139,32 +181,70 @@ pub const MIGRATIONS: &[Migration] = &[
 /// The tables whose rows expire by `retention_days` and are keyed by project and time.
 pub const EVENT_TABLES: [&str; 3] = ["usage_events", "audit_events", "product_events"];
 
-/// Creates the database and applies the versions it has not seen.
+/// The table that records which versions ran (a [`Step::Table`] like the others, so that the
+/// bookkeeping spreads over a cluster too).
+const BOOKKEEPING: Step = Step::Table {
+    name: "schema_migrations",
+    shard_by: "version",
+    body: "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) \
+           ENGINE = {engine:ReplacingMergeTree} ORDER BY version",
+};
+
+/// Every table a migration creates, the bookkeeping last.
+pub fn tables() -> Vec<&'static str> {
+    let steps = MIGRATIONS.iter().flat_map(|m| m.steps.iter()).chain([&BOOKKEEPING]);
+    steps.filter_map(|step| if let Step::Table { name, .. } = step { Some(*name) } else { None }).collect()
+}
+
+/// Every view a migration creates.
+pub fn views() -> Vec<&'static str> {
+    let steps = MIGRATIONS.iter().flat_map(|m| m.steps.iter());
+    steps.filter_map(|step| if let Step::View { name, .. } = step { Some(*name) } else { None }).collect()
+}
+
+/// Creates the database and applies the versions it has not seen. On a cluster the DDL runs on
+/// every node (`ON CLUSTER`, or node by node), so several replicas starting together, or a start
+/// that died half way, only repeat `IF NOT EXISTS` work; a version is recorded (through the
+/// `Distributed` bookkeeping table, synchronously) once all its steps ran everywhere.
 pub async fn migrate(clickhouse: &ClickHouse) -> Result<()> {
     let db = clickhouse.database();
-    clickhouse.server().query(&format!("CREATE DATABASE IF NOT EXISTS {db}")).execute().await?;
-    clickhouse
-        .server()
-        .query(&format!(
-            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, name String, \
-             applied_at DateTime('UTC') DEFAULT now()) ENGINE = ReplacingMergeTree ORDER BY version"
-        ))
-        .execute()
+    let topology = clickhouse.topology();
+    let server = clickhouse.server();
+    if matches!(topology, Topology::Cluster(_)) && crate::conversion::has_single_node_tables(clickhouse).await? {
+        return Err(AnalyticsError::ClickHouse(format!(
+            "database {db} holds a single-node deployment's tables: analytics moves them to the cluster when it \
+             starts (docs/clickhouse-cluster.md)"
+        )));
+    }
+    run_everywhere(topology, server, &format!("CREATE DATABASE IF NOT EXISTS {db}{}", topology.on_cluster()), &[])
         .await?;
+    apply(clickhouse, &BOOKKEEPING).await?;
     let applied: Vec<u32> =
-        clickhouse.server().query(&format!("SELECT DISTINCT version FROM {db}.schema_migrations")).fetch_all().await?;
+        server.query(&format!("SELECT DISTINCT version FROM {db}.schema_migrations")).fetch_all().await?;
     for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        for statement in migration.statements {
-            clickhouse.server().query(&statement.replace("{db}", db)).execute().await?;
+        for step in migration.steps {
+            apply(clickhouse, step).await?;
         }
-        clickhouse
-            .server()
+        server
             .query(&format!("INSERT INTO {db}.schema_migrations (version, name) VALUES (?, ?)"))
             .bind(migration.version)
             .bind(migration.name)
             .execute()
             .await?;
         tracing::info!(version = migration.version, name = migration.name, "clickhouse migration applied");
+    }
+    Ok(())
+}
+
+/// Runs one step's statements where the topology needs them.
+async fn apply(clickhouse: &ClickHouse, step: &Step) -> Result<()> {
+    let (db, topology) = (clickhouse.database(), clickhouse.topology());
+    let statements = match step {
+        Step::Table { name, shard_by, body } => topology.create_table(db, name, shard_by, body),
+        Step::View { name, body } => vec![topology.create_view(db, name, body)],
+    };
+    for statement in statements {
+        run_everywhere(topology, clickhouse.server(), &statement, &[]).await?;
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use aimesh_kit::config::CommonConfig;
+use aimesh_kit::data::redis::Redis;
 use aimesh_kit::serving::runtime::ServiceRuntime;
 use aimesh_kit::serving::server::Probe;
 
@@ -22,6 +23,18 @@ const RETENTION_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// Connects to ClickHouse, creates the database if missing and applies the migrations.
 pub async fn connect_clickhouse(config: &AnalyticsConfig) -> anyhow::Result<ClickHouse> {
     let clickhouse = ClickHouse::new(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::schema::migrate(&clickhouse).await.map_err(|e| anyhow::anyhow!("{e}")).context("migrating clickhouse")?;
+    Ok(clickhouse)
+}
+
+/// Like [`connect_clickhouse`], first moving a single-node deployment's tables to the
+/// configured cluster if they are still there (one replica at a time, by a lock in `redis`).
+pub async fn connect_clickhouse_converting(config: &AnalyticsConfig, redis: &Redis) -> anyhow::Result<ClickHouse> {
+    let clickhouse = ClickHouse::new(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::conversion::convert_single_node(&clickhouse, redis)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("moving single-node tables to the clickhouse cluster")?;
     crate::schema::migrate(&clickhouse).await.map_err(|e| anyhow::anyhow!("{e}")).context("migrating clickhouse")?;
     Ok(clickhouse)
 }
@@ -43,8 +56,9 @@ pub async fn run(
     config: AnalyticsConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let clickhouse = connect_clickhouse(&config).await?;
-    let mut runtime = ServiceRuntime::start("analytics", common).await?.depending_on(Arc::new(clickhouse.clone()));
+    let runtime = ServiceRuntime::start("analytics", common).await?;
+    let clickhouse = connect_clickhouse_converting(&config, runtime.redis()).await?;
+    let mut runtime = runtime.depending_on(Arc::new(clickhouse.clone()));
     let store = Store::open(clickhouse, IngestClaims::new(runtime.redis().clone()), &config)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))

@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use aimesh_kit::data::redis::Redis;
 
+use crate::cluster::{Cluster, Topology, run_everywhere};
 use crate::config::AnalyticsConfig;
 use crate::error::{AnalyticsError, Result};
 use crate::events::{AuditEventRow, ProductEventRow, UsageEventRow, ValidEvent};
@@ -76,12 +77,14 @@ where
     clickhouse::Client::with_http_client(http).with_url(url)
 }
 
-/// A ClickHouse server and the database analytics owns on it.
+/// A ClickHouse server (one node, or the entry node of a cluster) and the database analytics
+/// owns on it.
 #[derive(Clone)]
 pub struct ClickHouse {
     server: clickhouse::Client,
     client: clickhouse::Client,
     database: String,
+    topology: Topology,
 }
 
 impl std::fmt::Debug for ClickHouse {
@@ -95,9 +98,7 @@ impl ClickHouse {
     /// identifier, or `default` (special in chDB, and shared on a real server).
     pub fn new(config: &AnalyticsConfig) -> Result<Self> {
         let database = config.clickhouse_database.as_str();
-        let plain = database.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !plain || database == "default" || database == "system" {
+        if !is_identifier(database) || database == "default" || database == "system" {
             return Err(AnalyticsError::invalid(
                 "analytics.clickhouse_database",
                 "must be a plain identifier other than default and system",
@@ -106,15 +107,68 @@ impl ClickHouse {
         let tls =
             aimesh_kit::data::tls::client_config(config.clickhouse_ca_file.as_deref(), "analytics.clickhouse_ca_file")
                 .map_err(|e| AnalyticsError::invalid(e.setting, e.message))?;
-        let mut server = client_with_tls(&config.clickhouse_url, tls);
-        if let Some(user) = &config.clickhouse_user {
-            server = server.with_user(user);
-        }
-        if let Some(password) = &config.clickhouse_password {
-            server = server.with_password(password);
+        let connect = |url: &str| {
+            let mut client = client_with_tls(url, tls.clone());
+            if let Some(user) = &config.clickhouse_user {
+                client = client.with_user(user);
+            }
+            if let Some(password) = &config.clickhouse_password {
+                client = client.with_password(password);
+            }
+            client
+        };
+        let topology = match &config.clickhouse_cluster {
+            None if !config.clickhouse_cluster_node_urls.is_empty() => {
+                return Err(AnalyticsError::invalid(
+                    "analytics.clickhouse_cluster_node_urls",
+                    "needs analytics.clickhouse_cluster",
+                ));
+            }
+            None => Topology::Single,
+            Some(name) => {
+                // Quoted with backticks wherever it appears, so a name like `aimesh-prod` is fine.
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    return Err(AnalyticsError::invalid(
+                        "analytics.clickhouse_cluster",
+                        "must be letters, digits, '_' and '-' only",
+                    ));
+                }
+                let nodes =
+                    config.clickhouse_cluster_node_urls.iter().map(|url| cluster_client(connect(url))).collect();
+                Topology::Cluster(Cluster {
+                    name: name.clone(),
+                    replicated: config.clickhouse_cluster_replicated,
+                    nodes,
+                })
+            }
+        };
+        let mut server = connect(&config.clickhouse_url);
+        if let Topology::Cluster(cluster) = &topology {
+            server = cluster_client(server);
+            if cluster.replicated {
+                // A write counts once a majority of its shard's replicas hold it, one at a time per
+                // shard, so the ingest check can read it back from any replica (see
+                // [`ClickHouse::consistent`]).
+                server = server.with_setting("insert_quorum", "auto").with_setting("insert_quorum_parallel", "0");
+            }
         }
         let client = server.clone().with_database(database);
-        Ok(Self { server, client, database: database.to_owned() })
+        Ok(Self { server, client, database: database.to_owned(), topology })
+    }
+
+    /// How analytics' tables are laid out.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The client of analytics' database for reads that must see every write answered before
+    /// (the ingest check): on replicated tables only replicas holding every quorum insert answer.
+    pub fn consistent(&self) -> clickhouse::Client {
+        if self.topology.is_replicated() {
+            self.client.clone().with_setting("select_sequential_consistency", "1")
+        } else {
+            self.client.clone()
+        }
     }
 
     /// The client without a database, for creating it.
@@ -135,6 +189,20 @@ impl ClickHouse {
     pub async fn is_healthy(&self) -> bool {
         self.server.query("SELECT 1").fetch_one::<u8>().await.is_ok()
     }
+}
+
+/// Whether `name` is a plain SQL identifier (safe to put in a statement unquoted).
+fn is_identifier(name: &str) -> bool {
+    name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A client as every cluster connection is: an INSERT into a `Distributed` table answers once
+/// every shard stored its rows (not when they are queued for sending), so an answered write is
+/// stored and the next ingest check sees it; and a read filtered by project asks only the shards
+/// that project's rows are on (the tables are sharded by it).
+fn cluster_client(client: clickhouse::Client) -> clickhouse::Client {
+    client.with_setting("distributed_foreground_insert", "1").with_setting("optimize_skip_unused_shards", "1")
 }
 
 /// What happened to one valid event at ingest.
@@ -329,6 +397,37 @@ const RETENTION_JOB_LEASE: Duration = Duration::from_secs(30 * 60);
 const LOCK_SCRIPT: &str = "\
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0";
+
+/// A deployment-wide lock in the shared Redis, held by one analytics replica for a job.
+pub(crate) struct JobLock {
+    redis: Redis,
+    key: String,
+    token: String,
+}
+
+impl JobLock {
+    /// Takes the lock `name` for `lease` unless another replica holds it.
+    pub(crate) async fn try_take(redis: &Redis, name: &str, lease: Duration) -> Result<Option<Self>> {
+        let key = redis.key("analytics", name);
+        let token = Uuid::new_v4().to_string();
+        let lease = lease.as_millis().to_string();
+        let taken: i64 = redis
+            .pool()
+            .eval(LOCK_SCRIPT, vec![key.clone()], vec![token.clone(), lease])
+            .await
+            .map_err(|e| AnalyticsError::RedisUnavailable(e.to_string()))?;
+        Ok((taken == 1).then(|| Self { redis: redis.clone(), key, token }))
+    }
+
+    /// Releases the lock if it is still this holder's.
+    pub(crate) async fn release(self) {
+        let released: std::result::Result<i64, _> =
+            self.redis.pool().eval(RELEASE_SCRIPT, vec![self.key.clone()], vec![self.token]).await;
+        if let Err(error) = released {
+            tracing::warn!(%error, key = self.key, "cannot release a job lock; it lapses by itself");
+        }
+    }
+}
 
 /// ClickHouse's text form of a time, for `DateTime64(6, 'UTC')` parameters.
 fn time_param(time: DateTime<Utc>) -> String {
@@ -593,24 +692,11 @@ impl Store {
     /// another replica is doing so now: the job holds a lock in the shared Redis, so the
     /// deployment runs one round of retention mutations at a time. Returns the projects applied.
     pub async fn apply_due_retention(&self, min_interval: Duration) -> Result<Vec<(Uuid, u16)>> {
-        let key = self.redis.key("analytics", "retention-job");
-        let token = Uuid::new_v4().to_string();
-        let lease = RETENTION_JOB_LEASE.as_millis().to_string();
-        let taken: i64 = self
-            .redis
-            .pool()
-            .eval(LOCK_SCRIPT, vec![key.clone()], vec![token.clone(), lease])
-            .await
-            .map_err(|e| AnalyticsError::RedisUnavailable(e.to_string()))?;
-        if taken == 0 {
+        let Some(lock) = JobLock::try_take(&self.redis, "retention-job", RETENTION_JOB_LEASE).await? else {
             return Ok(Vec::new());
-        }
+        };
         let applied = self.apply_pending_retention(min_interval).await;
-        let released: std::result::Result<i64, _> =
-            self.redis.pool().eval(RELEASE_SCRIPT, vec![key], vec![token]).await;
-        if let Err(error) = released {
-            tracing::warn!(%error, "cannot release the retention job lock; it lapses by itself");
-        }
+        lock.release().await;
         applied
     }
 
@@ -643,26 +729,28 @@ impl Store {
     /// the mutations, then records it as applied. Idempotent; callers go through
     /// [`Store::apply_due_retention`], which bounds how often and how many at a time.
     pub async fn apply_retention(&self, project_id: Uuid, days: u16) -> Result<()> {
-        let client = self.ch.client.clone().with_setting("mutations_sync", "1");
+        let client = self.ch.client.clone();
+        let (db, topology) = (self.ch.database(), self.ch.topology());
+        let on = topology.on_cluster();
+        let sync = [("mutations_sync", topology.mutations_sync())];
+        // Mutations run on the tables that hold the rows (each shard's local table, on every
+        // node): a Distributed table takes no ALTER ... DELETE. The id and days are typed values,
+        // written into the statement because it may go to each node as it is.
         let tables = EVENT_TABLES.iter().map(|t| (*t, "occurred_at")).chain([("usage_hourly", "hour")]);
         for (table, time) in tables {
-            client
-                .query(&format!(
-                    "ALTER TABLE {table} DELETE WHERE project_id = {{project:UUID}} \
-                     AND {time} < now64(6) - toIntervalDay({{days:UInt16}})"
-                ))
-                .param("project", project_id.to_string())
-                .param("days", days)
-                .execute()
-                .await?;
-            client
-                .query(&format!(
-                    "ALTER TABLE {table} UPDATE retention_days = {{days:UInt16}} WHERE project_id = {{project:UUID}}"
-                ))
-                .param("project", project_id.to_string())
-                .param("days", days)
-                .execute()
-                .await?;
+            let local = topology.local(table);
+            let statements = [
+                format!(
+                    "ALTER TABLE {db}.{local}{on} DELETE WHERE project_id = '{project_id}' \
+                     AND {time} < now64(6) - toIntervalDay({days})"
+                ),
+                format!(
+                    "ALTER TABLE {db}.{local}{on} UPDATE retention_days = {days} WHERE project_id = '{project_id}'"
+                ),
+            ];
+            for statement in statements {
+                run_everywhere(topology, &self.ch.server, &statement, &sync).await?;
+            }
         }
         client
             .query("INSERT INTO retention_applied (project_id, days, applied_at) VALUES ({project:UUID}, {days:UInt16}, now64(6))")
@@ -677,8 +765,10 @@ impl Store {
     /// Merges every table now, which applies TTLs and collapses duplicates at once instead of
     /// in ClickHouse's background merges (tests and operators).
     pub async fn optimize(&self) -> Result<()> {
+        let (db, topology) = (self.ch.database(), self.ch.topology());
         for table in EVENT_TABLES.iter().chain(&["usage_hourly"]) {
-            self.ch.client.query(&format!("OPTIMIZE TABLE {table} FINAL")).execute().await?;
+            let statement = format!("OPTIMIZE TABLE {db}.{}{} FINAL", topology.local(table), topology.on_cluster());
+            run_everywhere(topology, &self.ch.server, &statement, &[]).await?;
         }
         Ok(())
     }
@@ -811,7 +901,7 @@ impl Writer {
         let sql = EVENT_TABLES.iter().map(|t| select(t)).collect::<Vec<_>>().join(" UNION ALL ");
         let rows: Vec<EventIdRow> = self
             .ch
-            .client
+            .consistent()
             .query(&sql)
             .param("first", time_param(first))
             .param("last", time_param(last))

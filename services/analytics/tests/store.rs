@@ -1,15 +1,18 @@
 //! The analytics store against the real ClickHouse (chDB): events count once however often
 //! they arrive, rollups agree with the raw events, retention drops old rows.
 
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use chrono::{Duration, DurationRound, Utc};
 use uuid::Uuid;
+
+mod common;
+
+use common::{day_query, totals, usage_event, valid};
 
 use aimesh_analytics::AnalyticsConfig;
 use aimesh_analytics::error::AnalyticsError;
-use aimesh_analytics::events::{self, ValidEvent};
-use aimesh_analytics::query::{Bucket, Dimension, TimeRange, UsageFilter, UsageQuery};
-use aimesh_analytics::store::{IngestClaims, Source, Store, Stored, UsageAggregate};
-use aimesh_kit::wire::proto_json;
+use aimesh_analytics::events::ValidEvent;
+use aimesh_analytics::query::Dimension;
+use aimesh_analytics::store::{IngestClaims, Source, Store, Stored};
 use aimesh_proto::analytics::v1 as pb;
 
 /// A store on a database of its own, dropped at the end of the test.
@@ -47,47 +50,6 @@ impl TestStore {
         let ch = self.store.clickhouse();
         ch.server().query(&format!("DROP DATABASE IF EXISTS {}", ch.database())).execute().await.expect("drop");
     }
-}
-
-fn usage_event(project: Uuid, model: Uuid, at: DateTime<Utc>, tokens: i64, cost: &str, status: &str) -> pb::Event {
-    let payload = serde_json::json!({
-        "id": Uuid::now_v7(), "request_id": Uuid::new_v4().to_string(), "user_id": Uuid::new_v4(),
-        "api_key_id": null, "model_id": model, "request_type": "chat", "input_tokens": tokens,
-        "output_tokens": tokens / 2, "cached_input_tokens": 0, "total_tokens": tokens + tokens / 2,
-        "cost": cost, "duration_ms": tokens % 1000, "status": status, "request_time": at.to_rfc3339(),
-    });
-    pb::Event {
-        event_id: Uuid::now_v7().to_string(),
-        topic: "usage".into(),
-        event_type: "usage.recorded".into(),
-        project_id: project.to_string(),
-        occurred_at: Some(proto_json::timestamp(at)),
-        payload: payload.to_string(),
-    }
-}
-
-fn valid(events: &[pb::Event]) -> Vec<ValidEvent> {
-    events.iter().map(|e| events::validate(e).expect("valid event")).collect()
-}
-
-fn day_query(project: Uuid, start: DateTime<Utc>, end: DateTime<Utc>, group_by: Option<Dimension>) -> UsageQuery {
-    UsageQuery {
-        project_id: project,
-        range: TimeRange::new(Some(start), Some(end), 400).expect("range"),
-        filter: UsageFilter::default(),
-        bucket: Some((Bucket::Day, "UTC".into())),
-        group_by,
-    }
-}
-
-/// Requests, tokens and cost per (bucket, group), from one source.
-fn totals(rows: &[UsageAggregate]) -> Vec<(u32, String, u64, i64, String)> {
-    rows.iter()
-        .map(|r| {
-            let cost: rust_decimal::Decimal = r.sum_cost.parse().expect("cost");
-            (r.bucket, r.grp.clone(), r.sum_requests, r.sum_total_tokens, cost.normalize().to_string())
-        })
-        .collect()
 }
 
 #[tokio::test]

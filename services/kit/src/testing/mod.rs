@@ -1,12 +1,13 @@
 //! Test support: a fresh PostgreSQL database per test, a Redis handle with a key prefix of its
 //! own, both on the real servers `scripts/deps.sh` starts (or those named in the environment);
 //! servers of a test's own that it may stop or kill ([`ScratchPostgres`] and its streaming
-//! replicas, [`ScratchPgBouncer`], [`ScratchCluster`], [`ScratchSentinel`],
-//! [`ScratchRedis`]); proxies a test puts between a client and a server ([`CuttableProxy`] for
+//! replicas, [`ScratchPgBouncer`], [`ScratchCluster`], [`ScratchSentinel`], [`ScratchRedis`],
+//! [`ScratchClickHouse`]); proxies a test puts between a client and a server ([`CuttableProxy`] for
 //! outages nobody else sees, [`TlsProxy`] for TLS in front of a plain server); and certificates
 //! made for one test ([`TestCertificates`]).
 
 mod certificates;
+mod clickhouse;
 mod pgbouncer;
 mod postgres;
 mod proxy;
@@ -15,6 +16,7 @@ mod redis;
 use std::time::Duration;
 
 pub use certificates::TestCertificates;
+pub use clickhouse::ScratchClickHouse;
 pub use pgbouncer::{ConsoleRow, ScratchPgBouncer};
 pub use postgres::{ScratchDatabase, ScratchPostgres, TestDatabase, postgres_url};
 pub use proxy::{CuttableProxy, TlsProxy, authority_of};
