@@ -126,14 +126,28 @@ AIMESH_SERVICES__{{ upper $peer }}: {{ include "aimesh.url" (dict "root" $root "
       key: {{ .key }}
 {{- end }}
 
-{{/* The database settings of the migrations Job and of the components with a database. */}}
+{{/*
+The database settings of the migrations Job and of the components with a database:
+(dict "root" $ "components" (list "chat") "replicas" true). Each URL is read from the Secret
+the component's values name: database_url (the primary, perhaps through PgBouncer),
+database_migration_url (the primary directly) and, with "replicas", database_replica_urls;
+the Job only migrates, so it is given no replicas.
+*/}}
 {{- define "aimesh.databaseEnv" -}}
 {{- $v := .root.Values }}
+{{- /* [setting, the component's value naming its Secret] */}}
+{{- $settings := list (list "DATABASE_URL" "databaseUrlSecret") (list "DATABASE_MIGRATION_URL" "databaseMigrationUrlSecret") }}
+{{- if .replicas }}
+{{- $settings = append $settings (list "DATABASE_REPLICA_URLS" "databaseReplicaUrlsSecret") }}
+{{- end }}
 {{- include "aimesh.secretEnv" (dict "name" "AIMESH_POSTGRES_URL" "secret" $v.secrets.postgresUrl.name "key" $v.secrets.postgresUrl.key) }}
 {{- range $component := .components }}
-{{- $ref := (index $v.components $component).databaseUrlSecret }}
+{{- $c := index $v.components $component }}
+{{- range $setting := $settings }}
+{{- $ref := index $c (index $setting 1) | default dict }}
 {{- if $ref.name }}
-{{ include "aimesh.secretEnv" (dict "name" (printf "AIMESH_%s__DATABASE_URL" (upper $component)) "secret" $ref.name "key" $ref.key) }}
+{{ include "aimesh.secretEnv" (dict "name" (printf "AIMESH_%s__%s" (upper $component) (index $setting 0)) "secret" $ref.name "key" $ref.key) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
