@@ -1,14 +1,14 @@
 //! What the tests of the `aimesh` binary share: free addresses, waiting for a child process to
 //! serve, and stopping it with SIGTERM.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-/// A loopback address nobody listens on right now.
+/// A loopback address nobody listens on right now, for the child to listen on (see
+/// [`aimesh_kit::testing::free_ports`]).
 pub fn free_address() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address")
+    SocketAddr::from(([127, 0, 0, 1], aimesh_kit::testing::free_ports(1)[0]))
 }
 
 /// Waits until grpc.health.v1 at `address` says SERVING.
