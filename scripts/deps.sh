@@ -518,24 +518,8 @@ start_redis() {
 }
 
 # ---- ClickHouse (chDB) -----------------------------------------------------------
-# chDB's Python Session cannot open listeners, but chdb._chdb.query() runs a
-# whole clickhouse-local (LocalServer) invocation, which can: the statement
-# SYSTEM START LISTEN HTTP opens the HTTP interface on listen_host/http_port
-# from ./config.xml (the process cwd), and the following never-ending query
-# keeps that clickhouse-local alive. sleepEachRow(1) over one-row blocks wakes
-# once a second, so the process is idle. It shows in system.processes; a
-# KILL QUERY on it stops the server. "TabSeparated" makes that the default
-# output format over HTTP, as on a real server (clickhouse-local's is CSV).
-CH_KEEPALIVE_PY='
-import sys
-import chdb._chdb as c
-r = c.query(
-    "SYSTEM START LISTEN HTTP; "
-    "SELECT sleepEachRow(1) FROM system.numbers SETTINGS max_block_size = 1 FORMAT Null",
-    "TabSeparated", path=sys.argv[1])
-print("aimesh-clickhouse: the keep-alive query ended:", r.error_message() if r.has_error() else "no error", file=sys.stderr)
-sys.exit(1)
-'
+# chDB's clickhouse-local kept alive as an HTTP server by scripts/clickhouse_server.py (which
+# says how), on the port of the config.xml written below.
 ch_ready() { [[ $(curl -s --max-time 2 "$OUR_CH_URL/ping") == Ok.* ]]; }
 
 start_clickhouse() {
@@ -558,7 +542,7 @@ start_clickhouse() {
 </clickhouse>
 EOF
     # The last argument only tags the process, so pid checks can recognise it.
-    (cd "$dir" && exec setsid -- "$VENV/bin/python" -c "$CH_KEEPALIVE_PY" "$dir/data" aimesh-clickhouse) \
+    (cd "$dir" && exec setsid -- "$VENV/bin/python" "$REPO/scripts/clickhouse_server.py" "$dir/data" HTTP aimesh-clickhouse) \
         >>"$log" 2>&1 </dev/null 9>&- &
     pid=$!
     echo "$pid" >"$RUN/clickhouse.pid"

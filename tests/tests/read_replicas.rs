@@ -14,8 +14,10 @@ use aimesh_proto::chat::v1 as chat_pb;
 use aimesh_proto::identity::v1 as pb;
 use aimesh_tests::{Account, Mesh, authed, metric, test_config, use_postgres_server};
 
-/// How far behind the replica may be before reads skip it, in these tests.
-const MAX_LAG: Duration = Duration::from_secs(3);
+/// How far behind the replica may be before reads skip it, in these tests: long beside the
+/// few calls between pausing the replay and the read that must still go to the replica, even
+/// on a loaded machine.
+const MAX_LAG: Duration = Duration::from_secs(10);
 /// Bound of every wait for a condition.
 const PATIENCE: Duration = Duration::from_secs(30);
 

@@ -337,7 +337,8 @@ fn fingerprint(deployment: &Deployment, node: usize) -> Vec<String> {
 async fn single_node_history(deployment: &Deployment) -> Vec<String> {
     let store = deployment.replica(deployment.single_config(0)).await;
     let start = Utc::now().duration_trunc(Duration::days(1)).expect("trunc") - Duration::days(75);
-    let projects = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
+    // Projects on both shards of the cluster to come, so the move must put rows on each.
+    let projects = [deployment.project_on_shard(0), deployment.project_on_shard(1), deployment.project_on_shard(0)];
     let model = Uuid::new_v4();
     let mut events: Vec<pb::Event> = (0..150)
         .map(|i| {

@@ -8,19 +8,8 @@ use std::time::Duration;
 
 use super::{free_ports, wait_for};
 
-/// Keeps a clickhouse-local alive as a server: the listeners open from `config.xml` in the
-/// working directory, then a never-ending, near-idle query holds the process (as in
-/// scripts/deps.sh).
-const KEEPALIVE_PY: &str = r#"
-import sys
-import chdb._chdb as c
-r = c.query(
-    "SYSTEM START LISTEN HTTP; SYSTEM START LISTEN TCP; "
-    "SELECT sleepEachRow(1) FROM system.numbers SETTINGS max_block_size = 1 FORMAT Null",
-    "TabSeparated", path=sys.argv[1])
-print("scratch clickhouse: the keep-alive query ended:", r.error_message() if r.has_error() else "no error", file=sys.stderr)
-sys.exit(1)
-"#;
+/// Keeps a clickhouse-local alive as a server (the script deps.sh runs for the dev server).
+const SERVER_PY: &str = include_str!("../../../../scripts/clickhouse_server.py");
 
 /// A cluster of `shards` × `replicas` ClickHouse nodes and a ZooKeeper, all killed and removed
 /// on drop. Needs `AIMESH_CLICKHOUSE_PYTHON` (the Python with chDB) and
@@ -75,8 +64,9 @@ impl ScratchClickHouse {
             scratch.write_config(index);
             let node_dir = scratch.node_dir(index);
             let child = std::process::Command::new(&python)
-                .args(["-c", KEEPALIVE_PY])
+                .args(["-c", SERVER_PY])
                 .arg(node_dir.join("data"))
+                .arg("HTTP,TCP")
                 .current_dir(&node_dir)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(node_dir.join("server.log")).expect("create the node's log"))
