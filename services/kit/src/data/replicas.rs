@@ -34,6 +34,10 @@ const PRIMARY_POSITION: &str = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::b
 /// How far a replica has replayed the primary's WAL; NULL on a server that is not a replica.
 const REPLAYED_POSITION: &str = "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint";
 
+/// How many times `replica_max_lag` of the primary's positions are kept: lag is measured exactly
+/// up to that (the gauge's range); a replica further behind shows the oldest sample's age.
+const LAG_HISTORY: u32 = 10;
+
 /// Raises the kept position of a user's last write, never lowers it (two writes of one user
 /// may finish in either order on two processes), and renews its lifetime.
 const RECORD_WRITE_SCRIPT: &str = r"
@@ -158,7 +162,8 @@ struct ReadReplicas {
     record_write: Script,
     max_lag: Duration,
     check_interval: Duration,
-    /// The primary's WAL position at each check of the last `max_lag`, oldest first.
+    /// The primary's WAL position at each check of the last `LAG_HISTORY` x `max_lag`, oldest
+    /// first.
     primary_samples: std::sync::Mutex<VecDeque<(Instant, WalPosition)>>,
     /// Round robin over the usable replicas.
     next: AtomicUsize,
@@ -258,9 +263,8 @@ impl ReadReplicas {
             Ok(Ok(position)) => {
                 let mut samples = self.primary_samples.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 samples.push_back((now, position as WalPosition));
-                // Older samples can only say that a replica lags more than the bound.
-                while samples.len() > 1 && samples.front().is_some_and(|(at, _)| now.duration_since(*at) > self.max_lag)
-                {
+                let kept = self.max_lag * LAG_HISTORY;
+                while samples.len() > 1 && samples.front().is_some_and(|(at, _)| now.duration_since(*at) > kept) {
                     samples.pop_front();
                 }
             }
@@ -284,18 +288,23 @@ impl ReadReplicas {
         };
         replica.replayed.store(replayed, Ordering::Relaxed);
         let lag = self.lag_of(replayed);
-        let usable = lag.is_some_and(|lag| lag <= self.max_lag);
-        let lag_seconds = lag.map_or(f64::INFINITY, |lag| lag.as_secs_f64());
-        metrics::gauge!("db_replica_lag_seconds", "database" => self.service, "replica" => replica.name.clone())
-            .set(lag_seconds.min(self.max_lag.as_secs_f64() * 10.0));
-        self.set_usable(replica, usable);
+        if let Some(lag) = lag {
+            metrics::gauge!("db_replica_lag_seconds", "database" => self.service, "replica" => replica.name.clone())
+                .set(lag.as_secs_f64());
+        }
+        self.set_usable(replica, lag.is_some_and(|lag| lag <= self.max_lag));
     }
 
-    /// How long ago the primary was last seen at a position `replayed` has reached; `None` when
-    /// no sample of the last `max_lag` is that old.
+    /// How long ago the primary was last seen at a position `replayed` has reached; when no
+    /// kept sample is that old, the oldest sample's age, and past the bound whatever that age
+    /// (the replica lags at least that much); `None` before the primary answered a check.
     fn lag_of(&self, replayed: WalPosition) -> Option<Duration> {
         let samples = self.primary_samples.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        samples.iter().rev().find(|(_, position)| *position <= replayed).map(|(at, _)| at.elapsed())
+        let (oldest, _) = samples.front()?;
+        Some(match samples.iter().rev().find(|(_, position)| *position <= replayed) {
+            Some((at, _)) => at.elapsed(),
+            None => oldest.elapsed().max(self.max_lag + Duration::from_millis(1)),
+        })
     }
 
     fn mark_unusable(&self, replica: &Replica, why: &str) {
