@@ -461,6 +461,22 @@ fn channel(address: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{address}")).expect("service url").connect_lazy()
 }
 
+/// Asserts that the outbox of the service database `pool` (`name`) holds events, and waits
+/// until every one of them is delivered to analytics.
+pub async fn outbox_drains(pool: &sqlx::PgPool, name: &str) {
+    // (written, still undelivered)
+    let outbox = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT count(*), count(*) FILTER (WHERE delivered_at IS NULL) FROM outbox_events",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("read the outbox")
+    };
+    assert!(outbox().await.0 > 0, "the traffic wrote no event to the outbox of {name}");
+    eventually(&format!("the outbox of {name} is delivered"), || async { outbox().await.1 == 0 }).await;
+}
+
 /// A small pool on the database of `urls` (as the services connect: through PgBouncer too).
 async fn pool_on(urls: &aimesh_kit::config::DatabaseUrls, service: &str) -> sqlx::PgPool {
     let url = urls.url.as_deref().unwrap_or_else(|| panic!("{service} has a database url"));

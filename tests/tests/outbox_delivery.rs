@@ -5,7 +5,7 @@
 use aimesh_proto::chat::v1 as chat_pb;
 use aimesh_proto::files::v1 as files_pb;
 use aimesh_proto::identity::v1 as pb;
-use aimesh_tests::{Mesh, authed, catalog, eventually, project_with_key, record};
+use aimesh_tests::{Mesh, authed, catalog, eventually, outbox_drains, project_with_key, record};
 
 /// Events of `project` in ClickHouse's product table, by type, in type order.
 async fn product_events(mesh: &Mesh, project: &str) -> Vec<(String, u64)> {
@@ -71,18 +71,7 @@ async fn after_traffic_on_every_service_every_outbox_is_delivered() {
         [("identity", mesh.identity_db().await), ("usage", mesh.usage_db().await), ("chat", mesh.chat_db().await)];
     let databases = databases.into_iter().chain([("files", mesh.files_db().await)]);
     for (service, pool) in databases {
-        // (written, still undelivered)
-        let outbox = || async {
-            sqlx::query_as::<_, (i64, i64)>(
-                "SELECT count(*), count(*) FILTER (WHERE delivered_at IS NULL) FROM outbox_events",
-            )
-            .fetch_one(&pool)
-            .await
-            .expect("read the outbox")
-        };
-        let (written, _) = outbox().await;
-        assert!(written > 0, "the traffic wrote no event to {service}'s outbox");
-        eventually(&format!("{service}'s outbox is delivered"), || async { outbox().await.1 == 0 }).await;
+        outbox_drains(&pool, service).await;
         pool.close().await;
     }
 }

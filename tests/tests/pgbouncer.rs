@@ -11,7 +11,7 @@ use aimesh_kit::testing::{ScratchDatabase, ScratchPgBouncer, postgres_url};
 use aimesh_proto::chat::v1 as chat_pb;
 use aimesh_proto::files::v1 as files_pb;
 use aimesh_proto::usage::v1 as usage_pb;
-use aimesh_tests::{Mesh, authed, catalog, eventually, project_with_key, record, test_config};
+use aimesh_tests::{Mesh, authed, catalog, eventually, outbox_drains, project_with_key, record, test_config};
 use sqlx::{Connection, PgConnection};
 
 /// Callers at once: more than the pool's server connections, and more than each service's
@@ -156,18 +156,7 @@ async fn the_mesh_works_behind_pgbouncer_in_transaction_mode() {
     // transactions with SET LOCAL and FOR UPDATE SKIP LOCKED).
     for direct in &direct_urls {
         let pool = sqlx::PgPool::connect(direct).await.expect("connect to a service database directly");
-        // (written, still undelivered)
-        let outbox = || async {
-            sqlx::query_as::<_, (i64, i64)>(
-                "SELECT count(*), count(*) FILTER (WHERE delivered_at IS NULL) FROM outbox_events",
-            )
-            .fetch_one(&pool)
-            .await
-            .expect("read the outbox")
-        };
-        assert!(outbox().await.0 > 0, "the traffic wrote no event to the outbox of {}", database_of(direct));
-        eventually(&format!("the outbox of {} is delivered", database_of(direct)), || async { outbox().await.1 == 0 })
-            .await;
+        outbox_drains(&pool, &database_of(direct)).await;
         pool.close().await;
     }
     eventually("every upload is counted in analytics", || async {

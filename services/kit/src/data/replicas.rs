@@ -188,8 +188,8 @@ struct Replica {
 
 impl ReadReplicas {
     async fn reader(&self, user: Uuid) -> PgPool {
-        let usable: Vec<&Replica> = self.replicas.iter().filter(|r| r.usable.load(Ordering::Relaxed)).collect();
-        if usable.is_empty() {
+        let usable = |replica: &&Replica| replica.usable.load(Ordering::Relaxed);
+        if !self.replicas.iter().any(|replica| usable(&replica)) {
             return self.count_read("primary", "no_usable_replica");
         }
         let last_write = match self.last_write(user).await {
@@ -201,7 +201,7 @@ impl ReadReplicas {
             }
         };
         let fresh: Vec<&Replica> =
-            usable.into_iter().filter(|r| r.replayed.load(Ordering::Relaxed) >= last_write).collect();
+            self.replicas.iter().filter(usable).filter(|r| r.replayed.load(Ordering::Relaxed) >= last_write).collect();
         if fresh.is_empty() {
             return self.count_read("primary", "own_write_not_replayed");
         }
