@@ -301,7 +301,11 @@ fn redis_errors(metrics: &PrometheusHandle) -> BTreeMap<String, u64> {
             continue;
         };
         let operation = labels.split(',').find_map(|pair| pair.strip_prefix("operation=")).unwrap_or_default();
-        counts.insert(operation.trim_matches('"').to_owned(), value.trim().parse().expect("a counter value"));
+        let count: u64 = value.trim().parse().expect("a counter value");
+        // Every operation's series exists from the cache's start, at 0.
+        if count > 0 {
+            counts.insert(operation.trim_matches('"').to_owned(), count);
+        }
     }
     counts
 }

@@ -37,9 +37,13 @@ use fred::types::scripts::Script;
 use serde::Serialize;
 use uuid::Uuid;
 
-use aimesh_kit::data::redis::{Redis, RedisError};
+use aimesh_kit::data::redis::{Redis, RedisError, timed};
 
-use crate::domain::{QuotaLimits, QuotaSubject, Windows};
+use crate::domain::{QuotaLimits, QuotaScope, QuotaSubject, Windows};
+
+/// A granted reservation that leaves a quota at this percentage of a limit or more counts in
+/// `usage_quota_near_limit_total{scope}`; a refused one in `usage_quota_exceeded_total{scope}`.
+const NEAR_LIMIT_PERCENT: i64 = 80;
 
 /// How long the marker outlives the project's last use.
 const MARKER_TTL_MS: i64 = 35 * 24 * 60 * 60 * 1000;
@@ -110,17 +114,23 @@ end
 "#;
 
 /// ARGV[9] reservation id, [10] its entry, [11] its expiry (ms), [12] tokens, [13] cost,
-/// [14] lifetime of the reservation keys (ms), [15] the subjects with their limits (JSON).
+/// [14] lifetime of the reservation keys (ms), [15] the subjects with their limits (JSON),
+/// [16] the percentage of a limit from which a subject is near it.
 /// Checks every limit of every subject; only if all pass, adds the reservation everywhere.
+/// Answers `{'OK', scopes near a limit (comma separated), warnings...}` or `{'LIMIT', limit,
+/// used, allowed, scope}`.
 const RESERVE: &str = r#"
 if not ensure_windows() then return {'REBUILD'} end
 purge()
 local tokens = tonumber(ARGV[12])
 local cost = tonumber(ARGV[13])
 local subjects = cjson.decode(ARGV[15])
+local near_percent = tonumber(ARGV[16])
 local warnings = {}
+local near = {}
 for _, s in ipairs(subjects) do
   local soft = tonumber(s.soft)
+  local is_near = false
   local checks = {{KEYS[2], 't:' .. s.f, tokens, tonumber(s.tpd), 'tokens_per_day'},
                   {KEYS[3], 'c:' .. s.f, cost, tonumber(s.cpm), 'cost_per_month'},
                   {KEYS[4], 'r:' .. s.f, 1, tonumber(s.rpm), 'requests_per_minute'},
@@ -129,12 +139,14 @@ for _, s in ipairs(subjects) do
     if c[4] > 0 then
       local used = tonumber(redis.call('HGET', c[1], c[2]) or '0')
       local after = used + c[3]
-      if after > c[4] then return {'LIMIT', s.n .. ' ' .. c[5], int(used), int(c[4])} end
+      if after > c[4] then return {'LIMIT', s.n .. ' ' .. c[5], int(used), int(c[4]), s.sc} end
+      if after * 100 >= c[4] * near_percent then is_near = true end
       if soft > 0 and after * 100 >= c[4] * soft then
         table.insert(warnings, s.n .. ' ' .. c[5] .. ' at ' .. int(math.floor(after * 100 / c[4])) .. '%')
       end
     end
   end
+  if is_near then table.insert(near, s.sc) end
 end
 local fields = {}
 for _, s in ipairs(subjects) do table.insert(fields, s.f) end
@@ -143,7 +155,7 @@ redis.call('HSET', KEYS[5], ARGV[9], ARGV[10])
 redis.call('ZADD', KEYS[6], ARGV[11], ARGV[9])
 redis.call('PEXPIRE', KEYS[5], ARGV[14])
 redis.call('PEXPIRE', KEYS[6], ARGV[14])
-return {'OK', unpack(warnings)}
+return {'OK', table.concat(near, ','), unpack(warnings)}
 "#;
 
 /// ARGV[9] the reservations the records settle (JSON list of ids), [10..12] what the records
@@ -310,7 +322,12 @@ fn flat(map: &BTreeMap<String, i64>) -> String {
 }
 
 impl Counters {
+    /// The counters in `redis`; the quota series exist, at 0, from now on.
     pub fn new(redis: Redis) -> Self {
+        for scope in QuotaScope::ALL {
+            metrics::counter!("usage_quota_near_limit_total", "scope" => scope.as_str()).increment(0);
+            metrics::counter!("usage_quota_exceeded_total", "scope" => scope.as_str()).increment(0);
+        }
         Self {
             redis,
             reserve: script(RESERVE),
@@ -347,8 +364,15 @@ impl Counters {
         ]
     }
 
-    async fn run(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> Result<Vec<String>, RedisError> {
-        script.evalsha_with_reload(self.redis.pool().next(), keys, args).await
+    /// Runs `script`, timed as the Redis command `operation`.
+    async fn run(
+        &self,
+        operation: &'static str,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Vec<String>, RedisError> {
+        timed(operation, script.evalsha_with_reload(self.redis.pool().next(), keys, args)).await
     }
 
     /// Checks the limits of every subject and, if all pass, reserves `tokens` and `cost_nanos`
@@ -380,6 +404,7 @@ impl Counters {
                 serde_json::json!({
                     "f": s.subject.counter_field(),
                     "n": s.subject.label(),
+                    "sc": s.subject.scope().as_str(),
                     "tpd": l.tokens_per_day.to_string(),
                     "cpm": l.cost_per_month_nanos().to_string(),
                     "rpm": l.requests_per_minute.to_string(),
@@ -397,16 +422,29 @@ impl Counters {
             cost_nanos.to_string(),
             RESERVATIONS_TTL_MS.to_string(),
             json(&limits),
+            NEAR_LIMIT_PERCENT.to_string(),
         ]);
-        let reply = self.run(&self.reserve, self.keys(project_id, &windows), args).await?;
+        let reply = self.run("reserve", &self.reserve, self.keys(project_id, &windows), args).await?;
         let number = |i: usize| reply.get(i).and_then(|s| s.parse::<i64>().ok()).unwrap_or_default();
         Ok(match reply.first().map(String::as_str) {
-            Some("OK") => Decision::Granted { warnings: reply[1..].to_vec() },
-            Some("LIMIT") => Decision::Refused {
-                limit: reply.get(1).cloned().unwrap_or_default(),
-                used: number(2),
-                allowed: number(3),
-            },
+            Some("OK") => {
+                for scope in
+                    reply.get(1).map(String::as_str).unwrap_or_default().split(',').filter_map(QuotaScope::parse)
+                {
+                    metrics::counter!("usage_quota_near_limit_total", "scope" => scope.as_str()).increment(1);
+                }
+                Decision::Granted { warnings: reply.get(2..).unwrap_or_default().to_vec() }
+            }
+            Some("LIMIT") => {
+                if let Some(scope) = reply.get(4).and_then(|scope| QuotaScope::parse(scope)) {
+                    metrics::counter!("usage_quota_exceeded_total", "scope" => scope.as_str()).increment(1);
+                }
+                Decision::Refused {
+                    limit: reply.get(1).cloned().unwrap_or_default(),
+                    used: number(2),
+                    allowed: number(3),
+                }
+            }
             _ => Decision::Rebuild,
         })
     }
@@ -429,7 +467,7 @@ impl Counters {
             flat(&usage.month),
             flat(&usage.minute),
         ]);
-        let reply = self.run(&self.record, self.keys(project_id, &windows), args).await?;
+        let reply = self.run("record", &self.record, self.keys(project_id, &windows), args).await?;
         Ok(outcome(&reply))
     }
 
@@ -438,13 +476,14 @@ impl Counters {
         let windows = Windows::at(now);
         let mut args = Self::common_args(now, &windows);
         args.push(reservation_id.to_string());
-        self.run(&self.release, self.keys(project_id, &windows), args).await.map(drop)
+        self.run("release", &self.release, self.keys(project_id, &windows), args).await.map(drop)
     }
 
     /// Whether the project's counters are complete at `now`.
     pub async fn check(&self, project_id: Uuid, now: DateTime<Utc>) -> Result<Outcome, RedisError> {
         let windows = Windows::at(now);
-        let reply = self.run(&self.check, self.keys(project_id, &windows), Self::common_args(now, &windows)).await?;
+        let reply =
+            self.run("check", &self.check, self.keys(project_id, &windows), Self::common_args(now, &windows)).await?;
         Ok(outcome(&reply))
     }
 
@@ -471,7 +510,7 @@ impl Counters {
             json(&reservations),
             RESERVATIONS_TTL_MS.to_string(),
         ]);
-        self.run(&self.rebuild, self.keys(project_id, &windows), args).await.map(drop)
+        self.run("rebuild", &self.rebuild, self.keys(project_id, &windows), args).await.map(drop)
     }
 
     /// The raw fields of the project's day, month and minute windows at `now` (the `_` field

@@ -30,7 +30,7 @@ use uuid::Uuid;
 use super::access::Caller;
 use super::credentials::CredentialRef;
 use super::verifier::CredentialVerifier;
-use crate::data::redis::{Redis, RedisBreaker, RedisError};
+use crate::data::redis::{Redis, RedisBreaker, RedisError, timed};
 use crate::wire::error::{ErrorCode, ServiceError};
 
 /// How long a counted stream holds its slot without a renewal: a crashed replica's slots are
@@ -147,7 +147,7 @@ impl StreamAccess {
                 redis,
                 verifier,
                 policy,
-                breaker: RedisBreaker::new(REDIS_RETRY_AFTER),
+                breaker: RedisBreaker::new("stream_access", REDIS_RETRY_AFTER),
                 local: Mutex::default(),
             }),
         }
@@ -207,7 +207,8 @@ impl StreamAccess {
         }
         let max = self.inner.policy.max_per_principal.to_string();
         let args = vec![stream_id.to_owned(), max, Self::lease_millis()];
-        let taken: Result<i64, RedisError> = self.inner.redis.pool().eval(ACQUIRE_SCRIPT, key, args).await;
+        let taken: Result<i64, RedisError> =
+            timed("stream_acquire", self.inner.redis.pool().eval(ACQUIRE_SCRIPT, key, args)).await;
         match taken {
             Ok(taken) => Some(taken == 1),
             Err(error) => {
@@ -230,7 +231,8 @@ impl StreamAccess {
     async fn renew(&self, slot: &Slot) {
         let Slot::Shared { key, stream_id } = slot else { return };
         let args = vec![stream_id.clone(), Self::lease_millis()];
-        let renewed: Result<i64, RedisError> = self.inner.redis.pool().eval(RENEW_SCRIPT, key.as_str(), args).await;
+        let renewed: Result<i64, RedisError> =
+            timed("stream_renew", self.inner.redis.pool().eval(RENEW_SCRIPT, key.as_str(), args)).await;
         if let Err(error) = renewed {
             // The lease may run out; the stream then counts less until Redis is back.
             self.redis_failed("renew", &error);

@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::data::redis::{Redis, RedisBreaker, RedisError};
+use crate::data::redis::{Redis, RedisBreaker, RedisError, timed};
 
 /// How long a replica's load lock lives if its holder never releases it (crashed, cancelled).
 const LOAD_LOCK_TTL: Duration = Duration::from_secs(3);
@@ -58,6 +58,8 @@ const REDIS_RETRY_AFTER: Duration = Duration::from_secs(2);
 /// Lifetime of a key's version in L2 after an invalidation: longer than any load may take, since
 /// a loader that saw no version at all could otherwise write after the version expired.
 const VERSION_TTL: Duration = Duration::from_secs(600);
+/// The Redis operations of a cache, the `operation` label of `cache_redis_errors_total`.
+const REDIS_OPERATIONS: [&str; 6] = ["get", "set", "lock", "unlock", "invalidate", "publish"];
 
 /// Deletes the lock only if it still holds our token, so a slow loader whose lock expired does
 /// not release the lock of the next one.
@@ -238,8 +240,12 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> TwoLevelCache<V> {
             settings,
             local,
             generation: AtomicU64::new(0),
-            breaker: RedisBreaker::new(REDIS_RETRY_AFTER),
+            breaker: RedisBreaker::new("cache", REDIS_RETRY_AFTER),
         });
+        // Counted only when they happen; at 0 from the start, so that rates and alerts see them.
+        for operation in REDIS_OPERATIONS {
+            metrics::counter!("cache_redis_errors_total", "cache" => name, "operation" => operation).increment(0);
+        }
         let weak = Arc::downgrade(&inner);
         bus.register(service, name, weak);
         Self { inner }
@@ -378,7 +384,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
             return Shared::Down;
         }
         let keys = vec![self.entry_key(key), self.version_key(key)];
-        match self.redis.pool().mget::<Vec<Option<String>>, _>(keys).await {
+        match timed("cache_get", self.redis.pool().mget::<Vec<Option<String>>, _>(keys)).await {
             Ok(mut found) if found.len() == 2 => {
                 let version = found.pop().flatten().unwrap_or_default();
                 match found.pop().flatten().map(|text| decode::<V>(&text)) {
@@ -448,8 +454,11 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
         };
         let millis = jitter(ttl).as_millis().to_string();
         let keys = vec![self.entry_key(key), self.version_key(key)];
-        let written: Result<i64, RedisError> =
-            self.redis.pool().eval(WRITE_IF_CURRENT_SCRIPT, keys, vec![version.clone(), text, millis]).await;
+        let written: Result<i64, RedisError> = timed(
+            "cache_set",
+            self.redis.pool().eval(WRITE_IF_CURRENT_SCRIPT, keys, vec![version.clone(), text, millis]),
+        )
+        .await;
         match written {
             Ok(0) => metrics::counter!("cache_stale_writes_refused_total", "cache" => self.name).increment(1),
             Ok(_) => {}
@@ -463,8 +472,8 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
             return Err(());
         }
         let millis = i64::try_from(LOAD_LOCK_TTL.as_millis()).unwrap_or(i64::MAX);
-        let reply: Result<Option<String>, RedisError> =
-            self.redis.pool().set(lock_key, token, Some(Expiration::PX(millis)), Some(SetOptions::NX), false).await;
+        let lock = self.redis.pool().set(lock_key, token, Some(Expiration::PX(millis)), Some(SetOptions::NX), false);
+        let reply: Result<Option<String>, RedisError> = timed("cache_lock", lock).await;
         reply.map(|ok| ok.is_some()).map_err(|error| self.redis_error("lock", &error))
     }
 
@@ -484,7 +493,8 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
     async fn delete_shared(&self, key: &str) -> Result<(), RedisError> {
         let keys = vec![self.entry_key(key), self.version_key(key)];
         let version_ttl = VERSION_TTL.as_millis().to_string();
-        let deleted: Result<i64, RedisError> = self.redis.pool().eval(INVALIDATE_SCRIPT, keys, version_ttl).await;
+        let deleted: Result<i64, RedisError> =
+            timed("cache_invalidate", self.redis.pool().eval(INVALIDATE_SCRIPT, keys, version_ttl)).await;
         if let Err(error) = &deleted {
             self.redis_error("invalidate", error);
         }

@@ -63,7 +63,9 @@ pub fn database_url(server_url: &str, database: &str) -> String {
     format!("{}/{database}", server_url.trim_end_matches('/'))
 }
 
-/// A pool for `url`, logging statements slower than the configured bound.
+/// A pool for `url`, logging statements slower than the configured bound. Every statement and
+/// pool acquire is also an event at TRACE, which the telemetry turns into latency histograms
+/// (see [`crate::telemetry::database_metrics_layer`]) and the log filter leaves out.
 pub async fn connect(url: &str, settings: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
     pool_options(settings).connect_with(connect_options(url, settings)?).await
 }
@@ -73,6 +75,7 @@ fn connect_options(url: &str, settings: &DatabaseConfig) -> Result<PgConnectOpti
         // Not sent as a start-up parameter, which PgBouncer refuses unless told to ignore it;
         // since PostgreSQL 12 the server's default already prints floats exactly.
         .extra_float_digits(None)
+        // A slow statement is still logged at WARN only: sqlx picks one level per statement.
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(settings.slow_statement_ms)))
 }
@@ -83,6 +86,9 @@ fn pool_options(settings: &DatabaseConfig) -> PgPoolOptions {
         .min_connections(settings.min_connections)
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
         .test_before_acquire(true)
+        // The wait for a connection, as an event for the pool-wait histogram (slow waits
+        // still warn).
+        .acquire_time_level(tracing::log::LevelFilter::Trace)
 }
 
 /// Creates the database `url` names if it does not exist yet (development and tests; in
@@ -125,13 +131,14 @@ pub fn unique_violation(error: &sqlx::Error) -> Option<&str> {
     (db.code()? == "23505").then(|| db.constraint().unwrap_or_default())
 }
 
-/// Publishes the pool's size and idle connections as gauges (the service runtime does so every
-/// few seconds).
+/// Publishes the pool's size, idle connections and bound as gauges (the service runtime does so
+/// every few seconds).
 pub fn publish_pool_metrics(database: &crate::data::replicas::Database, name: &'static str) {
     for (server, pool) in database.pools() {
         let labels = [("database", name.to_owned()), ("server", server)];
         metrics::gauge!("db_pool_connections", &labels).set(pool.size() as f64);
         metrics::gauge!("db_pool_idle_connections", &labels).set(pool.num_idle() as f64);
+        metrics::gauge!("db_pool_max_connections", &labels).set(f64::from(pool.options().get_max_connections()));
     }
 }
 

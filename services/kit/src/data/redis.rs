@@ -92,21 +92,38 @@ impl Redis {
     }
 }
 
+/// Awaits `call`, one Redis command or script, timing it into
+/// `redis_command_duration_seconds{operation}`; `operation` is one of a small fixed set of
+/// names (`cache_get`, `ratelimit`, `reserve`, ...), never a key.
+pub async fn timed<T>(operation: &'static str, call: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let answer = call.await;
+    metrics::histogram!("redis_command_duration_seconds", "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
+    answer
+}
+
 /// Skips Redis for a while after a command failed: while Redis is unreachable each command
 /// waits for the command timeout, which would otherwise be added to every request that needs it.
+/// Each trip from closed to open counts in `redis_breaker_trips_total{component}`.
 #[derive(Debug)]
 pub struct RedisBreaker {
     epoch: Instant,
     retry_after_ms: u64,
     /// Milliseconds after `epoch` until which Redis is skipped.
     open_until: AtomicU64,
+    trips: metrics::Counter,
 }
 
 impl RedisBreaker {
-    /// A closed breaker that, once tripped, stays open for `retry_after`.
-    pub fn new(retry_after: Duration) -> Self {
+    /// A closed breaker of `component` (`cache`, `ratelimit`, ...) that, once tripped, stays
+    /// open for `retry_after`; its trip counter exists, at 0, from now on.
+    pub fn new(component: &'static str, retry_after: Duration) -> Self {
         let retry_after_ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
-        Self { epoch: Instant::now(), retry_after_ms, open_until: AtomicU64::new(0) }
+        let trips = metrics::counter!("redis_breaker_trips_total", "component" => component);
+        // Registers the series without resetting what other breakers of the component counted.
+        trips.increment(0);
+        Self { epoch: Instant::now(), retry_after_ms, open_until: AtomicU64::new(0), trips }
     }
 
     fn now(&self) -> u64 {
@@ -120,8 +137,11 @@ impl RedisBreaker {
 
     /// Records a failure: Redis is skipped for the next `retry_after`.
     pub fn trip(&self) {
-        let until = self.now().saturating_add(self.retry_after_ms);
-        self.open_until.fetch_max(until, Ordering::Relaxed);
+        let now = self.now();
+        let was_open_until = self.open_until.fetch_max(now.saturating_add(self.retry_after_ms), Ordering::Relaxed);
+        if was_open_until <= now {
+            self.trips.increment(1);
+        }
     }
 }
 
@@ -304,7 +324,27 @@ impl Agreed {
 
 #[cfg(test)]
 mod tests {
-    use super::fred_url;
+    use std::time::Duration;
+
+    use super::{RedisBreaker, fred_url};
+
+    #[test]
+    fn a_breaker_counts_its_trips_from_closed_to_open_and_its_counter_exists_before_any() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let trips = |count: u64| format!("redis_breaker_trips_total{{component=\"unit\"}} {count}\n");
+        metrics::with_local_recorder(&recorder, || {
+            let breaker = RedisBreaker::new("unit", Duration::from_secs(3600));
+            assert!(handle.render().contains(&trips(0)), "{}", handle.render());
+            breaker.trip();
+            breaker.trip();
+            assert!(handle.render().contains(&trips(1)), "a failure while open is the same trip");
+            let reopening = RedisBreaker::new("unit", Duration::ZERO);
+            reopening.trip();
+            reopening.trip();
+            assert!(handle.render().contains(&trips(3)), "closed again at once: each failure trips it");
+        });
+    }
 
     #[test]
     fn sentinels_in_fred_form_or_as_a_list_make_one_sentinel_url() {

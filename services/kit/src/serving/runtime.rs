@@ -17,6 +17,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::auth::CredentialVerifier;
 use crate::auth::ProjectAccess;
@@ -78,7 +79,9 @@ impl ServiceRuntime {
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("database_replica_urls")?;
         let database = Database::new(self.name, primary.clone(), replicas, self.redis.clone(), &self.common.database);
-        let relay = crate::data::outbox::spawn_relay(primary.clone(), &self.common)
+        // The relay's task follows the current span: its statements are the service's.
+        let relay = crate::telemetry::service_span(self.name)
+            .in_scope(|| crate::data::outbox::spawn_relay(primary.clone(), &self.common))
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("starting the outbox relay")?;
         let (measured, name) = (database.clone(), self.name);
@@ -116,7 +119,8 @@ impl ServiceRuntime {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let stop = self.stop_tasks.clone();
-        self.tasks.spawn(async move { crate::serving::periodic::every(interval, &stop, task).await });
+        let task = async move { crate::serving::periodic::every(interval, &stop, task).await };
+        self.tasks.spawn(task.instrument(crate::telemetry::service_span(self.name)));
         self
     }
 
@@ -128,10 +132,11 @@ impl ServiceRuntime {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let stop = self.stop_tasks.clone();
-        self.tasks.spawn(async move {
+        let task = async move {
             crate::serving::periodic::every(interval, &stop, &mut task).await;
             task().await;
-        });
+        };
+        self.tasks.spawn(task.instrument(crate::telemetry::service_span(self.name)));
         self
     }
 

@@ -146,7 +146,12 @@ async fn serve_until_shutdown(
         dependencies: Arc::new(spec.dependencies),
     };
     health.report(health.check().await).await;
-    tokio::spawn(health.clone().run(settings.health_interval(), shutdown.clone()));
+    tokio::spawn(
+        health
+            .clone()
+            .run(settings.health_interval(), shutdown.clone())
+            .instrument(crate::telemetry::service_span(spec.name)),
+    );
 
     let stop_accepting = CancellationToken::new();
     let routes = spec.routes.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
@@ -296,6 +301,7 @@ where
         let (grpc_service, method) = (grpc_service.to_owned(), method.to_owned());
         let span = tracing::info_span!(
             "rpc",
+            service = self.service,
             otel.name = %format!("{grpc_service}/{method}"),
             otel.kind = "server",
             rpc.system = "grpc",

@@ -41,7 +41,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth::{CredentialRef, DeploymentSecret, Principal};
 use crate::config::{RateLimitConfig, RateLimitMode, RedisFailureMode};
-use crate::data::redis::{Redis, RedisBreaker};
+use crate::data::redis::{Redis, RedisBreaker, timed};
 use crate::wire::error::{ERROR_DOMAIN, ServiceError};
 
 pub use client::ClientAddress;
@@ -268,7 +268,7 @@ impl RateLimiter {
                 script: Script::from_lua(GCRA_SCRIPT),
                 settings: settings.clone(),
                 local: LocalLimiter::new(),
-                breaker: RedisBreaker::new(REDIS_RETRY_AFTER),
+                breaker: RedisBreaker::new("ratelimit", REDIS_RETRY_AFTER),
             }),
             gateway_token: None,
         }
@@ -407,7 +407,8 @@ impl RateLimiter {
                 if consume { "0" } else { "1" }.to_owned(),
             ];
             async move {
-                let answer: Vec<i64> = inner.script.evalsha_with_reload(inner.redis.pool().next(), key, args).await?;
+                let call = inner.script.evalsha_with_reload(inner.redis.pool().next(), key, args);
+                let answer: Vec<i64> = timed("ratelimit", call).await?;
                 match answer.as_slice() {
                     &[allowed, remaining, reset_us, retry_after_us] => Ok(Outcome {
                         allowed: allowed == 1,
