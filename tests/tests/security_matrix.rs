@@ -362,6 +362,13 @@ fn cases(v: &Victim) -> Vec<Case> {
             format!("/v1/projects/{p}/analytics/retention"),
             Some(json!({ "days": 1 })),
         ),
+        (
+            Method::POST,
+            "/v1/projects/{project_id}/analytics/retention:setLegalHold",
+            Tenant,
+            format!("/v1/projects/{p}/analytics/retention:setLegalHold"),
+            Some(json!({ "legalHold": true, "reason": "planted" })),
+        ),
     ];
     rows.into_iter()
         .map(|(method, template, target, path, body)| Case { method, template, target, path, body })

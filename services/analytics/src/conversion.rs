@@ -35,12 +35,13 @@ const CONVERSION_WAIT: Duration = Duration::from_secs(15 * 60);
 /// The tables whose rows move, and what identifies a row (a row already in the cluster's table
 /// is not copied again). The rollup is rebuilt from the events instead; the bookkeeping starts
 /// anew with the cluster's own.
-const MOVED: [(&str, &str); 5] = [
+const MOVED: [(&str, &str); 6] = [
     ("usage_events", "event_id"),
     ("audit_events", "event_id"),
     ("product_events", "event_id"),
     ("project_retention", "(project_id, updated_at)"),
     ("retention_applied", "(project_id, applied_at)"),
+    ("project_legal_hold", "(project_id, updated_at)"),
 ];
 
 /// The suffix of an old table whose rows are being moved.

@@ -176,6 +176,26 @@ pub const MIGRATIONS: &[Migration] = &[
             },
         ],
     },
+    Migration {
+        version: 3,
+        name: "legal hold",
+        steps: &[
+            // The latest hold decision per project: on (legal_hold = 1, since when) or lifted. A
+            // project on hold keeps every row (see docs/retention.md).
+            Step::Table {
+                name: "project_legal_hold",
+                shard_by: "cityHash64(project_id)",
+                body: "(
+            project_id UUID,
+            legal_hold UInt8,
+            since DateTime64(6, 'UTC'),
+            reason String,
+            updated_at DateTime64(6, 'UTC')
+        ) ENGINE = {engine:ReplacingMergeTree(updated_at)}
+        ORDER BY project_id",
+            },
+        ],
+    },
 ];
 
 /// The tables whose rows expire by `retention_days` and are keyed by project and time.

@@ -17,6 +17,8 @@ use crate::api::Analytics;
 use crate::config::AnalyticsConfig;
 use crate::store::{ClickHouse, IngestClaims, Store};
 
+/// Longest default retention, in days: as long as a project may set (ten years).
+const MAX_DEFAULT_RETENTION_DAYS: u16 = 3650;
 /// How often each replica rereads the projects' retention.
 const RETENTION_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -56,6 +58,9 @@ pub async fn run(
     config: AnalyticsConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if !(1..=MAX_DEFAULT_RETENTION_DAYS).contains(&config.default_retention_days) {
+        anyhow::bail!("analytics.default_retention_days must be 1 to {MAX_DEFAULT_RETENTION_DAYS}");
+    }
     let runtime = ServiceRuntime::start("analytics", common).await?;
     let clickhouse = connect_clickhouse_converting(&config, runtime.redis()).await?;
     let mut runtime = runtime.depending_on(Arc::new(clickhouse.clone()));
@@ -77,8 +82,15 @@ pub async fn run(
 /// Applies the retention changes that are due (see [`Store::apply_due_retention`]).
 async fn apply_due_retention(store: Store, min_interval: Duration) {
     match store.apply_due_retention(min_interval).await {
-        Ok(applied) if !applied.is_empty() => tracing::debug!(projects = applied.len(), "retention applied"),
-        Ok(_) => {}
+        Ok(applied) => {
+            if !applied.is_empty() {
+                tracing::debug!(projects = applied.len(), "retention applied");
+            }
+            // Rows themselves expire by their TTL at ClickHouse's merges: a successful round
+            // means every project's rows carry the retention they should.
+            metrics::gauge!("retention_last_run_timestamp_seconds", "store" => "analytics")
+                .set(chrono::Utc::now().timestamp() as f64);
+        }
         Err(error) => tracing::warn!(%error, "cannot apply pending retention changes"),
     }
 }

@@ -279,6 +279,37 @@ struct RetentionRow {
     days: u16,
 }
 
+#[derive(Row, Deserialize)]
+struct HoldRow {
+    #[serde(with = "clickhouse::serde::uuid")]
+    project_id: Uuid,
+    #[serde(with = "clickhouse::serde::chrono::datetime64::micros")]
+    since: DateTime<Utc>,
+}
+
+#[derive(Row, Deserialize)]
+struct PolicyRow {
+    #[serde(with = "clickhouse::serde::uuid")]
+    project_id: Uuid,
+    days: u16,
+    legal_hold: u8,
+}
+
+/// A project's retention as every store applies it (see [`Store::retention_policies`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjectPolicy {
+    pub project_id: Uuid,
+    /// The days the project set; None on the default.
+    pub days: Option<u16>,
+    pub legal_hold: bool,
+}
+
+/// The `retention_days` every row of a project on legal hold gets: far beyond any retention
+/// (at most 3650 days), yet small enough that `toDateTime(occurred_at) + retention_days` stays
+/// before the end of ClickHouse's `DateTime` (2106), past which it wraps around to an earlier
+/// date (with 65535 days, a row of 2026 would expire in 2069).
+pub const LEGAL_HOLD_DAYS: u16 = 20_000;
+
 /// Analytics' data in ClickHouse.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -291,11 +322,14 @@ pub struct Store {
     redis: Redis,
 }
 
-/// Each project's retention in days, as last read or set (see [`Store::refresh_retention`]).
+/// Each project's retention in days and legal hold, as last read or set (see
+/// [`Store::refresh_retention`]).
 #[derive(Debug)]
 struct Retention {
     default_days: u16,
     custom: RwLock<HashMap<Uuid, u16>>,
+    /// Projects on hold, and since when.
+    holds: RwLock<HashMap<Uuid, DateTime<Utc>>>,
 }
 
 impl Retention {
@@ -303,6 +337,16 @@ impl Retention {
     fn of(&self, project_id: Uuid) -> (u16, bool) {
         let custom = self.custom.read().ok().and_then(|r| r.get(&project_id).copied());
         custom.map_or((self.default_days, false), |days| (days, true))
+    }
+
+    /// Since when the project is on legal hold, if it is.
+    fn hold_of(&self, project_id: Uuid) -> Option<DateTime<Utc>> {
+        self.holds.read().ok().and_then(|h| h.get(&project_id).copied())
+    }
+
+    /// The `retention_days` the project's rows get: its retention, or [`LEGAL_HOLD_DAYS`] on hold.
+    fn effective(&self, project_id: Uuid) -> u16 {
+        if self.hold_of(project_id).is_some() { LEGAL_HOLD_DAYS } else { self.of(project_id).0 }
     }
 }
 
@@ -440,7 +484,11 @@ impl Store {
     /// store is dropped.
     pub async fn open(ch: ClickHouse, claims: IngestClaims, config: &AnalyticsConfig) -> Result<Self> {
         let zones: Vec<String> = ch.client.query("SELECT time_zone FROM system.time_zones").fetch_all().await?;
-        let retention = Arc::new(Retention { default_days: config.default_retention_days, custom: RwLock::default() });
+        let retention = Arc::new(Retention {
+            default_days: config.default_retention_days,
+            custom: RwLock::default(),
+            holds: RwLock::default(),
+        });
         let (writer, jobs) = mpsc::channel(INGEST_QUEUE);
         let redis = claims.redis.clone();
         let store = Self { ch, retention, time_zones: Arc::new(zones.into_iter().collect()), writer, redis };
@@ -451,6 +499,9 @@ impl Store {
             claims,
             max_events: config.max_insert_events.max(1) as usize,
         };
+        // Counted only when they happen; at 0 from the start, so that rates and alerts see them.
+        metrics::counter!("analytics_ingest_claim_conflicts_total").increment(0);
+        metrics::counter!("analytics_ingest_round_timeouts_total").increment(0);
         tokio::spawn(writer.run(jobs));
         Ok(store)
     }
@@ -464,13 +515,23 @@ impl Store {
         self.time_zones.contains(name)
     }
 
-    /// Rereads every project's retention (another replica may have changed one).
+    /// Rereads every project's retention and legal hold (another replica may have changed one).
     pub async fn refresh_retention(&self) -> Result<()> {
         let rows: Vec<RetentionRow> =
             self.ch.client.query("SELECT project_id, days FROM project_retention FINAL").fetch_all().await?;
+        let holds: Vec<HoldRow> = self
+            .ch
+            .client
+            .query("SELECT project_id, since FROM project_legal_hold FINAL WHERE legal_hold = 1")
+            .fetch_all()
+            .await?;
         let map = rows.into_iter().map(|row| (row.project_id, row.days)).collect();
         if let Ok(mut retention) = self.retention.custom.write() {
             *retention = map;
+        }
+        let holds = holds.into_iter().map(|row| (row.project_id, row.since)).collect();
+        if let Ok(mut held) = self.retention.holds.write() {
+            *held = holds;
         }
         Ok(())
     }
@@ -478,6 +539,82 @@ impl Store {
     /// A project's retention in days, and whether the project set it.
     pub fn retention_of(&self, project_id: Uuid) -> (u16, bool) {
         self.retention.of(project_id)
+    }
+
+    /// Since when a project is on legal hold, if it is (as last read or set).
+    pub fn legal_hold_of(&self, project_id: Uuid) -> Option<DateTime<Utc>> {
+        self.retention.hold_of(project_id)
+    }
+
+    /// Puts a project on legal hold (`on`) or lifts it, with the reason; returns whether it was
+    /// on hold before. Setting what is in force changes nothing, so `since` stays the first
+    /// time. Rows already stored get the hold's retention in the background, at the next round
+    /// of [`Store::apply_due_retention`] (not held back by the interval, unlike day changes).
+    pub async fn set_legal_hold(&self, project_id: Uuid, on: bool, reason: &str) -> Result<bool> {
+        // Read from ClickHouse, not this replica's copy, which may be up to a refresh behind.
+        let stored: Option<HoldRow> = self
+            .ch
+            .client
+            .query("SELECT project_id, since FROM project_legal_hold FINAL WHERE project_id = {project:UUID} AND legal_hold = 1")
+            .param("project", project_id.to_string())
+            .fetch_optional()
+            .await?;
+        let was = stored.as_ref().map(|row| row.since);
+        // Kept when the hold stays on; for a new hold, now (in microseconds, as stored).
+        let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap_or_else(Utc::now);
+        let since = on.then(|| was.unwrap_or(now));
+        if was.is_some() != on {
+            self.ch
+                .client
+                .query(
+                    "INSERT INTO project_legal_hold (project_id, legal_hold, since, reason, updated_at) \
+                     VALUES ({project:UUID}, {hold:UInt8}, {since:DateTime64(6, 'UTC')}, {reason:String}, now64(6))",
+                )
+                .param("project", project_id.to_string())
+                .param("hold", u8::from(on))
+                .param("since", time_param(since.unwrap_or(now)))
+                .param("reason", reason)
+                .execute()
+                .await?;
+        }
+        if let Ok(mut holds) = self.retention.holds.write() {
+            match since {
+                Some(since) => holds.insert(project_id, since),
+                None => holds.remove(&project_id),
+            };
+        }
+        Ok(was.is_some())
+    }
+
+    /// Up to `limit` projects after `after` (by id) whose retention is not the default: days
+    /// set, a legal hold, or both. Read from ClickHouse, so a change made on any replica shows
+    /// at once.
+    pub async fn retention_policies(&self, after: Option<Uuid>, limit: u32) -> Result<Vec<ProjectPolicy>> {
+        let rows: Vec<PolicyRow> = self
+            .ch
+            .client
+            .query(
+                "SELECT p.project_id AS project_id, r.days AS days, h.legal_hold AS legal_hold \
+                 FROM (SELECT DISTINCT project_id FROM (SELECT project_id FROM project_retention FINAL \
+                       UNION ALL SELECT project_id FROM project_legal_hold FINAL WHERE legal_hold = 1)) AS p \
+                 LEFT JOIN (SELECT project_id, days FROM project_retention FINAL) AS r ON r.project_id = p.project_id \
+                 LEFT JOIN (SELECT project_id, legal_hold FROM project_legal_hold FINAL) AS h \
+                 ON h.project_id = p.project_id \
+                 WHERE p.project_id > {after:UUID} ORDER BY p.project_id LIMIT {limit:UInt32} \
+                 SETTINGS join_use_nulls = 0",
+            )
+            .param("after", after.unwrap_or(Uuid::nil()).to_string())
+            .param("limit", limit)
+            .fetch_all()
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| ProjectPolicy {
+                project_id: row.project_id,
+                days: (row.days > 0).then_some(row.days),
+                legal_hold: row.legal_hold == 1,
+            })
+            .collect())
     }
 
     /// Stores the events not stored before; for each, whether it was new. Duplicates within
@@ -666,10 +803,9 @@ impl Store {
     /// Whether the rows of a project stored before its last retention change have been cut to
     /// it: always for a project on the default, else once the background job applied it.
     pub async fn retention_applied(&self, project_id: Uuid) -> Result<bool> {
-        let (days, custom) = self.retention_of(project_id);
-        if !custom {
-            return Ok(true);
-        }
+        let (_, custom) = self.retention_of(project_id);
+        let held = self.legal_hold_of(project_id).is_some();
+        let days = self.retention.effective(project_id);
         let applied: Option<DaysRow> = self
             .ch
             .client
@@ -677,6 +813,11 @@ impl Store {
             .param("project", project_id.to_string())
             .fetch_optional()
             .await?;
+        // A project on the default that was never held has nothing to apply; one whose hold was
+        // lifted has until its rows are back on the default.
+        if !custom && !held && applied.is_none() {
+            return Ok(true);
+        }
         Ok(applied.is_some_and(|row| row.days == days))
     }
 
@@ -701,19 +842,31 @@ impl Store {
     }
 
     async fn apply_pending_retention(&self, min_interval: Duration) -> Result<Vec<(Uuid, u16)>> {
-        // A project never applied joins with the defaults: days 0 (never a valid retention) and
-        // applied_at at the epoch.
+        // Every project with days set or a hold decision (in force or lifted), with the
+        // retention its rows should have. A project never applied joins with the defaults: days
+        // 0 (never a valid retention) and applied_at at the epoch. A new hold is due at once:
+        // until it is applied, rows past the project's days may still expire.
         let due: Vec<RetentionRow> = self
             .ch
             .client
             .query(
-                "SELECT r.project_id AS project_id, r.days AS days \
-                 FROM (SELECT project_id, days FROM project_retention FINAL) AS r \
+                "SELECT project_id, effective AS days FROM ( \
+                 SELECT p.project_id AS project_id, h.legal_hold AS held, \
+                 if(held = 1, {hold_days:UInt16}, if(r.days = 0, {default_days:UInt16}, r.days)) AS effective, \
+                 a.days AS applied_days, a.applied_at AS applied_at \
+                 FROM (SELECT DISTINCT project_id FROM (SELECT project_id FROM project_retention FINAL \
+                       UNION ALL SELECT project_id FROM project_legal_hold FINAL)) AS p \
+                 LEFT JOIN (SELECT project_id, days FROM project_retention FINAL) AS r ON r.project_id = p.project_id \
+                 LEFT JOIN (SELECT project_id, legal_hold FROM project_legal_hold FINAL) AS h \
+                 ON h.project_id = p.project_id \
                  LEFT JOIN (SELECT project_id, days, applied_at FROM retention_applied FINAL) AS a \
-                 ON a.project_id = r.project_id \
-                 WHERE a.days != r.days AND a.applied_at <= now64(6) - toIntervalMillisecond({interval:UInt64}) \
+                 ON a.project_id = p.project_id) \
+                 WHERE applied_days != effective \
+                 AND (held = 1 OR applied_at <= now64(6) - toIntervalMillisecond({interval:UInt64})) \
                  SETTINGS join_use_nulls = 0",
             )
+            .param("hold_days", LEGAL_HOLD_DAYS)
+            .param("default_days", self.retention.default_days)
             .param("interval", u64::try_from(min_interval.as_millis()).unwrap_or(u64::MAX))
             .fetch_all()
             .await?;
@@ -858,7 +1011,7 @@ impl Writer {
             if *outcome == Stored::Duplicate {
                 continue;
             }
-            event.set_retention(self.retention.of(event.project_id()).0);
+            event.set_retention(self.retention.effective(event.project_id()));
             match event.clone() {
                 ValidEvent::Usage(row) => usage.push(row),
                 ValidEvent::Audit(row) => audit.push(row),
@@ -912,19 +1065,27 @@ impl Writer {
         Ok(rows.into_iter().map(|row| row.event_id).collect())
     }
 
-    /// One INSERT of `rows` (RowBinary), none when empty.
-    async fn insert<T>(&self, table: &str, rows: &[T]) -> Result<()>
+    /// One INSERT of `rows` (RowBinary), none when empty, timed in
+    /// `clickhouse_insert_duration_seconds{table}` (failed ones too: a slow failure is slow).
+    async fn insert<T>(&self, table: &'static str, rows: &[T]) -> Result<()>
     where
         T: clickhouse::RowOwned + clickhouse::RowWrite,
     {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut insert = self.ch.client.insert::<T>(table).await?;
-        for row in rows {
-            insert.write(row).await?;
+        let started = std::time::Instant::now();
+        let inserted = async {
+            let mut insert = self.ch.client.insert::<T>(table).await?;
+            for row in rows {
+                insert.write(row).await?;
+            }
+            insert.end().await
         }
-        insert.end().await?;
+        .await;
+        metrics::histogram!("clickhouse_insert_duration_seconds", "table" => table)
+            .record(started.elapsed().as_secs_f64());
+        inserted?;
         Ok(())
     }
 }

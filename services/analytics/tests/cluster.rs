@@ -144,6 +144,8 @@ async fn the_schema_is_created_once_however_many_replicas_migrate() {
         "audit_events_local ReplacingMergeTree",
         "product_events Distributed",
         "product_events_local ReplacingMergeTree",
+        "project_legal_hold Distributed",
+        "project_legal_hold_local ReplacingMergeTree",
         "project_retention Distributed",
         "project_retention_local ReplacingMergeTree",
         "retention_applied Distributed",
@@ -162,7 +164,7 @@ async fn the_schema_is_created_once_however_many_replicas_migrate() {
             .query(node, "SELECT name, engine FROM system.tables WHERE database = '{db}' ORDER BY name FORMAT CSV");
         assert_eq!(tables.replace(['"'], "").replace(',', " "), expected, "node {node}");
         let versions = deployment.query(node, "SELECT DISTINCT version FROM {db}.schema_migrations ORDER BY version");
-        assert_eq!(versions, "1\n2", "every version recorded, read through the cluster from node {node}");
+        assert_eq!(versions, "1\n2\n3", "every version recorded, read through the cluster from node {node}");
     }
 }
 
@@ -182,7 +184,7 @@ async fn the_replicated_on_cluster_statements_parse() {
             Step::View { name, body } => statements.push(topology.create_view("analytics", name, body)),
         }
     }
-    assert_eq!(statements.len(), 13, "6 tables × (local + Distributed) + the view");
+    assert_eq!(statements.len(), 15, "7 tables × (local + Distributed) + the view");
     for statement in statements {
         let ast: Vec<String> = server
             .query(&format!("EXPLAIN AST {statement}"))
@@ -375,7 +377,7 @@ async fn a_single_node_deployment_moves_to_the_cluster_with_every_event_once() {
         0,
         "SELECT name FROM system.tables WHERE database = '{db}' AND name LIKE '%_before_cluster' ORDER BY name",
     );
-    assert_eq!(kept.lines().count(), 7, "every old table kept aside: {kept}");
+    assert_eq!(kept.lines().count(), 8, "every old table kept aside: {kept}");
     // A new event and a redelivered old one, through either replica.
     let project = Uuid::new_v4();
     let fresh = usage_event(project, Uuid::new_v4(), Utc::now(), 10, "1", "success");

@@ -213,3 +213,57 @@ async fn retention_drops_old_rows() {
     assert_eq!(count(short_project, "usage_hourly", "requests").await, 1, "the rollup drops them too");
     test.drop_database().await;
 }
+
+#[tokio::test]
+async fn a_legal_hold_keeps_rows_past_the_retention_until_it_is_lifted() {
+    let test = TestStore::new().await;
+    let store = &test.store;
+    let (project, model) = (Uuid::new_v4(), Uuid::new_v4());
+    let now = Utc::now();
+    let old = usage_event(project, model, now - Duration::days(10), 10, "0.1", "success");
+    store.ingest(valid(&[old])).await.expect("ingest");
+    let interval = std::time::Duration::from_secs(3600);
+
+    // The hold first, then days shorter than the row's age: the hold wins, at once.
+    assert!(!store.set_legal_hold(project, true, "case 42").await.expect("hold"), "not held before");
+    let since = store.legal_hold_of(project).expect("held");
+    assert!(store.set_legal_hold(project, true, "again").await.expect("hold again"), "held before");
+    assert_eq!(store.legal_hold_of(project), Some(since), "holding again keeps since when");
+    store.set_retention(project, 5).await.expect("set retention");
+    let held = aimesh_analytics::store::LEGAL_HOLD_DAYS;
+    assert_eq!(store.apply_due_retention(interval).await.expect("apply"), vec![(project, held)]);
+    assert!(store.retention_applied(project).await.expect("applied?"));
+    // Written while held: it gets the hold's retention too.
+    let late = usage_event(project, model, now - Duration::days(9), 10, "0.1", "success");
+    store.ingest(valid(&[late])).await.expect("ingest late");
+    store.optimize().await.expect("optimize");
+    let rows = |project: Uuid| {
+        let client = store.clickhouse().client().clone();
+        async move {
+            client
+                .query("SELECT retention_days FROM usage_events FINAL WHERE project_id = ? ORDER BY occurred_at")
+                .bind(project.to_string())
+                .fetch_all::<u16>()
+                .await
+                .expect("rows")
+        }
+    };
+    assert_eq!(rows(project).await, vec![held, held], "a held project keeps every row");
+    let policies = store.retention_policies(None, 100).await.expect("policies");
+    let policy = policies.iter().find(|p| p.project_id == project).expect("listed");
+    assert_eq!((policy.days, policy.legal_hold), (Some(5), true));
+
+    // Lifted: the next round (a lifted hold waits for the interval like any change) cuts the rows
+    // to the project's days.
+    assert!(store.set_legal_hold(project, false, "case closed").await.expect("lift"));
+    assert_eq!(store.legal_hold_of(project), None);
+    assert_eq!(store.apply_due_retention(interval).await.expect("apply"), vec![], "within the interval");
+    assert!(!store.retention_applied(project).await.expect("applied?"));
+    assert_eq!(store.apply_due_retention(std::time::Duration::ZERO).await.expect("apply"), vec![(project, 5)]);
+    store.optimize().await.expect("optimize");
+    assert_eq!(rows(project).await, Vec::<u16>::new(), "rows past the days go once the hold is lifted");
+    let policies = store.retention_policies(None, 100).await.expect("policies");
+    let policy = policies.iter().find(|p| p.project_id == project).expect("listed");
+    assert_eq!((policy.days, policy.legal_hold), (Some(5), false));
+    test.drop_database().await;
+}

@@ -37,6 +37,11 @@ pub struct ChatConfig {
     /// Watches and exports one person (all their login sessions together) or one API key may
     /// hold open at once, across replicas.
     pub max_streams_per_principal: u32,
+    /// Days a conversation is kept after its last activity for a project without a retention
+    /// of its own; 0 keeps it forever (the default), at most 3650 (docs/retention.md).
+    pub default_retention_days: u32,
+    /// Time between two retention rounds, 1 to 86400.
+    pub retention_interval_secs: u64,
 }
 
 impl ChatConfig {
@@ -62,6 +67,8 @@ impl Default for ChatConfig {
             stream_recheck_secs: 5,
             stream_max_lifetime_secs: 3600,
             max_streams_per_principal: 16,
+            default_retention_days: 0,
+            retention_interval_secs: 3600,
         }
     }
 }

@@ -215,6 +215,27 @@ impl Conversations {
         Ok(due.len())
     }
 
+    /// Deletes up to `limit` sessions past their project's retention under `policies`, whole,
+    /// as a purge does (files released first, then the session and its messages); returns how
+    /// many sessions and messages went. Replicas running it at once take different sessions.
+    pub async fn delete_past_retention(
+        &self,
+        policies: &aimesh_kit::data::retention::Policies,
+        limit: i64,
+    ) -> Result<(usize, u64)> {
+        let mut tx = self.store.pool().begin().await?;
+        let due = Store::lock_past_retention(&mut tx, policies, limit).await?;
+        for session in &due {
+            self.purge_locked(&mut tx, session).await?;
+        }
+        tx.commit().await?;
+        for session in &due {
+            self.forget(session.id).await;
+        }
+        let messages = due.iter().map(|s| u64::try_from(s.message_count).unwrap_or(0)).sum();
+        Ok((due.len(), messages))
+    }
+
     // ---- messages ----
 
     /// Appends to a live session (see [`Store::append`]) and publishes a newly stored message

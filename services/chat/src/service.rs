@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use aimesh_kit::auth::StreamAccess;
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::data::db;
+use aimesh_kit::data::retention::{self, Policies, RetentionPolicies, RetentionSchedule};
 use aimesh_kit::serving::runtime::ServiceRuntime;
 
 use crate::api::Chat;
@@ -33,6 +34,7 @@ pub async fn run(
     config: ChatConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let schedule = RetentionSchedule::new("chat", config.default_retention_days, config.retention_interval_secs)?;
     let pool = connect_database(&common, &config).await?;
     let mut runtime = ServiceRuntime::start("chat", common).await?.with_database(pool, &config.database)?;
     let database = runtime.database()?;
@@ -51,8 +53,17 @@ pub async fn run(
     let streams = StreamAccess::new("chat", runtime.redis().clone(), verifier.clone(), config.stream_policy());
     let chat = Chat::new(conversations.clone(), access, streams, shutdown.clone());
     let purging = shutdown.clone();
+    let retained = conversations.clone();
     runtime.every(Duration::from_secs(config.purge_interval_secs.max(1)), move || {
         purge_due(conversations.clone(), purging.clone())
+    });
+    let policies = RetentionPolicies::new(runtime.common(), "chat", &["sessions", "messages"], schedule)?;
+    let stopping = shutdown.clone();
+    runtime.every(schedule.interval, move || {
+        let (conversations, policies, stopping) = (retained.clone(), policies.clone(), stopping.clone());
+        async move {
+            retention::round(&policies, |current| apply_retention(conversations, current, stopping)).await;
+        }
     });
     runtime.serve(listener, chat.routes(), &Chat::GRPC_SERVICES, verifier, shutdown).await
 }
@@ -69,6 +80,27 @@ fn attachments(common: &CommonConfig) -> anyhow::Result<Arc<dyn Attachments>> {
             Ok(Arc::new(NoFilesService))
         }
     }
+}
+
+/// Deletes the sessions past their project's retention, a batch at a time, until none is left
+/// or `shutdown` begins; returns what went, for the round's metrics.
+async fn apply_retention(
+    conversations: Conversations,
+    policies: Arc<Policies>,
+    shutdown: CancellationToken,
+) -> crate::error::Result<retention::Deleted> {
+    let (mut sessions, mut messages) = (0u64, 0u64);
+    if !policies.keeps_everything() {
+        loop {
+            let (deleted, in_them) = conversations.delete_past_retention(&policies, PURGE_BATCH).await?;
+            sessions += deleted as u64;
+            messages += in_them;
+            if (deleted as i64) < PURGE_BATCH || shutdown.is_cancelled() {
+                break;
+            }
+        }
+    }
+    Ok(vec![("sessions", sessions), ("messages", messages)])
 }
 
 /// Purges the sessions whose grace period is over, a batch at a time, until none is due or

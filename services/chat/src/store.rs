@@ -282,6 +282,37 @@ impl Store {
         Ok(rows)
     }
 
+    /// Locks up to `limit` sessions (live or soft-deleted) whose last activity (a change of the
+    /// session, its last message) is past their project's cutoff under `policies`, skipping
+    /// those another transaction holds.
+    pub async fn lock_past_retention(
+        conn: &mut PgConnection,
+        policies: &aimesh_kit::data::retention::Policies,
+        limit: i64,
+    ) -> Result<Vec<SessionRow>> {
+        let (projects, days) = policies.sql_overrides();
+        // Without a default only the projects with a policy of their own can lose sessions.
+        let only_policies = if policies.default_days.is_none() { " AND p.project_id IS NOT NULL" } else { "" };
+        let columns = SESSION_COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ");
+        let rows = sqlx::query_as(sql(format!(
+            "WITH policy AS (SELECT * FROM unnest($1::uuid[], $2::int[]) AS p(project_id, days)) \
+             SELECT {columns} FROM chat_sessions s LEFT JOIN policy p ON p.project_id = s.project_id \
+             LEFT JOIN chat_messages m ON m.id = s.last_message_id \
+             WHERE COALESCE(p.days, $3) > 0 \
+             AND GREATEST(s.updated_at, COALESCE(m.created_at, s.updated_at)) \
+                 < $4 - make_interval(days => COALESCE(p.days, $3)){only_policies} \
+             LIMIT $5 FOR UPDATE OF s SKIP LOCKED"
+        )))
+        .bind(&projects)
+        .bind(&days)
+        .bind(policies.default_sql_days())
+        .bind(policies.read_at)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(rows)
+    }
+
     /// Every file attached to a message of the session.
     pub async fn attachments_of(conn: &mut PgConnection, session_id: Uuid) -> Result<Vec<Uuid>> {
         let ids = sqlx::query_scalar(

@@ -83,6 +83,11 @@ pub struct FilesConfig {
     /// An upload still unfinished after this long is taken for one of a crashed process, and
     /// its object is deleted by the collector.
     pub stale_upload_secs: u64,
+    /// Days a file is kept after its upload for a project without a retention of its own; 0
+    /// keeps files forever (the default), at most 3650 (docs/retention.md).
+    pub default_retention_days: u32,
+    /// Time between two retention rounds, 1 to 86400.
+    pub retention_interval_secs: u64,
 }
 
 impl Default for FilesConfig {
@@ -113,6 +118,8 @@ impl Default for FilesConfig {
             gc_interval_secs: 300,
             gc_grace_secs: 3600,
             stale_upload_secs: 24 * 3600,
+            default_retention_days: 0,
+            retention_interval_secs: 3600,
         }
     }
 }

@@ -307,6 +307,39 @@ impl Library {
         self.store.live_file(granted.file_id).await?.ok_or(FilesError::LinkInvalid)
     }
 
+    // ---- retention ----
+
+    /// Deletes the files past their project's retention under `policies`, a batch at a time,
+    /// until none is left or `stop` says so; returns how many went. Their objects go by the
+    /// garbage collector, as after DeleteFile.
+    pub async fn delete_past_retention(
+        &self,
+        policies: &aimesh_kit::data::retention::Policies,
+        stop: impl Fn() -> bool,
+    ) -> Result<u64> {
+        let mut deleted = 0u64;
+        if policies.keeps_everything() {
+            return Ok(0);
+        }
+        loop {
+            let due = self.store.past_retention(policies, GC_BATCH).await?;
+            let mut by_project: std::collections::BTreeMap<Uuid, Vec<Uuid>> = std::collections::BTreeMap::new();
+            for (project_id, id) in &due {
+                by_project.entry(*project_id).or_default().push(*id);
+            }
+            let mut went = 0;
+            for (project_id, ids) in by_project {
+                went += self.store.delete_for_retention(project_id, &ids).await?;
+            }
+            deleted += went as u64;
+            // A batch none of which went (all attached meanwhile) would come back: stop there.
+            if (due.len() as i64) < GC_BATCH || went == 0 || stop() {
+                break;
+            }
+        }
+        Ok(deleted)
+    }
+
     // ---- garbage collection ----
 
     /// Deletes the objects no live file has used for the grace period, and those of uploads

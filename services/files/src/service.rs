@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::data::db;
+use aimesh_kit::data::retention::{self, RetentionPolicies, RetentionSchedule};
 use aimesh_kit::serving::runtime::ServiceRuntime;
 
 use crate::api::Files;
@@ -46,13 +47,26 @@ pub async fn run(
     config: FilesConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let schedule = RetentionSchedule::new("files", config.default_retention_days, config.retention_interval_secs)?;
     let pool = connect_database(&common, &config).await?;
     let mut runtime = ServiceRuntime::start("files", common).await?.with_database(pool, &config.database)?;
     let library = library(runtime.common(), &config, runtime.database()?)?;
     tracing::info!(backend = library.storage().backend().as_str(), "files object store ready");
     let (verifier, access) = runtime.identity_access()?;
-    let collector = library.clone();
+    let (collector, retained) = (library.clone(), library.clone());
     runtime.every(Duration::from_secs(config.gc_interval_secs.max(1)), move || collect_garbage(collector.clone()));
+    let policies = RetentionPolicies::new(runtime.common(), "files", &["files"], schedule)?;
+    let stopping = shutdown.clone();
+    runtime.every(schedule.interval, move || {
+        let (library, policies, stopping) = (retained.clone(), policies.clone(), stopping.clone());
+        async move {
+            retention::round(&policies, |current| async move {
+                let files = library.delete_past_retention(&current, || stopping.is_cancelled()).await?;
+                Ok::<_, crate::error::FilesError>(vec![("files", files)])
+            })
+            .await;
+        }
+    });
     let files = Files::new(library, access);
     runtime.serve(listener, files.routes(), &Files::GRPC_SERVICES, verifier, shutdown).await
 }

@@ -297,7 +297,7 @@ impl Store {
     pub async fn delete(&self, project_id: Uuid, id: Uuid) -> Result<FileRow> {
         let mut tx = self.pool.begin().await?;
         lock_project(&mut tx, project_id).await?;
-        let deleted = soft_delete(&mut tx, project_id, &[id]).await?;
+        let deleted = soft_delete(&mut tx, project_id, &[id], Announce::Events).await?;
         if deleted.is_empty() {
             return Err(FilesError::FileNotFound { field: "file_id" });
         }
@@ -363,7 +363,62 @@ impl Store {
         .bind(&candidates)
         .fetch_all(&mut *tx)
         .await?;
-        let deleted = soft_delete(&mut tx, project_id, &unlinked).await?;
+        let deleted = soft_delete(&mut tx, project_id, &unlinked, Announce::Events).await?;
+        tx.commit().await?;
+        Ok(deleted.len())
+    }
+
+    // ---- retention ----
+
+    /// Up to `limit` live files created before their project's cutoff under `policies` and
+    /// attached to no chat session (those go with their session), by project.
+    pub async fn past_retention(
+        &self,
+        policies: &aimesh_kit::data::retention::Policies,
+        limit: i64,
+    ) -> Result<Vec<(Uuid, Uuid)>> {
+        let (projects, days) = policies.sql_overrides();
+        // Without a default only the projects with a policy of their own can lose files.
+        let only_policies = if policies.default_days.is_none() { " AND p.project_id IS NOT NULL" } else { "" };
+        Ok(sqlx::query_as(sql(format!(
+            "WITH policy AS (SELECT * FROM unnest($1::uuid[], $2::int[]) AS p(project_id, days)) \
+             SELECT f.project_id, f.id FROM files f LEFT JOIN policy p ON p.project_id = f.project_id \
+             WHERE f.deleted_at IS NULL AND COALESCE(p.days, $3) > 0 \
+             AND f.created_at < $4 - make_interval(days => COALESCE(p.days, $3)){only_policies} \
+             AND NOT EXISTS (SELECT 1 FROM file_attachments a WHERE a.file_id = f.id) \
+             ORDER BY f.project_id LIMIT $5"
+        )))
+        .bind(&projects)
+        .bind(&days)
+        .bind(policies.default_sql_days())
+        .bind(policies.read_at)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Deletes files of a project as DeleteFile does (their objects then go by the garbage
+    /// collector), without a `file.deleted` event each; those that are no longer live, or were
+    /// attached to a session meanwhile, are skipped. Returns how many went.
+    pub async fn delete_for_retention(&self, project_id: Uuid, ids: &[Uuid]) -> Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        lock_project(&mut tx, project_id).await?;
+        // Locked, then checked for links with a fresh statement, as a session's release does.
+        let locked: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM files WHERE id = ANY($1) AND project_id = $2 AND deleted_at IS NULL ORDER BY id FOR UPDATE",
+        )
+        .bind(ids)
+        .bind(project_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let unlinked: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM unnest($1::uuid[]) AS c(id) \
+             WHERE NOT EXISTS (SELECT 1 FROM file_attachments a WHERE a.file_id = c.id)",
+        )
+        .bind(&locked)
+        .fetch_all(&mut *tx)
+        .await?;
+        let deleted = soft_delete(&mut tx, project_id, &unlinked, Announce::Quietly).await?;
         tx.commit().await?;
         Ok(deleted.len())
     }
@@ -441,10 +496,19 @@ struct Deleted {
     size_bytes: i64,
 }
 
+/// Whether a deletion tells analytics, file by file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Announce {
+    /// A `file.deleted` event per file (a person's or a session's deletion).
+    Events,
+    /// None: retention deletes in bulk and says so in its metrics.
+    Quietly,
+}
+
 /// Soft-deletes the live files among `ids` (the project's row already locked): their objects
 /// lose a reference (orphaned at zero), the project's bytes shrink, their links go, and each
-/// gets a `file.deleted` event. Returns the ids deleted.
-async fn soft_delete(conn: &mut PgConnection, project_id: Uuid, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+/// gets a `file.deleted` event unless `announce` says otherwise. Returns the ids deleted.
+async fn soft_delete(conn: &mut PgConnection, project_id: Uuid, ids: &[Uuid], announce: Announce) -> Result<Vec<Uuid>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -482,6 +546,9 @@ async fn soft_delete(conn: &mut PgConnection, project_id: Uuid, ids: &[Uuid]) ->
     .await?;
     let ids: Vec<Uuid> = deleted.iter().map(|d| d.id).collect();
     sqlx::query("DELETE FROM file_attachments WHERE file_id = ANY($1)").bind(&ids).execute(&mut *conn).await?;
+    if announce == Announce::Quietly {
+        return Ok(ids);
+    }
     for file in &deleted {
         let payload = serde_json::json!({
             "file_id": file.id,

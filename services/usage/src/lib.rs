@@ -8,6 +8,7 @@ pub mod domain;
 pub mod error;
 pub mod group_commit;
 pub mod ledger;
+pub mod retention;
 pub mod store;
 
 mod service;

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use aimesh_kit::config::CommonConfig;
 use aimesh_kit::data::db;
+use aimesh_kit::data::retention::{self, RetentionPolicies, RetentionSchedule};
 use aimesh_kit::serving::runtime::ServiceRuntime;
 
 use crate::api::Usage;
@@ -40,6 +41,7 @@ pub async fn run(
     config: UsageConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let schedule = RetentionSchedule::new("usage", config.default_retention_days, config.retention_interval_secs)?;
     let pool = connect_database(&common, &config).await?;
     let mut runtime = ServiceRuntime::start("usage", common).await?.with_database(pool, &config.database)?;
     let database = runtime.database()?;
@@ -47,7 +49,18 @@ pub async fn run(
     let ledger = Ledger::new(database.clone(), runtime.redis().clone(), runtime.bus());
     let usage = Usage::new(ledger, access);
     let store = Store::new(database);
+    let policies = RetentionPolicies::new(runtime.common(), "usage", &["partitions", "records"], schedule)?;
+    let (kept, stopping) = (store.pool().clone(), shutdown.clone());
     runtime.every(MAINTENANCE_INTERVAL, move || maintain(store.clone()));
+    runtime.every(schedule.interval, move || {
+        let (pool, policies, stopping) = (kept.clone(), policies.clone(), stopping.clone());
+        async move {
+            retention::round(&policies, |current| async move {
+                crate::retention::apply(&pool, &current, || stopping.is_cancelled()).await
+            })
+            .await;
+        }
+    });
     runtime.serve(listener, usage.routes(), &Usage::GRPC_SERVICES, verifier, shutdown).await
 }
 

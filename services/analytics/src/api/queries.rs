@@ -29,6 +29,8 @@ const DEFAULT_TOP_N: i32 = 10;
 const MAX_TOP_N: i32 = 1000;
 /// Longest retention a project may set, in days (ten years).
 const MAX_RETENTION_DAYS: i32 = 3650;
+/// Longest reason a legal hold may carry, in characters.
+const MAX_HOLD_REASON_CHARS: usize = 500;
 
 fn filter_of(filter: Option<&pb::UsageFilter>) -> Result<UsageFilter> {
     let Some(filter) = filter else { return Ok(UsageFilter::default()) };
@@ -247,7 +249,15 @@ impl Analytics {
     async fn retention(&self, project_id: uuid::Uuid) -> Result<pb::Retention> {
         let (days, custom) = self.store.retention_of(project_id);
         let applied = self.store.retention_applied(project_id).await?;
-        Ok(pb::Retention { project_id: project_id.to_string(), days: i32::from(days), custom, applied })
+        let since = self.store.legal_hold_of(project_id);
+        Ok(pb::Retention {
+            project_id: project_id.to_string(),
+            days: i32::from(days),
+            custom,
+            applied,
+            legal_hold: since.is_some(),
+            legal_hold_since: since.map(proto_json::timestamp),
+        })
     }
 
     async fn get_retention(&self, caller: &Caller, request: pb::GetRetentionRequest) -> Result<pb::Retention> {
@@ -287,6 +297,46 @@ impl Analytics {
                 ip_address: actor.ip.clone(),
                 user_agent: actor.user_agent.clone(),
                 details: changed(old, new).to_string(),
+                retention_days: 0,
+            })
+            .await?;
+        self.retention(project_id).await
+    }
+
+    async fn set_legal_hold(
+        &self,
+        caller: &Caller,
+        actor: &Actor,
+        request: pb::SetLegalHoldRequest,
+    ) -> Result<pb::Retention> {
+        let project_id = fields::id("project_id", &request.project_id)?;
+        let reason = request.reason.trim();
+        if reason.is_empty() || reason.chars().count() > MAX_HOLD_REASON_CHARS {
+            return Err(AnalyticsError::invalid("reason", format!("must be 1 to {MAX_HOLD_REASON_CHARS} characters")));
+        }
+        // As for SetRetention: an admin's decision, and a person's.
+        caller.principal.require_session()?;
+        self.require(caller, project_id, ProjectRole::Admin).await?;
+        let was = self.store.set_legal_hold(project_id, request.legal_hold, reason).await?;
+        let old = serde_json::json!({ "legal_hold": was });
+        let new = serde_json::json!({ "legal_hold": request.legal_hold });
+        let mut details = changed(old, new);
+        if let Some(object) = details.as_object_mut() {
+            object.insert("reason".to_owned(), serde_json::Value::String(reason.to_owned()));
+        }
+        self.store
+            .record_audit(AuditEventRow {
+                event_id: uuid::Uuid::now_v7(),
+                project_id,
+                occurred_at: chrono::Utc::now(),
+                actor_user_id: actor.user_id.unwrap_or_default(),
+                action: if request.legal_hold { "retention.legal_hold_set" } else { "retention.legal_hold_lifted" }
+                    .to_owned(),
+                resource_type: "retention".to_owned(),
+                resource_id: project_id.to_string(),
+                ip_address: actor.ip.clone(),
+                user_agent: actor.user_agent.clone(),
+                details: details.to_string(),
                 retention_days: 0,
             })
             .await?;
@@ -335,5 +385,14 @@ impl pb::analytics_service_server::AnalyticsService for QueryApi {
         let caller = Caller::of(&request)?;
         let actor = Actor::of(&request, Some(caller.principal.user_id));
         respond(self.0.set_retention(&caller, &actor, request.into_inner()).await)
+    }
+
+    async fn set_legal_hold(
+        &self,
+        request: Request<pb::SetLegalHoldRequest>,
+    ) -> Result<Response<pb::Retention>, Status> {
+        let caller = Caller::of(&request)?;
+        let actor = Actor::of(&request, Some(caller.principal.user_id));
+        respond(self.0.set_legal_hold(&caller, &actor, request.into_inner()).await)
     }
 }

@@ -8,4 +8,5 @@ pub mod db;
 pub mod outbox;
 pub mod redis;
 pub mod replicas;
+pub mod retention;
 pub mod tls;
