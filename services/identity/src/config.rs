@@ -32,6 +32,10 @@ pub struct IdentityConfig {
     /// How long a request waits for a free hashing slot before it is refused with
     /// RESOURCE_EXHAUSTED (HTTP 429) and a retry-after. 1 to 60,000.
     pub password_hash_wait_ms: u64,
+    /// How long an ended login session (revoked, or past its refresh token's expiry) is kept
+    /// before the hourly purge deletes it: for audit and for telling a user why they were
+    /// signed out. 1 to 8,760 (a year); default 168 (a week).
+    pub session_purge_after_hours: u64,
 }
 
 /// Brute-force protection of logins (like Keycloak's): failures are counted in the shared Redis
@@ -76,8 +80,9 @@ impl IdentityConfig {
     /// Refuses settings out of their bounds, naming the setting.
     pub fn validate(&self) -> anyhow::Result<()> {
         let t = &self.login_throttle;
-        let checks: [(&str, bool); 8] = [
+        let checks: [(&str, bool); 9] = [
             ("identity.password_hash_concurrency", (1..=256).contains(&self.password_hash_concurrency)),
+            ("identity.session_purge_after_hours", (1..=8_760).contains(&self.session_purge_after_hours)),
             ("identity.password_hash_wait_ms", (1..=60_000).contains(&self.password_hash_wait_ms)),
             ("identity.login_throttle.account_failures", (1..=1_000).contains(&t.account_failures)),
             ("identity.login_throttle.account_address_failures", (1..=1_000).contains(&t.account_address_failures)),
@@ -105,6 +110,7 @@ impl Default for IdentityConfig {
             login_throttle: LoginThrottleConfig::default(),
             password_hash_concurrency: 4,
             password_hash_wait_ms: 2_000,
+            session_purge_after_hours: 168,
         }
     }
 }
@@ -122,5 +128,10 @@ mod tests {
         assert!(error.contains("identity.login_throttle.lockout_max_secs"), "{error}");
         let config = IdentityConfig { password_hash_concurrency: 0, ..IdentityConfig::default() };
         assert!(config.validate().expect_err("no hashing slot").to_string().contains("password_hash_concurrency"));
+        for hours in [0, 8_761] {
+            let config = IdentityConfig { session_purge_after_hours: hours, ..IdentityConfig::default() };
+            let error = config.validate().expect_err("a purge delay out of bounds").to_string();
+            assert!(error.contains("identity.session_purge_after_hours"), "{error}");
+        }
     }
 }

@@ -12,7 +12,7 @@ pub mod store;
 mod service;
 
 pub use config::IdentityConfig;
-pub use service::{connect_database, grant_admin, run};
+pub use service::{connect_database, grant_admin, purge_ended_sessions, run};
 
 /// The identity database's migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();

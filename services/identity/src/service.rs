@@ -53,6 +53,15 @@ pub async fn run(
         config.clone(),
     )
     .context("identity.settings_key")?;
+    let (purging, purge_after) = (store.clone(), Duration::from_secs(config.session_purge_after_hours * 3600));
+    runtime.every(SESSION_PURGE_INTERVAL, move || {
+        let store = purging.clone();
+        async move {
+            if let Err(error) = purge_ended_sessions(&store, purge_after).await {
+                tracing::warn!(%error, "could not purge ended login sessions; retrying later");
+            }
+        }
+    });
     // The server writes the last requests' use times to Redis before it returns; the drain at
     // the stop takes them to PostgreSQL.
     runtime.every_and_at_stop(Duration::from_secs(config.last_use_flush_secs.max(1)), move || {
@@ -64,6 +73,21 @@ pub async fn run(
         }
     });
     runtime.serve(listener, identity.routes(), &Identity::GRPC_SERVICES, verifier, shutdown).await
+}
+
+/// How often ended login sessions are purged.
+const SESSION_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+/// Login sessions deleted per statement of a purge.
+const SESSION_PURGE_BATCH: i64 = 1000;
+
+/// One purge of login sessions that ended more than `after` ago (see
+/// [`Store::purge_ended_sessions`]), counted in `retention_rows_deleted_total{store="identity",
+/// kind="login_sessions"}` and, when it succeeds, `retention_last_run_timestamp_seconds
+/// {store="identity"}`; returns how many sessions went.
+pub async fn purge_ended_sessions(store: &Store, after: Duration) -> anyhow::Result<u64> {
+    let purged = store.purge_ended_sessions(after, SESSION_PURGE_BATCH).await?;
+    aimesh_kit::data::retention::record_round("identity", &vec![("login_sessions", purged)]);
+    Ok(purged)
 }
 
 /// Makes the account with `email` a system admin: the operator's way to get the first admin

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aimesh_kit::data::outbox::{self, OutboxEvent, OutboxRelay, OutboxSink, RelayError, RelaySettings, SinkError};
+use aimesh_kit::data::outbox::{
+    self, Delivery, OutboxEvent, OutboxRelay, OutboxSink, Rejection, RelayError, RelaySettings, Replay, SinkError,
+};
 use aimesh_kit::testing::TestDatabase;
 use futures::future::BoxFuture;
 use serde_json::json;
@@ -13,11 +15,14 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Records what it is given; fails while `failing` is set; takes `delay` per batch. Several
-/// sinks may share `in_flight` to catch one event being delivered twice at the same time.
+/// Records what it is given; fails while `failing` is set; refuses for good the events whose
+/// payload `n` is in `refusing` (and records them apart); takes `delay` per batch. Several sinks
+/// may share `in_flight` to catch one event being delivered twice at the same time.
 #[derive(Default)]
 struct RecordingSink {
     delivered: Mutex<Vec<OutboxEvent>>,
+    refused: Mutex<Vec<OutboxEvent>>,
+    refusing: Mutex<HashSet<u64>>,
     batches: Mutex<Vec<usize>>,
     failing: AtomicBool,
     delay: Duration,
@@ -34,7 +39,7 @@ impl RecordingSink {
 }
 
 impl OutboxSink for RecordingSink {
-    fn deliver<'a>(&'a self, events: &'a [OutboxEvent]) -> BoxFuture<'a, Result<(), SinkError>> {
+    fn deliver<'a>(&'a self, events: &'a [OutboxEvent]) -> BoxFuture<'a, Result<Delivery, SinkError>> {
         Box::pin(async move {
             {
                 let mut in_flight = self.in_flight.lock().expect("lock");
@@ -57,9 +62,20 @@ impl OutboxSink for RecordingSink {
             if self.failing.load(Ordering::SeqCst) {
                 return Err(SinkError::new("analytics unavailable"));
             }
-            self.delivered.lock().expect("lock").extend_from_slice(events);
+            let refusing = self.refusing.lock().expect("lock").clone();
+            let (refused, taken): (Vec<OutboxEvent>, Vec<OutboxEvent>) =
+                events.iter().cloned().partition(|e| e.payload["n"].as_u64().is_some_and(|n| refusing.contains(&n)));
+            let rejected = refused
+                .iter()
+                .map(|e| Rejection {
+                    event_id: e.event_id,
+                    reason: format!("payload.n: {} is refused", e.payload["n"]),
+                })
+                .collect();
+            self.refused.lock().expect("lock").extend(refused);
+            self.delivered.lock().expect("lock").extend(taken);
             self.batches.lock().expect("lock").push(events.len());
-            Ok(())
+            Ok(Delivery { rejected })
         })
     }
 }
@@ -319,4 +335,170 @@ async fn delivered_rows_are_pruned_after_the_retention_only() {
     assert_eq!(relay.prune().await.expect("prune"), 3);
     assert_eq!(rows().await, 1, "the undelivered event stays");
     assert_eq!(pending(&db.pool).await, 1);
+}
+
+/// The value of `name`'s sample for `database` (and `topic`, when given) in this process's
+/// metrics; 0 when there is none.
+fn metric(name: &str, database: &str, topic: Option<&str>) -> f64 {
+    let handle = aimesh_kit::telemetry::metrics_handle().expect("the metrics recorder");
+    let (database, topic) = (format!("database=\"{database}\""), topic.map(|t| format!("topic=\"{t}\"")));
+    handle
+        .render()
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(&database))
+        .filter(|line| topic.as_ref().is_none_or(|topic| line.contains(topic)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn database_name(pool: &PgPool) -> String {
+    pool.connect_options().get_database().expect("a database name").to_owned()
+}
+
+async fn dead_letter_count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox_dead_letters").fetch_one(pool).await.expect("count")
+}
+
+#[tokio::test]
+async fn events_refused_for_good_become_dead_letters_and_the_others_are_delivered() {
+    // Before anything is counted: counts made without a recorder are lost.
+    aimesh_kit::telemetry::metrics_handle().expect("the metrics recorder");
+    let db = TestDatabase::new(&outbox::migrator()).await;
+    let database = database_name(&db.pool);
+    let sink = Arc::new(RecordingSink::default());
+    sink.refusing.lock().expect("lock").extend([1, 3]);
+    let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), settings(10));
+    let written: Vec<OutboxEvent> = (0..5).map(event).collect();
+    write(&db.pool, &written).await;
+    // One earlier failed attempt, so the dead letter counts both.
+    sink.failing.store(true, Ordering::SeqCst);
+    assert!(matches!(relay.relay_once().await, Err(RelayError::Sink(_))));
+    sink.failing.store(false, Ordering::SeqCst);
+    sqlx::query("UPDATE outbox_events SET next_attempt_at = now()").execute(&db.pool).await.expect("make due");
+
+    assert_eq!(relay.relay_once().await.expect("relay"), 5, "the whole batch left the outbox");
+    assert_eq!(relay.relay_once().await.expect("relay"), 0, "dead letters are not retried");
+    let delivered_ns: Vec<u64> = sink.delivered().iter().filter_map(|e| e.payload["n"].as_u64()).collect();
+    assert_eq!(delivered_ns, vec![0, 2, 4]);
+
+    let (page, next) =
+        outbox::list_dead_letters(&db.pool, &outbox::dead_letter_page(None, None).expect("page")).await.expect("list");
+    assert!(next.is_none());
+    assert_eq!(page.len(), 2);
+    for (dead, original) in page.iter().zip([&written[1], &written[3]]) {
+        let kept = OutboxEvent {
+            event_id: dead.event_id,
+            topic: dead.topic.clone(),
+            event_type: dead.event_type.clone(),
+            project_id: dead.project_id,
+            occurred_at: dead.occurred_at,
+            payload: dead.payload.clone(),
+            traceparent: dead.traceparent.clone(),
+        };
+        assert_eq!(&kept, original, "a dead letter keeps the event as written");
+        assert_eq!(dead.attempts, 2);
+        assert_eq!(dead.reason, format!("payload.n: {} is refused", original.payload["n"]));
+    }
+    let in_outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_events WHERE event_id = ANY($1)")
+        .bind(vec![written[1].event_id, written[3].event_id])
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(in_outbox, 0, "moved, not copied");
+    assert_eq!(pending(&db.pool).await, 0);
+
+    assert_eq!(metric("outbox_dead_lettered_total", &database, Some("audit")), 2.0);
+    assert_eq!(metric("outbox_delivered_total", &database, Some("audit")), 3.0);
+    relay.publish_gauges().await.expect("measure");
+    assert_eq!(metric("outbox_dead_letters", &database, None), 2.0);
+    assert_eq!(metric("outbox_pending", &database, None), 0.0);
+    assert_eq!(metric("outbox_oldest_pending_age_seconds", &database, None), 0.0, "nothing pending");
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_page_by_page_and_replayed_once_then_delivered() {
+    let db = TestDatabase::new(&outbox::migrator()).await;
+    let sink = Arc::new(RecordingSink::default());
+    sink.refusing.lock().expect("lock").extend([0, 1, 2]);
+    let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), settings(10));
+    let written: Vec<OutboxEvent> = (0..4).map(event).collect();
+    write(&db.pool, &written).await;
+    assert_eq!(relay.relay_once().await.expect("relay"), 4);
+
+    // Keyset pages of two, in the order the events were written.
+    let first = outbox::dead_letter_page(None, Some(2)).expect("page");
+    let (page, next) = outbox::list_dead_letters(&db.pool, &first).await.expect("list");
+    let next = next.expect("a second page");
+    let (rest, last) = outbox::list_dead_letters(&db.pool, &next).await.expect("list");
+    assert!(last.is_none());
+    let listed: Vec<Uuid> = page.iter().chain(&rest).map(|d| d.event_id).collect();
+    assert_eq!(listed, written[..3].iter().map(|e| e.event_id).collect::<Vec<_>>());
+
+    // The cause is fixed: the sink takes them now.
+    sink.refusing.lock().expect("lock").clear();
+    let one = Replay::Events(vec![written[1].event_id, Uuid::new_v4()]);
+    assert_eq!(outbox::replay_dead_letters(&db.pool, &one).await.expect("replay"), vec![written[1].event_id]);
+    assert!(outbox::replay_dead_letters(&db.pool, &one).await.expect("replay again").is_empty(), "idempotent");
+    let (attempts, last_error): (i32, Option<String>) =
+        sqlx::query_as("SELECT attempts, last_error FROM outbox_events WHERE event_id = $1")
+            .bind(written[1].event_id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("the replayed event");
+    assert_eq!((attempts, last_error), (0, None));
+    assert_eq!((pending(&db.pool).await, dead_letter_count(&db.pool).await), (1, 2));
+
+    let everything = outbox::replay_dead_letters(&db.pool, &Replay::All).await.expect("replay all");
+    assert_eq!(everything, vec![written[0].event_id, written[2].event_id]);
+    assert!(outbox::replay_dead_letters(&db.pool, &Replay::All).await.expect("again").is_empty());
+    assert_eq!((pending(&db.pool).await, dead_letter_count(&db.pool).await), (3, 0));
+
+    assert_eq!(relay.relay_once().await.expect("relay"), 3);
+    let delivered: HashSet<Uuid> = sink.delivered().iter().map(|e| e.event_id).collect();
+    assert!(written.iter().all(|e| delivered.contains(&e.event_id)), "every event reached the sink in the end");
+    assert_eq!(pending(&db.pool).await, 0);
+}
+
+#[test]
+fn bad_pages_and_replays_are_refused_naming_the_field() {
+    let field = |error: aimesh_kit::ServiceError| error.field;
+    assert_eq!(field(outbox::dead_letter_page(None, Some(0)).expect_err("empty page")).as_deref(), Some("limit"));
+    let too_many = Some(outbox::MAX_DEAD_LETTER_PAGE + 1);
+    assert_eq!(field(outbox::dead_letter_page(None, too_many).expect_err("too large")).as_deref(), Some("limit"));
+    assert_eq!(field(outbox::dead_letter_page(Some(-1), None).expect_err("negative")).as_deref(), Some("after"));
+    assert_eq!(outbox::dead_letter_page(None, None).expect("default").limit(), outbox::DEFAULT_DEAD_LETTER_PAGE);
+    let none = Replay::Events(Vec::new()).validate().expect_err("no event named");
+    assert_eq!(none.field.as_deref(), Some("event_id"));
+    let many = Replay::Events(vec![Uuid::nil(); outbox::MAX_REPLAY_EVENT_IDS + 1]).validate().expect_err("too many");
+    assert_eq!(many.field.as_deref(), Some("event_id"));
+}
+
+#[tokio::test]
+async fn the_age_of_the_oldest_pending_event_is_measured_while_the_sink_fails() {
+    let db = TestDatabase::new(&outbox::migrator()).await;
+    let database = database_name(&db.pool);
+    let sink = Arc::new(RecordingSink::default());
+    sink.failing.store(true, Ordering::SeqCst);
+    write(&db.pool, &(0..3).map(event).collect::<Vec<_>>()).await;
+    // Entered the outbox an hour ago; occurred_at (when the change happened) does not count.
+    sqlx::query("UPDATE outbox_events SET created_at = now() - interval '1 hour', occurred_at = now()")
+        .execute(&db.pool)
+        .await
+        .expect("backdate");
+    let relay = OutboxRelay::new(db.pool.clone(), sink.clone(), settings(10));
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+
+    // A relay whose every delivery fails still publishes what is waiting.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while metric("outbox_pending", &database, None) != 3.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the gauges should be published while deliveries fail");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let age = metric("outbox_oldest_pending_age_seconds", &database, None);
+    assert!((3600.0..3700.0).contains(&age), "oldest pending age {age}");
+    assert_eq!(metric("outbox_dead_letters", &database, None), 0.0);
+    sink.failing.store(false, Ordering::SeqCst);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running).await.expect("run returns").expect("run task");
 }

@@ -183,6 +183,35 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Deletes login sessions that ended (were revoked, or their refresh token expired) more
+    /// than `after` ago, `batch` rows per statement so that none holds many locks for long;
+    /// returns how many went. Sessions that ended later stay, for audit and for telling a user
+    /// why they were signed out.
+    pub async fn purge_ended_sessions(&self, after: std::time::Duration, batch: i64) -> Result<u64> {
+        let batch = batch.max(1);
+        let mut purged = 0;
+        loop {
+            // The expression is the index's (user_sessions_ended), so each batch reads only the
+            // rows it deletes.
+            let deleted = sqlx::query(
+                "DELETE FROM user_sessions WHERE id IN (SELECT id FROM user_sessions \
+                 WHERE LEAST(revoked_at, GREATEST(expires_at, refresh_expires_at)) < now() - make_interval(secs => $1) \
+                 LIMIT $2)",
+            )
+            .bind(after.as_secs_f64())
+            .bind(batch)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            purged += deleted;
+            if deleted < batch.unsigned_abs() {
+                return Ok(purged);
+            }
+        }
+    }
+}
+
 /// Ends `user_id`'s live sessions except `keep`; returns their access-token hashes.
 pub(super) async fn revoke_sessions(conn: &mut PgConnection, user_id: Uuid, keep: Option<Uuid>) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(

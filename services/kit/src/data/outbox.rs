@@ -11,14 +11,24 @@
 //! several replicas (and each relay's `workers`) deliver side by side, so consumers must not
 //! rely on order across batches.
 //!
-//! Every service that uses the outbox calls [`migrate`] on its database; the table's schema is
+//! An event the sink refuses for good (analytics rejects it as malformed: no retry would ever
+//! succeed) is a dead letter: in the transaction that settles its batch it moves from
+//! `outbox_events` to `outbox_dead_letters` with the reason, where operators list it
+//! ([`list_dead_letters`]) and, once the cause is fixed, replay it ([`replay_dead_letters`]:
+//! back into the outbox as pending). `aimesh outbox` is the command line over both.
+//!
+//! Every service that uses the outbox calls [`migrate`] on its database; the tables' schema is
 //! the kit's (`migrations/outbox`), not copied into each service.
 //!
 //! Metrics (label `database` is the database of the relay's pool): `outbox_delivered_total
-//! {database, topic}` events delivered, `outbox_delivery_failures_total{database}` failed batch
-//! deliveries, gauge `outbox_pending{database}` rows waiting, set whenever a pass finds the
-//! outbox below one batch.
+//! {database, topic}` events delivered, `outbox_dead_lettered_total{database, topic}` events
+//! refused for good, `outbox_delivery_failures_total{database}` failed batch deliveries; gauges
+//! `outbox_pending{database}` rows waiting, `outbox_oldest_pending_age_seconds{database}` how
+//! long the oldest of them has waited (0 when none), `outbox_dead_letters{database}` dead letters
+//! kept, set after every pass that finds the outbox below one batch (a failed one included) and
+//! every [`GAUGE_INTERVAL`] while full batches go out back to back.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +40,9 @@ use sqlx::postgres::PgArguments;
 use sqlx::{PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::wire::error::ServiceError;
+use crate::wire::pagination::Page;
 
 /// The kit's own migrations of the outbox table, tracked apart from the service's.
 pub fn migrator() -> Migrator {
@@ -46,6 +59,10 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 
 /// How often a running relay prunes delivered rows.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often the gauges are published at the latest while full batches go out back to back (a
+/// backlog is when the age of its oldest event matters most).
+pub const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The largest Ingest message a relay sends and analytics takes (gRPC's default is 4 MiB, which
 /// a batch of a few thousand events passes): a batch larger than the receiver accepts would be
@@ -189,10 +206,27 @@ impl SinkError {
     }
 }
 
+/// What a sink did with a batch it took: the events it refused for good, each with why; the
+/// others count as delivered (`Delivery::default()`: every one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Events no retry would make the sink take (malformed ones): they become dead letters.
+    pub rejected: Vec<Rejection>,
+}
+
+/// An event a sink refused for good, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub event_id: Uuid,
+    /// For people: what is wrong with the event (analytics: the offending field and why).
+    pub reason: String,
+}
+
 /// Where relayed events go (analytics). Must accept a batch it has seen before (at least once).
 pub trait OutboxSink: Send + Sync + 'static {
-    /// Takes the whole batch or fails as a whole.
-    fn deliver<'a>(&'a self, events: &'a [OutboxEvent]) -> BoxFuture<'a, Result<(), SinkError>>;
+    /// Takes the whole batch, but for the events it names as refused for good, or fails as a
+    /// whole (then the whole batch is retried).
+    fn deliver<'a>(&'a self, events: &'a [OutboxEvent]) -> BoxFuture<'a, Result<Delivery, SinkError>>;
 }
 
 /// Why a relay pass failed.
@@ -275,6 +309,12 @@ impl OutboxRelay {
     /// A relay of the outbox in `pool`'s database to `sink`.
     pub fn new(pool: PgPool, sink: Arc<dyn OutboxSink>, settings: RelaySettings) -> Self {
         let database = pool.connect_options().get_database().unwrap_or("postgres").to_owned();
+        // Counted only when they happen; at 0 from the start, so that rates and alerts see them.
+        metrics::counter!("outbox_delivery_failures_total", "database" => database.clone()).increment(0);
+        for topic in ["usage", "audit", "product"] {
+            metrics::counter!("outbox_dead_lettered_total", "database" => database.clone(), "topic" => topic)
+                .increment(0);
+        }
         Self { pool, sink, settings, database }
     }
 
@@ -287,9 +327,10 @@ impl OutboxRelay {
 
     /// One worker: batches back to back while they are full, otherwise one every
     /// `poll_interval`. The `housekeeper` (one per relay) also prunes delivered rows every
-    /// [`PRUNE_INTERVAL`] and publishes the pending gauge.
+    /// [`PRUNE_INTERVAL`] and publishes the gauges (see the module's doc).
     async fn work(&self, housekeeper: bool, shutdown: &CancellationToken) {
         let mut last_prune = tokio::time::Instant::now();
+        let mut last_gauges: Option<tokio::time::Instant> = None;
         while !shutdown.is_cancelled() {
             if housekeeper && last_prune.elapsed() >= PRUNE_INTERVAL {
                 last_prune = tokio::time::Instant::now();
@@ -297,7 +338,14 @@ impl OutboxRelay {
                     tracing::warn!(database = %self.database, %error, "cannot prune delivered outbox events");
                 }
             }
-            if self.pass(housekeeper).await {
+            let full = self.pass().await;
+            if housekeeper && (!full || last_gauges.is_none_or(|at| at.elapsed() >= GAUGE_INTERVAL)) {
+                last_gauges = Some(tokio::time::Instant::now());
+                if let Err(error) = self.publish_gauges().await {
+                    tracing::debug!(database = %self.database, %error, "cannot measure the outbox");
+                }
+            }
+            if full {
                 continue;
             }
             tokio::select! {
@@ -306,19 +354,13 @@ impl OutboxRelay {
             }
         }
         // Events written by the last requests should not wait for the next start.
-        while self.pass(housekeeper).await {}
+        while self.pass().await {}
     }
 
     /// One pass that logs its failure; whether a full batch went out (so more may be waiting).
-    async fn pass(&self, housekeeper: bool) -> bool {
+    async fn pass(&self) -> bool {
         match self.relay_once().await {
-            Ok(delivered) if delivered >= self.settings.batch_size as usize => true,
-            Ok(_) => {
-                if housekeeper {
-                    self.publish_pending().await;
-                }
-                false
-            }
+            Ok(settled) => settled >= self.settings.batch_size as usize,
             Err(RelayError::Sink(error)) => {
                 tracing::warn!(database = %self.database, %error, "outbox delivery failed, will retry");
                 false
@@ -330,8 +372,10 @@ impl OutboxRelay {
         }
     }
 
-    /// One batch: locks up to `batch_size` due events, hands them to the sink, deletes them on
-    /// success or reschedules them with backoff on failure. Returns how many were delivered.
+    /// One batch: locks up to `batch_size` due events, hands them to the sink, marks them
+    /// delivered on success (moving those it refused for good to the dead letters) or
+    /// reschedules them with backoff on failure. Returns how many left the outbox: delivered or
+    /// dead-lettered.
     pub async fn relay_once(&self) -> Result<usize, RelayError> {
         let mut tx = begin_relay_transaction(&self.pool).await?;
         let rows: Vec<OutboxRow> =
@@ -355,15 +399,21 @@ impl OutboxRelay {
 
         let delivery = tokio::time::timeout(self.settings.delivery_timeout, self.sink.deliver(&events)).await;
         let error = match delivery {
-            Ok(Ok(())) => {
-                sqlx::query("UPDATE outbox_events SET delivered_at = clock_timestamp() WHERE id = ANY($1)")
-                    .bind(&ids)
-                    .execute(&mut *tx)
-                    .await?;
+            Ok(Ok(delivery)) => {
+                let dead = settle(&mut tx, &ids, &delivery.rejected).await?;
                 tx.commit().await?;
                 for event in &events {
-                    metrics::counter!("outbox_delivered_total", "database" => self.database.clone(), "topic" => event.topic.clone())
+                    let name = if dead.contains(&event.event_id) {
+                        "outbox_dead_lettered_total"
+                    } else {
+                        "outbox_delivered_total"
+                    };
+                    metrics::counter!(name, "database" => self.database.clone(), "topic" => event.topic.clone())
                         .increment(1);
+                }
+                if !dead.is_empty() {
+                    tracing::warn!(database = %self.database, events = dead.len(),
+                        "the sink refused outbox events for good; they are kept as dead letters (aimesh outbox dead-letters)");
                 }
                 return Ok(events.len());
             }
@@ -412,15 +462,175 @@ impl OutboxRelay {
         }
     }
 
-    async fn publish_pending(&self) {
-        let count = "SELECT count(*) FROM outbox_events WHERE delivered_at IS NULL";
-        match sqlx::query_scalar::<_, i64>(count).fetch_one(&self.pool).await {
-            Ok(pending) => {
-                metrics::gauge!("outbox_pending", "database" => self.database.clone()).set(pending as f64);
+    /// Measures the outbox in one round trip and sets its gauges: `outbox_pending`,
+    /// `outbox_oldest_pending_age_seconds` and `outbox_dead_letters`.
+    pub async fn publish_gauges(&self) -> Result<(), sqlx::Error> {
+        let (pending, oldest_age, dead_letters): (i64, f64, i64) = sqlx::query_as(GAUGES).fetch_one(&self.pool).await?;
+        let database = self.database.clone();
+        metrics::gauge!("outbox_pending", "database" => database.clone()).set(pending as f64);
+        metrics::gauge!("outbox_oldest_pending_age_seconds", "database" => database.clone()).set(oldest_age);
+        metrics::gauge!("outbox_dead_letters", "database" => database).set(dead_letters as f64);
+        Ok(())
+    }
+}
+
+/// Pending events, the age of the oldest in seconds (0 when none), and dead letters kept. The
+/// oldest is by `created_at` (when it entered the outbox): `occurred_at` may lie in the past.
+const GAUGES: &str = "SELECT count(*), \
+     COALESCE(GREATEST(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)), 0), 0)::float8, \
+     (SELECT count(*) FROM outbox_dead_letters) \
+     FROM outbox_events WHERE delivered_at IS NULL";
+
+/// Moves the events of a batch (`ids`) that the sink refused for good to the dead letters, with
+/// their reasons, and marks the others delivered, inside the batch's transaction; returns the
+/// event ids that became dead letters.
+async fn settle(tx: &mut PgConnection, ids: &[i64], rejected: &[Rejection]) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let mut dead = HashSet::new();
+    if !rejected.is_empty() {
+        let event_ids: Vec<Uuid> = rejected.iter().map(|r| r.event_id).collect();
+        let reasons: Vec<String> = rejected.iter().map(|r| r.reason.chars().take(MAX_ERROR_LEN).collect()).collect();
+        // A rejection naming an event outside the batch matches no row and changes nothing.
+        let moved: Vec<Uuid> = sqlx::query_scalar(
+            "WITH moved AS (DELETE FROM outbox_events o USING unnest($2::uuid[], $3::text[]) AS r(event_id, reason) \
+                 WHERE o.id = ANY($1) AND o.event_id = r.event_id \
+                 RETURNING o.id, o.event_id, o.topic, o.event_type, o.project_id, o.payload, o.occurred_at, \
+                     o.traceparent, o.attempts + 1 AS attempts, r.reason) \
+             INSERT INTO outbox_dead_letters (event_id, topic, event_type, project_id, payload, occurred_at, \
+                 traceparent, attempts, reason) \
+             SELECT event_id, topic, event_type, project_id, payload, occurred_at, traceparent, attempts, reason \
+             FROM moved ORDER BY id \
+             ON CONFLICT (event_id) DO UPDATE SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason, \
+                 dead_lettered_at = EXCLUDED.dead_lettered_at \
+             RETURNING event_id",
+        )
+        .bind(ids)
+        .bind(event_ids)
+        .bind(reasons)
+        .fetch_all(&mut *tx)
+        .await?;
+        dead.extend(moved);
+    }
+    sqlx::query("UPDATE outbox_events SET delivered_at = clock_timestamp() WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?;
+    Ok(dead)
+}
+
+/// Dead letters listed per page when the operator names no number.
+pub const DEFAULT_DEAD_LETTER_PAGE: i64 = 100;
+/// The most dead letters one page holds.
+pub const MAX_DEAD_LETTER_PAGE: i64 = 1000;
+/// The most event ids one replay names.
+pub const MAX_REPLAY_EVENT_IDS: usize = 10_000;
+
+/// An event the sink refused for good, as kept in `outbox_dead_letters`.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    /// Its place in the list: what the next page starts after.
+    pub id: i64,
+    pub event_id: Uuid,
+    pub topic: String,
+    pub event_type: String,
+    pub project_id: Option<Uuid>,
+    pub occurred_at: DateTime<Utc>,
+    pub payload: serde_json::Value,
+    pub traceparent: Option<String>,
+    /// Deliveries tried, the refused one included.
+    pub attempts: i32,
+    /// Why the sink refused it.
+    pub reason: String,
+    pub dead_lettered_at: DateTime<Utc>,
+}
+
+/// The page of dead letters after id `after` (from the start when `None`), `limit` of them
+/// ([`DEFAULT_DEAD_LETTER_PAGE`] when `None`, 1 to [`MAX_DEAD_LETTER_PAGE`]).
+pub fn dead_letter_page(after: Option<i64>, limit: Option<i64>) -> Result<Page<i64>, ServiceError> {
+    let limit = limit.unwrap_or(DEFAULT_DEAD_LETTER_PAGE);
+    if !(1..=MAX_DEAD_LETTER_PAGE).contains(&limit) {
+        return Err(ServiceError::invalid_field("limit", format!("must be 1 to {MAX_DEAD_LETTER_PAGE}")));
+    }
+    if after.is_some_and(|after| after < 0) {
+        return Err(ServiceError::invalid_field("after", "must not be negative"));
+    }
+    Ok(Page::starting_after(after, limit))
+}
+
+/// One page of `pool`'s dead letters, oldest first, and the page after it (`None` on the last).
+pub async fn list_dead_letters(
+    pool: &PgPool,
+    page: &Page<i64>,
+) -> Result<(Vec<DeadLetter>, Option<Page<i64>>), sqlx::Error> {
+    let rows: Vec<DeadLetter> = sqlx::query_as(
+        "SELECT id, event_id, topic, event_type, project_id, occurred_at, payload, traceparent, attempts, reason, \
+             dead_lettered_at FROM outbox_dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(page.after().copied().unwrap_or(0))
+    .bind(page.fetch_limit())
+    .fetch_all(pool)
+    .await?;
+    Ok(page.split(rows, |last| last.id))
+}
+
+/// Which dead letters to replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// These events (at most [`MAX_REPLAY_EVENT_IDS`]); ids that are no dead letter are skipped.
+    Events(Vec<Uuid>),
+    /// Every dead letter.
+    All,
+}
+
+impl Replay {
+    /// Refuses a selection out of its bounds, naming the field.
+    pub fn validate(&self) -> Result<(), ServiceError> {
+        match self {
+            Self::Events(ids) if ids.is_empty() => Err(ServiceError::invalid_field("event_id", "name at least one")),
+            Self::Events(ids) if ids.len() > MAX_REPLAY_EVENT_IDS => {
+                Err(ServiceError::invalid_field("event_id", format!("at most {MAX_REPLAY_EVENT_IDS} at once")))
             }
-            Err(error) => tracing::debug!(%error, "cannot count pending outbox events"),
+            _ => Ok(()),
         }
     }
+}
+
+/// Moves the selected dead letters back into the outbox as pending, due now, with no attempts,
+/// in one transaction (one statement), in their original order; returns the ids of the events
+/// moved. Replaying again changes nothing: a replayed event is no dead letter any more (unless
+/// the sink refuses it again).
+pub async fn replay_dead_letters(pool: &PgPool, selection: &Replay) -> Result<Vec<Uuid>, ReplayError> {
+    selection.validate()?;
+    let (all, ids) = match selection {
+        Replay::All => (true, Vec::new()),
+        Replay::Events(ids) => (false, ids.clone()),
+    };
+    // An event still in the outbox (a dead letter cannot be, but an operator's hand may have put
+    // it there) is made pending again rather than duplicated: event_id is unique there.
+    let replayed = sqlx::query_scalar(
+        "WITH replayed AS (DELETE FROM outbox_dead_letters WHERE $1 OR event_id = ANY($2) \
+             RETURNING id, event_id, topic, event_type, project_id, payload, occurred_at, traceparent) \
+         INSERT INTO outbox_events (event_id, topic, event_type, project_id, payload, occurred_at, traceparent) \
+         SELECT event_id, topic, event_type, project_id, payload, occurred_at, traceparent FROM replayed ORDER BY id \
+         ON CONFLICT (event_id) DO UPDATE SET delivered_at = NULL, attempts = 0, next_attempt_at = now(), \
+             last_error = NULL, created_at = now() \
+         RETURNING event_id",
+    )
+    .bind(all)
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(replayed)
+}
+
+/// Why a replay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The selection is out of its bounds; nothing changed.
+    #[error("{0}")]
+    Invalid(#[from] ServiceError),
+    /// The database refused; nothing changed.
+    #[error("outbox database error: {0}")]
+    Database(#[from] sqlx::Error),
 }
 
 /// The oldest due events, up to `batch_size` of them, locked until `tx` ends.
@@ -456,8 +666,8 @@ impl RelaySettings {
 
 /// The sink of every service's relay: analytics' internal `Ingest` RPC, called with the
 /// deployment's service token. A batch counts as delivered when analytics answers; events it
-/// rejects as malformed are logged and not retried (they never would succeed), any error
-/// (UNAVAILABLE while ClickHouse is down) fails the batch so it is retried.
+/// rejects as malformed are refused for good (they never would succeed: dead letters), any
+/// error (UNAVAILABLE while ClickHouse is down) fails the batch so it is retried.
 #[derive(Debug, Clone)]
 pub struct AnalyticsSink {
     client: analytics_pb::ingest_service_client::IngestServiceClient<tonic::transport::Channel>,
@@ -481,10 +691,10 @@ impl AnalyticsSink {
 }
 
 impl OutboxSink for AnalyticsSink {
-    fn deliver<'a>(&'a self, events: &'a [OutboxEvent]) -> BoxFuture<'a, Result<(), SinkError>> {
+    fn deliver<'a>(&'a self, events: &'a [OutboxEvent]) -> BoxFuture<'a, Result<Delivery, SinkError>> {
         Box::pin(async move {
             let token = self.token.as_ref().ok_or_else(|| SinkError::new("auth.service_token is not set"))?;
-            let events = events
+            let request_events = events
                 .iter()
                 .map(|event| analytics_pb::Event {
                     event_id: event.event_id.to_string(),
@@ -495,7 +705,7 @@ impl OutboxSink for AnalyticsSink {
                     payload: event.payload.to_string(),
                 })
                 .collect();
-            let mut request = tonic::Request::new(analytics_pb::IngestRequest { events });
+            let mut request = tonic::Request::new(analytics_pb::IngestRequest { events: request_events });
             token.authorize(&mut request).map_err(SinkError::new)?;
             crate::telemetry::inject_current_context(request.metadata_mut());
             let response = self
@@ -505,12 +715,24 @@ impl OutboxSink for AnalyticsSink {
                 .await
                 .map_err(|status| SinkError::new(format!("{:?}: {}", status.code(), status.message())))?
                 .into_inner();
-            let rejected = analytics_pb::EventOutcome::Rejected as i32;
-            for result in response.results.iter().filter(|r| r.outcome == rejected) {
-                tracing::error!(event_id = %result.event_id, field = %result.field, reason = %result.message,
-                    "analytics rejected an outbox event; it is dropped");
+            let refused = analytics_pb::EventOutcome::Rejected as i32;
+            let mut rejected = Vec::new();
+            // Results come one per event in request order; the id they echo is checked first.
+            for (index, result) in response.results.iter().enumerate().filter(|(_, r)| r.outcome == refused) {
+                let event_id = Uuid::parse_str(&result.event_id).ok().or_else(|| events.get(index).map(|e| e.event_id));
+                let Some(event_id) = event_id else {
+                    tracing::error!(event_id = %result.event_id, reason = %result.message,
+                        "analytics rejected an event the relay did not send");
+                    continue;
+                };
+                let reason = match result.field.as_str() {
+                    "" => result.message.clone(),
+                    field => format!("{field}: {}", result.message),
+                };
+                tracing::warn!(%event_id, %reason, "analytics rejected an outbox event; it becomes a dead letter");
+                rejected.push(Rejection { event_id, reason });
             }
-            Ok(())
+            Ok(Delivery { rejected })
         })
     }
 }
@@ -536,7 +758,7 @@ pub fn spawn_relay(pool: PgPool, common: &crate::config::CommonConfig) -> Result
     let sink = AnalyticsSink::new(&common.services.analytics, common.auth.service_token.clone())?;
     let relay = OutboxRelay::new(pool, Arc::new(sink), RelaySettings::from_config(&common.outbox));
     let stop = CancellationToken::new();
-    let task = tokio::spawn(relay.run(stop.clone()));
+    let task = tokio::spawn(tracing::Instrument::in_current_span(relay.run(stop.clone())));
     Ok(RelayTask { stop, task })
 }
 
