@@ -1,9 +1,13 @@
 //! The mesh as one program: its configuration, and starting one service or all of them. The
 //! binary (`main.rs`) and the end-to-end tests both start services through here.
 
+pub mod backup;
+pub mod outbox_admin;
+
 use std::net::SocketAddr;
 
 use anyhow::Context;
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -233,25 +237,31 @@ pub async fn run(
 /// analytics' to its ClickHouse database.
 pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
     for service in ServiceName::ALL {
-        match service {
-            ServiceName::Identity => {
-                aimesh_identity::connect_database(&config.common, &config.identity).await?.close().await;
-            }
-            ServiceName::Chat => {
-                aimesh_chat::connect_database(&config.common, &config.chat).await?.close().await;
-            }
-            ServiceName::Usage => {
-                aimesh_usage::connect_database(&config.common, &config.usage).await?.close().await;
-            }
-            ServiceName::Files => {
-                aimesh_files::connect_database(&config.common, &config.files).await?.close().await;
-            }
-            ServiceName::Analytics => {
-                aimesh_analytics::connect_clickhouse(&config.analytics).await?;
-            }
-            ServiceName::Gateway => continue, // no database
+        if service == ServiceName::Analytics {
+            aimesh_analytics::connect_clickhouse(&config.analytics).await?;
+        } else if let Some(pool) = connect_service_database(service, config).await? {
+            pool.close().await;
+        } else {
+            continue; // the gateway has no database
         }
         tracing::info!(service = service.as_str(), "migrations applied");
     }
     Ok(())
+}
+
+/// The services with a PostgreSQL database of their own (and so an outbox).
+pub const SERVICES_WITH_DATABASE: [ServiceName; 4] =
+    [ServiceName::Identity, ServiceName::Files, ServiceName::Chat, ServiceName::Usage];
+
+/// A pool on `service`'s own PostgreSQL database, connected as the service connects (created
+/// if missing, migrated); none for a service without one (analytics, the gateway).
+pub async fn connect_service_database(service: ServiceName, config: &MeshConfig) -> anyhow::Result<Option<PgPool>> {
+    let pool = match service {
+        ServiceName::Identity => aimesh_identity::connect_database(&config.common, &config.identity).await?,
+        ServiceName::Chat => aimesh_chat::connect_database(&config.common, &config.chat).await?,
+        ServiceName::Usage => aimesh_usage::connect_database(&config.common, &config.usage).await?,
+        ServiceName::Files => aimesh_files::connect_database(&config.common, &config.files).await?,
+        ServiceName::Analytics | ServiceName::Gateway => return Ok(None),
+    };
+    Ok(Some(pool))
 }

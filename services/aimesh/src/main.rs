@@ -79,6 +79,34 @@ enum Command {
         #[arg(long)]
         email: String,
     },
+    /// Lists or replays the outbox dead letters: events analytics refused for good.
+    Outbox {
+        #[command(subcommand)]
+        action: aimesh::outbox_admin::OutboxCommand,
+    },
+    /// Backs up every service database, the analytics database and the files objects, with a
+    /// manifest, then exits (docs/backup.md).
+    Backup {
+        /// An empty directory, or s3://bucket/prefix (credentials from AWS_* or files.s3);
+        /// `{time}` in it becomes the start time (20261207T031700Z).
+        #[arg(long)]
+        to: String,
+        /// The directory of pg_dump (a major version at least the server's); default: PATH.
+        #[arg(long, env = "AIMESH_PG_BIN")]
+        pg_bin: Option<PathBuf>,
+    },
+    /// Restores a backup into new, empty stores, then exits (docs/backup.md).
+    Restore {
+        /// A directory or s3://bucket/prefix holding a backup's manifest.json.
+        #[arg(long)]
+        from: String,
+        /// Replace databases and objects that exist instead of refusing.
+        #[arg(long)]
+        force: bool,
+        /// The directory of pg_restore; default: PATH.
+        #[arg(long, env = "AIMESH_PG_BIN")]
+        pg_bin: Option<PathBuf>,
+    },
 }
 
 impl Cli {
@@ -136,11 +164,27 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
         Command::Analytics { .. } => ("analytics", vec![ServiceName::Analytics]),
         Command::All => ("aimesh", ServiceName::ALL.to_vec()),
         Command::Migrate | Command::GrantAdmin { .. } => ("aimesh-admin", Vec::new()),
+        // Before logging starts: standard output carries its JSON lines alone.
+        Command::Outbox { ref action } => return aimesh::outbox_admin::run(action, &config).await,
+        Command::Backup { .. } | Command::Restore { .. } => ("aimesh-backup", Vec::new()),
     };
     let telemetry = Telemetry::init(name, &config.common.log, &config.common.telemetry)?;
     let result = async {
         match &cli.command {
             Command::Migrate => return aimesh::migrate(&config).await,
+            Command::Backup { to, pg_bin } => {
+                let options = aimesh::backup::BackupOptions { to: to.clone(), pg_bin: pg_bin.clone() };
+                let (_, report) = aimesh::backup::backup(&config, &options).await?;
+                println!("backup done:\n{report}");
+                return Ok(());
+            }
+            Command::Restore { from, force, pg_bin } => {
+                let options =
+                    aimesh::backup::RestoreOptions { from: from.clone(), force: *force, pg_bin: pg_bin.clone() };
+                let (manifest, report) = aimesh::backup::restore(&config, &options).await?;
+                println!("restore of the backup of {} from {from} done:\n{report}", manifest.finished_at);
+                return Ok(());
+            }
             Command::GrantAdmin { email } => {
                 let pool = aimesh_identity::connect_database(&config.common, &config.identity).await?;
                 let user_id = aimesh_identity::grant_admin(&pool, email).await?;
@@ -155,6 +199,7 @@ async fn run(cli: Cli, config: MeshConfig) -> anyhow::Result<()> {
             | Command::Files { .. }
             | Command::Analytics { .. }
             | Command::All => {}
+            Command::Outbox { .. } => return Ok(()), // ran before logging started
         }
         let listeners = aimesh::bind(&services, &config).await?;
         let config = match cli.command {

@@ -126,7 +126,8 @@ impl ScratchClickHouse {
             .expect("start ZooKeeper (scripts/deps.sh installs zookeeper and Java)")
     }
 
-    /// The node's config.xml: its ports and macros, the cluster of every node, the Keeper.
+    /// The node's config.xml: its ports and macros, the cluster of every node, the Keeper, and
+    /// where BACKUP may write files.
     fn write_config(&self, index: usize) {
         let node = &self.nodes[index];
         let mut shards = String::new();
@@ -145,6 +146,7 @@ impl ScratchClickHouse {
     <macros><shard>{shard}</shard><replica>r{replica}</replica></macros>
     <remote_servers><{cluster}>{shards}</{cluster}></remote_servers>
     <zookeeper><node><host>127.0.0.1</host><port>{keeper}</port></node></zookeeper>
+    <backups><allowed_path>{backups}</allowed_path></backups>
 </clickhouse>
 ",
             http = node.http_port,
@@ -153,6 +155,8 @@ impl ScratchClickHouse {
             replica = node.replica,
             cluster = self.cluster,
             keeper = self.keeper_port,
+            // BACKUP ... TO File() of the restore drill writes to a temporary directory.
+            backups = std::env::temp_dir().display(),
         );
         let dir = self.node_dir(index);
         std::fs::create_dir_all(dir.join("data")).expect("create the node's directory");
