@@ -6,6 +6,12 @@ which has PyYAML).
   k8s_check.py audit NAME < yaml   every workload's containers hardened; every Deployment with
                                    probes, resources and a PodDisruptionBudget
   k8s_check.py base < yaml         `helm template` output as the plain manifests of k8s/base
+  k8s_check.py monitoring FILE     the alert rules, their tests, docs/alerts.md and the dashboards
+                                   agree (see `monitoring`); writes every dashboard query to FILE
+                                   as a rules file, for `promtool check rules` to parse
+  k8s_check.py monitoring-render NAME [--require] RULES < yaml
+                                   the rendered PrometheusRule (valid, the rules file's groups; its
+                                   spec written to RULES for promtool) and dashboard ConfigMaps
 """
 
 import json
@@ -323,6 +329,191 @@ def strip_helm(node):
             strip_helm(value)
 
 
+# ---- monitoring ----------------------------------------------------------------------------
+
+MONITORING = CHART / "monitoring"
+ALERTS_DOC = REPO / "docs" / "alerts.md"
+SEVERITIES = {"critical", "warning", "info"}
+RUNBOOK = "docs/alerts.md#"
+# The Prometheus Operator's PrometheusRule spec (monitoring.coreos.com/v1 CRD), for the fields the
+# chart may render; kubernetes-validate has no schema for custom resources.
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+PROMETHEUS_RULE_SPEC = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["groups"],
+    "properties": {"groups": {"type": "array", "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "rules"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1},
+            "interval": {"type": "string"},
+            "query_offset": {"type": "string"},
+            "limit": {"type": "integer"},
+            "partial_response_strategy": {"type": "string"},
+            "labels": STRING_MAP,
+            "rules": {"type": "array", "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["expr"],
+                "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+                "properties": {
+                    "record": {"type": "string"},
+                    "alert": {"type": "string"},
+                    "expr": {"type": ["string", "integer"]},
+                    "for": {"type": "string"},
+                    "keep_firing_for": {"type": "string"},
+                    "labels": STRING_MAP,
+                    "annotations": STRING_MAP,
+                },
+            }},
+        },
+    }}},
+}
+
+
+def alerts_of(groups):
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def monitoring(dashboard_rules):
+    """Every alert: a severity, a summary, a description, a runbook_url anchor that docs/alerts.md
+    has, and promtool tests where it fires and where it does not. Every dashboard: valid JSON, a
+    unique uid and title, the datasource variable on every panel, a query in every panel."""
+    problems = []
+    groups = yaml.safe_load((MONITORING / "rules.yaml").read_text())["groups"]
+    doc = ALERTS_DOC.read_text() if ALERTS_DOC.exists() else ""
+    headings = {line[4:].strip() for line in doc.splitlines() if line.startswith("### ")}
+    fires, quiet = set(), set()
+    tests = sorted((MONITORING / "tests").glob("*.yaml"))
+    for path in tests:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            for case in test.get("alert_rule_test") or []:
+                (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
+    names = set()
+    for rule in alerts_of(groups):
+        name = rule["alert"]
+        if name in names:
+            problems.append(f"alert {name} is defined twice")
+        names.add(name)
+        if (rule.get("labels") or {}).get("severity") not in SEVERITIES:
+            problems.append(f"alert {name}: severity is not one of {sorted(SEVERITIES)}")
+        annotations = rule.get("annotations") or {}
+        for key in ("summary", "description", "runbook_url"):
+            if not annotations.get(key):
+                problems.append(f"alert {name}: no {key} annotation")
+        if annotations.get("runbook_url") != RUNBOOK + name.lower():
+            problems.append(f"alert {name}: runbook_url is not {RUNBOOK}{name.lower()}")
+        if name not in headings:
+            problems.append(f"alert {name}: docs/alerts.md has no heading '### {name}'")
+        if name not in fires:
+            problems.append(f"alert {name}: no promtool test makes it fire")
+        if name not in quiet:
+            problems.append(f"alert {name}: no promtool test where it does not fire")
+    for heading in sorted(headings - names):
+        if heading.startswith("Aimesh"):
+            problems.append(f"docs/alerts.md describes {heading}, which rules.yaml does not define")
+
+    uids, titles, queries = {}, {}, []
+    paths = sorted((MONITORING / "dashboards").glob("*.json"))
+    if not paths:
+        problems.append("no dashboards in monitoring/dashboards")
+    for path in paths:
+        try:
+            board = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            problems.append(f"{path.name}: not JSON: {error}")
+            continue
+        for key, seen in (("uid", uids), ("title", titles)):
+            value = board.get(key)
+            if not value:
+                problems.append(f"{path.name}: no {key}")
+            elif value in seen:
+                problems.append(f"{path.name}: {key} {value!r} is also {seen[value]}'s")
+            else:
+                seen[value] = path.name
+        variables = {v.get("name"): v for v in board.get("templating", {}).get("list", [])}
+        if (variables.get("datasource") or {}).get("type") != "datasource":
+            problems.append(f"{path.name}: no datasource variable")
+        for wanted in ("namespace", "service"):
+            if wanted not in variables:
+                problems.append(f"{path.name}: no {wanted} variable")
+        for panel in board.get("panels", []):
+            if panel.get("type") == "row":
+                continue
+            where = f"{path.name} panel {panel.get('title')!r}"
+            if (panel.get("datasource") or {}).get("uid") != "${datasource}":
+                problems.append(f"{where}: datasource is not ${{datasource}}")
+            targets = [t for t in panel.get("targets", []) if t.get("expr")]
+            if not targets:
+                problems.append(f"{where}: no query")
+            queries += [(where, t["expr"]) for t in targets]
+    # Grafana's variables, as values that let promtool parse each query.
+    substitutes = {"$__rate_interval": "5m", "$namespace": "aimesh", "$service": "chat"}
+    rules = []
+    for index, (where, expr) in enumerate(queries):
+        for variable, value in substitutes.items():
+            expr = expr.replace(variable, value)
+        if "$" in expr:
+            problems.append(f"{where}: a variable other than {', '.join(substitutes)}: {expr}")
+        rules.append({"record": f"dashboard:query:{index}", "expr": expr})
+    Path(dashboard_rules).write_text(yaml.safe_dump({"groups": [{"name": "dashboard-queries", "rules": rules}]}))
+    if problems:
+        print(f"k8s_check: monitoring: {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"monitoring: {len(names)} alerts, each documented and tested firing and quiet in {len(tests)} promtool "
+          f"test files; {len(paths)} dashboards with {len(queries)} queries")
+
+
+def monitoring_render(name, require, rules_out):
+    """The PrometheusRule is valid against the CRD's rule fields and holds rules.yaml's groups
+    (runbook links aside); each dashboard ConfigMap holds one dashboard file as it is."""
+    import jsonschema
+
+    docs = [d for d in yaml.safe_load_all(sys.stdin) if d]
+    problems = []
+    groups = yaml.safe_load((MONITORING / "rules.yaml").read_text())["groups"]
+    rule_docs = [d for d in docs if d["kind"] == "PrometheusRule"]
+    for doc in rule_docs:
+        try:
+            jsonschema.validate(doc.get("spec"), PROMETHEUS_RULE_SPEC)
+        except jsonschema.ValidationError as error:
+            problems.append(f"PrometheusRule/{doc['metadata']['name']}: {error.message} at {list(error.absolute_path)}")
+            continue
+        rendered = doc["spec"]["groups"]
+        for rule in alerts_of(rendered):
+            url = rule["annotations"]["runbook_url"]
+            rule["annotations"]["runbook_url"] = RUNBOOK + url.split("#", 1)[-1]
+        if rendered != groups:
+            problems.append(f"PrometheusRule/{doc['metadata']['name']}: its groups differ from monitoring/rules.yaml")
+        Path(rules_out).write_text(yaml.safe_dump({"groups": doc["spec"]["groups"]}))
+    files = {f"aimesh-{p.stem}.json": p.read_text() for p in (MONITORING / "dashboards").glob("*.json")}
+    found = {}
+    for doc in docs:
+        if doc["kind"] != "ConfigMap" or "grafana_dashboard" not in (doc["metadata"].get("labels") or {}):
+            continue
+        for key, text in (doc.get("data") or {}).items():
+            found[key] = found.get(key, 0) + 1
+            if files.get(key, "").rstrip("\n") != text.rstrip("\n"):
+                problems.append(f"ConfigMap/{doc['metadata']['name']}: {key} is not monitoring/dashboards' file")
+    if found and set(found) != set(files) or any(n > 1 for n in found.values()):
+        problems.append(f"dashboard ConfigMaps hold {sorted(found)}, not each of {sorted(files)} once")
+    if require and not (rule_docs and found):
+        problems.append("no PrometheusRule or no dashboard ConfigMap was rendered")
+    if len(rule_docs) > 1:
+        problems.append("more than one PrometheusRule")
+    if problems:
+        print(f"k8s_check: {name}: {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"{name}: {'a PrometheusRule with the rules file' if rule_docs else 'no PrometheusRule'}, "
+          f"{len(found)} dashboard ConfigMaps")
+
+
 def main(argv):
     if len(argv) >= 2 and argv[1] == "readme":
         readme(check="--check" in argv)
@@ -330,6 +521,10 @@ def main(argv):
         audit(argv[2])
     elif len(argv) == 2 and argv[1] == "base":
         base()
+    elif len(argv) == 3 and argv[1] == "monitoring":
+        monitoring(argv[2])
+    elif len(argv) in (4, 5) and argv[1] == "monitoring-render":
+        monitoring_render(argv[2], "--require" in argv[3:-1], argv[-1])
     else:
         print(__doc__, file=sys.stderr)
         return 2
