@@ -592,6 +592,18 @@ pub async fn catalog(mesh: &Mesh) -> (Account, usage_pb::Model) {
     (admin, model)
 }
 
+/// A reservation of `tokens` (half input, half output) of gpt-4o in `project`, held ten minutes.
+pub fn reserve_tokens(project: &str, tokens: i64) -> usage_pb::ReserveRequest {
+    usage_pb::ReserveRequest {
+        project_id: project.to_owned(),
+        model: "gpt-4o".into(),
+        estimated_input_tokens: tokens / 2,
+        estimated_output_tokens: tokens - tokens / 2,
+        ttl_seconds: 600,
+        ..Default::default()
+    }
+}
+
 /// Sets the project-wide quota of `project` to `tokens` per day, as its owner `token`.
 pub async fn set_daily_token_budget(mesh: &Mesh, token: &str, project: &str, tokens: i64) {
     let quota = usage_pb::Quota {

@@ -12,23 +12,12 @@ use tonic::Code;
 
 use aimesh_proto::identity::v1 as identity_pb;
 use aimesh_proto::usage::v1 as usage_pb;
-use aimesh_tests::{Mesh, catalog, eventually, expect_code, record, set_daily_token_budget};
+use aimesh_tests::{Mesh, catalog, eventually, expect_code, record, reserve_tokens, set_daily_token_budget};
 
 /// `message` as an internal client (another aimesh service) sends it to usage's internal RPCs
 /// (Reserve, RecordUsage, ReleaseReservation) on behalf of the holder of `credential`.
 fn internal<T>(mesh: &Mesh, message: T, credential: &str) -> tonic::Request<T> {
     mesh.on_behalf(message, credential)
-}
-
-fn reserve(project: &str, tokens: i64) -> usage_pb::ReserveRequest {
-    usage_pb::ReserveRequest {
-        project_id: project.to_owned(),
-        model: "gpt-4o".into(),
-        estimated_input_tokens: tokens / 2,
-        estimated_output_tokens: tokens - tokens / 2,
-        ttl_seconds: 600,
-        ..Default::default()
-    }
 }
 
 fn release(project: &str, reservation: &str) -> usage_pb::ReleaseReservationRequest {
@@ -71,7 +60,7 @@ async fn a_reservation_is_closed_only_by_its_maker_or_a_project_admin() {
     let quotas = || mesh.quotas();
 
     // Bob holds 600 of the project's 1000 tokens.
-    let held = quotas().reserve(internal(&mesh, reserve(&project, 600), &bob.token)).await;
+    let held = quotas().reserve(internal(&mesh, reserve_tokens(&project, 600), &bob.token)).await;
     let held = held.expect("bob reserves").into_inner();
 
     // Carol, another member, can neither give it back nor spend it.
@@ -80,7 +69,7 @@ async fn a_reservation_is_closed_only_by_its_maker_or_a_project_admin() {
     let refused = mesh.usage().record_usage(internal(&mesh, settle(&project, "carol-1", &held.id), &carol.token)).await;
     expect_code("carol settles bob's reservation", Code::PermissionDenied, refused);
     // Bob's room is still held: another 600 do not fit.
-    let full = quotas().reserve(internal(&mesh, reserve(&project, 600), &carol.token)).await;
+    let full = quotas().reserve(internal(&mesh, reserve_tokens(&project, 600), &carol.token)).await;
     expect_code("the budget still holds bob's 600", Code::ResourceExhausted, full);
     assert_eq!(state_of(&pool, &held.id).await, "open");
 
@@ -97,7 +86,7 @@ async fn a_reservation_is_closed_only_by_its_maker_or_a_project_admin() {
     // The owner may release anyone's: the room comes back.
     quotas().release_reservation(internal(&mesh, release(&project, &held.id), &ann.token)).await.expect("ann releases");
     assert_eq!(state_of(&pool, &held.id).await, "released");
-    let carols = quotas().reserve(internal(&mesh, reserve(&project, 600), &carol.token)).await;
+    let carols = quotas().reserve(internal(&mesh, reserve_tokens(&project, 600), &carol.token)).await;
     let carols = carols.expect("room for carol now").into_inner();
     // Its maker may release her own.
     quotas()
@@ -106,7 +95,7 @@ async fn a_reservation_is_closed_only_by_its_maker_or_a_project_admin() {
         .expect("carol releases her own");
 
     // And the owner may settle anyone's.
-    let held = quotas().reserve(internal(&mesh, reserve(&project, 600), &bob.token)).await;
+    let held = quotas().reserve(internal(&mesh, reserve_tokens(&project, 600), &bob.token)).await;
     let held = held.expect("bob reserves again").into_inner();
     let settled = mesh.usage().record_usage(internal(&mesh, settle(&project, "ann-1", &held.id), &ann.token)).await;
     settled.expect("ann settles bob's reservation");

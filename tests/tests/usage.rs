@@ -4,7 +4,8 @@
 use aimesh_proto::identity::v1 as pb;
 use aimesh_proto::usage::v1 as usage_pb;
 use aimesh_tests::{
-    Mesh, authed, catalog, expect_code, normalized, project_with_key, reason_and_field, record, set_daily_token_budget,
+    Mesh, authed, catalog, expect_code, normalized, project_with_key, reason_and_field, record, reserve_tokens,
+    set_daily_token_budget,
 };
 use tonic::Code;
 
@@ -191,14 +192,7 @@ async fn a_daily_token_budget_is_reserved_settled_and_released() {
     let (project, secret) = project_with_key(&mesh, &ann, &["usage:write", "usage:read"]).await;
     set_daily_token_budget(&mesh, &ann.token, &project, 1000).await;
 
-    let reserve = |tokens: i64| usage_pb::ReserveRequest {
-        project_id: project.clone(),
-        model: "gpt-4o".into(),
-        estimated_input_tokens: tokens / 2,
-        estimated_output_tokens: tokens - tokens / 2,
-        ttl_seconds: 60,
-        ..Default::default()
-    };
+    let reserve = |tokens: i64| reserve_tokens(&project, tokens);
     let first = mesh.quotas().reserve(mesh.on_behalf(reserve(600), &secret)).await.expect("room for 600").into_inner();
     expect_code(
         "over the budget",
