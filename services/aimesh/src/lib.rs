@@ -253,6 +253,18 @@ pub async fn migrate(config: &MeshConfig) -> anyhow::Result<()> {
 pub const SERVICES_WITH_DATABASE: [ServiceName; 4] =
     [ServiceName::Identity, ServiceName::Files, ServiceName::Chat, ServiceName::Usage];
 
+/// The URLs of `service`'s own PostgreSQL database as configured; none for a service without
+/// one (analytics, the gateway).
+pub fn service_database_urls(service: ServiceName, config: &MeshConfig) -> Option<&aimesh_kit::config::DatabaseUrls> {
+    match service {
+        ServiceName::Identity => Some(&config.identity.database),
+        ServiceName::Chat => Some(&config.chat.database),
+        ServiceName::Usage => Some(&config.usage.database),
+        ServiceName::Files => Some(&config.files.database),
+        ServiceName::Analytics | ServiceName::Gateway => None,
+    }
+}
+
 /// A pool on `service`'s own PostgreSQL database, connected as the service connects (created
 /// if missing, migrated); none for a service without one (analytics, the gateway).
 pub async fn connect_service_database(service: ServiceName, config: &MeshConfig) -> anyhow::Result<Option<PgPool>> {

@@ -13,7 +13,6 @@ use sqlx::{Connection, PgConnection};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
-use aimesh_kit::config::{CommonConfig, DatabaseUrls};
 use aimesh_kit::data::db::{database_url, is_sqlstate};
 
 use super::destination::Destination;
@@ -30,22 +29,21 @@ pub struct ServiceDatabase {
     pub url: String,
 }
 
-/// Every service database of the mesh, in backup order.
+/// Every service database of the mesh ([`crate::SERVICES_WITH_DATABASE`]).
 pub fn service_databases(config: &MeshConfig) -> Vec<ServiceDatabase> {
-    let of = |service: &'static str, urls: &DatabaseUrls, common: &CommonConfig| {
-        let url = urls
-            .migration_url
-            .clone()
-            .or_else(|| urls.url.clone())
-            .unwrap_or_else(|| database_url(&common.postgres_url, &format!("aimesh_{service}")));
-        ServiceDatabase { service, url }
-    };
-    vec![
-        of("identity", &config.identity.database, &config.common),
-        of("chat", &config.chat.database, &config.common),
-        of("usage", &config.usage.database, &config.common),
-        of("files", &config.files.database, &config.common),
-    ]
+    crate::SERVICES_WITH_DATABASE
+        .into_iter()
+        .filter_map(|service| {
+            let urls = crate::service_database_urls(service, config)?;
+            let service = service.as_str();
+            let url = urls
+                .migration_url
+                .clone()
+                .or_else(|| urls.url.clone())
+                .unwrap_or_else(|| database_url(&config.common.postgres_url, &format!("aimesh_{service}")));
+            Some(ServiceDatabase { service, url })
+        })
+        .collect()
 }
 
 impl ServiceDatabase {
