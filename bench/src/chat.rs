@@ -25,19 +25,25 @@ pub async fn sessions(mesh: &Mesh, token: &str, project: &str, count: usize) -> 
     Ok(ids)
 }
 
+/// The text of the `n`th message the bench writes.
+pub fn message_text(n: u64) -> String {
+    format!("message {n}: the quick brown fox jumps over the lazy dog, twice over.")
+}
+
 pub fn message(session_id: &str, n: u64) -> chat_pb::AppendMessageRequest {
     chat_pb::AppendMessageRequest {
         session_id: session_id.to_owned(),
         role: if n.is_multiple_of(2) { chat_pb::MessageRole::User } else { chat_pb::MessageRole::Assistant }.into(),
-        content: format!("message {n}: the quick brown fox jumps over the lazy dog, twice over."),
+        content: message_text(n),
         tokens: 16,
         ..Default::default()
     }
 }
 
-/// Appends from `load.concurrency` writers, each on a session of its own.
-pub async fn append(mesh: &Mesh, token: &str, project: &str, load: Load) -> anyhow::Result<Figures> {
-    let ids = Arc::new(sessions(mesh, token, project, load.concurrency).await?);
+/// Appends from `load.concurrency` writers to `ids` (as many sessions as writers, see
+/// [`sessions`]), request `n` to session `n mod` their number.
+pub async fn append(mesh: &Mesh, token: &str, ids: Vec<String>, load: Load) -> anyhow::Result<Figures> {
+    let ids = Arc::new(ids);
     let (client, token) = (mesh.chat(), token.to_owned());
     Ok(measure("chat.AppendMessage", load, move |n| {
         let mut client = client.clone();

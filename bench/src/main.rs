@@ -12,12 +12,14 @@ mod chat;
 mod direct;
 mod echo;
 mod files;
+mod floors;
 mod gateway;
 mod logins;
 mod ratelimit;
 mod replicas;
 mod report;
 mod scenarios;
+mod work;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -53,6 +55,10 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // As `aimesh` installs it: production pays for its logging and its database metrics (sqlx's
+    // own events, which also count the statements per request; see `work`).
+    let log = aimesh_kit::config::LogConfig { filter: "warn".into(), ..Default::default() };
+    let _telemetry = aimesh_kit::telemetry::Telemetry::init("bench", &log, &Default::default())?;
     let chosen = if cli.scenario.is_empty() { scenarios::Scenario::ALL.to_vec() } else { cli.scenario.clone() };
     let load = report::Load {
         mode: cli.mode,

@@ -128,6 +128,7 @@ fn redis_benchmark(urls: &str, prefix: &str, sha: &str, load: Load, requests: u6
         p99_ms: *p99,
         p999_ms: *max,
         mib_per_second: None,
+        work: None,
         first_error: None,
     })
 }

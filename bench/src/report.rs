@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Serialize, Serializer};
+
+use crate::work::{WorkCounters, WorkPerRequest};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinError, JoinSet};
 
@@ -92,6 +94,8 @@ pub struct Figures {
     pub first_error: Option<String>,
     /// For scenarios that move bytes: throughput in MiB/s.
     pub mib_per_second: Option<f64>,
+    /// Round trips and CPU per request (see [`crate::work`]), for loops the bench drove.
+    pub work: Option<WorkPerRequest>,
 }
 
 impl Figures {
@@ -125,6 +129,7 @@ impl Figures {
             p999_ms: quantile(0.999),
             first_error: None,
             mib_per_second: None,
+            work: None,
         }
     }
 }
@@ -207,7 +212,7 @@ impl Pair {
     pub fn render_text(&self) -> String {
         let row = |f: &Figures| {
             format!(
-                "  {:<26} {:>10.0}/s{}  p50 {:>8.2} ms  p90 {:>8.2} ms  p99 {:>8.2} ms  p99.9 {:>8.2} ms  errors {}  dropped {}",
+                "  {:<26} {:>10.0}/s{}  p50 {:>8.2} ms  p90 {:>8.2} ms  p99 {:>8.2} ms  p99.9 {:>8.2} ms  errors {}  dropped {}{}",
                 f.name,
                 f.per_second,
                 f.mib_per_second.map(|mib| format!(" ({mib:.0} MiB/s)")).unwrap_or_default(),
@@ -216,7 +221,8 @@ impl Pair {
                 f.p99_ms,
                 f.p999_ms,
                 f.errors,
-                f.dropped
+                f.dropped,
+                f.work.map(|work| format!("  per request: {}", work.describe())).unwrap_or_default()
             )
         };
         let mut text = format!(
@@ -333,6 +339,7 @@ struct Run {
     tally: Tally,
     dropped: u64,
     elapsed: Duration,
+    work: WorkCounters,
 }
 
 impl Run {
@@ -340,10 +347,14 @@ impl Run {
         self.tally.merge(other.tally);
         self.dropped += other.dropped;
         self.elapsed += other.elapsed;
+        self.work.add(other.work);
     }
 
     fn into_figures(self, name: &str, load: Load) -> Figures {
-        self.tally.into_figures(name, load, self.dropped, self.elapsed)
+        let requests = self.tally.latencies_ms.len() as u64;
+        let mut figures = self.tally.into_figures(name, load, self.dropped, self.elapsed);
+        figures.work = self.work.per_request(requests);
+        figures
     }
 }
 
@@ -353,10 +364,12 @@ where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
-    match load.mode {
+    let before = WorkCounters::now();
+    let run = match load.mode {
         Mode::Open => open_loop(load, op, numbers).await,
         Mode::Closed | Mode::Batch => closed_loop(load, op, numbers).await,
-    }
+    };
+    Run { work: WorkCounters::now().since(before), ..run }
 }
 
 /// `load.concurrency` tasks, each starting its next request as soon as the last answered.
@@ -392,7 +405,7 @@ where
             Err(error) => tally.record_joined(Err(error)),
         }
     }
-    Run { tally, dropped: 0, elapsed: started.elapsed() }
+    Run { tally, dropped: 0, elapsed: started.elapsed(), work: WorkCounters::default() }
 }
 
 /// Request `i` starts at `i / load.rate` seconds whatever earlier requests do; its latency runs
@@ -435,7 +448,7 @@ where
     while let Some(joined) = running.join_next().await {
         tally.record_joined(joined);
     }
-    Run { tally, dropped, elapsed: started.elapsed() }
+    Run { tally, dropped, elapsed: started.elapsed(), work: WorkCounters::default() }
 }
 
 /// What the figures were measured on.
@@ -532,14 +545,14 @@ pub fn write(dir: &Path, load: Load, results: &[Pair]) -> anyhow::Result<PathBuf
         crate::chart::latency_chart(pair, &dir.join(&chart))?;
         md.push_str(&format!(
             "\n## {}\n\n**{}**\n\n\
-             | | requests/s | MiB/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | dropped | load |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+             | | requests/s | MiB/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | dropped | PostgreSQL per request | Redis per request | CPU µs per request | load |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
             pair.scenario.name,
             pair.headline()
         ));
         for (figures, role) in pair.rows() {
             md.push_str(&format!(
-                "| {} ({role}) | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |\n",
+                "| {} ({role}) | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
                 figures.name,
                 figures.per_second,
                 figures.mib_per_second.map(|mib| format!("{mib:.0}")).unwrap_or_default(),
@@ -549,6 +562,9 @@ pub fn write(dir: &Path, load: Load, results: &[Pair]) -> anyhow::Result<PathBuf
                 figures.p999_ms,
                 figures.errors,
                 figures.dropped,
+                figures.work.map(|w| format!("{:.2}", w.postgres)).unwrap_or_default(),
+                figures.work.map(|w| format!("{:.2}", w.redis)).unwrap_or_default(),
+                figures.work.map(|w| format!("{:.0}", w.cpu_us)).unwrap_or_default(),
                 figures.load.describe()
             ));
         }

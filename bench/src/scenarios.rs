@@ -100,18 +100,26 @@ async fn run_with_setup(scenario: Scenario, load: Load) -> anyhow::Result<Vec<Pa
     let pair = match scenario {
         Scenario::UsageRecord => {
             let scenario = setup.record_usage(load).await;
-            let baseline = postgres_insert(load, setup.pool_size).await?;
-            Pair::new(scenario, baseline, "INSERT of a usage row with sqlx, same pool size")
+            let floor = crate::floors::record_usage(&setup.mesh, setup.writer, setup.pool_size, load).await?;
+            let raw = postgres_insert(load, setup.pool_size).await?;
+            Pair::new(scenario, floor, FLOOR_IS).with_reference(raw, RAW_INSERT_IS)
         }
         Scenario::UsageReserve => {
             let scenario = setup.reserve(load).await;
-            let baseline = redis_evalsha(&setup.mesh, load).await?;
-            Pair::new(scenario, baseline, "EVALSHA of a one-INCRBY script on the Redis Cluster")
+            let floor =
+                crate::floors::reserve(&setup.mesh, setup.writer, Setup::project_limits()?, setup.pool_size, load)
+                    .await?;
+            let raw = redis_evalsha(&setup.mesh, load).await?;
+            Pair::new(scenario, floor, FLOOR_IS)
+                .with_reference(raw, "EVALSHA of a one-INCRBY script on the Redis Cluster")
         }
         Scenario::ChatAppend => {
-            let scenario = crate::chat::append(&setup.mesh, &setup.owner_token, &setup.project, load).await?;
-            let baseline = postgres_insert(load, setup.pool_size).await?;
-            Pair::new(scenario, baseline, "INSERT of a usage row with sqlx, same pool size")
+            let ids = crate::chat::sessions(&setup.mesh, &setup.owner_token, &setup.project, load.concurrency).await?;
+            let uuids = ids.iter().map(|id| uuid::Uuid::parse_str(id)).collect::<Result<Vec<_>, _>>()?;
+            let scenario = crate::chat::append(&setup.mesh, &setup.owner_token, ids, load).await?;
+            let floor = crate::floors::append_message(&setup.mesh, setup.writer, uuids, setup.pool_size, load).await?;
+            let raw = postgres_insert(load, setup.pool_size).await?;
+            Pair::new(scenario, floor, FLOOR_IS).with_reference(raw, RAW_INSERT_IS)
         }
         Scenario::ChatList => {
             let (cold, warm) = crate::chat::list(&setup.mesh, &setup.owner_token, &setup.project, load).await?;
@@ -172,6 +180,10 @@ async fn run_with_setup(scenario: Scenario, load: Load) -> anyhow::Result<Vec<Pa
     Ok(vec![pair])
 }
 
+/// The baseline of the write scenarios (see `floors`).
+const FLOOR_IS: &str = "floor: the store operations the RPC's promise needs, raw, same pool size";
+const RAW_INSERT_IS: &str = "INSERT of a usage row with sqlx, same pool size";
+
 /// A mesh with a priced model, a project with a generous quota, and a key that records usage.
 struct Setup {
     mesh: Mesh,
@@ -181,6 +193,8 @@ struct Setup {
     /// The priced model's id.
     model: String,
     pool_size: u32,
+    /// The ids of the owner, the project, the key and the model, for the floors.
+    writer: crate::floors::Writer,
 }
 
 impl Setup {
@@ -234,11 +248,12 @@ impl Setup {
             .await?
             .into_inner()
             .id;
+        let limits = Self::project_limits()?;
         let quota = usage_pb::Quota {
             project_id: project.clone(),
             scope: usage_pb::QuotaScope::Project.into(),
-            tokens_per_day: 1_000_000_000_000,
-            requests_per_minute: 1_000_000_000,
+            tokens_per_day: limits.tokens_per_day,
+            requests_per_minute: limits.requests_per_minute,
             ..Default::default()
         };
         mesh.quotas().set_quota(authed(usage_pb::SetQuotaRequest { quota: Some(quota) }, &owner.token)).await?;
@@ -250,8 +265,19 @@ impl Setup {
             requests_per_minute: 0,
             project_owned: false,
         };
-        let secret = mesh.api_keys().create_api_key(authed(key, &owner.token)).await?.into_inner().secret;
-        Ok(Self { mesh, project, secret, owner_token: owner.token, model, pool_size })
+        let created = mesh.api_keys().create_api_key(authed(key, &owner.token)).await?.into_inner();
+        let writer = crate::floors::Writer {
+            project: project.parse()?,
+            user: owner.user_id.parse()?,
+            api_key: created.api_key.map(|key| key.id).unwrap_or_default().parse()?,
+            model: model.parse()?,
+        };
+        Ok(Self { mesh, project, secret: created.secret, owner_token: owner.token, model, pool_size, writer })
+    }
+
+    /// The project's quota: far above what any run reaches.
+    fn project_limits() -> anyhow::Result<aimesh_usage::domain::QuotaLimits> {
+        Ok(aimesh_usage::domain::QuotaLimits::validate(1_000_000_000_000, "", 1_000_000_000, 0, 0)?)
     }
 
     fn client(
@@ -361,7 +387,10 @@ async fn redis_evalsha(mesh: &Mesh, load: Load) -> anyhow::Result<crate::report:
     let redis = Arc::new(redis);
     Ok(measure("redis EVALSHA", load, move |_| {
         let (redis, key, sha) = (Arc::clone(&redis), key.clone(), sha.clone());
-        async move { redis.pool().evalsha::<i64, _, _, _>(sha, key, 1).await.map(drop).map_err(|e| e.to_string()) }
+        async move {
+            let call = redis.pool().evalsha::<i64, _, _, _>(sha, key, 1);
+            aimesh_kit::data::redis::timed("bench", call).await.map(drop).map_err(|e| e.to_string())
+        }
     })
     .await)
 }

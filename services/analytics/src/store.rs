@@ -23,7 +23,7 @@ use clickhouse::Row;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use aimesh_kit::data::redis::Redis;
+use aimesh_kit::data::redis::{Redis, timed};
 
 use crate::cluster::{Cluster, Topology, run_everywhere};
 use crate::config::AnalyticsConfig;
@@ -414,18 +414,17 @@ impl IngestClaims {
     /// Claims all of `events` for `token`, or none: false when another replica holds any.
     async fn claim(&self, keys: &[String], token: &str) -> Result<bool> {
         let millis = CLAIM_TTL.as_millis().to_string();
-        let taken: i64 = self
-            .redis
-            .pool()
-            .eval(CLAIM_SCRIPT, keys.to_vec(), vec![token.to_owned(), millis])
-            .await
-            .map_err(|e| AnalyticsError::RedisUnavailable(e.to_string()))?;
+        let taken: i64 =
+            timed("ingest_claim", self.redis.pool().eval(CLAIM_SCRIPT, keys.to_vec(), vec![token.to_owned(), millis]))
+                .await
+                .map_err(|e| AnalyticsError::RedisUnavailable(e.to_string()))?;
         Ok(taken == 0)
     }
 
     async fn release(&self, keys: &[String], token: &str) {
         let released: std::result::Result<i64, _> =
-            self.redis.pool().eval(RELEASE_SCRIPT, keys.to_vec(), vec![token.to_owned()]).await;
+            timed("ingest_release", self.redis.pool().eval(RELEASE_SCRIPT, keys.to_vec(), vec![token.to_owned()]))
+                .await;
         if let Err(error) = released {
             // The claims lapse by themselves; a retry of these events waits until then.
             tracing::warn!(%error, "cannot release ingest claims");
@@ -455,18 +454,17 @@ impl JobLock {
         let key = redis.key("analytics", name);
         let token = Uuid::new_v4().to_string();
         let lease = lease.as_millis().to_string();
-        let taken: i64 = redis
-            .pool()
-            .eval(LOCK_SCRIPT, vec![key.clone()], vec![token.clone(), lease])
-            .await
-            .map_err(|e| AnalyticsError::RedisUnavailable(e.to_string()))?;
+        let taken: i64 =
+            timed("job_lock", redis.pool().eval(LOCK_SCRIPT, vec![key.clone()], vec![token.clone(), lease]))
+                .await
+                .map_err(|e| AnalyticsError::RedisUnavailable(e.to_string()))?;
         Ok((taken == 1).then(|| Self { redis: redis.clone(), key, token }))
     }
 
     /// Releases the lock if it is still this holder's.
     pub(crate) async fn release(self) {
         let released: std::result::Result<i64, _> =
-            self.redis.pool().eval(RELEASE_SCRIPT, vec![self.key.clone()], vec![self.token]).await;
+            timed("job_unlock", self.redis.pool().eval(RELEASE_SCRIPT, vec![self.key.clone()], vec![self.token])).await;
         if let Err(error) = released {
             tracing::warn!(%error, key = self.key, "cannot release a job lock; it lapses by itself");
         }

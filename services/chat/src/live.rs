@@ -18,7 +18,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
-use aimesh_kit::data::redis::{Redis, RedisError};
+use aimesh_kit::data::redis::{Redis, RedisError, timed};
 
 use crate::error::Result;
 use crate::store::{MessageRow, Store};
@@ -116,7 +116,10 @@ impl Hub {
     pub async fn publish(&self, message: &MessageRow) {
         let channel = channel(&self.inner.redis, message.session_id);
         let published = match serde_json::to_vec(message) {
-            Ok(bytes) => self.inner.redis.pool().next_connected().publish::<i64, _, _>(channel, bytes).await,
+            Ok(bytes) => {
+                timed("chat_publish", self.inner.redis.pool().next_connected().publish::<i64, _, _>(channel, bytes))
+                    .await
+            }
             Err(error) => Err(RedisError::new(fred::error::ErrorKind::Parse, error.to_string())),
         };
         if let Err(error) = published {

@@ -15,7 +15,7 @@ use aimesh_kit::auth::{
     credential_hash,
 };
 use aimesh_kit::auth::{Caller, ProjectRole, RoleSource};
-use aimesh_kit::data::redis::Redis;
+use aimesh_kit::data::redis::{Redis, timed};
 
 use crate::store::Store;
 
@@ -111,8 +111,9 @@ pub async fn drain_last_use(store: &Store, redis: &Redis) -> Result<usize, Servi
     for kind in [LastUseKind::Session, LastUseKind::ApiKey] {
         let key = kind.redis_key(redis);
         loop {
-            let popped: Value =
-                redis.pool().zpopmin(&key, Some(DRAIN_BATCH)).await.map_err(ServiceError::unavailable)?;
+            let popped: Value = timed("last_use_drain", redis.pool().zpopmin(&key, Some(DRAIN_BATCH)))
+                .await
+                .map_err(ServiceError::unavailable)?;
             let entries = scored_members(popped);
             if entries.is_empty() {
                 break;
@@ -128,10 +129,9 @@ pub async fn drain_last_use(store: &Store, redis: &Redis) -> Result<usize, Servi
                 .unzip();
             if let Err(error) = store.apply_last_use(kind == LastUseKind::Session, &ids, &times).await {
                 let members: Vec<(f64, String)> = entries.into_iter().map(|(m, s)| (s, m)).collect();
-                let restored: Result<i64, _> = redis
-                    .pool()
-                    .zadd(&key, None, Some(fred::types::sorted_sets::Ordering::GreaterThan), false, false, members)
-                    .await;
+                let ordering = Some(fred::types::sorted_sets::Ordering::GreaterThan);
+                let restored: Result<i64, _> =
+                    timed("last_use_restore", redis.pool().zadd(&key, None, ordering, false, false, members)).await;
                 if let Err(redis_error) = restored {
                     tracing::warn!(%redis_error, "could not put back last-use times; they are lost");
                 }

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use aimesh_kit::ServiceError;
-use aimesh_kit::data::redis::Redis;
+use aimesh_kit::data::redis::{Redis, timed};
 
 use crate::config::LoginThrottleConfig;
 use crate::error::{IdentityError, Result};
@@ -96,11 +96,10 @@ impl LoginThrottle {
 
     /// Runs the script on one counter; the answer is how long it stays locked.
     async fn run(&self, key: String, args: Vec<String>) -> Result<Duration> {
-        let locked_ms: i64 = self
-            .script
-            .evalsha_with_reload(self.redis.pool().next(), key, args)
-            .await
-            .map_err(ServiceError::unavailable)?;
+        let locked_ms: i64 =
+            timed("login_throttle", self.script.evalsha_with_reload(self.redis.pool().next(), key, args))
+                .await
+                .map_err(ServiceError::unavailable)?;
         Ok(Duration::from_millis(u64::try_from(locked_ms).unwrap_or(0)))
     }
 

@@ -522,7 +522,7 @@ impl Counters {
         for (key, map) in
             [(&keys[1], &mut snapshot.day), (&keys[2], &mut snapshot.month), (&keys[3], &mut snapshot.minute)]
         {
-            let fields: HashMap<String, i64> = self.redis.pool().hgetall(key.as_str()).await?;
+            let fields: HashMap<String, i64> = timed("counters_read", self.redis.pool().hgetall(key.as_str())).await?;
             map.extend(fields.into_iter().filter(|(field, value)| field != "_" && *value != 0));
         }
         Ok(snapshot)

@@ -313,22 +313,7 @@ impl Ledger {
         if !rows.is_empty() {
             let events: Vec<OutboxEvent> = rows.iter().map(usage_event).collect();
             store::insert_usage(&mut tx, &rows, &events).await?;
-            let mut counted = CounterSnapshot::default();
-            for row in &rows {
-                let group = store::UsageGroup {
-                    user_id: row.user_id,
-                    api_key_id: row.api_key_id,
-                    model_id: row.model_id,
-                    in_day: true,
-                    in_minute: true,
-                    requests: 1,
-                    input_tokens: row.input_tokens,
-                    output_tokens: row.output_tokens,
-                    total_tokens: row.total_tokens,
-                    cost_nanos: cost_nanos(row.cost),
-                };
-                count_usage(&mut counted, &group);
-            }
+            let counted = counted_usage(&rows);
             if self.counters.record(project_id, now, &settles, &counted).await? == Outcome::Rebuild {
                 // Rolled back explicitly, not on drop: the rebuild next needs this shared lock gone.
                 tx.rollback().await?;
@@ -605,6 +590,28 @@ fn snapshot_of(windows: &Windows, groups: &[store::UsageGroup], reservations: &[
     s
 }
 
+/// What records accepted now add to the counters (public for the bench's floor, which runs the
+/// counters script the way a record does).
+pub fn counted_usage(rows: &[UsageRow]) -> CounterSnapshot {
+    let mut counted = CounterSnapshot::default();
+    for row in rows {
+        let group = store::UsageGroup {
+            user_id: row.user_id,
+            api_key_id: row.api_key_id,
+            model_id: row.model_id,
+            in_day: true,
+            in_minute: true,
+            requests: 1,
+            input_tokens: row.input_tokens,
+            output_tokens: row.output_tokens,
+            total_tokens: row.total_tokens,
+            cost_nanos: cost_nanos(row.cost),
+        };
+        count_usage(&mut counted, &group);
+    }
+    counted
+}
+
 /// Adds a group of records to the counters as they are held: quota counters per subject, stats
 /// per project, user and model. Records count in the month they were accepted in, and in the
 /// day and minute when `g` says so.
@@ -656,7 +663,7 @@ fn usage_row(id: Uuid, usage: &NewUsage, model_id: Uuid, cost: Decimal, now: Dat
 }
 
 /// The outbox event of a record: every field, the cost as a decimal string.
-fn usage_event(row: &UsageRow) -> OutboxEvent {
+pub fn usage_event(row: &UsageRow) -> OutboxEvent {
     let payload = serde_json::json!({
         "id": row.id,
         "request_id": row.request_id,

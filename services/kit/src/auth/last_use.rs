@@ -7,7 +7,7 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::credentials::{CredentialRef, Principal};
-use crate::data::redis::Redis;
+use crate::data::redis::{Redis, timed};
 
 /// Keeps "last used" times of sessions and API keys without a database write per request:
 /// each process collects them in memory and flushes them every few seconds to two Redis sorted
@@ -69,8 +69,11 @@ impl LastUseRecorder {
                 continue;
             }
             let key = kind.redis_key(&self.redis);
-            let written: Result<i64, _> =
-                self.redis.pool().zadd(&key, None, Some(Ordering::GreaterThan), false, false, members).await;
+            let written: Result<i64, _> = timed(
+                "last_use",
+                self.redis.pool().zadd(&key, None, Some(Ordering::GreaterThan), false, false, members),
+            )
+            .await;
             if let Err(error) = written {
                 tracing::warn!(%error, "could not record last-use times; retrying later");
                 if let Ok(mut pending) = self.pending.lock() {

@@ -255,8 +255,11 @@ impl StreamAccess {
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
                 let access = self.clone();
                 runtime.spawn(async move {
-                    let released: Result<i64, RedisError> =
-                        access.inner.redis.pool().eval(RELEASE_SCRIPT, key.as_str(), stream_id).await;
+                    let released: Result<i64, RedisError> = timed(
+                        "stream_release",
+                        access.inner.redis.pool().eval(RELEASE_SCRIPT, key.as_str(), stream_id),
+                    )
+                    .await;
                     if let Err(error) = released {
                         access.redis_failed("release", &error);
                     }

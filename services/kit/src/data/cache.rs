@@ -478,7 +478,8 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
     }
 
     async fn unlock(&self, lock_key: &str, token: &str) {
-        let reply: Result<i64, RedisError> = self.redis.pool().eval(UNLOCK_SCRIPT, lock_key, token).await;
+        let reply: Result<i64, RedisError> =
+            timed("cache_unlock", self.redis.pool().eval(UNLOCK_SCRIPT, lock_key, token)).await;
         if let Err(error) = reply {
             // The lock expires by itself; waiting replicas load after LOAD_LOCK_WAIT at worst.
             self.redis_error("unlock", &error);
@@ -500,7 +501,13 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Inner<V> {
         }
         let message = InvalidationMessage { service: self.service.into(), cache: self.name.into(), key: key.into() };
         let published = match serde_json::to_string(&message) {
-            Ok(text) => self.redis.pool().next_connected().publish::<i64, _, _>(self.channel.as_str(), text).await,
+            Ok(text) => {
+                timed(
+                    "cache_publish",
+                    self.redis.pool().next_connected().publish::<i64, _, _>(self.channel.as_str(), text),
+                )
+                .await
+            }
             Err(error) => Err(RedisError::new(fred::error::ErrorKind::Parse, error.to_string())),
         };
         if let Err(error) = &published {

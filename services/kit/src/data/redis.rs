@@ -94,7 +94,9 @@ impl Redis {
 
 /// Awaits `call`, one Redis command or script, timing it into
 /// `redis_command_duration_seconds{operation}`; `operation` is one of a small fixed set of
-/// names (`cache_get`, `ratelimit`, `reserve`, ...), never a key.
+/// names (`cache_get`, `ratelimit`, `reserve`, ...), never a key. Every Redis call of the mesh
+/// goes through it, so the histogram's count is the mesh's round trips to Redis (the bench
+/// divides it by requests).
 pub async fn timed<T>(operation: &'static str, call: impl Future<Output = T>) -> T {
     let started = Instant::now();
     let answer = call.await;

@@ -24,7 +24,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::config::DatabaseConfig;
-use crate::data::redis::Redis;
+use crate::data::redis::{Redis, timed};
 
 /// A position in the primary's write-ahead log, as bytes from its start.
 type WalPosition = u64;
@@ -222,7 +222,7 @@ impl ReadReplicas {
     }
 
     async fn last_write(&self, user: Uuid) -> Result<WalPosition, crate::data::redis::RedisError> {
-        let kept: Option<u64> = self.redis.pool().get(self.write_key(user)).await?;
+        let kept: Option<u64> = timed("write_position_get", self.redis.pool().get(self.write_key(user))).await?;
         Ok(kept.unwrap_or(0))
     }
 
@@ -236,14 +236,12 @@ impl ReadReplicas {
         let recorded = async {
             let position: i64 = sqlx::query_scalar(PRIMARY_POSITION).fetch_one(&self.primary).await?;
             let lifetime = self.write_lifetime().as_millis().to_string();
-            let _: i64 = self
-                .record_write
-                .evalsha_with_reload(
-                    self.redis.pool().next(),
-                    self.write_key(user),
-                    vec![position.to_string(), lifetime],
-                )
-                .await?;
+            let record = self.record_write.evalsha_with_reload(
+                self.redis.pool().next(),
+                self.write_key(user),
+                vec![position.to_string(), lifetime],
+            );
+            let _: i64 = timed("write_position_set", record).await?;
             anyhow::Ok(())
         };
         // The write itself succeeded; what is lost is only read-your-writes for this user, and
