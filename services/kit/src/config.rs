@@ -105,6 +105,10 @@ impl CommonConfig {
         if let Some(key) = &self.auth.link_signing_key {
             key.validate("auth.link_signing_key")?;
         }
+        if self.rate_limit.lease_max_tokens > MAX_LEASE_TOKENS {
+            let message = format!("must be at most {MAX_LEASE_TOKENS}");
+            return Err(crate::ServiceError::invalid_field("rate_limit.lease_max_tokens", message));
+        }
         self.services.validate()
     }
 }
@@ -424,6 +428,9 @@ pub enum RedisFailureMode {
     Closed,
 }
 
+/// The bound of `rate_limit.lease_max_tokens`.
+pub const MAX_LEASE_TOKENS: u32 = 1000;
+
 /// Distributed rate limits (see `aimesh_kit::serving::ratelimit`). The defaults are requests per minute
 /// per caller; a project's or an API key's own `requests_per_minute` (set in identity) wins
 /// over `per_project` and `per_api_key`.
@@ -452,6 +459,10 @@ pub struct RateLimitConfig {
     /// The most requests per minute a project admin may give one API key; only a system admin
     /// sets more.
     pub max_api_key_requests_per_minute: u32,
+    /// Most tokens of a limit one process leases from Redis ahead of its requests, for limits
+    /// it decides 50 times a second or more (`aimesh_kit::serving::ratelimit::lease`); at most
+    /// a twentieth of the limit, 0 to 1000, 0 decides every request in Redis.
+    pub lease_max_tokens: u32,
     /// Weight of a call by full gRPC method path (`/aimesh.chat.v1.ChatService/ExportProject`);
     /// other calls weigh 1, and 0 exempts a method.
     pub costs: std::collections::BTreeMap<String, u32>,
@@ -470,6 +481,7 @@ impl Default for RateLimitConfig {
             per_project: 3000,
             max_project_requests_per_minute: 30_000,
             max_api_key_requests_per_minute: 6_000,
+            lease_max_tokens: 128,
             costs: [
                 ("/aimesh.chat.v1.ChatService/ExportProject", 20),
                 ("/aimesh.chat.v1.ChatService/ExportSession", 5),

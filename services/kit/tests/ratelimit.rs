@@ -69,6 +69,54 @@ async fn two_limiters_sharing_a_limit_let_exactly_the_limit_through() {
     assert!(headers.iter().any(|(name, value)| *name == "retry-after" && value.parse::<u64>().is_ok_and(|s| s >= 56)));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hot_limit_is_leased_by_two_limiters_and_still_lets_exactly_the_limit_through() {
+    // Large enough to be leased (a lease is at most a twentieth of the limit), and hammered far
+    // beyond it by both limiters, each deciding it hundreds of times a second.
+    const LIMIT: u32 = 2000;
+    const TASKS_PER_LIMITER: usize = 8;
+    const ATTEMPTS_PER_TASK: usize = 400;
+    let metrics = metrics();
+    let leased_label = ["dimension=\"project\""];
+    let leased_before = counter(&metrics.render(), "rate_limit_leased_total", &leased_label);
+    let trips_before = counter(&metrics.render(), "redis_command_duration_seconds_count", &["operation=\"ratelimit\""]);
+    let prefix = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let enforce = settings(RateLimitMode::Enforce, RedisFailureMode::Closed);
+    let limiters = [
+        RateLimiter::new(testing::redis_with_prefix(&prefix).await, &enforce),
+        RateLimiter::new(testing::redis_with_prefix(&prefix).await, &enforce),
+    ];
+    let request = [per_hour(Dimension::Project, "hot-project", LIMIT)];
+    let mut tasks = Vec::new();
+    for limiter in &limiters {
+        for _ in 0..TASKS_PER_LIMITER {
+            let (limiter, request) = (limiter.clone(), request.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut allowed = 0u32;
+                for _ in 0..ATTEMPTS_PER_TASK {
+                    allowed += u32::from(limiter.decide(&request).await.expect("redis answers").allowed);
+                }
+                allowed
+            }));
+        }
+    }
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += task.await.expect("task");
+    }
+    let attempts = 2 * TASKS_PER_LIMITER * ATTEMPTS_PER_TASK;
+    assert_eq!(allowed, LIMIT, "exactly the limit across both limiters, of {attempts} attempts");
+    let leased = counter(&metrics.render(), "rate_limit_leased_total", &leased_label) - leased_before;
+    let trips =
+        counter(&metrics.render(), "redis_command_duration_seconds_count", &["operation=\"ratelimit\""]) - trips_before;
+    assert!(leased > u64::from(LIMIT) / 2, "most admissions came from leases: {leased} of {LIMIT}");
+    assert_eq!(trips + leased, attempts as u64, "every decision was a round trip or a leased token");
+    // Spent: the last denial is Redis's own and says nothing is left.
+    let denied = limiters[0].decide(&request).await.expect("decide");
+    assert!(!denied.allowed);
+    assert_eq!(denied.remaining, 0);
+}
+
 #[tokio::test]
 async fn the_tightest_of_several_limits_decides_and_cost_counts() {
     let limiter = RateLimiter::new(testing::redis().await, &RateLimitConfig::default());
