@@ -20,6 +20,37 @@ fn settings(mode: RateLimitMode, on_redis_failure: RedisFailureMode) -> RateLimi
     RateLimitConfig { mode, on_redis_failure, ..RateLimitConfig::default() }
 }
 
+/// Runs `tasks_per_limiter` tasks on each of `limiters`, each deciding `request`
+/// `attempts_per_task` times, all at once; returns how many were allowed. Every decision must
+/// come from Redis (directly or from a lease), never from the fallback.
+async fn let_through(
+    limiters: &[RateLimiter],
+    request: &[LimitRequest],
+    tasks_per_limiter: usize,
+    attempts_per_task: usize,
+) -> u32 {
+    let mut tasks = Vec::new();
+    for limiter in limiters {
+        for _ in 0..tasks_per_limiter {
+            let (limiter, request) = (limiter.clone(), request.to_vec());
+            tasks.push(tokio::spawn(async move {
+                let mut allowed = 0u32;
+                for _ in 0..attempts_per_task {
+                    let decision = limiter.decide(&request).await.expect("redis answers");
+                    assert_eq!(decision.source, DecisionSource::Redis);
+                    allowed += u32::from(decision.allowed);
+                }
+                allowed
+            }));
+        }
+    }
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += task.await.expect("task");
+    }
+    allowed
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_limiters_sharing_a_limit_let_exactly_the_limit_through() {
     const LIMIT: u32 = 60;
@@ -33,25 +64,7 @@ async fn two_limiters_sharing_a_limit_let_exactly_the_limit_through() {
         RateLimiter::new(testing::redis_with_prefix(&prefix).await, &enforce),
     ];
     let request = [per_hour(Dimension::ApiKey, "shared-key", LIMIT)];
-    let mut tasks = Vec::new();
-    for limiter in &limiters {
-        for _ in 0..TASKS_PER_LIMITER {
-            let (limiter, request) = (limiter.clone(), request.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut allowed = 0u32;
-                for _ in 0..ATTEMPTS_PER_TASK {
-                    let decision = limiter.decide(&request).await.expect("redis answers");
-                    assert_eq!(decision.source, DecisionSource::Redis);
-                    allowed += u32::from(decision.allowed);
-                }
-                allowed
-            }));
-        }
-    }
-    let mut allowed = 0;
-    for task in tasks {
-        allowed += task.await.expect("task");
-    }
+    let allowed = let_through(&limiters, &request, TASKS_PER_LIMITER, ATTEMPTS_PER_TASK).await;
     let attempts = 2 * TASKS_PER_LIMITER * ATTEMPTS_PER_TASK;
     assert!(attempts as u32 > 3 * LIMIT, "the load must exceed the limit well");
     assert_eq!(allowed, LIMIT, "exactly the limit across both limiters, of {attempts} attempts");
@@ -87,23 +100,7 @@ async fn a_hot_limit_is_leased_by_two_limiters_and_still_lets_exactly_the_limit_
         RateLimiter::new(testing::redis_with_prefix(&prefix).await, &enforce),
     ];
     let request = [per_hour(Dimension::Project, "hot-project", LIMIT)];
-    let mut tasks = Vec::new();
-    for limiter in &limiters {
-        for _ in 0..TASKS_PER_LIMITER {
-            let (limiter, request) = (limiter.clone(), request.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut allowed = 0u32;
-                for _ in 0..ATTEMPTS_PER_TASK {
-                    allowed += u32::from(limiter.decide(&request).await.expect("redis answers").allowed);
-                }
-                allowed
-            }));
-        }
-    }
-    let mut allowed = 0;
-    for task in tasks {
-        allowed += task.await.expect("task");
-    }
+    let allowed = let_through(&limiters, &request, TASKS_PER_LIMITER, ATTEMPTS_PER_TASK).await;
     let attempts = 2 * TASKS_PER_LIMITER * ATTEMPTS_PER_TASK;
     assert_eq!(allowed, LIMIT, "exactly the limit across both limiters, of {attempts} attempts");
     let leased = counter(&metrics.render(), "rate_limit_leased_total", &leased_label) - leased_before;
