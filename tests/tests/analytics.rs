@@ -29,29 +29,32 @@ async fn usage_recorded_through_the_usage_service_reaches_analytics_to_the_last_
     assert!(expected.cost > Decimal::ZERO);
     wait_for_totals(&mesh, &project, &secret, &expected).await;
 
-    // The same answer from the hourly rollup (hour-aligned range) and from the raw events.
+    // The same answer from the hourly rollup (hour-aligned range), from the rollup and the raw
+    // events at the ragged edges (a range off the hour), and from the raw events (minute buckets).
     let hour = chrono::Utc::now().timestamp() / 3600 * 3600;
-    let series = |start: i64, end: i64| pb::GetUsageTimeSeriesRequest {
+    let series = |start: i64, end: i64, bucket: &str| pb::GetUsageTimeSeriesRequest {
         project_id: project.clone(),
         start_time: Some(prost_types::Timestamp { seconds: start, nanos: 0 }),
         end_time: Some(prost_types::Timestamp { seconds: end, nanos: 0 }),
-        bucket: "day".into(),
+        bucket: bucket.into(),
         time_zone: "Asia/Tokyo".into(),
         metrics: vec!["requests".into(), "cost".into(), "errors".into()],
         ..Default::default()
     };
-    let rollup = mesh.analytics().get_usage_time_series(authed(series(hour - 7200, hour + 7200), &secret)).await;
-    let rollup = rollup.expect("rollup series").into_inner();
-    let raw = mesh.analytics().get_usage_time_series(authed(series(hour - 7201, hour + 7200), &secret)).await;
-    let raw = raw.expect("raw series").into_inner();
-    assert_eq!((rollup.source.as_str(), raw.source.as_str()), ("rollup", "raw"));
+    let mut answers = Vec::new();
+    for (start, bucket) in [(hour - 7200, "day"), (hour - 7201, "day"), (hour - 7200, "minute")] {
+        let answer = mesh.analytics().get_usage_time_series(authed(series(start, hour + 7200, bucket), &secret)).await;
+        answers.push(answer.expect("series").into_inner());
+    }
+    let sources: Vec<&str> = answers.iter().map(|answer| answer.source.as_str()).collect();
+    assert_eq!(sources, ["rollup", "rollup+raw", "raw"]);
     let sum = |s: &pb::UsageTimeSeries, metric: &str| -> Decimal {
         s.points
             .iter()
             .map(|p| p.metrics.as_ref().expect("metrics").values[metric].parse::<Decimal>().expect("n"))
             .sum()
     };
-    for series in [&rollup, &raw] {
+    for series in &answers {
         assert_eq!(sum(series, "requests"), Decimal::from(expected.requests));
         assert_eq!(sum(series, "cost"), expected.cost);
         assert_eq!(sum(series, "errors"), Decimal::from(6), "i = 0, 7, 14, 21, 28, 35 failed");

@@ -144,6 +144,11 @@ impl Metric {
         }
     }
 
+    /// Whether it is a latency quantile.
+    pub fn is_latency(self) -> bool {
+        matches!(self, Self::LatencyP50 | Self::LatencyP95 | Self::LatencyP99)
+    }
+
     pub fn parse(field: &'static str, value: &str) -> Result<Self> {
         Self::ALL.into_iter().find(|m| m.as_str() == value).ok_or_else(|| {
             let known: Vec<&str> = Self::ALL.iter().map(|m| m.as_str()).collect();
@@ -195,10 +200,23 @@ impl TimeRange {
 
     /// Whether both ends fall on whole UTC hours, so the hourly rollup covers it exactly.
     pub fn is_hour_aligned(self) -> bool {
-        self.start.timestamp() % 3600 == 0
-            && self.end.timestamp() % 3600 == 0
-            && self.start.timestamp_subsec_nanos() == 0
-            && self.end.timestamp_subsec_nanos() == 0
+        self.whole_hours() == Some(self)
+    }
+
+    /// The whole UTC hours inside the range, `[ceil_hour(start), floor_hour(end))`: what the
+    /// hourly rollup can answer; None when the range holds no whole hour.
+    pub fn whole_hours(self) -> Option<Self> {
+        let hour = Duration::hours(1).num_seconds();
+        let first = self.start.timestamp().div_euclid(hour) * hour;
+        let first = if first == self.start.timestamp() && self.start.timestamp_subsec_nanos() == 0 {
+            first
+        } else {
+            first + hour
+        };
+        let last = self.end.timestamp().div_euclid(hour) * hour;
+        let start = DateTime::from_timestamp(first, 0)?;
+        let end = DateTime::from_timestamp(last, 0)?;
+        (start < end).then_some(Self { start, end })
     }
 }
 
@@ -221,6 +239,9 @@ pub struct UsageQuery {
     /// With the time zone its buckets start in.
     pub bucket: Option<(Bucket, String)>,
     pub group_by: Option<Dimension>,
+    /// Whether the answer needs the latency quantiles (else they are left empty: they cost most
+    /// of a long range's read).
+    pub with_latency: bool,
 }
 
 #[cfg(test)]
@@ -251,5 +272,23 @@ mod tests {
         assert_eq!(TimeRange::new(Some(now - Duration::days(11)), Some(now), 10).err().map(field), Some("end_time"));
         let range = TimeRange::new(Some(now - Duration::days(2)), Some(now), 10).ok();
         assert_eq!(range.map(|r| r.previous().end), Some(now - Duration::days(2)));
+    }
+
+    #[test]
+    fn whole_hours_inside_a_range() {
+        let at = |text: &str| DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc)).ok();
+        let whole = |start: &str, end: &str| {
+            TimeRange::new(at(start), at(end), 10).ok().and_then(TimeRange::whole_hours).map(|r| (r.start, r.end))
+        };
+        let (ten, eleven, noon) = (at("2025-03-01T10:00:00Z"), at("2025-03-01T11:00:00Z"), at("2025-03-01T12:00:00Z"));
+        assert_eq!(whole("2025-03-01T10:00:00Z", "2025-03-01T12:00:00Z"), ten.zip(noon));
+        assert_eq!(whole("2025-03-01T09:59:59.5Z", "2025-03-01T12:00:00.000001Z"), ten.zip(noon));
+        assert_eq!(whole("2025-03-01T10:00:00.000001Z", "2025-03-01T12:59:59Z"), eleven.zip(noon));
+        assert_eq!(whole("2025-03-01T10:00:01Z", "2025-03-01T11:00:00Z"), None, "no whole hour");
+        assert_eq!(whole("2025-03-01T10:10:00Z", "2025-03-01T10:50:00Z"), None, "inside one hour");
+        let aligned = TimeRange::new(ten, noon, 10).ok();
+        assert_eq!(aligned.map(TimeRange::is_hour_aligned), Some(true));
+        let ragged = TimeRange::new(ten, at("2025-03-01T12:00:00.5Z"), 10).ok();
+        assert_eq!(ragged.map(TimeRange::is_hour_aligned), Some(false));
     }
 }

@@ -1,7 +1,7 @@
 //! The analytics store against the real ClickHouse (chDB): events count once however often
 //! they arrive, rollups agree with the raw events, retention drops old rows.
 
-use chrono::{Duration, DurationRound, Utc};
+use chrono::{DateTime, Duration, DurationRound, Utc};
 use uuid::Uuid;
 
 mod common;
@@ -11,8 +11,8 @@ use common::{day_query, totals, usage_event, valid};
 use aimesh_analytics::AnalyticsConfig;
 use aimesh_analytics::error::AnalyticsError;
 use aimesh_analytics::events::ValidEvent;
-use aimesh_analytics::query::Dimension;
-use aimesh_analytics::store::{IngestClaims, Source, Store, Stored};
+use aimesh_analytics::query::{Bucket, Dimension, TimeRange, UsageFilter, UsageQuery};
+use aimesh_analytics::store::{IngestClaims, Source, Store, Stored, UsageAggregate};
 use aimesh_proto::analytics::v1 as pb;
 
 /// A store on a database of its own, dropped at the end of the test.
@@ -183,11 +183,11 @@ async fn retention_drops_old_rows() {
     assert_eq!(store.set_retention(short_project, 5).await.expect("set retention"), (30, false));
     assert_eq!(store.retention_of(short_project), (5, true));
     assert_eq!(store.retention_of(kept_project), (30, false));
-    assert!(!store.retention_applied(short_project).await.expect("applied?"), "applied in the background");
+    assert!(!store.retention_applied(short_project), "applied in the background");
     // The background job: due at once (never applied), then not again within the interval.
     let interval = std::time::Duration::from_secs(3600);
     assert_eq!(store.apply_due_retention(interval).await.expect("apply"), vec![(short_project, 5)]);
-    assert!(store.retention_applied(short_project).await.expect("applied?"));
+    assert!(store.retention_applied(short_project));
     store.set_retention(short_project, 6).await.expect("change again");
     assert_eq!(store.apply_due_retention(interval).await.expect("apply"), vec![], "not twice in an interval");
     store.set_retention(short_project, 5).await.expect("change back");
@@ -215,6 +215,31 @@ async fn retention_drops_old_rows() {
 }
 
 #[tokio::test]
+async fn whether_retention_is_applied_is_known_at_once_where_it_ran_and_elsewhere_at_the_next_refresh() {
+    let test = TestStore::new().await;
+    let other = test.replica().await;
+    let project = Uuid::new_v4();
+    assert!(test.store.retention_applied(project), "nothing to apply on the default");
+    test.store.set_retention(project, 5).await.expect("set retention");
+    other.refresh_retention().await.expect("refresh");
+    assert!(!test.store.retention_applied(project));
+    assert!(!other.retention_applied(project));
+
+    let interval = std::time::Duration::from_secs(3600);
+    assert_eq!(test.store.apply_due_retention(interval).await.expect("apply"), vec![(project, 5)]);
+    assert!(test.store.retention_applied(project), "known at once on the replica that applied it");
+    assert!(!other.retention_applied(project), "another replica answers from memory until it rereads");
+    other.refresh_retention().await.expect("refresh");
+    assert!(other.retention_applied(project));
+    assert!(test.replica().await.retention_applied(project), "a replica starting reads it");
+
+    // A later change is pending again everywhere it is known.
+    other.set_retention(project, 6).await.expect("change");
+    assert!(!other.retention_applied(project));
+    test.drop_database().await;
+}
+
+#[tokio::test]
 async fn a_legal_hold_keeps_rows_past_the_retention_until_it_is_lifted() {
     let test = TestStore::new().await;
     let store = &test.store;
@@ -232,7 +257,7 @@ async fn a_legal_hold_keeps_rows_past_the_retention_until_it_is_lifted() {
     store.set_retention(project, 5).await.expect("set retention");
     let held = aimesh_analytics::store::LEGAL_HOLD_DAYS;
     assert_eq!(store.apply_due_retention(interval).await.expect("apply"), vec![(project, held)]);
-    assert!(store.retention_applied(project).await.expect("applied?"));
+    assert!(store.retention_applied(project));
     // Written while held: it gets the hold's retention too.
     let late = usage_event(project, model, now - Duration::days(9), 10, "0.1", "success");
     store.ingest(valid(&[late])).await.expect("ingest late");
@@ -258,12 +283,148 @@ async fn a_legal_hold_keeps_rows_past_the_retention_until_it_is_lifted() {
     assert!(store.set_legal_hold(project, false, "case closed").await.expect("lift"));
     assert_eq!(store.legal_hold_of(project), None);
     assert_eq!(store.apply_due_retention(interval).await.expect("apply"), vec![], "within the interval");
-    assert!(!store.retention_applied(project).await.expect("applied?"));
+    assert!(!store.retention_applied(project));
     assert_eq!(store.apply_due_retention(std::time::Duration::ZERO).await.expect("apply"), vec![(project, 5)]);
     store.optimize().await.expect("optimize");
     assert_eq!(rows(project).await, Vec::<u16>::new(), "rows past the days go once the hold is lifted");
     let policies = store.retention_policies(None, 100).await.expect("policies");
     let policy = policies.iter().find(|p| p.project_id == project).expect("listed");
     assert_eq!((policy.days, policy.legal_hold), (Some(5), false));
+    test.drop_database().await;
+}
+
+/// A usage question of `project` over [start, end) with the given bucket (and its zone), group
+/// and filter, latency included.
+fn usage_query(
+    project: Uuid,
+    (start, end): (DateTime<Utc>, DateTime<Utc>),
+    bucket: Option<(Bucket, &str)>,
+    group_by: Option<Dimension>,
+    filter: UsageFilter,
+) -> UsageQuery {
+    UsageQuery {
+        project_id: project,
+        range: TimeRange::new(Some(start), Some(end), 400).expect("range"),
+        filter,
+        bucket: bucket.map(|(bucket, tz)| (bucket, tz.to_owned())),
+        group_by,
+        with_latency: true,
+    }
+}
+
+#[tokio::test]
+async fn a_ragged_range_is_answered_from_the_rollup_and_the_raw_edges_exactly_as_from_the_events() {
+    let test = TestStore::new().await;
+    let store = &test.store;
+    let project = Uuid::new_v4();
+    let (gpt, claude) = (Uuid::new_v4(), Uuid::new_v4());
+    // 12:00 UTC two days ago to 16:00 UTC yesterday: across a UTC midnight and a Shanghai one
+    // (16:00 UTC), every 17 minutes, so each partial hour at the range's ends holds events.
+    let day = Utc::now().duration_trunc(Duration::days(1)).expect("trunc") - Duration::days(2);
+    let first = day + Duration::hours(12) + Duration::seconds(13);
+    let start = day + Duration::hours(12) + Duration::minutes(25) + Duration::milliseconds(500);
+    let end = day + Duration::hours(38) + Duration::minutes(41) + Duration::microseconds(1);
+    let mut batch: Vec<pb::Event> = (0..100)
+        .map(|i| {
+            let model = if i % 3 == 0 { claude } else { gpt };
+            let status = if i % 7 == 0 { "error" } else { "success" };
+            let cost = format!("0.00{:02}345678{}", i, i % 10);
+            usage_event(project, model, first + Duration::minutes(i * 17), 100 + (i * 37) % 900, &cost, status)
+        })
+        .collect();
+    // On each bound and just inside or outside it.
+    let whole_start = day + Duration::hours(13);
+    let whole_end = day + Duration::hours(38);
+    for (n, at) in [
+        start - Duration::microseconds(1),
+        start,
+        whole_start - Duration::microseconds(1),
+        whole_start,
+        whole_end - Duration::microseconds(1),
+        whole_end,
+        end - Duration::microseconds(1),
+        end,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        batch.push(usage_event(project, gpt, at, 5000 + n as i64, "0.0000000001", "success"));
+    }
+    store.ingest(valid(&batch)).await.expect("ingest");
+
+    let by_model = UsageFilter { model_id: Some(gpt), ..UsageFilter::default() };
+    let errors_only = UsageFilter { status: Some("error".into()), ..UsageFilter::default() };
+    let cases = [
+        (None, None, UsageFilter::default()),
+        (None, Some(Dimension::Model), UsageFilter::default()),
+        (Some((Bucket::Hour, "UTC")), None, UsageFilter::default()),
+        (Some((Bucket::Hour, "Asia/Shanghai")), Some(Dimension::Status), UsageFilter::default()),
+        (Some((Bucket::Day, "UTC")), Some(Dimension::Model), UsageFilter::default()),
+        (Some((Bucket::Day, "Asia/Shanghai")), Some(Dimension::Model), UsageFilter::default()),
+        (Some((Bucket::Day, "Asia/Shanghai")), None, by_model),
+        (Some((Bucket::Week, "Europe/Berlin")), Some(Dimension::Model), errors_only),
+        (Some((Bucket::Month, "UTC")), None, UsageFilter::default()),
+    ];
+    for (bucket, group_by, filter) in cases {
+        let query = usage_query(project, (start, end), bucket, group_by, filter.clone());
+        let (rows, source) = store.usage(&query).await.expect("usage");
+        assert_eq!(source, Source::RollupAndRawEdges, "{bucket:?} {group_by:?} {filter:?}");
+        assert_eq!(source.as_str(), "rollup+raw");
+        let raw = store.usage_from(&query, Source::Raw).await.expect("raw");
+        assert!(!raw.is_empty());
+        // Every figure: counts, token sums, the cost to the last digit, the latency quantiles
+        // (exact on both paths below 8192 values a group, where `quantiles` keeps them all).
+        assert_eq!(rows, raw, "{bucket:?} {group_by:?} {filter:?}");
+        assert!(rows.iter().all(|row| row.latency.len() == 3));
+        // Without latency: the same sums, no quantiles.
+        let without = UsageQuery { with_latency: false, ..query };
+        let (sums, _) = store.usage(&without).await.expect("usage");
+        let no_latency = |rows: Vec<UsageAggregate>| -> Vec<UsageAggregate> {
+            rows.into_iter().map(|row| UsageAggregate { latency: Vec::new(), ..row }).collect()
+        };
+        assert_eq!(sums, no_latency(raw), "{bucket:?} {group_by:?} {filter:?}");
+        assert_eq!(sums, no_latency(store.usage_from(&without, Source::Raw).await.expect("raw")));
+    }
+    let everything = usage_query(project, (start, end), None, None, UsageFilter::default());
+    let (rows, _) = store.usage(&everything).await.expect("usage");
+    assert_eq!(rows[0].sum_requests, 99, "events 2 to 94 of the spread, and the 6 bounds inside");
+
+    // A range inside one hour holds no whole hour: the events alone.
+    let inside = usage_query(project, (start, whole_start), Some((Bucket::Hour, "UTC")), None, UsageFilter::default());
+    let (rows, source) = store.usage(&inside).await.expect("usage");
+    assert_eq!(source, Source::Raw);
+    assert_eq!(rows, store.usage_from(&inside, Source::Raw).await.expect("raw"));
+    assert_eq!(rows[0].sum_requests, 4, "events at 12:34:13 and 12:51:13, and 2 bounds");
+    // Whole hours: the rollup alone, as before.
+    let aligned = usage_query(project, (whole_start, whole_end), None, None, UsageFilter::default());
+    assert_eq!(store.source_of(&aligned).await.expect("source"), Source::Rollup);
+    test.drop_database().await;
+}
+
+#[tokio::test]
+async fn the_rollup_answers_only_where_its_hours_fall_in_one_bucket() {
+    let test = TestStore::new().await;
+    let store = &test.store;
+    let project = Uuid::new_v4();
+    let at = |text: &str| DateTime::parse_from_rfc3339(text).expect("time").with_timezone(&Utc);
+    let source = |range: (&str, &str), bucket: Option<(Bucket, &'static str)>| {
+        let query = usage_query(project, (at(range.0), at(range.1)), bucket, None, UsageFilter::default());
+        async move { store.source_of(&query).await.expect("source") }
+    };
+    let ragged = ("2025-03-01T10:20:00Z", "2025-03-04T07:05:00Z");
+    assert_eq!(source(ragged, Some((Bucket::Minute, "UTC"))).await, Source::Raw, "minutes are finer than the rollup");
+    assert_eq!(source(ragged, Some((Bucket::Day, "Asia/Tokyo"))).await, Source::RollupAndRawEdges);
+    // India's days start at 18:30 UTC, inside a rollup hour; its hours too.
+    assert_eq!(source(ragged, Some((Bucket::Day, "Asia/Kolkata"))).await, Source::Raw);
+    assert_eq!(source(ragged, Some((Bucket::Hour, "Asia/Kolkata"))).await, Source::Raw);
+    // Within one Indian day, the rollup's hours fall in it whole.
+    let one_day = ("2025-03-01T19:20:00Z", "2025-03-02T07:05:00Z");
+    assert_eq!(source(one_day, Some((Bucket::Day, "Asia/Kolkata"))).await, Source::RollupAndRawEdges);
+    // Lord Howe Island is +11 in both January and December, +10:30 from April to October: whole
+    // hours at both ends are not enough.
+    let year = ("2025-01-10T00:00:00Z", "2025-12-10T00:00:00Z");
+    assert_eq!(source(year, Some((Bucket::Day, "Australia/Lord_Howe"))).await, Source::Raw);
+    assert_eq!(source(year, Some((Bucket::Day, "Asia/Shanghai"))).await, Source::Rollup);
+    assert_eq!(source(year, None).await, Source::Rollup);
     test.drop_database().await;
 }

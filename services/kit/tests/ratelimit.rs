@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use aimesh_kit::config::{RateLimitConfig, RateLimitMode, RedisConfig, RedisFailureMode};
 use aimesh_kit::data::redis::Redis;
-use aimesh_kit::serving::ratelimit::{DecisionSource, Dimension, Limit, LimitRequest, RateLimiter};
+use aimesh_kit::serving::ratelimit::{DecisionSource, Dimension, Limit, LimitRequest, RateLimiter, admissions};
 use aimesh_kit::testing::{self, ScratchCluster};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -112,6 +112,45 @@ async fn a_hot_limit_is_leased_by_two_limiters_and_still_lets_exactly_the_limit_
     let denied = limiters[0].decide(&request).await.expect("decide");
     assert!(!denied.allowed);
     assert_eq!(denied.remaining, 0);
+}
+
+#[tokio::test]
+async fn an_admitted_address_is_remembered_until_a_failure_here_or_for_a_moment_after_failures_elsewhere() {
+    const FAILURES: u32 = 8;
+    let prefix = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let settings = RateLimitConfig { per_ip_failed_auth: FAILURES, ..RateLimitConfig::default() };
+    // Two replicas of a service: their own connections and memories, one deployment's budget.
+    let here = RateLimiter::new(testing::redis_with_prefix(&prefix).await, &settings);
+    let elsewhere = RateLimiter::new(testing::redis_with_prefix(&prefix).await, &settings);
+    let ip: std::net::IpAddr = "192.0.2.90".parse().expect("ip");
+    let admit = |limiter: &RateLimiter| {
+        let limiter = limiter.clone();
+        async move { limiter.admit_credential(ip).await.expect("redis answers") }
+    };
+
+    assert_eq!(admit(&here).await.source, DecisionSource::Redis, "the first look asks Redis");
+    assert_eq!(admit(&here).await.source, DecisionSource::Remembered, "the next one is remembered");
+    here.charge_failed_auth(ip).await;
+    assert_eq!(admit(&here).await.source, DecisionSource::Redis, "a failure counted here forgets the address");
+
+    // Exhausted by another replica: seen here once the memory lapses, never later.
+    for _ in 1..FAILURES {
+        elsewhere.charge_failed_auth(ip).await;
+    }
+    assert!(!admit(&elsewhere).await.allowed, "refused where the failures were counted");
+    tokio::time::sleep(admissions::LIFETIME + Duration::from_millis(50)).await;
+    let refused = admit(&here).await;
+    assert!(!refused.allowed && refused.source == DecisionSource::Redis, "{refused:?}");
+
+    // Close to its limit, an address is asked about every time.
+    let near = "192.0.2.91".parse().expect("ip");
+    for _ in 0..=FAILURES - admissions::MARGIN {
+        here.charge_failed_auth(near).await;
+    }
+    for _ in 0..2 {
+        let decision = here.admit_credential(near).await.expect("redis answers");
+        assert_eq!((decision.allowed, decision.source), (true, DecisionSource::Redis), "{decision:?}");
+    }
 }
 
 #[tokio::test]

@@ -106,7 +106,8 @@ impl Analytics {
         let filter = filter_of(request.filter.as_ref())?;
         self.require(caller, project_id, ProjectRole::Viewer).await?;
 
-        let query = UsageQuery { project_id, range, filter, bucket: Some((bucket, time_zone)), group_by };
+        let with_latency = metrics.iter().copied().any(Metric::is_latency);
+        let query = UsageQuery { project_id, range, filter, bucket: Some((bucket, time_zone)), group_by, with_latency };
         let (rows, source) = self.store.usage(&query).await?;
         let points = rows
             .iter()
@@ -140,7 +141,8 @@ impl Analytics {
         let filter = filter_of(request.filter.as_ref())?;
         self.require(caller, project_id, ProjectRole::Viewer).await?;
 
-        let query = UsageQuery { project_id, range, filter, bucket: None, group_by: Some(dimension) };
+        let with_latency = metrics.iter().copied().chain([order_by]).any(Metric::is_latency);
+        let query = UsageQuery { project_id, range, filter, bucket: None, group_by: Some(dimension), with_latency };
         let (mut rows, source) = self.store.usage(&query).await?;
         let total_query = UsageQuery { group_by: None, ..query.clone() };
         let total = self.store.usage_from(&total_query, source).await?;
@@ -248,7 +250,7 @@ impl Analytics {
 
     async fn retention(&self, project_id: uuid::Uuid) -> Result<pb::Retention> {
         let (days, custom) = self.store.retention_of(project_id);
-        let applied = self.store.retention_applied(project_id).await?;
+        let applied = self.store.retention_applied(project_id);
         let since = self.store.legal_hold_of(project_id);
         Ok(pb::Retention {
             project_id: project_id.to_string(),

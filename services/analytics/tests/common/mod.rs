@@ -42,6 +42,7 @@ pub fn day_query(project: Uuid, start: DateTime<Utc>, end: DateTime<Utc>, group_
         filter: UsageFilter::default(),
         bucket: Some((Bucket::Day, "UTC".into())),
         group_by,
+        with_latency: true,
     }
 }
 

@@ -29,11 +29,13 @@
 //! Failed authentication has a limit of its own per client address
 //! (`rate_limit.per_ip_failed_auth`, [`Dimension::FailedAuth`]), like fail2ban: before a
 //! credential is looked up, [`RateLimiter::admit_credential`] looks (consuming nothing) whether
-//! the address has failures left, and a credential that did not verify costs one
+//! the address has failures left (an address far from its limit is remembered as admitted for a
+//! second, [`admissions`]), and a credential that did not verify costs one
 //! ([`RateLimiter::charge_failed_auth`]). A flood of made-up credentials thus costs identity and
 //! its database a bounded rate per address. The services' auth layer and the gateway both apply
 //! it; the services leave an address the gateway vouched for to the gateway.
 
+pub mod admissions;
 pub mod client;
 mod layer;
 mod lease;
@@ -51,6 +53,7 @@ use crate::config::{RateLimitConfig, RateLimitMode, RedisFailureMode};
 use crate::data::redis::{Redis, RedisBreaker, timed};
 use crate::wire::error::{ERROR_DOMAIN, ServiceError};
 
+use admissions::Admissions;
 pub use client::ClientAddress;
 pub use layer::RateLimitLayer;
 use lease::{Ask, Leases};
@@ -134,6 +137,8 @@ pub enum DecisionSource {
     Redis,
     /// The in-process fallback, while Redis cannot answer.
     Local,
+    /// An admission this process remembered ([`admissions`]): allowed, with no figures.
+    Remembered,
 }
 
 impl DecisionSource {
@@ -142,6 +147,7 @@ impl DecisionSource {
             Self::None => "none",
             Self::Redis => "redis",
             Self::Local => "local",
+            Self::Remembered => "remembered",
         }
     }
 }
@@ -270,6 +276,7 @@ struct Inner {
     settings: RateLimitConfig,
     local: LocalLimiter,
     leases: Leases,
+    admissions: Admissions,
     breaker: RedisBreaker,
 }
 
@@ -289,6 +296,7 @@ impl RateLimiter {
                 settings: settings.clone(),
                 local: LocalLimiter::new(),
                 leases: Leases::new(settings.lease_max_tokens),
+                admissions: Admissions::default(),
                 breaker: RedisBreaker::new("ratelimit", REDIS_RETRY_AFTER),
             }),
             gateway_token: None,
@@ -318,17 +326,27 @@ impl RateLimiter {
     }
 
     /// Whether `ip` may still present a credential: its failed authentications are looked at,
-    /// not counted. A denial is refused before the credential is looked up. Fails only as
-    /// [`RateLimiter::decide`] does.
+    /// not counted. A denial is refused before the credential is looked up. An address far from
+    /// its limit is remembered as admitted for a moment ([`admissions`] has the exact terms).
+    /// Fails only as [`RateLimiter::decide`] does.
     pub async fn admit_credential(&self, ip: IpAddr) -> Result<Decision, ServiceError> {
         let Some(limit) = self.failed_auth_limit(ip) else { return Ok(Decision::unlimited()) };
-        self.decide_consuming(&[limit], Consume::No).await
+        let admissions = &self.inner.admissions;
+        if admissions.remembers(ip) {
+            return Ok(Decision { source: DecisionSource::Remembered, ..Decision::unlimited() });
+        }
+        let decision = self.decide_consuming(&[limit], Consume::No).await?;
+        if decision.allowed && !decision.shadow && decision.source == DecisionSource::Redis {
+            admissions.admitted(ip, decision.remaining);
+        }
+        Ok(decision)
     }
 
     /// Counts a failed authentication (a credential unknown, malformed, expired or revoked)
     /// against `ip`. A Redis failure is logged, not returned: the caller is being refused anyway.
     pub async fn charge_failed_auth(&self, ip: IpAddr) {
         let Some(limit) = self.failed_auth_limit(ip) else { return };
+        self.inner.admissions.forget(ip);
         if let Err(error) = self.decide_consuming(&[limit], Consume::Exactly).await {
             tracing::debug!(%error, "could not count a failed authentication");
         }
