@@ -1,7 +1,17 @@
 //! The files domain: uploads streamed into the object store and recorded in one transaction,
 //! downloads by range, download links, attachments and garbage collection. Access checks are
 //! the API's; everything here trusts its caller.
+//!
+//! Reads of a live file by id (GetFile, downloads, download links) go through the kit's
+//! two-level cache of file rows, keyed by file id; every change of a files row, or of the links
+//! that make its `session_ids`, goes through this type and drops the cached row after its
+//! commit. Staleness: none on the replica that made the change; others drop their in-process
+//! copy when the invalidation broadcast arrives (milliseconds), or after `local_ttl` (10 s) if
+//! they miss it; if Redis was unreachable at the change, an old row may live in Redis for up to
+//! 1.1 × `shared_ttl` + `local_ttl` (340 s). A change made to the database behind the service's
+//! back (SQL by hand) is seen only when those lifetimes run out.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,12 +21,16 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use aimesh_kit::ServiceError;
+use aimesh_kit::data::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
+use aimesh_kit::data::redis::Redis;
+
 use crate::config::FilesConfig;
 use crate::domain::{self, FileName, Purpose, RangeRequest, SNIFF_BYTES};
 use crate::error::{FilesError, Result};
 use crate::signing::{self, UrlSigner};
 use crate::storage::{ObjectStorage, ObjectWriter};
-use crate::store::{Committed, FileRow, NewFile, Store};
+use crate::store::{Committed, FileRow, NewFile, ReleasedSession, Store};
 
 /// Objects deleted per transaction of the collector.
 const GC_BATCH: i64 = 100;
@@ -24,6 +38,8 @@ const GC_BATCH: i64 = 100;
 pub const MAX_LINK_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Validity of a download link when the request names none.
 pub const DEFAULT_LINK_TTL: Duration = Duration::from_secs(15 * 60);
+/// Cached rows dropped at once after a change of many files (retention, a released session).
+const INVALIDATIONS_IN_FLIGHT: usize = 16;
 
 /// The limits uploads are held to.
 #[derive(Debug, Clone)]
@@ -96,11 +112,25 @@ pub struct Library {
     signer: UrlSigner,
     limits: Limits,
     gc: GcSettings,
+    /// Live file rows by id; `None` cached for ids that are no live file (see the module docs).
+    live_files: TwoLevelCache<FileRow>,
 }
 
 impl Library {
-    pub fn new(store: Store, storage: ObjectStorage, signer: UrlSigner, limits: Limits, gc: GcSettings) -> Self {
-        Self { store, storage, signer, limits, gc }
+    /// The domain over `store`; `redis` and `bus` carry the cache of live files, shared with the
+    /// other replicas (tests build several over one database to act as replicas).
+    pub fn new(
+        store: Store,
+        storage: ObjectStorage,
+        signer: UrlSigner,
+        limits: Limits,
+        gc: GcSettings,
+        redis: Redis,
+        bus: &InvalidationBus,
+    ) -> Self {
+        // Files has no cache settings of its own.
+        let live_files = TwoLevelCache::new("files", "files", redis, bus, CacheSettings::default());
+        Self { store, storage, signer, limits, gc, live_files }
     }
 
     pub fn store(&self) -> &Store {
@@ -304,7 +334,79 @@ impl Library {
     /// The live file a gateway link's token grants.
     pub async fn file_of_link(&self, token: &str) -> Result<FileRow> {
         let granted = self.signer.verify(token, Utc::now())?;
-        self.store.live_file(granted.file_id).await?.ok_or(FilesError::LinkInvalid)
+        self.live_file_cached(granted.file_id).await?.ok_or(FilesError::LinkInvalid)
+    }
+
+    // ---- live files ----
+
+    /// A live file, for reads: from the cache, else from the primary (see the module docs for
+    /// how stale it may be). Downloads may use it too: what they need of the row (project,
+    /// SHA-256, size) never changes while a file id is live, and the object's key is read from
+    /// `blobs` afresh. Changes read the primary with [`Store::live_file`] instead.
+    ///
+    /// An id that is no live file is cached as absent for `negative_ttl` (5 s); that never hides
+    /// a new upload: file ids are fresh UUIDs made here at commit, and the row is inserted live
+    /// in the transaction that makes it visible (no row is ever "uploading", none is revived),
+    /// so nobody can have asked for an id before its file exists.
+    pub async fn live_file_cached(&self, id: Uuid) -> Result<Option<FileRow>> {
+        // The primary, never a read replica: what this loads fills the cache every replica
+        // shares, and a replica still behind a change that was just invalidated would put the
+        // old row back for everyone until its TTL.
+        let primary = self.store.clone();
+        let cached = self
+            .live_files
+            .get_or_load(&id.to_string(), || async move { primary.live_file(id).await.map_err(ServiceError::from) })
+            .await?;
+        Ok(cached.map(Arc::unwrap_or_clone))
+    }
+
+    /// Renames a live file and/or sets its metadata; see [`Store::update`].
+    pub async fn update_file(
+        &self,
+        id: Uuid,
+        name: Option<&FileName>,
+        metadata: Option<&serde_json::Value>,
+    ) -> Result<FileRow> {
+        let updated = self.store.update(id, name, metadata).await;
+        // Whatever the answer: a commit whose reply was lost may still have happened.
+        self.forget(&[id]).await;
+        updated
+    }
+
+    /// Soft-deletes a live file of `project_id`; see [`Store::delete`].
+    pub async fn delete_file(&self, project_id: Uuid, id: Uuid) -> Result<FileRow> {
+        let deleted = self.store.delete(project_id, id).await;
+        // Whatever the answer, as after an update.
+        self.forget(&[id]).await;
+        deleted
+    }
+
+    /// Links files to a session; see [`Store::attach`].
+    pub async fn attach(&self, project_id: Uuid, session_id: Uuid, file_ids: &[Uuid]) -> Result<()> {
+        let linked = self.store.attach(project_id, session_id, file_ids).await?;
+        self.forget(&linked).await;
+        Ok(())
+    }
+
+    /// Drops a session's links and deletes the attachments it alone held; returns how many
+    /// were deleted. See [`Store::release_session`].
+    pub async fn release_session(&self, project_id: Uuid, session_id: Uuid) -> Result<usize> {
+        let ReleasedSession { unlinked, deleted } = self.store.release_session(project_id, session_id).await?;
+        self.forget(&unlinked).await;
+        Ok(deleted)
+    }
+
+    /// Drops the cached rows of `ids` on every replica, after a committed change. A failure
+    /// (Redis unreachable) only lengthens staleness to the bound in the module docs, and the
+    /// change itself is committed, so it is logged, not returned.
+    async fn forget(&self, ids: &[Uuid]) {
+        futures::stream::iter(ids)
+            .for_each_concurrent(INVALIDATIONS_IN_FLIGHT, |id| async move {
+                if let Err(error) = self.live_files.invalidate(&id.to_string()).await {
+                    tracing::warn!(file_id = %id, %error, "cannot invalidate a cached file");
+                }
+            })
+            .await;
     }
 
     // ---- retention ----
@@ -329,7 +431,9 @@ impl Library {
             }
             let mut went = 0;
             for (project_id, ids) in by_project {
-                went += self.store.delete_for_retention(project_id, &ids).await?;
+                let deleted = self.store.delete_for_retention(project_id, &ids).await?;
+                self.forget(&deleted).await;
+                went += deleted.len();
             }
             deleted += went as u64;
             // A batch none of which went (all attached meanwhile) would come back: stop there.

@@ -7,7 +7,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use aimesh_kit::config::CommonConfig;
+use aimesh_kit::data::cache::InvalidationBus;
 use aimesh_kit::data::db;
+use aimesh_kit::data::redis::Redis;
 use aimesh_kit::data::retention::{self, RetentionPolicies, RetentionSchedule};
 use aimesh_kit::serving::runtime::ServiceRuntime;
 
@@ -23,11 +25,14 @@ pub async fn connect_database(common: &CommonConfig, config: &FilesConfig) -> an
     db::service_database(common, "files", &config.database, &crate::MIGRATOR).await
 }
 
-/// The files domain over `database`, with the object store and limits of `config`.
+/// The files domain over `database`, with the object store and limits of `config`, caching
+/// live files in `redis` and hearing their invalidations on `bus`.
 pub fn library(
     common: &CommonConfig,
     config: &FilesConfig,
     database: impl Into<aimesh_kit::data::replicas::Database>,
+    redis: Redis,
+    bus: &InvalidationBus,
 ) -> anyhow::Result<Library> {
     let storage = ObjectStorage::open(config)?;
     let link_key = common.auth.link_signing_key.as_ref().map(|key| key.expose());
@@ -37,7 +42,7 @@ pub fn library(
         project_quota_bytes: config.project_quota_bytes,
         allowed_types: config.allowed_types.clone(),
     };
-    Ok(Library::new(Store::new(database), storage, signer, limits, GcSettings::from_config(config)))
+    Ok(Library::new(Store::new(database), storage, signer, limits, GcSettings::from_config(config), redis, bus))
 }
 
 /// Serves files on `listener` until `shutdown` is cancelled, then stops gracefully.
@@ -50,7 +55,7 @@ pub async fn run(
     let schedule = RetentionSchedule::new("files", config.default_retention_days, config.retention_interval_secs)?;
     let pool = connect_database(&common, &config).await?;
     let mut runtime = ServiceRuntime::start("files", common).await?.with_database(pool, &config.database)?;
-    let library = library(runtime.common(), &config, runtime.database()?)?;
+    let library = library(runtime.common(), &config, runtime.database()?, runtime.redis().clone(), runtime.bus())?;
     tracing::info!(backend = library.storage().backend().as_str(), "files object store ready");
     let (verifier, access) = runtime.identity_access()?;
     let (collector, retained) = (library.clone(), library.clone());

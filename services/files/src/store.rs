@@ -3,6 +3,7 @@
 //! orphaned `blobs` rows (skipping locked ones).
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -12,8 +13,9 @@ use aimesh_kit::wire::pagination::Page;
 
 use crate::error::{FilesError, Result};
 
-/// A file as stored, with the sessions it is attached to.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A file as stored, with the sessions it is attached to. Serializable for the cache of live
+/// files (see [`crate::library::Library::live_file_cached`]).
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, Deserialize)]
 pub struct FileRow {
     pub id: Uuid,
     pub project_id: Uuid,
@@ -62,6 +64,15 @@ pub struct Committed {
     pub file: FileRow,
     /// The project already stored this content: the new object is not needed.
     pub deduplicated: bool,
+}
+
+/// What releasing a session did.
+#[derive(Debug, Clone, Default)]
+pub struct ReleasedSession {
+    /// Every file the session was linked to (its `session_ids` changed; some were deleted).
+    pub unlinked: Vec<Uuid>,
+    /// How many of them were deleted, no other session linking them.
+    pub deleted: usize,
 }
 
 /// Filters of a file list.
@@ -207,7 +218,8 @@ impl Store {
         Ok(sqlx::query_as(sql(statement)).bind(id).fetch_optional(conn).await?)
     }
 
-    /// A live (not deleted) file.
+    /// A live (not deleted) file, read where this store reads (the primary unless it came from
+    /// `reading_for`), past the cache.
     pub async fn live_file(&self, id: Uuid) -> Result<Option<FileRow>> {
         let mut conn = self.pool.acquire().await?;
         Ok(Self::file_in(&mut conn, id).await?.filter(|file| file.deleted_at.is_none()))
@@ -266,8 +278,9 @@ impl Store {
 
     // ---- changes ----
 
-    /// Sets the display name (and its safe form) and/or the metadata of a live file.
-    pub async fn update(
+    /// Sets the display name (and its safe form) and/or the metadata of a live file. Only
+    /// through [`crate::library::Library::update_file`], which drops the cached row.
+    pub(crate) async fn update(
         &self,
         id: Uuid,
         name: Option<&crate::domain::FileName>,
@@ -293,8 +306,9 @@ impl Store {
         Ok(row)
     }
 
-    /// Soft-deletes a live file of `project_id`; returns it as deleted.
-    pub async fn delete(&self, project_id: Uuid, id: Uuid) -> Result<FileRow> {
+    /// Soft-deletes a live file of `project_id`; returns it as deleted. Only through
+    /// [`crate::library::Library::delete_file`], which drops the cached row.
+    pub(crate) async fn delete(&self, project_id: Uuid, id: Uuid) -> Result<FileRow> {
         let mut tx = self.pool.begin().await?;
         lock_project(&mut tx, project_id).await?;
         let deleted = soft_delete(&mut tx, project_id, &[id], Announce::Events).await?;
@@ -308,8 +322,10 @@ impl Store {
 
     // ---- attachments ----
 
-    /// Links files to a session; refused unless every one is live and in `project_id`.
-    pub async fn attach(&self, project_id: Uuid, session_id: Uuid, file_ids: &[Uuid]) -> Result<()> {
+    /// Links files to a session; refused unless every one is live and in `project_id`. Returns
+    /// the files newly linked (their `session_ids` changed). Only through
+    /// [`crate::library::Library::attach`], which drops their cached rows.
+    pub(crate) async fn attach(&self, project_id: Uuid, session_id: Uuid, file_ids: &[Uuid]) -> Result<Vec<Uuid>> {
         let mut tx = self.pool.begin().await?;
         // FOR SHARE: a file cannot be deleted between this check and the link.
         let found: Vec<Uuid> = sqlx::query_scalar(
@@ -322,22 +338,23 @@ impl Store {
         if file_ids.iter().any(|id| !found.contains(id)) {
             return Err(FilesError::FileNotFound { field: "file_ids" });
         }
-        sqlx::query(
+        let linked: Vec<Uuid> = sqlx::query_scalar(
             "INSERT INTO file_attachments (file_id, session_id, project_id) \
-             SELECT unnest($1::uuid[]), $2, $3 ON CONFLICT DO NOTHING",
+             SELECT unnest($1::uuid[]), $2, $3 ON CONFLICT DO NOTHING RETURNING file_id",
         )
         .bind(&found)
         .bind(session_id)
         .bind(project_id)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(linked)
     }
 
-    /// Drops the session's links and deletes the attachment files no session links any more;
-    /// returns how many were deleted.
-    pub async fn release_session(&self, project_id: Uuid, session_id: Uuid) -> Result<usize> {
+    /// Drops the session's links and deletes the attachment files no session links any more.
+    /// Only through [`crate::library::Library::release_session`], which drops the cached rows
+    /// of every file that was linked.
+    pub(crate) async fn release_session(&self, project_id: Uuid, session_id: Uuid) -> Result<ReleasedSession> {
         let mut tx = self.pool.begin().await?;
         lock_project(&mut tx, project_id).await?;
         let linked: Vec<Uuid> = sqlx::query_scalar(
@@ -365,7 +382,7 @@ impl Store {
         .await?;
         let deleted = soft_delete(&mut tx, project_id, &unlinked, Announce::Events).await?;
         tx.commit().await?;
-        Ok(deleted.len())
+        Ok(ReleasedSession { unlinked: linked, deleted: deleted.len() })
     }
 
     // ---- retention ----
@@ -399,8 +416,9 @@ impl Store {
 
     /// Deletes files of a project as DeleteFile does (their objects then go by the garbage
     /// collector), without a `file.deleted` event each; those that are no longer live, or were
-    /// attached to a session meanwhile, are skipped. Returns how many went.
-    pub async fn delete_for_retention(&self, project_id: Uuid, ids: &[Uuid]) -> Result<usize> {
+    /// attached to a session meanwhile, are skipped. Returns the ids that went. Only through
+    /// [`crate::library::Library::delete_past_retention`], which drops their cached rows.
+    pub(crate) async fn delete_for_retention(&self, project_id: Uuid, ids: &[Uuid]) -> Result<Vec<Uuid>> {
         let mut tx = self.pool.begin().await?;
         lock_project(&mut tx, project_id).await?;
         // Locked, then checked for links with a fresh statement, as a session's release does.
@@ -420,7 +438,7 @@ impl Store {
         .await?;
         let deleted = soft_delete(&mut tx, project_id, &unlinked, Announce::Quietly).await?;
         tx.commit().await?;
-        Ok(deleted.len())
+        Ok(deleted)
     }
 
     // ---- garbage collection ----

@@ -49,6 +49,7 @@ pub async fn run(
         verifier.clone(),
         access,
         redis.clone(),
+        bus,
         &runtime.common().rate_limit,
         config.clone(),
     )

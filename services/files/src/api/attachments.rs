@@ -29,7 +29,7 @@ impl Files {
         file_ids.sort_unstable();
         file_ids.dedup();
         if !file_ids.is_empty() {
-            self.library.store().attach(project_id, session_id, &file_ids).await?;
+            self.library.attach(project_id, session_id, &file_ids).await?;
         }
         Ok(pb::AttachFilesResponse {})
     }
@@ -37,7 +37,7 @@ impl Files {
     async fn release_session(&self, request: pb::ReleaseSessionRequest) -> Result<pb::ReleaseSessionResponse> {
         let project_id = fields::id("project_id", &request.project_id)?;
         let session_id = fields::id("session_id", &request.session_id)?;
-        let deleted = self.library.store().release_session(project_id, session_id).await?;
+        let deleted = self.library.release_session(project_id, session_id).await?;
         Ok(pb::ReleaseSessionResponse { deleted_files: deleted as i64 })
     }
 }

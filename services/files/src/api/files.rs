@@ -121,14 +121,14 @@ impl Files {
             None
         };
         self.writable_file(caller, file_id).await?;
-        let row = self.library.store().update(file_id, name.as_ref(), metadata.as_ref()).await?;
+        let row = self.library.update_file(file_id, name.as_ref(), metadata.as_ref()).await?;
         Ok(file_to_proto(row))
     }
 
     async fn delete_file(&self, caller: &Caller, request: pb::DeleteFileRequest) -> Result<pb::File> {
         let file_id = fields::id("file_id", &request.file_id)?;
         let file = self.writable_file(caller, file_id).await?;
-        Ok(file_to_proto(self.library.store().delete(file.project_id, file_id).await?))
+        Ok(file_to_proto(self.library.delete_file(file.project_id, file_id).await?))
     }
 
     async fn storage_usage(&self, caller: &Caller, request: pb::GetStorageUsageRequest) -> Result<pb::StorageUsage> {

@@ -58,7 +58,8 @@ impl Files {
     /// The fully qualified names of those services, for grpc.health.v1.
     pub const GRPC_SERVICES: [&'static str; 2] = ["aimesh.files.v1.FileService", "aimesh.files.v1.AttachmentService"];
 
-    /// The live file `id` if `caller` may read it; see the module docs.
+    /// The live file `id` if `caller` may read it, from the cache of live files; see the
+    /// module docs.
     async fn readable_file(&self, caller: &Caller, id: Uuid) -> Result<FileRow> {
         self.file_for(caller, id, false).await
     }
@@ -76,9 +77,10 @@ impl Files {
     }
 
     async fn file_for(&self, caller: &Caller, id: Uuid, write: bool) -> Result<FileRow> {
-        // A change reads what it changes from the primary.
-        let store = if write { self.library.store().clone() } else { self.reader(caller).await };
-        let file = store.live_file(id).await?.ok_or(FilesError::FileNotFound { field: "file_id" })?;
+        // A change reads what it changes from the primary, past the cache.
+        let file =
+            if write { self.library.store().live_file(id).await? } else { self.library.live_file_cached(id).await? };
+        let file = file.ok_or(FilesError::FileNotFound { field: "file_id" })?;
         let scope = if write { FILES_WRITE } else { FILES_READ };
         let access = match self.access.require(caller, file.project_id, ProjectRole::Viewer, scope).await {
             Ok(access) => access,

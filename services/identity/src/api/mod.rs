@@ -15,9 +15,11 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use aimesh_kit::ServiceError;
 use aimesh_kit::auth::{Access, Caller, ProjectAccess, ProjectRole};
 use aimesh_kit::auth::{CredentialVerifier, Principal};
 use aimesh_kit::config::RateLimitConfig;
+use aimesh_kit::data::cache::{CacheSettings, InvalidationBus, TwoLevelCache};
 use aimesh_kit::data::redis::Redis;
 use aimesh_kit::wire::fields;
 use aimesh_proto::identity::v1 as pb;
@@ -26,7 +28,7 @@ use crate::config::IdentityConfig;
 use crate::domain::SettingsCipher;
 use crate::error::{IdentityError, Result};
 use crate::login_throttle::LoginThrottle;
-use crate::store::{Actor, Store};
+use crate::store::{Actor, ProjectRow, Store};
 
 /// The scope an API key needs to read identity data of its project.
 const IDENTITY_READ: &str = "identity:read";
@@ -40,6 +42,9 @@ pub struct Identity {
     store: Store,
     verifier: CredentialVerifier,
     access: ProjectAccess,
+    /// Live projects by id (`None` for none or deleted), read through [`Identity::project_row`]
+    /// and dropped on every replica by [`Identity::forget_project`] after each change.
+    projects: TwoLevelCache<ProjectRow>,
     config: IdentityConfig,
     cipher: Option<SettingsCipher>,
     throttle: LoginThrottle,
@@ -58,22 +63,29 @@ struct LimitMaxima {
 }
 
 impl Identity {
+    /// Identity over its store and caches; `bus` carries the project cache's invalidations
+    /// between replicas.
     pub fn new(
         store: Store,
         verifier: CredentialVerifier,
         access: ProjectAccess,
         redis: Redis,
+        bus: &InvalidationBus,
         rate_limit: &RateLimitConfig,
         config: IdentityConfig,
     ) -> anyhow::Result<Arc<Self>> {
         let cipher = config.settings_key.as_deref().map(SettingsCipher::from_base64).transpose()?;
+        // identity.* has no cache settings of its own: the kit's defaults (10 s in process, 5 min
+        // in Redis, 5 s for "no such project") suit a row that changes rarely and is invalidated
+        // on every change.
+        let projects = TwoLevelCache::new("projects", "identity", redis.clone(), bus, CacheSettings::default());
         let throttle = LoginThrottle::new(redis, config.login_throttle.clone());
         let hashing = Semaphore::new(config.password_hash_concurrency.max(1));
         let limit_maxima = LimitMaxima {
             project: rate_limit.max_project_requests_per_minute,
             api_key: rate_limit.max_api_key_requests_per_minute,
         };
-        Ok(Arc::new(Self { store, verifier, access, config, cipher, throttle, hashing, limit_maxima }))
+        Ok(Arc::new(Self { store, verifier, access, projects, config, cipher, throttle, hashing, limit_maxima }))
     }
 
     /// Every gRPC service of identity, ready for the server.
@@ -118,6 +130,32 @@ impl Identity {
         match self.access.require(caller, project_id, needed, scope).await? {
             Access::Member(role) => Ok(role),
             Access::ApiKey => Ok(ProjectRole::Viewer),
+        }
+    }
+
+    /// The live project `project_id` (NOT_FOUND if there is none or it was deleted), through the
+    /// project cache: how an answer about one project (`GetProject`) reads its row.
+    async fn project_row(&self, project_id: Uuid) -> Result<Arc<ProjectRow>> {
+        // The primary (the store's own pool), never a replica: a load right after an
+        // invalidation that read a lagging replica would put the old row back into the shared
+        // cache for every replica (the cache refuses only loads that began before the
+        // invalidation), so no read-your-writes routing here.
+        let primary = &self.store;
+        let row = self
+            .projects
+            .get_or_load(&project_id.to_string(), || async move {
+                primary.project(project_id).await.map_err(ServiceError::from)
+            })
+            .await?;
+        row.ok_or(IdentityError::NotFound("project"))
+    }
+
+    /// Forgets the cached row of `project_id` on every replica; call after the commit of every
+    /// change of what [`Identity::project_row`] answers. A failure (Redis unreachable) is logged,
+    /// not returned: the change is committed, and the old row expires by the cache's TTL.
+    async fn forget_project(&self, project_id: Uuid) {
+        if let Err(error) = self.projects.invalidate(&project_id.to_string()).await {
+            tracing::warn!(%error, %project_id, "could not invalidate a cached project; it expires by TTL");
         }
     }
 

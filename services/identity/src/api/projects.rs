@@ -22,11 +22,11 @@ const MAX_DESCRIPTION: usize = 1000;
 
 pub(super) struct ProjectApi(pub(super) Arc<Identity>);
 
-fn project_to_proto(row: ProjectRow, caller_role: ProjectRole) -> pb::Project {
+fn project_to_proto(row: &ProjectRow, caller_role: ProjectRole) -> pb::Project {
     pb::Project {
         id: row.id.to_string(),
-        name: row.name,
-        description: row.description,
+        name: row.name.clone(),
+        description: row.description.clone(),
         create_time: Some(proto_json::timestamp(row.created_at)),
         update_time: Some(proto_json::timestamp(row.updated_at)),
         caller_role: caller_role.to_proto().into(),
@@ -66,14 +66,17 @@ impl Identity {
         let name = fields::text("name", &request.name, MAX_PROJECT_NAME, true)?;
         let description = fields::text("description", &request.description, MAX_DESCRIPTION, false)?;
         let row = self.store.create_project(principal.user_id, &name, &description, &actor).await?;
-        Ok(project_to_proto(row, ProjectRole::Owner))
+        // Nothing to invalidate: the id is a fresh UUIDv7 made by the store, so no cache entry
+        // can exist for it, not even a negative one (the row is read only after `require_role`
+        // passed, which it never does for an id no project has).
+        Ok(project_to_proto(&row, ProjectRole::Owner))
     }
 
     async fn get_project(&self, caller: &Caller, request: pb::GetProjectRequest) -> Result<pb::Project> {
         let project_id = fields::id("project_id", &request.project_id)?;
         let role = self.require_role(caller, project_id, ProjectRole::Viewer).await?;
-        let row = self.reader(caller.principal.user_id).await.project(project_id).await?;
-        Ok(project_to_proto(row.ok_or(IdentityError::NotFound("project"))?, role))
+        let row = self.project_row(project_id).await?;
+        Ok(project_to_proto(&row, role))
     }
 
     async fn list_projects(
@@ -88,7 +91,7 @@ impl Identity {
         let (rows, next_page_token) = page.finish(rows, |(p, _)| Cursor { time: p.created_at, id: p.id });
         let projects = rows
             .into_iter()
-            .map(|(row, role)| Ok(project_to_proto(row, role_from_db(&role)?)))
+            .map(|(row, role)| Ok(project_to_proto(&row, role_from_db(&role)?)))
             .collect::<Result<_>>()?;
         Ok(pb::ListProjectsResponse { projects, next_page_token })
     }
@@ -131,10 +134,11 @@ impl Identity {
         let role = self.require_role(caller, project_id, ProjectRole::Admin).await?;
         (patch.name, patch.description) = (name.as_deref(), description.as_deref());
         let (row, live_keys) = self.store.update_project(project_id, &patch, &actor).await?;
+        self.forget_project(project_id).await;
         // The project's keys' cached verifications carry its limit: the new one must replace it
         // within the revocation bound, like a revocation.
         self.forget_credentials(&live_keys).await;
-        Ok(project_to_proto(row, role))
+        Ok(project_to_proto(&row, role))
     }
 
     async fn delete_project(&self, caller: &Caller, request: pb::DeleteProjectRequest, actor: Actor) -> Result<()> {
@@ -143,6 +147,7 @@ impl Identity {
         principal.require_session()?;
         self.require_role(caller, project_id, ProjectRole::Owner).await?;
         let (revoked_keys, members) = self.store.delete_project(project_id, &actor).await?;
+        self.forget_project(project_id).await;
         self.forget_credentials(&revoked_keys).await;
         self.forget_roles(project_id, &members).await;
         Ok(())

@@ -1,6 +1,7 @@
 //! Projects and their memberships.
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -12,7 +13,9 @@ use super::{Actor, Audit, Store, audit, changed, sql};
 use crate::domain::role_from_db;
 use crate::error::{IdentityError, Result};
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A live project as `GetProject` answers it, and as identity's project cache holds it (JSON in
+/// Redis): a write that changes any of these fields must invalidate that cache after its commit.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, Deserialize)]
 pub struct ProjectRow {
     pub id: Uuid,
     pub name: String,
@@ -84,6 +87,7 @@ impl Store {
         Ok(row)
     }
 
+    /// The live project `id`; `None` if there is none or it was deleted.
     pub async fn project(&self, id: Uuid) -> Result<Option<ProjectRow>> {
         Ok(sqlx::query_as(sql(format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND deleted_at IS NULL")))
             .bind(id)
