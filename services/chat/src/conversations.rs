@@ -140,9 +140,7 @@ impl Conversations {
 
     /// Forgets the cached session on every replica, after it changed.
     async fn forget(&self, id: Uuid) {
-        if let Err(error) = self.sessions.invalidate(&id.to_string()).await {
-            tracing::warn!(%error, session_id = %id, "could not invalidate a cached session; it expires by TTL");
-        }
+        self.sessions.invalidate_or_log(&id.to_string()).await;
     }
 
     pub async fn create_session(&self, new: &NewSession) -> Result<SessionRow> {

@@ -402,9 +402,7 @@ impl Library {
     async fn forget(&self, ids: &[Uuid]) {
         futures::stream::iter(ids)
             .for_each_concurrent(INVALIDATIONS_IN_FLIGHT, |id| async move {
-                if let Err(error) = self.live_files.invalidate(&id.to_string()).await {
-                    tracing::warn!(file_id = %id, %error, "cannot invalidate a cached file");
-                }
+                self.live_files.invalidate_or_log(&id.to_string()).await;
             })
             .await;
     }

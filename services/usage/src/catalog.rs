@@ -186,9 +186,7 @@ impl Catalog {
     /// Drops the cached catalog everywhere; a failure only lengthens staleness to the bound in
     /// the module docs, so it is logged, not returned: the change itself is committed.
     async fn changed(&self) {
-        if let Err(error) = self.cache.invalidate(CATALOG_KEY).await {
-            tracing::warn!(%error, "cannot invalidate the cached model catalog");
-        }
+        self.cache.invalidate_or_log(CATALOG_KEY).await;
     }
 }
 

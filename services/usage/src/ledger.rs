@@ -460,9 +460,7 @@ impl Ledger {
     }
 
     async fn quotas_changed(&self, project_id: Uuid) {
-        if let Err(error) = self.quotas.invalidate(&project_id.to_string()).await {
-            tracing::warn!(%error, %project_id, "cannot invalidate cached quotas");
-        }
+        self.quotas.invalidate_or_log(&project_id.to_string()).await;
     }
 
     // ---- stats and counters ----

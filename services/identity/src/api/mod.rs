@@ -154,9 +154,7 @@ impl Identity {
     /// change of what [`Identity::project_row`] answers. A failure (Redis unreachable) is logged,
     /// not returned: the change is committed, and the old row expires by the cache's TTL.
     async fn forget_project(&self, project_id: Uuid) {
-        if let Err(error) = self.projects.invalidate(&project_id.to_string()).await {
-            tracing::warn!(%error, %project_id, "could not invalidate a cached project; it expires by TTL");
-        }
+        self.projects.invalidate_or_log(&project_id.to_string()).await;
     }
 
     /// Forgets the cached roles of these memberships on every replica, after they changed.

@@ -129,9 +129,7 @@ impl CredentialVerifier {
 
     /// Forgets the cached verification of the credential with this hash, on every replica.
     pub async fn invalidate(&self, hash: &str) {
-        if let Err(error) = self.cache.invalidate(hash).await {
-            tracing::warn!(%error, "could not invalidate a cached credential; it expires by TTL");
-        }
+        self.cache.invalidate_or_log(hash).await;
     }
 
     /// The recorder of last-use times, to flush at shutdown.

@@ -292,6 +292,15 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> TwoLevelCache<V> {
         inner.delete_shared(key).await
     }
 
+    /// [`TwoLevelCache::invalidate`] after a change that is committed whatever happens here: a
+    /// failure only lengthens staleness to the bound given there, so it is logged at WARN (with
+    /// the cache and the key), not returned.
+    pub async fn invalidate_or_log(&self, key: &str) {
+        if let Err(error) = self.invalidate(key).await {
+            tracing::warn!(cache = self.inner.name, key, %error, "could not invalidate a cached value; it expires by TTL");
+        }
+    }
+
     /// The name given to [`TwoLevelCache::new`].
     pub fn name(&self) -> &'static str {
         self.inner.name
