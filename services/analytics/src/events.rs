@@ -133,6 +133,15 @@ impl ValidEvent {
         }
     }
 
+    /// The table its row goes to.
+    pub fn table(&self) -> &'static str {
+        match self {
+            Self::Usage(_) => "usage_events",
+            Self::Audit(_) => "audit_events",
+            Self::Product(_) => "product_events",
+        }
+    }
+
     /// Sets how many days the row is kept.
     pub fn set_retention(&mut self, days: u16) {
         match self {

@@ -52,6 +52,48 @@ impl TestStore {
     }
 }
 
+/// A round of more events than one lookup asks about (5,000), of two topics: each event is
+/// looked up in its own table, every chunk of ids is asked, and a replay of the whole round,
+/// or of part of it mixed with new events, stores nothing twice.
+#[tokio::test]
+async fn a_round_larger_than_one_lookup_finds_every_stored_event_of_every_topic() {
+    let test = TestStore::new().await;
+    let store = &test.store;
+    let project = Uuid::new_v4();
+    let model = Uuid::new_v4();
+    let at = Utc::now() - Duration::minutes(5);
+    let product = |n: i64| pb::Event {
+        event_id: Uuid::now_v7().to_string(),
+        topic: "product".into(),
+        event_type: "file.uploaded".into(),
+        project_id: project.to_string(),
+        occurred_at: Some(aimesh_kit::wire::proto_json::timestamp(at + Duration::milliseconds(n))),
+        payload: serde_json::json!({ "n": n }).to_string(),
+    };
+    let batch: Vec<pb::Event> = (0..6_000)
+        .map(|n| usage_event(project, model, at + Duration::milliseconds(n), 10, "0.01", "success"))
+        .chain((0..1_000).map(product))
+        .collect();
+    let first = store.ingest(valid(&batch)).await.expect("ingest");
+    assert!(first.iter().all(|s| *s == Stored::New));
+
+    let replay = store.ingest(valid(&batch)).await.expect("replay");
+    let duplicates = replay.iter().filter(|s| **s == Stored::Duplicate).count();
+    assert_eq!(duplicates, 7_000, "every event of the replayed round is found stored");
+    // The last usage event (in the second lookup of its table) and the first product event,
+    // beside two new ones.
+    let mixed = vec![batch[5_999].clone(), product(-1), batch[6_000].clone(), product(-2)];
+    let outcomes = store.ingest(valid(&mixed)).await.expect("mixed");
+    assert_eq!(outcomes, vec![Stored::Duplicate, Stored::New, Stored::Duplicate, Stored::New]);
+
+    let count = |table: &'static str| async move {
+        let sql = format!("SELECT count() FROM {table}");
+        store.clickhouse().client().query(&sql).fetch_one::<u64>().await.expect("count")
+    };
+    assert_eq!((count("usage_events").await, count("product_events").await), (6_000, 1_002));
+    test.drop_database().await;
+}
+
 #[tokio::test]
 async fn replayed_and_duplicated_events_change_no_answer() {
     let test = TestStore::new().await;
