@@ -114,6 +114,39 @@ async fn a_hot_limit_is_leased_by_two_limiters_and_still_lets_exactly_the_limit_
     assert_eq!(denied.remaining, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leased_limit_beside_one_asked_of_redis_lets_exactly_the_tighter_through() {
+    // The project's limit is hot and large, so it is leased; the key's is too small to lease, so
+    // every decision asks Redis for it while the project's comes from the lease: both answers
+    // must be combined, in order, for every request.
+    const PROJECT_LIMIT: u32 = 100_000;
+    const KEY_LIMIT: u32 = 10;
+    const TASKS: usize = 8;
+    const ATTEMPTS_PER_TASK: usize = 100;
+    let metrics = metrics();
+    let leased_label = ["dimension=\"project\""];
+    let trips_label = ["operation=\"ratelimit\""];
+    let leased_before = counter(&metrics.render(), "rate_limit_leased_total", &leased_label);
+    let trips_before = counter(&metrics.render(), "redis_command_duration_seconds_count", &trips_label);
+    let prefix = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let enforce = settings(RateLimitMode::Enforce, RedisFailureMode::Closed);
+    let limiter = RateLimiter::new(testing::redis_with_prefix(&prefix).await, &enforce);
+    let request = [
+        per_hour(Dimension::Project, "busy-project", PROJECT_LIMIT),
+        per_hour(Dimension::ApiKey, "small-key", KEY_LIMIT),
+    ];
+    let allowed = let_through(std::slice::from_ref(&limiter), &request, TASKS, ATTEMPTS_PER_TASK).await;
+    assert_eq!(allowed, KEY_LIMIT, "exactly the key's limit, the tighter one");
+    let leased = counter(&metrics.render(), "rate_limit_leased_total", &leased_label) - leased_before;
+    let trips = counter(&metrics.render(), "redis_command_duration_seconds_count", &trips_label) - trips_before;
+    assert!(leased > 0, "the project's limit was leased");
+    let decisions = 2 * (TASKS * ATTEMPTS_PER_TASK) as u64;
+    assert_eq!(trips + leased, decisions, "each limit of each request was a round trip or a leased token");
+    let denied = limiter.decide(&request).await.expect("decide");
+    assert!(!denied.allowed);
+    assert_eq!((denied.dimension, denied.limit, denied.remaining), (Some(Dimension::ApiKey), KEY_LIMIT, 0));
+}
+
 #[tokio::test]
 async fn an_admitted_address_is_remembered_until_a_failure_here_or_for_a_moment_after_failures_elsewhere() {
     const FAILURES: u32 = 8;

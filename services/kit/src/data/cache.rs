@@ -267,6 +267,20 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> TwoLevelCache<V> {
             return Ok(slot);
         }
         count(inner.name, "local", "miss");
+        // Boxed: the miss path holds the loader's future (a database query: kilobytes), and
+        // every caller's future would otherwise carry that size on every hit too, and copy it
+        // when the RPC's future is boxed.
+        Box::pin(self.load_missing(key, load)).await
+    }
+
+    /// The L1 miss of [`TwoLevelCache::get_or_load`].
+    async fn load_missing<F, Fut, E>(&self, key: &str, load: F) -> Result<Option<Arc<V>>, E>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<Option<V>, E>> + Send,
+        E: Clone + Send + Sync + 'static,
+    {
+        let inner = &self.inner;
         let generation = inner.generation.load(Ordering::SeqCst);
         let result = inner.local.try_get_with_by_ref(key, inner.load_shared(key, load)).await;
         if inner.generation.load(Ordering::SeqCst) != generation {

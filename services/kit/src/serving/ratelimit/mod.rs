@@ -439,64 +439,88 @@ impl RateLimiter {
         if inner.breaker.is_open() {
             return None;
         }
-        let calls = requests.iter().map(|request| {
+        // The leases first, without a future per limit: a hot caller's every limit is usually
+        // leased, and then the request is decided here at no further cost. Each limit is taken
+        // from its lease or asked of Redis on its own, as before, whatever the others do.
+        let mut answers: Vec<Result<Outcome, (String, Ask)>> = Vec::with_capacity(requests.len());
+        for request in requests {
             let key = self.redis_key(request);
-            async move {
-                let ask = match consume {
-                    Consume::Leasing => match inner.leases.take(&key, request.limit, request.cost) {
-                        Ok(outcome) => {
-                            metrics::counter!("rate_limit_leased_total", "dimension" => request.dimension.as_str())
-                                .increment(1);
-                            return Ok(outcome);
-                        }
-                        Err(ask) => ask,
-                    },
-                    Consume::Exactly | Consume::No => Ask::default(),
-                };
-                let args = vec![
-                    request.limit.count.to_string(),
-                    request.limit.period.as_micros().to_string(),
-                    request.cost.to_string(),
-                    if consume == Consume::No { "1" } else { "0" }.to_owned(),
-                    ask.lease.to_string(),
-                    ask.refund.to_string(),
-                ];
-                let call = inner.script.evalsha_with_reload(inner.redis.pool().next(), key.as_str(), args);
-                let answer: Result<Vec<i64>, fred::error::Error> = timed("ratelimit", call).await;
-                let (outcome, leased) = match answer.as_deref() {
-                    Ok(&[allowed, remaining, reset_us, retry_after_us, leased]) => (
-                        Outcome {
-                            allowed: allowed == 1,
-                            remaining: u64::try_from(remaining).unwrap_or(0),
-                            reset_us: u64::try_from(reset_us).unwrap_or(0),
-                            retry_after_us: u64::try_from(retry_after_us).unwrap_or(0),
-                        },
-                        u32::try_from(leased).unwrap_or(0),
-                    ),
-                    other => {
-                        inner.leases.failed(&key, ask);
-                        return Err(match other {
-                            Err(error) => error.clone(),
-                            Ok(answer) => fred::error::Error::new(
-                                fred::error::ErrorKind::Parse,
-                                format!("the rate-limit script answered {answer:?}"),
-                            ),
-                        });
+            answers.push(match consume {
+                Consume::Leasing => match inner.leases.take(&key, request.limit, request.cost) {
+                    Ok(outcome) => {
+                        metrics::counter!("rate_limit_leased_total", "dimension" => request.dimension.as_str())
+                            .increment(1);
+                        Ok(outcome)
                     }
-                };
-                inner.leases.granted(&key, ask, leased, &outcome);
-                // What is left for this process includes the lease it just took.
-                Ok(Outcome { remaining: outcome.remaining + u64::from(leased), ..outcome })
-            }
+                    Err(ask) => Err((key, ask)),
+                },
+                Consume::Exactly | Consume::No => Err((key, Ask::default())),
+            });
+        }
+        if answers.iter().all(Result::is_ok) {
+            return Some(answers.into_iter().filter_map(Result::ok).collect());
+        }
+        let calls = requests.iter().zip(&answers).filter_map(|(request, answer)| match answer {
+            Ok(_) => None,
+            Err((key, ask)) => Some(self.ask_redis(request, key, *ask, consume)),
         });
         match futures::future::try_join_all(calls).await {
-            Ok(outcomes) => Some(outcomes),
+            Ok(asked) => {
+                // Each limit's answer in order: its lease's, or the next one Redis gave.
+                let mut asked = asked.into_iter();
+                answers.into_iter().map(|answer| answer.ok().or_else(|| asked.next())).collect()
+            }
             Err(error) => {
                 inner.breaker.trip();
                 tracing::warn!(%error, retry_after = ?REDIS_RETRY_AFTER, "rate limiter: redis failed; deciding without it for a while");
                 None
             }
         }
+    }
+
+    /// One limit decided by the script in Redis, asking for `ask` (a lease to take or return).
+    async fn ask_redis(
+        &self,
+        request: &LimitRequest,
+        key: &str,
+        ask: Ask,
+        consume: Consume,
+    ) -> Result<Outcome, fred::error::Error> {
+        let inner = &self.inner;
+        let args = vec![
+            request.limit.count.to_string(),
+            request.limit.period.as_micros().to_string(),
+            request.cost.to_string(),
+            if consume == Consume::No { "1" } else { "0" }.to_owned(),
+            ask.lease.to_string(),
+            ask.refund.to_string(),
+        ];
+        let call = inner.script.evalsha_with_reload(inner.redis.pool().next(), key, args);
+        let answer: Result<Vec<i64>, fred::error::Error> = timed("ratelimit", call).await;
+        let (outcome, leased) = match answer.as_deref() {
+            Ok(&[allowed, remaining, reset_us, retry_after_us, leased]) => (
+                Outcome {
+                    allowed: allowed == 1,
+                    remaining: u64::try_from(remaining).unwrap_or(0),
+                    reset_us: u64::try_from(reset_us).unwrap_or(0),
+                    retry_after_us: u64::try_from(retry_after_us).unwrap_or(0),
+                },
+                u32::try_from(leased).unwrap_or(0),
+            ),
+            other => {
+                inner.leases.failed(key, ask);
+                return Err(match other {
+                    Err(error) => error.clone(),
+                    Ok(answer) => fred::error::Error::new(
+                        fred::error::ErrorKind::Parse,
+                        format!("the rate-limit script answered {answer:?}"),
+                    ),
+                });
+            }
+        };
+        inner.leases.granted(key, ask, leased, &outcome);
+        // What is left for this process includes the lease it just took.
+        Ok(Outcome { remaining: outcome.remaining + u64::from(leased), ..outcome })
     }
 
     /// The Redis key of a limit, `{<prefix>:rl:<dimension>:<id>}`: the whole key is its hash
