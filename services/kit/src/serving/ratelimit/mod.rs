@@ -330,11 +330,13 @@ impl RateLimiter {
     /// its limit is remembered as admitted for a moment ([`admissions`] has the exact terms).
     /// Fails only as [`RateLimiter::decide`] does.
     pub async fn admit_credential(&self, ip: IpAddr) -> Result<Decision, ServiceError> {
-        let Some(limit) = self.failed_auth_limit(ip) else { return Ok(Decision::unlimited()) };
+        // Asked first, before the limit's id is written out: only an address admitted while the
+        // limit was on is remembered.
         let admissions = &self.inner.admissions;
         if admissions.remembers(ip) {
             return Ok(Decision { source: DecisionSource::Remembered, ..Decision::unlimited() });
         }
+        let Some(limit) = self.failed_auth_limit(ip) else { return Ok(Decision::unlimited()) };
         let decision = self.decide_consuming(&[limit], Consume::No).await?;
         if decision.allowed && !decision.shadow && decision.source == DecisionSource::Redis {
             admissions.admitted(ip, decision.remaining);
