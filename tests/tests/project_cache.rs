@@ -4,22 +4,37 @@
 //! the old row for 10 s without it); a change behind the service's back does not show, which is
 //! what proves the reads cached.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use prost_types::FieldMask;
 use tonic::Code;
 
 use aimesh_proto::identity::v1 as pb;
-use common::{Account, Deployment, Replica, authed};
+use aimesh_tests::{Account, Mesh, authed, test_config};
 
 /// How long the other replica may take to drop its cached row after a change: the broadcast
 /// takes milliseconds, the in-process lifetime it must beat is 10 s.
 const BROADCAST_WAIT: Duration = Duration::from_secs(2);
 
+/// Two replicas of one deployment (one database, one Redis key prefix). Role and credential
+/// caches live five minutes, so that within a test only invalidations change what they hold.
+async fn two_replicas() -> (Mesh, Mesh) {
+    let (mut config, databases) = test_config();
+    config.common.auth.local_ttl_secs = 300;
+    config.common.auth.shared_ttl_secs = 300;
+    let first = Mesh::start_with(config.clone(), databases).await;
+    let second = Mesh::start_with(config, Vec::new()).await;
+    (first, second)
+}
+
+/// `GetProject` of `project_id` through `replica`, as `account`.
+async fn get_project(replica: &Mesh, account: &Account, project_id: &str) -> Result<pb::Project, tonic::Status> {
+    let request = pb::GetProjectRequest { project_id: project_id.into() };
+    replica.projects().get_project(authed(request, &account.token)).await.map(tonic::Response::into_inner)
+}
+
 /// Renames `project_id` through `replica`, as `owner`.
-async fn rename(replica: &Replica, owner: &Account, project_id: &str, name: &str) {
+async fn rename(replica: &Mesh, owner: &Account, project_id: &str, name: &str) {
     let request = pb::UpdateProjectRequest {
         project: Some(pb::Project { id: project_id.into(), name: name.into(), ..Default::default() }),
         update_mask: Some(FieldMask { paths: vec!["name".into()] }),
@@ -32,14 +47,14 @@ async fn rename(replica: &Replica, owner: &Account, project_id: &str, name: &str
 /// Polls `GetProject` on `replica` for at most [`BROADCAST_WAIT`] until `done` accepts its
 /// answer; returns the last answer if it never does.
 async fn get_until(
-    replica: &Replica,
+    replica: &Mesh,
     account: &Account,
     project_id: &str,
     done: impl Fn(&Result<pb::Project, tonic::Status>) -> bool,
 ) -> Result<pb::Project, tonic::Status> {
     let started = Instant::now();
     loop {
-        let answer = replica.get_project(account, project_id).await;
+        let answer = get_project(replica, account, project_id).await;
         if done(&answer) || started.elapsed() > BROADCAST_WAIT {
             return answer;
         }
@@ -57,96 +72,90 @@ fn code_of(answer: &Result<pb::Project, tonic::Status>) -> Option<Code> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_shows_at_once_on_its_replica_and_soon_on_the_other() {
-    let deployment = Deployment::new();
-    let (first, second) = (deployment.start_replica().await, deployment.start_replica().await);
+    let (first, second) = two_replicas().await;
     let owner = first.signup("ann").await;
     let project = first.create_project(&owner, "before").await;
     // Both replicas cache the row.
     for replica in [&first, &second] {
         for _ in 0..2 {
-            assert_eq!(replica.get_project(&owner, &project.id).await.expect("get").name, "before");
+            assert_eq!(get_project(replica, &owner, &project).await.expect("get").name, "before");
         }
     }
 
-    rename(&first, &owner, &project.id, "after").await;
-    let here = first.get_project(&owner, &project.id).await;
+    rename(&first, &owner, &project, "after").await;
+    let here = get_project(&first, &owner, &project).await;
     assert_eq!(name_of(&here), Some("after"), "the replica that updated answers the new name at once: {here:?}");
-    let there = get_until(&second, &owner, &project.id, |answer| name_of(answer) == Some("after")).await;
+    let there = get_until(&second, &owner, &project, |answer| name_of(answer) == Some("after")).await;
     assert_eq!(name_of(&there), Some("after"), "the other replica still answers the old row: {there:?}");
 
     // And the other way round.
-    rename(&second, &owner, &project.id, "again").await;
-    assert_eq!(name_of(&second.get_project(&owner, &project.id).await), Some("again"));
-    let there = get_until(&first, &owner, &project.id, |answer| name_of(answer) == Some("again")).await;
+    rename(&second, &owner, &project, "again").await;
+    assert_eq!(name_of(&get_project(&second, &owner, &project).await), Some("again"));
+    let there = get_until(&first, &owner, &project, |answer| name_of(answer) == Some("again")).await;
     assert_eq!(name_of(&there), Some("again"), "{there:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_project_is_not_found_on_both_replicas() {
-    let deployment = Deployment::new();
-    let (first, second) = (deployment.start_replica().await, deployment.start_replica().await);
+    let (first, second) = two_replicas().await;
     let owner = first.signup("ann").await;
     let admin = first.signup("root").await;
-    let pool = deployment.database().await;
-    aimesh_identity::grant_admin(&pool, &admin.email).await.expect("grant admin");
-    let admin = first.login(admin).await;
+    let admin = first.make_admin(&admin).await;
     let project = first.create_project(&owner, "doomed").await;
     // Both replicas cache the row, and both callers' roles (a system admin is an owner of every
     // live project without being a member).
     for replica in [&first, &second] {
         for account in [&owner, &admin] {
-            assert_eq!(replica.get_project(account, &project.id).await.expect("get").name, "doomed");
+            assert_eq!(get_project(replica, account, &project).await.expect("get").name, "doomed");
         }
     }
 
-    let delete = pb::DeleteProjectRequest { project_id: project.id.clone() };
+    let delete = pb::DeleteProjectRequest { project_id: project.clone() };
     first.projects().delete_project(authed(delete, &owner.token)).await.expect("delete project");
 
     // Nothing about the admin's role changed, so their cached role still lets them through and
     // the project's row alone decides: NOT_FOUND at once here, and on the other replica as soon
     // as the broadcast arrives.
-    let here = first.get_project(&admin, &project.id).await;
+    let here = get_project(&first, &admin, &project).await;
     assert_eq!(code_of(&here), Some(Code::NotFound), "the deleting replica still serves the project: {here:?}");
-    let there = get_until(&second, &admin, &project.id, |answer| code_of(answer) == Some(Code::NotFound)).await;
+    let there = get_until(&second, &admin, &project, |answer| code_of(answer) == Some(Code::NotFound)).await;
     assert_eq!(code_of(&there), Some(Code::NotFound), "the other replica still serves the project: {there:?}");
     // The owner's role went with the project, and by design a caller without a role is refused
     // whether the project exists or not. On the other replica the role's broadcast may come a
     // moment after the row's: meanwhile the owner gets NOT_FOUND, never the project.
-    let here = first.get_project(&owner, &project.id).await;
+    let here = get_project(&first, &owner, &project).await;
     assert_eq!(code_of(&here), Some(Code::PermissionDenied), "{here:?}");
-    let there = get_until(&second, &owner, &project.id, |answer| code_of(answer) == Some(Code::PermissionDenied)).await;
+    let there = get_until(&second, &owner, &project, |answer| code_of(answer) == Some(Code::PermissionDenied)).await;
     assert_eq!(code_of(&there), Some(Code::PermissionDenied), "{there:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_project_created_after_others_were_read_is_found_at_once_everywhere() {
-    let deployment = Deployment::new();
-    let (first, second) = (deployment.start_replica().await, deployment.start_replica().await);
+    let (first, second) = two_replicas().await;
     let owner = first.signup("ann").await;
     let older = first.create_project(&owner, "older").await;
     for replica in [&first, &second] {
-        assert_eq!(replica.get_project(&owner, &older.id).await.expect("get").name, "older");
+        assert_eq!(get_project(replica, &owner, &older).await.expect("get").name, "older");
     }
     // Project ids are made by the server, so nothing was ever cached for the new one: both
     // replicas find it at once, without waiting for any cache to expire.
     let newer = second.create_project(&owner, "newer").await;
     for replica in [&first, &second] {
-        assert_eq!(replica.get_project(&owner, &newer.id).await.expect("get the new project").name, "newer");
-        assert_eq!(replica.get_project(&owner, &older.id).await.expect("get").name, "older");
+        assert_eq!(get_project(replica, &owner, &newer).await.expect("get the new project").name, "newer");
+        assert_eq!(get_project(replica, &owner, &older).await.expect("get").name, "older");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_come_from_the_cache_until_the_service_changes_the_project() {
-    let deployment = Deployment::new();
-    let (first, second) = (deployment.start_replica().await, deployment.start_replica().await);
+    let (first, second) = two_replicas().await;
     let owner = first.signup("ann").await;
     let project = first.create_project(&owner, "cached").await;
-    assert_eq!(first.get_project(&owner, &project.id).await.expect("get").name, "cached");
+    assert_eq!(get_project(&first, &owner, &project).await.expect("get").name, "cached");
 
     // A change behind the service's back (the cache's contract: writes go through the service).
-    let pool = deployment.database().await;
-    let id: uuid::Uuid = project.id.parse().expect("project id");
+    let pool = first.identity_db().await;
+    let id: uuid::Uuid = project.parse().expect("project id");
     sqlx::query("UPDATE projects SET name = 'behind the service' WHERE id = $1")
         .bind(id)
         .execute(&pool)
@@ -156,12 +165,12 @@ async fn reads_come_from_the_cache_until_the_service_changes_the_project() {
     // The first replica answers from its own memory; the second, which never read the project,
     // from Redis, where the first left it.
     for replica in [&first, &second] {
-        assert_eq!(replica.get_project(&owner, &project.id).await.expect("get").name, "cached");
+        assert_eq!(get_project(replica, &owner, &project).await.expect("get").name, "cached");
     }
 
     // A change through the service shows everywhere.
-    rename(&second, &owner, &project.id, "through the service").await;
-    assert_eq!(name_of(&second.get_project(&owner, &project.id).await), Some("through the service"));
-    let there = get_until(&first, &owner, &project.id, |answer| name_of(answer) == Some("through the service")).await;
+    rename(&second, &owner, &project, "through the service").await;
+    assert_eq!(name_of(&get_project(&second, &owner, &project).await), Some("through the service"));
+    let there = get_until(&first, &owner, &project, |answer| name_of(answer) == Some("through the service")).await;
     assert_eq!(name_of(&there), Some("through the service"), "{there:?}");
 }
