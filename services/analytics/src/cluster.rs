@@ -110,6 +110,11 @@ impl Topology {
         )
     }
 
+    /// The statement that applies `change` to the table holding `table`'s rows.
+    pub fn alter_table(&self, db: &str, table: &str, change: &str) -> String {
+        format!("ALTER TABLE {db}.{}{} {change}", self.local(table), self.on_cluster())
+    }
+
     /// `body` with `{table:t}` made `db.<local name of t>` and `{engine:X}` the engine.
     fn render(&self, db: &str, body: &str) -> String {
         let mut out = String::with_capacity(body.len());
@@ -199,6 +204,14 @@ mod tests {
         assert_eq!(
             cluster(true).create_view("db", "mv", "TO {table:h} AS SELECT * FROM {table:t}"),
             "CREATE MATERIALIZED VIEW IF NOT EXISTS db.mv ON CLUSTER `main` TO db.h_local AS SELECT * FROM db.t_local"
+        );
+        assert_eq!(
+            cluster(true).alter_table("db", "h", "MATERIALIZE PROJECTION p"),
+            "ALTER TABLE db.h_local ON CLUSTER `main` MATERIALIZE PROJECTION p"
+        );
+        assert_eq!(
+            Topology::Single.alter_table("db", "h", "MATERIALIZE PROJECTION p"),
+            "ALTER TABLE db.h MATERIALIZE PROJECTION p"
         );
         assert_eq!(cluster(false).engine("AggregatingMergeTree"), "AggregatingMergeTree");
         assert_eq!(

@@ -31,6 +31,9 @@ pub enum Step {
     /// A materialized view `<name>` reading inserts into the (local) tables: `{table:<name>}` in
     /// the body is a table's local name, so on a cluster each shard rolls up its own rows.
     View { name: &'static str, body: &'static str },
+    /// `ALTER TABLE` of the table that holds `table`'s rows (each node's local table on a
+    /// cluster): `change` must be idempotent (`IF NOT EXISTS`, a setting, a rebuild).
+    Alter { table: &'static str, change: &'static str },
 }
 
 /// Every version, oldest first.
@@ -196,6 +199,32 @@ pub const MIGRATIONS: &[Migration] = &[
             },
         ],
     },
+    Migration {
+        version: 4,
+        name: "hourly usage by model, status and type",
+        steps: &[
+            // The rollup keeps a row per user and key of each hour: a month of a busy project is
+            // ~10^6 rows, ~90 ms to sum by day and model. Most questions split or filter by none of
+            // the two, and this projection sums them away (~10^4 rows, ~15 ms); ClickHouse reads it
+            // whenever a query needs no other column, part by part, so its answer is the rollup's.
+            // A projection rather than a second table: it is written with each part, so it can
+            // neither miss nor count twice an event inserted while the migration runs.
+            // Merging an AggregatingMergeTree changes rows, so a merged part rebuilds it.
+            Step::Alter {
+                table: "usage_hourly",
+                change: "MODIFY SETTING deduplicate_merge_projection_mode = 'rebuild'",
+            },
+            Step::Alter {
+                table: "usage_hourly",
+                change: "ADD PROJECTION IF NOT EXISTS by_model (SELECT project_id, hour, model_id, status, request_type, \
+                sum(requests), sum(errors), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
+                sum(total_tokens), sum(cost) GROUP BY project_id, hour, model_id, status, request_type)",
+            },
+            // The parts written before (a background mutation; until a part has it, that part is
+            // read from its rows).
+            Step::Alter { table: "usage_hourly", change: "MATERIALIZE PROJECTION by_model" },
+        ],
+    },
 ];
 
 /// The tables whose rows expire by `retention_days` and are keyed by project and time.
@@ -262,6 +291,7 @@ async fn apply(clickhouse: &ClickHouse, step: &Step) -> Result<()> {
     let statements = match step {
         Step::Table { name, shard_by, body } => topology.create_table(db, name, shard_by, body),
         Step::View { name, body } => vec![topology.create_view(db, name, body)],
+        Step::Alter { table, change } => vec![topology.alter_table(db, table, change)],
     };
     for statement in statements {
         run_everywhere(topology, clickhouse.server(), &statement, &[]).await?;

@@ -812,6 +812,17 @@ impl Store {
     /// Usage sums of `query` from `source`. [`Source::RollupAndRawEdges`] on a range without a
     /// whole hour reads the events alone.
     pub async fn usage_from(&self, query: &UsageQuery, source: Source) -> Result<Vec<UsageAggregate>> {
+        Ok(self.usage_statement(query, source, "").fetch_all().await?)
+    }
+
+    /// ClickHouse's plan for [`Store::usage_from`], one line each: which table, or which
+    /// projection of the rollup, answers (tests and operators).
+    pub async fn usage_plan(&self, query: &UsageQuery, source: Source) -> Result<Vec<String>> {
+        Ok(self.usage_statement(query, source, "EXPLAIN projections = 1 ").fetch_all().await?)
+    }
+
+    /// The statement of [`Store::usage_from`], its parameters bound, after `prefix`.
+    fn usage_statement(&self, query: &UsageQuery, source: Source, prefix: &str) -> clickhouse::query::Query {
         let bucket = |time: &str| query.bucket.as_ref().map_or_else(|| "toUInt32(0)".to_owned(), |(b, _)| b.sql(time));
         let group = query.group_by.map_or("''", |d| d.sql());
         let filter = filter_conditions(&query.filter);
@@ -852,7 +863,7 @@ impl Store {
         let mut statement = self
             .ch
             .client
-            .query(&sql)
+            .query(&format!("{prefix}{sql}"))
             .param("project", query.project_id.to_string())
             .param("start", time_param(query.range.start))
             .param("end", time_param(query.range.end))
@@ -873,7 +884,7 @@ impl Store {
                 statement = statement.param(name, text.as_str());
             }
         }
-        Ok(statement.fetch_all().await?)
+        statement
     }
 
     /// Audit events of a project, newest first, at most `limit`.

@@ -164,8 +164,13 @@ async fn the_schema_is_created_once_however_many_replicas_migrate() {
         let tables = deployment
             .query(node, "SELECT name, engine FROM system.tables WHERE database = '{db}' ORDER BY name FORMAT CSV");
         assert_eq!(tables.replace(['"'], "").replace(',', " "), expected, "node {node}");
+        let projections = deployment.query(
+            node,
+            "SELECT name FROM system.projections WHERE database = '{db}' AND table = 'usage_hourly_local'",
+        );
+        assert_eq!(projections, "by_model", "node {node}");
         let versions = deployment.query(node, "SELECT DISTINCT version FROM {db}.schema_migrations ORDER BY version");
-        assert_eq!(versions, "1\n2\n3", "every version recorded, read through the cluster from node {node}");
+        assert_eq!(versions, "1\n2\n3\n4", "every version recorded, read through the cluster from node {node}");
     }
 }
 
@@ -183,16 +188,18 @@ async fn the_replicated_on_cluster_statements_parse() {
                 statements.extend(topology.create_table("analytics", name, shard_by, body));
             }
             Step::View { name, body } => statements.push(topology.create_view("analytics", name, body)),
+            Step::Alter { table, change } => statements.push(topology.alter_table("analytics", table, change)),
         }
     }
-    assert_eq!(statements.len(), 15, "7 tables × (local + Distributed) + the view");
+    assert_eq!(statements.len(), 18, "7 tables × (local + Distributed), the view and 3 changes of the rollup");
     for statement in statements {
         let ast: Vec<String> = server
             .query(&format!("EXPLAIN AST {statement}"))
             .fetch_all()
             .await
             .unwrap_or_else(|e| panic!("{statement}: {e}"));
-        assert!(ast.iter().any(|line| line.contains("CreateQuery")), "{statement}: {ast:?}");
+        let kind = if statement.starts_with("ALTER") { "AlterQuery" } else { "CreateQuery" };
+        assert!(ast.iter().any(|line| line.contains(kind)), "{statement}: {ast:?}");
     }
 }
 

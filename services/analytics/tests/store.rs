@@ -470,3 +470,80 @@ async fn the_rollup_answers_only_where_its_hours_fall_in_one_bucket() {
     assert_eq!(source(year, None).await, Source::Rollup);
     test.drop_database().await;
 }
+
+/// Whether ClickHouse reads `query` from the rollup's projection summed by model (schema
+/// version 4) rather than from the rollup's rows of every user and key.
+async fn reads_by_model(store: &Store, query: &UsageQuery, source: Source) -> bool {
+    let plan = store.usage_plan(query, source).await.expect("plan");
+    plan.iter().any(|line| line.contains("ReadFromMergeTree (by_model)"))
+}
+
+#[tokio::test]
+async fn questions_without_users_or_keys_read_the_rollup_summed_by_model_with_the_same_answers() {
+    let test = TestStore::new().await;
+    let store = &test.store;
+    let project = Uuid::new_v4();
+    let (gpt, claude) = (Uuid::new_v4(), Uuid::new_v4());
+    let start = Utc::now().duration_trunc(Duration::days(1)).expect("trunc") - Duration::days(3);
+    let end = start + Duration::days(2);
+    // Parts written before the projection existed: version 4 undone, events ingested, the
+    // store opened again (a deployment upgrading), which must give those parts the projection.
+    let ch = store.clickhouse();
+    let db = ch.database();
+    for statement in [
+        format!("ALTER TABLE {db}.usage_hourly DROP PROJECTION by_model"),
+        format!("ALTER TABLE {db}.schema_migrations DELETE WHERE version = 4"),
+    ] {
+        ch.server().query(&statement).with_setting("mutations_sync", "1").execute().await.expect(&statement);
+    }
+    let events: Vec<pb::Event> = (0..200)
+        .map(|i| {
+            let model = if i % 3 == 0 { claude } else { gpt };
+            let status = if i % 7 == 0 { "error" } else { "success" };
+            usage_event(project, model, start + Duration::minutes(i * 13), 100 + i, &format!("0.00{i:03}1"), status)
+        })
+        .collect();
+    store.ingest(valid(&events[..100])).await.expect("ingest before the projection");
+    let store = test.replica().await;
+    store.ingest(valid(&events[100..])).await.expect("ingest after");
+    let parts_without = format!(
+        "SELECT count() FROM system.parts AS p WHERE p.database = '{db}' AND p.table = 'usage_hourly' AND p.active \
+         AND p.name NOT IN (SELECT parent_name FROM system.projection_parts WHERE database = '{db}' \
+         AND table = 'usage_hourly' AND name = 'by_model' AND active)"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ch.server().query(&parts_without).fetch_one::<u64>().await.expect("parts") > 0 {
+        assert!(std::time::Instant::now() < deadline, "the migration materializes the projection in older parts");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let one_user = UsageFilter { user_id: Some(Uuid::new_v4()), ..UsageFilter::default() };
+    let errors_only = UsageFilter { status: Some("error".into()), ..UsageFilter::default() };
+    let ragged = (start + Duration::minutes(30), end - Duration::minutes(30));
+    // (range, bucket, group, filter, whether the projection can answer)
+    let cases = [
+        ((start, end), Some((Bucket::Day, "UTC")), Some(Dimension::Model), UsageFilter::default(), true),
+        ((start, end), Some((Bucket::Hour, "Asia/Shanghai")), Some(Dimension::Status), errors_only, true),
+        (ragged, Some((Bucket::Day, "UTC")), Some(Dimension::Model), UsageFilter::default(), true),
+        ((start, end), None, Some(Dimension::User), UsageFilter::default(), false),
+        ((start, end), Some((Bucket::Day, "UTC")), None, one_user, false),
+    ];
+    for (range, bucket, group_by, filter, by_model) in cases {
+        let query = UsageQuery { with_latency: false, ..usage_query(project, range, bucket, group_by, filter.clone()) };
+        let source = store.source_of(&query).await.expect("source");
+        assert_ne!(source, Source::Raw, "{range:?} {bucket:?} {group_by:?} {filter:?}");
+        assert_eq!(
+            reads_by_model(&store, &query, source).await,
+            by_model,
+            "{range:?} {bucket:?} {group_by:?} {filter:?}"
+        );
+        let answer = store.usage_from(&query, source).await.expect("usage");
+        assert_eq!(
+            answer,
+            store.usage_from(&query, Source::Raw).await.expect("raw"),
+            "{bucket:?} {group_by:?} {filter:?}"
+        );
+        assert_eq!(answer.is_empty(), filter.user_id.is_some(), "only the filter by an unknown user matches nothing");
+    }
+    test.drop_database().await;
+}
