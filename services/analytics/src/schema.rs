@@ -36,6 +36,17 @@ pub enum Step {
     Alter { table: &'static str, change: &'static str },
 }
 
+impl Step {
+    /// The statements that apply this step in database `db` as `topology` lays tables out.
+    pub fn statements(&self, topology: &Topology, db: &str) -> Vec<String> {
+        match self {
+            Step::Table { name, shard_by, body } => topology.create_table(db, name, shard_by, body),
+            Step::View { name, body } => vec![topology.create_view(db, name, body)],
+            Step::Alter { table, change } => vec![topology.alter_table(db, table, change)],
+        }
+    }
+}
+
 /// Every version, oldest first.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -288,12 +299,7 @@ pub async fn migrate(clickhouse: &ClickHouse) -> Result<()> {
 /// Runs one step's statements where the topology needs them.
 async fn apply(clickhouse: &ClickHouse, step: &Step) -> Result<()> {
     let (db, topology) = (clickhouse.database(), clickhouse.topology());
-    let statements = match step {
-        Step::Table { name, shard_by, body } => topology.create_table(db, name, shard_by, body),
-        Step::View { name, body } => vec![topology.create_view(db, name, body)],
-        Step::Alter { table, change } => vec![topology.alter_table(db, table, change)],
-    };
-    for statement in statements {
+    for statement in step.statements(topology, db) {
         run_everywhere(topology, clickhouse.server(), &statement, &[]).await?;
     }
     Ok(())

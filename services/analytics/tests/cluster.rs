@@ -181,16 +181,11 @@ async fn the_replicated_on_cluster_statements_parse() {
     let url = std::env::var("AIMESH_CLICKHOUSE_URL").unwrap_or_else(|_| AnalyticsConfig::default().clickhouse_url);
     let server = aimesh_analytics::store::client_of(&url);
     let topology = Topology::Cluster(Cluster { name: "main".into(), replicated: true, nodes: Vec::new() });
-    let mut statements = Vec::new();
-    for step in MIGRATIONS.iter().flat_map(|m| m.steps.iter()) {
-        match step {
-            Step::Table { name, shard_by, body } => {
-                statements.extend(topology.create_table("analytics", name, shard_by, body));
-            }
-            Step::View { name, body } => statements.push(topology.create_view("analytics", name, body)),
-            Step::Alter { table, change } => statements.push(topology.alter_table("analytics", table, change)),
-        }
-    }
+    let statements: Vec<String> = MIGRATIONS
+        .iter()
+        .flat_map(|m| m.steps.iter())
+        .flat_map(|step| step.statements(&topology, "analytics"))
+        .collect();
     assert_eq!(statements.len(), 18, "7 tables × (local + Distributed), the view and 3 changes of the rollup");
     for statement in statements {
         let ast: Vec<String> = server
