@@ -76,5 +76,7 @@ fuzz:
 
 # Release build; report.json, report.md and a latency chart per scenario in target/bench
 # (see bench/src/main.rs and README "Benchmarks").
+# The usage-scaling scenario runs the release aimesh binary as processes: it is built first.
 bench: deps
+	$(CARGO) build --release -p aimesh
 	$(LOAD_ENV) && $(CARGO) run --release -p aimesh-bench -- $(BENCH_ARGS)

@@ -94,13 +94,7 @@ type FilesClient = files_pb::file_service_client::FileServiceClient<tonic::trans
 
 /// The peak resident memory of this process so far (VmHWM), in MiB.
 pub(crate) fn peak_memory_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-            line.split_whitespace().nth(1)?.parse::<f64>().ok()
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+    crate::work::memory_mib("self", "VmHWM")
 }
 
 fn with_bytes(mut figures: Figures, bytes_per_request: usize) -> Figures {

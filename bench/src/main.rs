@@ -15,6 +15,7 @@ mod files;
 mod floors;
 mod gateway;
 mod logins;
+mod processes;
 mod ratelimit;
 mod replicas;
 mod report;

@@ -65,6 +65,11 @@ impl Load {
         Load { concurrency: self.concurrency.min(most), ..self }
     }
 
+    /// `factor` times this load: as many times the requests in flight and the rate.
+    pub fn times(self, factor: usize) -> Self {
+        Load { concurrency: self.concurrency * factor, rate: self.rate * factor as f64, ..self }
+    }
+
     /// The load in words, as the report shows it.
     pub fn describe(&self) -> String {
         match self.mode {

@@ -52,10 +52,13 @@ pub enum Scenario {
     /// ListMessages and ListProjects by viewers, on a PostgreSQL server with a streaming
     /// replica: reads routed to primary and replica, against every read on the primary.
     ReadReplicas,
+    /// The scaling curve: the mesh as separate processes (one per service, as on Kubernetes)
+    /// and RecordUsage across 2 and 4 replicas of usage, each against 1 replica.
+    UsageScaling,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 13] = [
+    pub const ALL: [Scenario; 14] = [
         Scenario::UsageRecord,
         Scenario::UsageReserve,
         Scenario::ChatAppend,
@@ -69,6 +72,7 @@ impl Scenario {
         Scenario::Ratelimit,
         Scenario::LoginFlood,
         Scenario::ReadReplicas,
+        Scenario::UsageScaling,
     ];
 }
 
@@ -84,6 +88,8 @@ pub async fn run(scenario: Scenario, load: Load) -> anyhow::Result<Vec<Pair>> {
         Scenario::LoginFlood => Ok(vec![crate::logins::under_flood(load).await?]),
         // A PostgreSQL server and replica of its own.
         Scenario::ReadReplicas => Ok(vec![crate::replicas::read_heavy(load).await?]),
+        // The mesh as processes of its own.
+        Scenario::UsageScaling => usage_scaling(load).await,
         Scenario::UsageRecord
         | Scenario::UsageReserve
         | Scenario::ChatAppend
@@ -172,12 +178,91 @@ async fn run_with_setup(scenario: Scenario, load: Load) -> anyhow::Result<Vec<Pa
         | Scenario::FilesDownload
         | Scenario::Ratelimit
         | Scenario::LoginFlood
-        | Scenario::ReadReplicas => {
+        | Scenario::ReadReplicas
+        | Scenario::UsageScaling => {
             anyhow::bail!("this scenario sets up what it needs itself")
         }
     };
     setup.mesh.stop().await?;
     Ok(vec![pair])
+}
+
+/// Replicas of usage on the scaling curve, reached by adding processes as a scale-up does.
+const USAGE_REPLICAS: [usize; 3] = [1, 2, 4];
+
+/// Usage is the busiest service (every model call reserves and records), so the curve is of its
+/// replicas: the whole mesh runs as processes, the setup is done through them, then RecordUsage
+/// is measured with 1, 2 and 4 usage processes, the client balancing round robin over them and
+/// the load growing with them (`load` per replica: as many in flight, or as high a rate, times
+/// the replicas), as the traffic that makes an autoscaler add replicas does. Each
+/// replica has its own pools (as many PostgreSQL connections as the other scenarios' mesh) and
+/// its own outbox relay. Every process shares this machine's cores with the stores and the load
+/// generator: the curve shows what a replica costs (CPU per request of every process, memory),
+/// not the capacity another machine would add.
+async fn usage_scaling(load: Load) -> anyhow::Result<Vec<Pair>> {
+    let (config, databases) = Setup::config();
+    let listeners = aimesh::bind(&aimesh::ServiceName::ALL, &config).await?;
+    let config = config.in_one_process(&listeners)?;
+    let addresses = listeners
+        .iter()
+        .map(|(service, listener)| Ok((*service, listener.local_addr()?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    drop(listeners);
+    let mut processes = crate::processes::MeshProcesses::new(&config)?;
+    for &(service, address) in &addresses {
+        processes.start(service, address).await?;
+    }
+    let setup = Setup::on(Mesh::attach(config, &addresses, databases).await).await?;
+
+    let mut replicas = vec![setup.mesh.usage];
+    let mut curve = Vec::with_capacity(USAGE_REPLICAS.len());
+    for wanted in USAGE_REPLICAS {
+        while replicas.len() < wanted {
+            let address = crate::processes::free_address()?;
+            processes.start(aimesh::ServiceName::Usage, address).await?;
+            replicas.push(address);
+        }
+        let clients = replicas
+            .iter()
+            .map(|&address| usage_pb::usage_service_client::UsageServiceClient::new(aimesh_tests::channel(address)))
+            .collect();
+        let (before, bench_before) = (processes.work_by_service().await?, crate::work::WorkCounters::now());
+        let mut figures =
+            setup.record_usage_on(&format!("usage.RecordUsage, usage x{wanted}"), clients, load.times(wanted)).await;
+        let (after, bench_after) = (processes.work_by_service().await?, crate::work::WorkCounters::now());
+        let requests = figures.requests;
+        let mut cost = vec![("client".to_owned(), bench_after.since(bench_before))];
+        for (service, work) in after {
+            let earlier = before.iter().find(|(s, _)| *s == service).map(|(_, w)| *w).unwrap_or_default();
+            cost.push((service.as_str().to_owned(), work.since(earlier)));
+        }
+        let mut total = crate::work::WorkCounters::default();
+        cost.iter().for_each(|(_, work)| total.add(*work));
+        figures.work = total.per_request(requests);
+        let cpu_by_process: Vec<String> = cost
+            .iter()
+            .filter_map(|(name, work)| Some(format!("{name} {:.0}", work.per_request(requests)?.cpu_us)))
+            .collect();
+        let resident: Vec<String> =
+            processes.resident_mib(aimesh::ServiceName::Usage).iter().map(|mib| format!("{mib:.0}")).collect();
+        let note = format!(
+            "usage x{wanted}: CPU us per request by process: {}; usage replicas resident {} MiB",
+            cpu_by_process.join(", "),
+            resident.join(", ")
+        );
+        curve.push((figures, note));
+    }
+    processes.stop().await?;
+    setup.mesh.stop().await?;
+
+    let mut curve = curve.into_iter();
+    let (one, one_note) = curve.next().ok_or_else(|| anyhow::anyhow!("the curve starts at one replica"))?;
+    Ok(curve
+        .map(|(more, note)| {
+            Pair::new(more, one.clone(), "the same calls to one usage process (all processes as above)")
+                .with_note(format!("{note}\n  {one_note}"))
+        })
+        .collect())
 }
 
 /// The baseline of the write scenarios (see `floors`).
@@ -199,9 +284,14 @@ struct Setup {
 
 impl Setup {
     async fn start() -> anyhow::Result<Self> {
+        let (config, databases) = Self::config();
+        Self::on(Mesh::start_with(config, databases).await).await
+    }
+
+    /// The mesh's configuration for the scenarios, and its fresh databases.
+    fn config() -> (aimesh::MeshConfig, Vec<ScratchDatabase>) {
         let (mut config, databases) = test_config();
-        let pool_size = 20;
-        config.common.database.max_connections = pool_size;
+        config.common.database.max_connections = 20;
         config.common.log.filter = "warn".into();
         // Large deliveries keep the pipeline's cost per event low; the relay polls at the
         // production default (an idle relay polling every 20 ms made ClickHouse, on these same
@@ -212,7 +302,12 @@ impl Setup {
         let unreachable = 1_000_000_000;
         (config.common.rate_limit.per_user, config.common.rate_limit.per_api_key) = (unreachable, unreachable);
         (config.common.rate_limit.per_project, config.common.rate_limit.per_ip) = (unreachable, unreachable);
-        let mesh = Mesh::start_with(config, databases).await;
+        (config, databases)
+    }
+
+    /// Creates on `mesh` what the scenarios use.
+    async fn on(mesh: Mesh) -> anyhow::Result<Self> {
+        let pool_size = mesh.config.common.database.max_connections;
         let admin = mesh.signup("root").await;
         let admin = mesh.make_admin(&admin).await;
         let model = usage_pb::Model {
@@ -280,23 +375,24 @@ impl Setup {
         Ok(aimesh_usage::domain::QuotaLimits::validate(1_000_000_000_000, "", 1_000_000_000, 0, 0)?)
     }
 
-    fn client(
-        &self,
-    ) -> (
-        usage_pb::usage_service_client::UsageServiceClient<Channel>,
-        usage_pb::quota_service_client::QuotaServiceClient<Channel>,
-    ) {
-        (self.mesh.usage(), self.mesh.quotas())
+    async fn record_usage(&self, load: Load) -> crate::report::Figures {
+        self.record_usage_on("usage.RecordUsage", vec![self.mesh.usage()], load).await
     }
 
-    async fn record_usage(&self, load: Load) -> crate::report::Figures {
-        let (client, _) = self.client();
+    /// RecordUsage calls under `load`, request n to `replicas[n % replicas.len()]` (round robin,
+    /// as a client balancing over a headless Service does).
+    async fn record_usage_on(
+        &self,
+        name: &str,
+        replicas: Vec<usage_pb::usage_service_client::UsageServiceClient<Channel>>,
+        load: Load,
+    ) -> crate::report::Figures {
         let (project, secret) = (self.project.clone(), self.secret.clone());
         // An internal RPC: called as chat would, on behalf of the key.
         let token = self.mesh.service_token();
         let run = uuid::Uuid::new_v4().simple().to_string();
-        measure("usage.RecordUsage", load, move |n| {
-            let mut client = client.clone();
+        measure(name, load, move |n| {
+            let mut client = replicas[n as usize % replicas.len()].clone();
             let request = usage_pb::RecordUsageRequest {
                 request_id: format!("{run}-{n}"),
                 project_id: project.clone(),
@@ -316,7 +412,7 @@ impl Setup {
     }
 
     async fn reserve(&self, load: Load) -> crate::report::Figures {
-        let (_, client) = self.client();
+        let client = self.mesh.quotas();
         let (project, secret) = (self.project.clone(), self.secret.clone());
         let token = self.mesh.service_token();
         measure("usage.Reserve", load, move |_| {

@@ -14,6 +14,10 @@ use serde::Serialize;
 /// architecture it runs on.
 const TICKS_PER_SECOND: f64 = 100.0;
 
+/// The mesh's metrics with a sample per PostgreSQL statement and per Redis command.
+const STATEMENTS: &str = "db_statement_duration_seconds_count";
+const REDIS_COMMANDS: &str = "redis_command_duration_seconds_count";
+
 /// Totals of the process so far; the difference of two is the work between them.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WorkCounters {
@@ -25,9 +29,19 @@ pub struct WorkCounters {
 impl WorkCounters {
     pub fn now() -> Self {
         WorkCounters {
-            statements: aimesh_tests::metric("db_statement_duration_seconds_count", &[]),
-            redis_commands: aimesh_tests::metric("redis_command_duration_seconds_count", &[]),
-            cpu: process_cpu_time(),
+            statements: aimesh_tests::metric(STATEMENTS, &[]),
+            redis_commands: aimesh_tests::metric(REDIS_COMMANDS, &[]),
+            cpu: process_cpu_time("self"),
+        }
+    }
+
+    /// Totals of another process of the mesh: `pid`, whose metrics are `exposition` (its
+    /// `/metrics`).
+    pub fn of_process(pid: u32, exposition: &str) -> Self {
+        WorkCounters {
+            statements: aimesh_tests::metric_in(exposition, STATEMENTS, &[]),
+            redis_commands: aimesh_tests::metric_in(exposition, REDIS_COMMANDS, &[]),
+            cpu: process_cpu_time(&pid.to_string()),
         }
     }
 
@@ -75,14 +89,27 @@ impl WorkPerRequest {
     }
 }
 
-/// User and system CPU time of this process so far (`/proc/self/stat`, fields 14 and 15);
-/// zero where there is no `/proc`.
-fn process_cpu_time() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return Duration::ZERO };
+/// User and system CPU time so far of the process `pid` ("self" for this one), from
+/// `/proc/<pid>/stat`, fields 14 and 15; zero where there is no `/proc`.
+fn process_cpu_time(pid: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return Duration::ZERO };
     // The command name, field 2, is in parentheses and may hold spaces: count from after it.
     let Some((_, after_name)) = stat.rsplit_once(')') else { return Duration::ZERO };
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let ticks = |index: usize| fields.get(index).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     // Field 3 (the state) is at index 0 here, so fields 14 and 15 are at 11 and 12.
     Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / TICKS_PER_SECOND)
+}
+
+/// A memory figure of the process `pid` ("self" for this one) from `/proc/<pid>/status`
+/// (`VmRSS`, resident now; `VmHWM`, the peak), in MiB; zero where there is none.
+pub fn memory_mib(pid: &str, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line =
+                status.lines().find(|line| line.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }

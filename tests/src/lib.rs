@@ -137,34 +137,53 @@ impl Mesh {
     pub async fn start_with(config: MeshConfig, databases: Vec<ScratchDatabase>) -> Self {
         let listeners = aimesh::bind(&ServiceName::ALL, &config).await.expect("bind the services");
         let config = config.in_one_process(&listeners).expect("the listeners' addresses");
-        let (mut identity, mut chat, mut usage, mut files, mut analytics, mut gateway) =
-            (None, None, None, None, None, None);
-        for (service, listener) in &listeners {
-            let address = listener.local_addr().expect("listener address");
-            match service {
-                ServiceName::Identity => identity = Some(address),
-                ServiceName::Chat => chat = Some(address),
-                ServiceName::Usage => usage = Some(address),
-                ServiceName::Gateway => gateway = Some(address),
-                ServiceName::Files => files = Some(address),
-                ServiceName::Analytics => analytics = Some(address),
-            }
-        }
+        let addresses: Vec<_> = listeners
+            .iter()
+            .map(|(service, listener)| (*service, listener.local_addr().expect("listener address")))
+            .collect();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(aimesh::run(listeners, config.clone(), shutdown.clone()));
+        Self::serving(config, &addresses, shutdown, Some(task), databases).await
+    }
+
+    /// The mesh whose services run elsewhere (processes of their own) at `addresses`, with
+    /// `config`; owns `databases` like a started mesh. Returns once every service serves.
+    pub async fn attach(
+        config: MeshConfig,
+        addresses: &[(ServiceName, SocketAddr)],
+        databases: Vec<ScratchDatabase>,
+    ) -> Self {
+        Self::serving(config, addresses, CancellationToken::new(), None, databases).await
+    }
+
+    async fn serving(
+        config: MeshConfig,
+        addresses: &[(ServiceName, SocketAddr)],
+        shutdown: CancellationToken,
+        task: Option<JoinHandle<anyhow::Result<()>>>,
+        databases: Vec<ScratchDatabase>,
+    ) -> Self {
+        let address = |wanted: ServiceName| {
+            addresses
+                .iter()
+                .find_map(|&(service, address)| (service == wanted).then_some(address))
+                .unwrap_or_else(|| panic!("no address for {}", wanted.as_str()))
+        };
         let mesh = Self {
             config,
-            identity: identity.expect("identity listener"),
-            chat: chat.expect("chat listener"),
-            usage: usage.expect("usage listener"),
-            gateway: gateway.expect("gateway listener"),
-            files: files.expect("files listener"),
-            analytics: analytics.expect("analytics listener"),
+            identity: address(ServiceName::Identity),
+            chat: address(ServiceName::Chat),
+            usage: address(ServiceName::Usage),
+            gateway: address(ServiceName::Gateway),
+            files: address(ServiceName::Files),
+            analytics: address(ServiceName::Analytics),
             shutdown,
-            task: Some(task),
+            task,
             databases,
         };
-        mesh.wait_until_serving().await;
+        for address in [mesh.identity, mesh.chat, mesh.usage, mesh.files, mesh.analytics] {
+            wait_until_serving(address).await;
+        }
         mesh.rest().wait_until_ready().await;
         mesh
     }
@@ -202,24 +221,6 @@ impl Mesh {
     /// A REST client of the gateway.
     pub fn rest(&self) -> rest::Rest {
         rest::Rest::new(self.gateway)
-    }
-
-    async fn wait_until_serving(&self) {
-        for address in [self.identity, self.chat, self.usage, self.files, self.analytics] {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                let mut health = tonic_health::pb::health_client::HealthClient::new(channel(address));
-                let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
-                if let Ok(response) = health.check(request).await
-                    && response.into_inner().status
-                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                {
-                    break;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "{address} did not become healthy within 30 s");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
     }
 
     /// A channel to identity.
@@ -457,8 +458,26 @@ pub fn clickhouse_url() -> String {
 }
 
 /// A lazily connecting channel to a service of the mesh.
-fn channel(address: SocketAddr) -> Channel {
+pub fn channel(address: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{address}")).expect("service url").connect_lazy()
+}
+
+/// Waits until the gRPC service at `address` reports serving (grpc.health.v1), at most 30 s.
+pub async fn wait_until_serving(address: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !serving(address).await {
+        assert!(tokio::time::Instant::now() < deadline, "{address} did not become healthy within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the gRPC service at `address` reports serving now (grpc.health.v1).
+pub async fn serving(address: SocketAddr) -> bool {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(address));
+    let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+    health.check(request).await.is_ok_and(|response| {
+        response.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    })
 }
 
 /// Asserts that the outbox of the service database `pool` (`name`) holds events, and waits
@@ -491,9 +510,14 @@ async fn pool_on(urls: &aimesh_kit::config::DatabaseUrls, service: &str) -> sqlx
 /// started in this process records into the one recorder.
 pub fn metric(name: &str, labels: &[&str]) -> f64 {
     let Ok(handle) = aimesh_kit::telemetry::metrics_handle() else { return 0.0 };
+    metric_in(&handle.render(), name, labels)
+}
+
+/// The sum of the samples of `name` with every one of `labels` in `exposition`, a Prometheus
+/// text exposition (this process's, or another's `/metrics`); 0 when there are none.
+pub fn metric_in(exposition: &str, name: &str, labels: &[&str]) -> f64 {
     let series = format!("{name}{{");
-    handle
-        .render()
+    exposition
         .lines()
         .filter(|line| line.starts_with(&series) && labels.iter().all(|label| line.contains(label)))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
