@@ -120,20 +120,41 @@ impl MeshProcesses {
             .collect()
     }
 
-    /// Stops every process as Kubernetes does: SIGTERM, then SIGKILL for one still running
-    /// after [`STOP_TIMEOUT`].
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        for process in &self.running {
-            Command::new("kill").args(["-TERM", &process.child.id().to_string()]).status()?;
-        }
-        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
-        for process in &mut self.running {
-            while process.child.try_wait()?.is_none() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        Ok(()) // Drop kills what is left.
+    /// Stops the process of `service` started last, as a scale-down does (see [`terminate`]).
+    pub async fn stop_last(&mut self, service: ServiceName) -> anyhow::Result<()> {
+        let index = self
+            .running
+            .iter()
+            .rposition(|process| process.service == service)
+            .with_context(|| format!("no {} process runs", service.as_str()))?;
+        let mut process = self.running.remove(index);
+        terminate(std::slice::from_mut(&mut process)).await
     }
+
+    /// Stops every process (see [`terminate`]).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        terminate(&mut self.running).await
+    }
+}
+
+/// Stops `processes` as Kubernetes stops a pod: SIGTERM, then SIGKILL for one still running
+/// after [`STOP_TIMEOUT`].
+async fn terminate(processes: &mut [ServiceProcess]) -> anyhow::Result<()> {
+    for process in processes.iter() {
+        Command::new("kill").args(["-TERM", &process.child.id().to_string()]).status()?;
+    }
+    let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+    for process in processes.iter_mut() {
+        while process.child.try_wait()?.is_none() {
+            if tokio::time::Instant::now() >= deadline {
+                process.child.kill()?;
+                process.child.wait()?;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for MeshProcesses {

@@ -338,6 +338,38 @@ where
     (run_a.into_figures(name_a, load), run_b.into_figures(name_b, load))
 }
 
+/// Measurements taken in slices and summed per name, for a scenario that changes what it
+/// measures between slices (the scaling curve starts and stops processes): visiting each
+/// configuration on the way up and again on the way down makes drift of the machine fall on
+/// every row alike. A slice's op numbers start at 0: an op that needs unique ids makes its own.
+#[derive(Default)]
+pub struct Slices {
+    rows: Vec<(String, Load, Run)>,
+}
+
+impl Slices {
+    /// Drives `op` under `load` for `load.duration`, adding to the row `name`.
+    pub async fn measure<F, Fut>(&mut self, name: &str, load: Load, op: F)
+    where
+        F: Fn(u64) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let run = drive(load, &Arc::new(op), &Arc::new(AtomicU64::new(0))).await;
+        match self.rows.iter_mut().find(|(row, _, _)| row == name) {
+            Some((_, total, sum)) => {
+                total.duration += load.duration;
+                sum.merge(run);
+            }
+            None => self.rows.push((name.to_owned(), load, run)),
+        }
+    }
+
+    /// The rows, in the order first measured, each over all of its slices.
+    pub fn figures(self) -> Vec<Figures> {
+        self.rows.into_iter().map(|(name, load, run)| run.into_figures(&name, load)).collect()
+    }
+}
+
 /// What a stretch of load produced, before it is summed up as figures.
 #[derive(Default)]
 struct Run {

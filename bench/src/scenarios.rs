@@ -187,14 +187,17 @@ async fn run_with_setup(scenario: Scenario, load: Load) -> anyhow::Result<Vec<Pa
     Ok(vec![pair])
 }
 
-/// Replicas of usage on the scaling curve, reached by adding processes as a scale-up does.
+/// Replicas of usage on the scaling curve, reached by adding processes as a scale-up does, then
+/// again in reverse by stopping them as a scale-down does.
 const USAGE_REPLICAS: [usize; 3] = [1, 2, 4];
 
 /// Usage is the busiest service (every model call reserves and records), so the curve is of its
 /// replicas: the whole mesh runs as processes, the setup is done through them, then RecordUsage
 /// is measured with 1, 2 and 4 usage processes, the client balancing round robin over them and
 /// the load growing with them (`load` per replica: as many in flight, or as high a rate, times
-/// the replicas), as the traffic that makes an autoscaler add replicas does. Each
+/// the replicas), as the traffic that makes an autoscaler add replicas does. Each count is
+/// measured for half the duration on the way up (1, 2, 4) and half on the way down (4, 2, 1,
+/// replicas stopped with SIGTERM), so drift of the machine falls on every row alike. Each
 /// replica has its own pools (as many PostgreSQL connections as the other scenarios' mesh) and
 /// its own outbox relay. Every process shares this machine's cores with the stores and the load
 /// generator: the curve shows what a replica costs (CPU per request of every process, memory),
@@ -214,47 +217,61 @@ async fn usage_scaling(load: Load) -> anyhow::Result<Vec<Pair>> {
     }
     let setup = Setup::on(Mesh::attach(config, &addresses, databases).await).await?;
 
+    let name = |replicas: usize| format!("usage.RecordUsage, usage x{replicas}");
+    let slice = Load { duration: load.duration / 2, ..load };
+    let mut slices = crate::report::Slices::default();
+    // Per replica count: the work of each process over its slices, and the replicas' memory.
+    let mut work: Vec<(usize, WorkByProcess, Vec<f64>)> = Vec::new();
     let mut replicas = vec![setup.mesh.usage];
-    let mut curve = Vec::with_capacity(USAGE_REPLICAS.len());
-    for wanted in USAGE_REPLICAS {
+    for wanted in USAGE_REPLICAS.into_iter().chain(USAGE_REPLICAS.into_iter().rev()) {
         while replicas.len() < wanted {
             let address = crate::processes::free_address()?;
             processes.start(aimesh::ServiceName::Usage, address).await?;
             replicas.push(address);
         }
+        while replicas.len() > wanted {
+            processes.stop_last(aimesh::ServiceName::Usage).await?;
+            replicas.pop();
+        }
         let clients = replicas
             .iter()
             .map(|&address| usage_pb::usage_service_client::UsageServiceClient::new(aimesh_tests::channel(address)))
             .collect();
-        let (before, bench_before) = (processes.work_by_service().await?, crate::work::WorkCounters::now());
-        let mut figures =
-            setup.record_usage_on(&format!("usage.RecordUsage, usage x{wanted}"), clients, load.times(wanted)).await;
-        let (after, bench_after) = (processes.work_by_service().await?, crate::work::WorkCounters::now());
-        let requests = figures.requests;
-        let mut cost = vec![("client".to_owned(), bench_after.since(bench_before))];
-        for (service, work) in after {
+        let (before, client_before) = (processes.work_by_service().await?, crate::work::WorkCounters::now());
+        slices.measure(&name(wanted), slice.times(wanted), setup.record_usage_on(clients)).await;
+        let (after, client_after) = (processes.work_by_service().await?, crate::work::WorkCounters::now());
+        let mut spent = vec![("client".to_owned(), client_after.since(client_before))];
+        for (service, total) in after {
             let earlier = before.iter().find(|(s, _)| *s == service).map(|(_, w)| *w).unwrap_or_default();
-            cost.push((service.as_str().to_owned(), work.since(earlier)));
+            spent.push((service.as_str().to_owned(), total.since(earlier)));
         }
-        let mut total = crate::work::WorkCounters::default();
-        cost.iter().for_each(|(_, work)| total.add(*work));
-        figures.work = total.per_request(requests);
-        let cpu_by_process: Vec<String> = cost
-            .iter()
-            .filter_map(|(name, work)| Some(format!("{name} {:.0}", work.per_request(requests)?.cpu_us)))
-            .collect();
-        let resident: Vec<String> =
-            processes.resident_mib(aimesh::ServiceName::Usage).iter().map(|mib| format!("{mib:.0}")).collect();
-        let note = format!(
-            "usage x{wanted}: CPU us per request by process: {}; usage replicas resident {} MiB",
-            cpu_by_process.join(", "),
-            resident.join(", ")
-        );
-        curve.push((figures, note));
+        let resident = processes.resident_mib(aimesh::ServiceName::Usage);
+        match work.iter_mut().find(|(count, _, _)| *count == wanted) {
+            Some((_, sum, _)) => add_by_name(sum, spent),
+            None => work.push((wanted, spent, resident)),
+        }
     }
     processes.stop().await?;
     setup.mesh.stop().await?;
 
+    let mut curve = Vec::with_capacity(USAGE_REPLICAS.len());
+    for (mut figures, (wanted, spent, resident)) in slices.figures().into_iter().zip(work) {
+        let requests = figures.requests;
+        let mut total = crate::work::WorkCounters::default();
+        spent.iter().for_each(|(_, work)| total.add(*work));
+        figures.work = total.per_request(requests);
+        let cpu: Vec<String> = spent
+            .iter()
+            .filter_map(|(process, work)| Some(format!("{process} {:.0}", work.per_request(requests)?.cpu_us)))
+            .collect();
+        let resident: Vec<String> = resident.iter().map(|mib| format!("{mib:.0}")).collect();
+        let note = format!(
+            "usage x{wanted}: CPU us per request by process: {}; usage replicas resident {} MiB (on the way up)",
+            cpu.join(", "),
+            resident.join(", ")
+        );
+        curve.push((figures, note));
+    }
     let mut curve = curve.into_iter();
     let (one, one_note) = curve.next().ok_or_else(|| anyhow::anyhow!("the curve starts at one replica"))?;
     Ok(curve
@@ -263,6 +280,18 @@ async fn usage_scaling(load: Load) -> anyhow::Result<Vec<Pair>> {
                 .with_note(format!("{note}\n  {one_note}"))
         })
         .collect())
+}
+
+/// The work of each process of the mesh (by service; the load generator as "client").
+type WorkByProcess = Vec<(String, crate::work::WorkCounters)>;
+
+/// Adds each process's work in `more` to the same process's in `sum`.
+fn add_by_name(sum: &mut WorkByProcess, more: WorkByProcess) {
+    for (process, work) in more {
+        if let Some((_, total)) = sum.iter_mut().find(|(name, _)| *name == process) {
+            total.add(work);
+        }
+    }
 }
 
 /// The baseline of the write scenarios (see `floors`).
@@ -376,22 +405,21 @@ impl Setup {
     }
 
     async fn record_usage(&self, load: Load) -> crate::report::Figures {
-        self.record_usage_on("usage.RecordUsage", vec![self.mesh.usage()], load).await
+        measure("usage.RecordUsage", load, self.record_usage_on(vec![self.mesh.usage()])).await
     }
 
-    /// RecordUsage calls under `load`, request n to `replicas[n % replicas.len()]` (round robin,
-    /// as a client balancing over a headless Service does).
-    async fn record_usage_on(
+    /// A RecordUsage call per op, each with a request id of its own, op n to
+    /// `replicas[n % replicas.len()]` (round robin, as a client balancing over a headless
+    /// Service does).
+    fn record_usage_on(
         &self,
-        name: &str,
         replicas: Vec<usage_pb::usage_service_client::UsageServiceClient<Channel>>,
-        load: Load,
-    ) -> crate::report::Figures {
+    ) -> impl Fn(u64) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync + 'static {
         let (project, secret) = (self.project.clone(), self.secret.clone());
         // An internal RPC: called as chat would, on behalf of the key.
         let token = self.mesh.service_token();
         let run = uuid::Uuid::new_v4().simple().to_string();
-        measure(name, load, move |n| {
+        move |n| {
             let mut client = replicas[n as usize % replicas.len()].clone();
             let request = usage_pb::RecordUsageRequest {
                 request_id: format!("{run}-{n}"),
@@ -406,9 +434,8 @@ impl Setup {
                 ..Default::default()
             };
             let request = on_behalf(request, &token, &secret);
-            async move { client.record_usage(request).await.map(drop).map_err(|s| s.to_string()) }
-        })
-        .await
+            Box::pin(async move { client.record_usage(request).await.map(drop).map_err(|s| s.to_string()) })
+        }
     }
 
     async fn reserve(&self, load: Load) -> crate::report::Figures {
