@@ -185,18 +185,11 @@ impl ServiceProcess {
     }
 }
 
-/// `config` as a TOML file `aimesh --config` reads: the shared settings at the top, a table per
-/// service. TOML has no null: a setting that is unset here but set by default reads back as the
-/// default (`metrics.listen`, which is why each process gets its own on the command line).
+/// `config` as a TOML file `aimesh --config` reads. TOML has no null: a setting that is unset
+/// here but set by default reads back as the default (`metrics.listen`, which is why each
+/// process gets its own on the command line).
 fn config_toml(config: &MeshConfig) -> anyhow::Result<String> {
-    let mut file = toml::Table::try_from(&config.common)?;
-    file.insert("identity".into(), toml::Value::try_from(&config.identity)?);
-    file.insert("chat".into(), toml::Value::try_from(&config.chat)?);
-    file.insert("usage".into(), toml::Value::try_from(&config.usage)?);
-    file.insert("gateway".into(), toml::Value::try_from(&config.gateway)?);
-    file.insert("files".into(), toml::Value::try_from(&config.files)?);
-    file.insert("analytics".into(), toml::Value::try_from(&config.analytics)?);
-    Ok(toml::to_string(&file)?)
+    Ok(toml::to_string(config)?)
 }
 
 /// A loopback address with a port free now (the OS picked it; it stays free until a process

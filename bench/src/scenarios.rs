@@ -206,10 +206,7 @@ async fn usage_scaling(load: Load) -> anyhow::Result<Vec<Pair>> {
     let (config, databases) = Setup::config();
     let listeners = aimesh::bind(&aimesh::ServiceName::ALL, &config).await?;
     let config = config.in_one_process(&listeners)?;
-    let addresses = listeners
-        .iter()
-        .map(|(service, listener)| Ok((*service, listener.local_addr()?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let addresses = aimesh::local_addresses(&listeners)?;
     drop(listeners);
     let mut processes = crate::processes::MeshProcesses::new(&config)?;
     for &(service, address) in &addresses {

@@ -137,13 +137,10 @@ impl Mesh {
     pub async fn start_with(config: MeshConfig, databases: Vec<ScratchDatabase>) -> Self {
         let listeners = aimesh::bind(&ServiceName::ALL, &config).await.expect("bind the services");
         let config = config.in_one_process(&listeners).expect("the listeners' addresses");
-        let addresses: Vec<_> = listeners
-            .iter()
-            .map(|(service, listener)| (*service, listener.local_addr().expect("listener address")))
-            .collect();
+        let addresses = aimesh::local_addresses(&listeners).expect("the listeners' addresses");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(aimesh::run(listeners, config.clone(), shutdown.clone()));
-        Self::serving(config, &addresses, shutdown, Some(task), databases).await
+        Self::once_serving(config, &addresses, shutdown, Some(task), databases).await
     }
 
     /// The mesh whose services run elsewhere (processes of their own) at `addresses`, with
@@ -153,10 +150,10 @@ impl Mesh {
         addresses: &[(ServiceName, SocketAddr)],
         databases: Vec<ScratchDatabase>,
     ) -> Self {
-        Self::serving(config, addresses, CancellationToken::new(), None, databases).await
+        Self::once_serving(config, addresses, CancellationToken::new(), None, databases).await
     }
 
-    async fn serving(
+    async fn once_serving(
         config: MeshConfig,
         addresses: &[(ServiceName, SocketAddr)],
         shutdown: CancellationToken,

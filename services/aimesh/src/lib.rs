@@ -23,9 +23,11 @@ use aimesh_kit::config::{CommonConfig, Configuration};
 use aimesh_usage::UsageConfig;
 
 /// Everything `aimesh` reads: the settings every service shares at the top level, then one
-/// table per service (`[identity]`, `AIMESH_IDENTITY__LISTEN`, ...).
-#[derive(Debug, Clone, Default)]
+/// table per service (`[identity]`, `AIMESH_IDENTITY__LISTEN`, ...). Serialized in that same
+/// layout, it is a file `aimesh --config` reads.
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct MeshConfig {
+    #[serde(flatten)]
     pub common: CommonConfig,
     pub identity: IdentityConfig,
     pub chat: ChatConfig,
@@ -126,6 +128,11 @@ impl ServiceName {
             Self::Analytics => config.analytics.listen,
         }
     }
+}
+
+/// Where each of `listeners` listens.
+pub fn local_addresses(listeners: &[(ServiceName, TcpListener)]) -> std::io::Result<Vec<(ServiceName, SocketAddr)>> {
+    listeners.iter().map(|(service, listener)| Ok((*service, listener.local_addr()?))).collect()
 }
 
 /// Binds every listener first, so a port that is taken fails the start before anything runs.
